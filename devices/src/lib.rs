@@ -1,0 +1,1 @@
+//! Zygote devices. Depend on `memory`, never on `vmm`.

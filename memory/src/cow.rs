@@ -1,0 +1,166 @@
+//! Clone, snapshot, restore and reset: everything that freezes or maps an image stack.
+//!
+//! Freezing a region (clone and snapshot) writes the pages it changed since its stack was
+//! frozen, and every pinned page, once: into its base image in place when this RAM is the sole
+//! holder of its whole stack (fold: the reuse rule at image level), else into a new sparse layer
+//! image shared by everyone who needs it. The pinned pages themselves stay mapped, untouched, in
+//! the source, so DMA in flight lands there, complete; the clone maps the frozen copy.
+
+use std::sync::atomic::Ordering;
+
+use vm_memory::GuestAddress;
+
+use crate::image::{Image, ImageStack};
+use crate::pages::{PageSet, PAGE_SIZE};
+use crate::ram::{GuestRam, RegionState};
+use crate::region::RamRegion;
+use crate::MemoryError;
+
+/// Above this many layer runs per region a freeze flattens instead of adding a layer: each
+/// run costs two VMAs in every VM mapping the stack, and a process has only 65530.
+pub const MAX_LAYER_RUNS: usize = 1024;
+
+/// The frozen RAM of one instant. Never changes, whatever any VM made from it does later.
+#[derive(Clone, Debug)]
+pub struct Snapshot {
+    pub(crate) layout: Vec<(GuestAddress, usize)>,
+    pub(crate) stacks: Vec<ImageStack>,
+}
+
+impl Snapshot {
+    /// The (start, size) of each region.
+    pub fn layout(&self) -> &[(GuestAddress, usize)] {
+        &self.layout
+    }
+
+    /// Each region's stack, base first (for writing snapshot files).
+    pub fn stacks(&self) -> &[ImageStack] {
+        &self.stacks
+    }
+}
+
+impl GuestRam {
+    /// fork(): a new RAM with this one's exact bytes; both go on independently.
+    pub fn clone_cow(&self) -> Result<GuestRam, MemoryError> {
+        let snapshot = self.snapshot()?;
+        GuestRam::from_stacks(&snapshot.layout, snapshot.stacks)
+    }
+
+    /// A frozen image of this instant.
+    pub fn snapshot(&self) -> Result<Snapshot, MemoryError> {
+        let mut state = self.lock();
+        self.harvest(&mut state);
+        let pinned_ever = self.has_pinned();
+        let mut stacks = Vec::with_capacity(state.len());
+        for (region, st) in self.arcs.iter().zip(state.iter_mut()) {
+            let mut changed = st.private.clone();
+            // Rule 4: a RAM that never pinned skips every per-page pin step.
+            if pinned_ever {
+                let pins = region.pins.lock().unwrap_or_else(|e| e.into_inner());
+                for page in pins.pages() {
+                    changed.insert(page);
+                }
+                self.counters.eager_copied_pages.fetch_add(pins.count() as u64, Ordering::Relaxed);
+            }
+            self.freeze_region(region, st, changed)?;
+            stacks.push(st.stack.clone());
+        }
+        Ok(Snapshot { layout: self.layout(), stacks })
+    }
+
+    /// A new RAM showing a snapshot's bytes; it starts unpinned and clean.
+    pub fn from_snapshot(snap: &Snapshot) -> Result<GuestRam, MemoryError> {
+        GuestRam::from_stacks(&snap.layout, snap.stacks.clone())
+    }
+
+    /// Brings this RAM back to `snap`'s bytes, copying back only what differs when `snap` is
+    /// where this RAM's stack came from. Refused, changing nothing, while any page is pinned.
+    pub fn reset_to(&self, snap: &Snapshot) -> Result<(), MemoryError> {
+        let layout = self.layout();
+        if layout != snap.layout {
+            return Err(MemoryError::LayoutMismatch {
+                snapshot: snap.layout.iter().map(|r| (r.0 .0, r.1)).collect(),
+                ram: layout.iter().map(|r| (r.0 .0, r.1)).collect(),
+            });
+        }
+        let mut state = self.lock();
+        self.refuse_if_pinned()?;
+        self.harvest(&mut state);
+        for ((region, st), target) in self.arcs.iter().zip(state.iter_mut()).zip(&snap.stacks) {
+            if st.stack.starts_with(target) {
+                let mut pages = st.stack.pages_above(target.layers().len(), region.pages());
+                pages.union_with(&st.private);
+                // SAFETY: the host range is this region's live read-write mapping, and no pin
+                // or running vCPU uses it (checked above; vCPUs paused by the caller).
+                unsafe { target.read_pages_into(&pages, region.host().as_ptr()) }?;
+            } else {
+                region.host().map_stack(target)?;
+            }
+            st.stack = target.clone();
+            st.private.clear();
+            st.dirty.clear();
+        }
+        Ok(())
+    }
+
+    fn refuse_if_pinned(&self) -> Result<(), MemoryError> {
+        let mut pages = 0;
+        let mut first = None;
+        for region in &self.arcs {
+            let pins = region.pins.lock().unwrap_or_else(|e| e.into_inner());
+            pages += pins.count();
+            if first.is_none() {
+                first = pins.pages().next().map(|p| region_addr(region, p));
+            }
+        }
+        match first {
+            Some(first) => Err(MemoryError::Pinned { pages, first }),
+            None => Ok(()),
+        }
+    }
+
+    /// Makes `st.stack` hold this region's current bytes, given the pages that may differ.
+    fn freeze_region(&self, region: &RamRegion, st: &mut RegionState, changed: PageSet) -> Result<(), MemoryError> {
+        if st.stack.is_exclusive() {
+            let mut pages = st.stack.pages_above(1, region.pages());
+            pages.union_with(&changed);
+            if !pages.is_empty() {
+                write_runs(region, st.stack.base(), &pages)?;
+                st.stack.truncate_to_base();
+                self.counters.folds.fetch_add(1, Ordering::Relaxed);
+            }
+        } else if !changed.is_empty() {
+            let len = region.pages() * PAGE_SIZE;
+            let image = Image::new(len)?;
+            if st.stack.run_count() + changed.runs().len() > MAX_LAYER_RUNS {
+                let mut all = PageSet::new(region.pages());
+                all.insert_range(0, region.pages());
+                write_runs(region, &image, &all)?;
+                st.stack = ImageStack::with_base(image);
+                self.counters.flattens.fetch_add(1, Ordering::Relaxed);
+            } else {
+                write_runs(region, &image, &changed)?;
+                st.stack.push(image, changed);
+                self.counters.layers.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        st.private.clear();
+        Ok(())
+    }
+}
+
+/// Copies this region's current bytes of `pages` into `image` at the same offsets.
+fn write_runs(region: &RamRegion, image: &Image, pages: &PageSet) -> Result<(), MemoryError> {
+    for (first, count) in pages.runs() {
+        let off = first * PAGE_SIZE;
+        // SAFETY: the run lies inside the region's live mapping; a device writing a pinned page
+        // meanwhile gives a torn copy, which is the clone-instant state rule 2 allows.
+        unsafe { image.write_from(off, region.host().as_ptr().add(off), count * PAGE_SIZE) }?;
+    }
+    Ok(())
+}
+
+fn region_addr(region: &RamRegion, page: usize) -> u64 {
+    use vm_memory::GuestMemoryRegion;
+    region.start_addr().0 + (page * PAGE_SIZE) as u64
+}

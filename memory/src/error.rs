@@ -1,0 +1,50 @@
+//! The one error type of the memory layer.
+
+/// What went wrong in a guest-memory operation, with the values that were wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    #[error("guest RAM needs at least one region")]
+    NoRegions,
+    #[error("region at {start:#x} has size {size:#x}: sizes must be non-zero multiples of 4096")]
+    BadRegionSize { start: u64, size: usize },
+    #[error("region start {0:#x} is not 4096-aligned")]
+    UnalignedRegion(u64),
+    #[error("region at {start:#x} with size {size:#x} overflows the guest address space")]
+    RegionOverflow { start: u64, size: usize },
+    #[error("regions at {first:#x} and {second:#x} overlap")]
+    OverlappingRegions { first: u64, second: u64 },
+    #[error("guest range {addr:#x}+{len:#x} is not inside one RAM region")]
+    OutOfRange { addr: u64, len: usize },
+    #[error("pin of zero bytes at {0:#x}")]
+    EmptyPin(u64),
+    #[error("guard access at offset {offset:#x}+{len:#x} is past the pinned length {pinned:#x}")]
+    GuardOutOfRange { offset: usize, len: usize, pinned: usize },
+    #[error("guard pinned {len:#x} bytes at {addr:#x} for reading only; a DMA write needs Access::Write")]
+    ReadOnlyPin { addr: u64, len: usize },
+    #[error("cannot reset: {pages} page(s) are pinned for DMA, first at {first:#x}")]
+    Pinned { pages: usize, first: u64 },
+    #[error("snapshot has regions {snapshot:?}, this RAM has {ram:?}")]
+    LayoutMismatch { snapshot: Vec<(u64, usize)>, ram: Vec<(u64, usize)> },
+    #[error("vCPU dirty log of region {region} could not be read")]
+    DirtyLog {
+        region: usize,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{op} failed on a {len:#x}-byte range")]
+    Os {
+        op: &'static str,
+        len: usize,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("guest memory access at {0:#x} failed")]
+    Access(u64, #[source] vm_memory::GuestMemoryError),
+}
+
+impl MemoryError {
+    /// Wraps the last OS error of a failed system call.
+    pub(crate) fn os(op: &'static str, len: usize) -> Self {
+        MemoryError::Os { op, len, source: std::io::Error::last_os_error() }
+    }
+}

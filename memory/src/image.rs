@@ -1,0 +1,192 @@
+//! Frozen RAM images: memfds holding guest bytes at file offset = region offset.
+//!
+//! An image is written only while exactly one VM's stack holds it (the reuse rule at image
+//! level); as soon as a second holder exists (a clone, a snapshot) it is never written again,
+//! because every MAP_PRIVATE mapping of it would see the change on pages it has not copied.
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::sync::Arc;
+
+use crate::pages::{PageSet, PAGE_SIZE};
+use crate::MemoryError;
+
+/// One memfd of a region's size. Sparse: pages never written read as zero.
+#[derive(Debug)]
+pub struct Image {
+    file: File,
+    len: usize,
+}
+
+impl Image {
+    /// A zero-filled image of `len` bytes.
+    pub fn new(len: usize) -> Result<Arc<Image>, MemoryError> {
+        // SAFETY: the name is a valid NUL-terminated string; the returned fd is checked below
+        // and then owned by the `File`.
+        let fd = unsafe { libc::memfd_create(c"zygote-ram".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(MemoryError::os("memfd_create", len));
+        }
+        // SAFETY: `fd` is a fresh descriptor that nothing else owns.
+        let file = unsafe { File::from_raw_fd(fd) };
+        file.set_len(len as u64).map_err(|source| MemoryError::Os { op: "ftruncate", len, source })?;
+        Ok(Arc::new(Image { file, len }))
+    }
+
+    pub fn fd(&self) -> i32 {
+        self.file.as_raw_fd()
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Copies `len` bytes from host memory at `src` into the image at `offset`.
+    ///
+    /// # Safety
+    /// `src..src+len` must be mapped and readable; concurrent writers (DMA into a pinned page)
+    /// are fine: the kernel copies, and a torn page is the documented clone-instant state.
+    pub unsafe fn write_from(&self, offset: usize, src: *const u8, len: usize) -> Result<(), MemoryError> {
+        copy_all(len, |done| {
+            // SAFETY: the caller guarantees the source range is mapped; offset+len lies in
+            // the image because callers pass page runs of this region.
+            unsafe {
+                libc::pwrite(self.fd(), src.add(done).cast(), len - done, (offset + done) as libc::off_t)
+            }
+        })
+        .map_err(|source| MemoryError::Os { op: "pwrite to image", len, source })
+    }
+
+    /// Copies `len` bytes of the image at `offset` into host memory at `dst`.
+    ///
+    /// # Safety
+    /// `dst..dst+len` must be mapped writable and not in use by anything that relies on its
+    /// bytes (reset runs with vCPUs stopped and no pins).
+    pub unsafe fn read_into(&self, offset: usize, dst: *mut u8, len: usize) -> Result<(), MemoryError> {
+        copy_all(len, |done| {
+            // SAFETY: as documented on the function.
+            unsafe { libc::pread(self.fd(), dst.add(done).cast(), len - done, (offset + done) as libc::off_t) }
+        })
+        .map_err(|source| MemoryError::Os { op: "pread from image", len, source })
+    }
+}
+
+/// Runs `step(done)` until `len` bytes are transferred; `step` returns what a pread/pwrite does.
+fn copy_all(len: usize, mut step: impl FnMut(usize) -> isize) -> std::io::Result<()> {
+    let mut done = 0;
+    while done < len {
+        let n = step(done);
+        if n < 0 {
+            let err = std::io::Error::last_os_error();
+            if err.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(err);
+        }
+        if n == 0 {
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "short copy"));
+        }
+        done += n as usize;
+    }
+    Ok(())
+}
+
+/// A layer: an image plus the pages it provides (None = every page: the base).
+#[derive(Clone, Debug)]
+pub struct Layer {
+    pub image: Arc<Image>,
+    pub pages: Option<Arc<PageSet>>,
+}
+
+/// The frozen content of one region: a base image and sparse layers above it, top wins.
+#[derive(Clone, Debug)]
+pub struct ImageStack {
+    layers: Vec<Layer>,
+}
+
+impl ImageStack {
+    pub fn with_base(base: Arc<Image>) -> Self {
+        ImageStack { layers: vec![Layer { image: base, pages: None }] }
+    }
+
+    pub fn layers(&self) -> &[Layer] {
+        &self.layers
+    }
+
+    pub fn base(&self) -> &Arc<Image> {
+        &self.layers[0].image
+    }
+
+    pub fn push(&mut self, image: Arc<Image>, pages: PageSet) {
+        self.layers.push(Layer { image, pages: Some(Arc::new(pages)) });
+    }
+
+    /// Drops every layer above the base (after their pages were folded into it).
+    pub fn truncate_to_base(&mut self) {
+        self.layers.truncate(1);
+    }
+
+    /// Whether this stack is the only holder of every image in it, so the base may be written.
+    pub fn is_exclusive(&self) -> bool {
+        self.layers.iter().all(|l| Arc::strong_count(&l.image) == 1)
+    }
+
+    /// Whether `prefix` is the bottom of this stack, layer for layer (same images).
+    pub fn starts_with(&self, prefix: &ImageStack) -> bool {
+        prefix.layers.len() <= self.layers.len()
+            && prefix.layers.iter().zip(&self.layers).all(|(a, b)| Arc::ptr_eq(&a.image, &b.image))
+    }
+
+    /// Pages provided by the layers at index `from` and above.
+    pub fn pages_above(&self, from: usize, capacity: usize) -> PageSet {
+        let mut set = PageSet::new(capacity);
+        for layer in self.layers.iter().skip(from.max(1)) {
+            if let Some(pages) = &layer.pages {
+                set.union_with(pages);
+            }
+        }
+        set
+    }
+
+    /// Total page runs mapped over the base: each costs two VMAs in every VM on this stack.
+    pub fn run_count(&self) -> usize {
+        self.layers.iter().filter_map(|l| l.pages.as_ref()).map(|p| p.runs().len()).sum()
+    }
+
+    /// The topmost layer holding `page`.
+    pub fn image_for(&self, page: usize) -> &Arc<Image> {
+        self.layers
+            .iter()
+            .rev()
+            .find(|l| l.pages.as_ref().is_none_or(|p| p.contains(page)))
+            .map(|l| &l.image)
+            .unwrap_or_else(|| self.base())
+    }
+
+    /// Copies the stack's bytes of `pages` into host memory at `dst` (the region's start).
+    ///
+    /// # Safety
+    /// `dst` must be the start of a writable mapping at least as long as the region.
+    pub unsafe fn read_pages_into(&self, pages: &PageSet, dst: *mut u8) -> Result<(), MemoryError> {
+        let mut run: Option<(usize, usize, &Arc<Image>)> = None;
+        let flush = |run: Option<(usize, usize, &Arc<Image>)>| -> Result<(), MemoryError> {
+            if let Some((first, count, image)) = run {
+                let off = first * PAGE_SIZE;
+                // SAFETY: the run lies inside the region, which the caller says is mapped at dst.
+                unsafe { image.read_into(off, dst.add(off), count * PAGE_SIZE) }?;
+            }
+            Ok(())
+        };
+        for page in pages.iter() {
+            let image = self.image_for(page);
+            match &mut run {
+                Some((first, count, img)) if *first + *count == page && Arc::ptr_eq(img, image) => *count += 1,
+                _ => {
+                    flush(run.take())?;
+                    run = Some((page, 1, image));
+                }
+            }
+        }
+        flush(run)
+    }
+}

@@ -1,0 +1,108 @@
+//! A region's fixed host address range, and mapping image stacks onto it.
+//!
+//! The range is reserved once and never moves: KVM memslots and devices keep using the same
+//! host address while images are mapped over it with MAP_FIXED.
+
+use crate::image::ImageStack;
+use crate::pages::PAGE_SIZE;
+use crate::MemoryError;
+
+/// A reserved, owned range of host virtual memory; unmapped on drop.
+#[derive(Debug)]
+pub struct HostRange {
+    addr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the range is plain memory owned by this value; all access goes through raw pointers
+// whose synchronisation is the callers' (vm-memory volatile accesses, pins, the RAM lock).
+unsafe impl Send for HostRange {}
+// SAFETY: as above: no interior state other than the mapping itself.
+unsafe impl Sync for HostRange {}
+
+impl HostRange {
+    /// Reserves `len` bytes of address space (inaccessible until an image is mapped over it).
+    pub fn reserve(len: usize) -> Result<HostRange, MemoryError> {
+        // SAFETY: a fresh anonymous PROT_NONE mapping at a kernel-chosen address touches no
+        // existing memory; the result is checked.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return Err(MemoryError::os("mmap reserve", len));
+        }
+        Ok(HostRange { addr: addr.cast(), len })
+    }
+
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.addr
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Maps `stack` over the whole range: the base, then each layer's runs, top last.
+    ///
+    /// Whatever was mapped here before (including this VM's private copies) is replaced, so
+    /// the caller must know no pin or running vCPU relies on those pages.
+    pub fn map_stack(&self, stack: &ImageStack) -> Result<(), MemoryError> {
+        self.map_file(0, self.len, stack.base().fd())?;
+        for layer in &stack.layers()[1..] {
+            let Some(pages) = &layer.pages else { continue };
+            for (first, count) in pages.runs() {
+                self.map_file(first * PAGE_SIZE, count * PAGE_SIZE, layer.image.fd())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// MAP_PRIVATE of `fd` at file offset = range offset, so neighbouring runs merge.
+    fn map_file(&self, offset: usize, len: usize, fd: i32) -> Result<(), MemoryError> {
+        debug_assert!(offset + len <= self.len);
+        // SAFETY: the target lies inside our own reservation (checked by callers, which pass
+        // page runs of this region), so MAP_FIXED replaces only memory this value owns.
+        let addr = unsafe {
+            libc::mmap(
+                self.addr.add(offset).cast(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                fd,
+                offset as libc::off_t,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return Err(MemoryError::os("mmap image", len));
+        }
+        Ok(())
+    }
+
+    /// Makes `offset..offset+len` this VM's own pages (write-faults them without changing bytes),
+    /// so that a pin refers to a page no COW can take away.
+    pub fn populate_write(&self, offset: usize, len: usize) -> Result<(), MemoryError> {
+        let start = offset / PAGE_SIZE * PAGE_SIZE;
+        let end = (offset + len).div_ceil(PAGE_SIZE) * PAGE_SIZE;
+        // SAFETY: the range lies in our reservation, which is mapped read-write; populating
+        // does not change its contents.
+        let rc = unsafe { libc::madvise(self.addr.add(start).cast(), end - start, libc::MADV_POPULATE_WRITE) };
+        if rc != 0 {
+            return Err(MemoryError::os("madvise(MADV_POPULATE_WRITE)", end - start));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for HostRange {
+    fn drop(&mut self) {
+        // SAFETY: we own exactly this range; nothing refers to it once the last owner drops.
+        unsafe { libc::munmap(self.addr.cast(), self.len) };
+    }
+}

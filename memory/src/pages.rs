@@ -1,0 +1,115 @@
+//! A plain bitset of 4 KiB pages: the currency of dirty sets, private sets and layers.
+
+/// Size of a guest page; every set here counts in these.
+pub const PAGE_SIZE: usize = 4096;
+
+/// One bit per page of a region.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PageSet {
+    words: Vec<u64>,
+    pages: usize,
+}
+
+impl PageSet {
+    /// An empty set for a region of `pages` pages.
+    pub fn new(pages: usize) -> Self {
+        PageSet { words: vec![0; pages.div_ceil(64)], pages }
+    }
+
+    /// Number of pages the set can hold.
+    pub fn capacity(&self) -> usize {
+        self.pages
+    }
+
+    pub fn insert(&mut self, page: usize) {
+        if page < self.pages {
+            self.words[page / 64] |= 1 << (page % 64);
+        }
+    }
+
+    pub fn insert_range(&mut self, first: usize, count: usize) {
+        for page in first..first.saturating_add(count).min(self.pages) {
+            self.insert(page);
+        }
+    }
+
+    pub fn contains(&self, page: usize) -> bool {
+        page < self.pages && self.words[page / 64] & (1 << (page % 64)) != 0
+    }
+
+    /// Adds every bit of `words` (a KVM- or vm-memory-style dirty bitmap, bit i = page i).
+    /// Bits past the region's end are ignored.
+    pub fn or_words(&mut self, words: &[u64]) {
+        for (mine, theirs) in self.words.iter_mut().zip(words) {
+            *mine |= theirs;
+        }
+        self.trim_tail();
+    }
+
+    pub fn union_with(&mut self, other: &PageSet) {
+        self.or_words(&other.words);
+    }
+
+    pub fn clear(&mut self) {
+        self.words.iter_mut().for_each(|w| *w = 0);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.words.iter().all(|w| *w == 0)
+    }
+
+    pub fn len(&self) -> usize {
+        self.words.iter().map(|w| w.count_ones() as usize).sum()
+    }
+
+    /// The pages in ascending order.
+    pub fn iter(&self) -> impl Iterator<Item = usize> + '_ {
+        self.words.iter().enumerate().flat_map(|(i, &w)| {
+            let mut bits = w;
+            std::iter::from_fn(move || {
+                if bits == 0 {
+                    return None;
+                }
+                let bit = bits.trailing_zeros() as usize;
+                bits &= bits - 1;
+                Some(i * 64 + bit)
+            })
+        })
+    }
+
+    /// Maximal runs of consecutive pages, as (first page, page count).
+    pub fn runs(&self) -> Vec<(usize, usize)> {
+        let mut runs: Vec<(usize, usize)> = Vec::new();
+        for page in self.iter() {
+            match runs.last_mut() {
+                Some((first, count)) if *first + *count == page => *count += 1,
+                _ => runs.push((page, 1)),
+            }
+        }
+        runs
+    }
+
+    fn trim_tail(&mut self) {
+        let spare = self.words.len() * 64 - self.pages;
+        if spare > 0 {
+            if let Some(last) = self.words.last_mut() {
+                *last &= u64::MAX >> spare;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_merge_neighbours_and_ignore_bits_past_the_end() {
+        let mut set = PageSet::new(70);
+        set.or_words(&[0b1110_0001, u64::MAX]);
+        assert_eq!(set.runs(), vec![(0, 1), (5, 3), (64, 6)]);
+        assert_eq!(set.len(), 10);
+        set.insert(1000);
+        assert!(!set.contains(1000));
+    }
+}

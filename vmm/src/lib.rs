@@ -1,0 +1,1 @@
+//! Zygote VMM library.
