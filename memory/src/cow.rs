@@ -18,7 +18,7 @@ use crate::MemoryError;
 
 /// Above this many layer runs per region a freeze flattens instead of adding a layer: each
 /// run costs two VMAs in every VM mapping the stack, and a process has only 65530.
-pub const MAX_LAYER_RUNS: usize = 1024;
+pub const MAX_LAYER_RUNS: usize = 512;
 
 /// The frozen RAM of one instant. Never changes, whatever any VM made from it does later.
 #[derive(Clone, Debug)]
@@ -36,6 +36,29 @@ impl Snapshot {
     /// Each region's stack, base first (for writing snapshot files).
     pub fn stacks(&self) -> &[ImageStack] {
         &self.stacks
+    }
+
+    /// Reads the snapshot's bytes at `addr` (for checks and for writing snapshot files).
+    pub fn read_slice(&self, buf: &mut [u8], addr: GuestAddress) -> Result<(), MemoryError> {
+        let (index, offset) = self
+            .layout
+            .iter()
+            .position(|&(start, size)| {
+                addr >= start && addr.0.checked_add(buf.len() as u64).is_some_and(|end| end <= start.0 + size as u64)
+            })
+            .map(|i| (i, (addr.0 - self.layout[i].0 .0) as usize))
+            .ok_or(MemoryError::OutOfRange { addr: addr.0, len: buf.len() })?;
+        let stack = &self.stacks[index];
+        let mut done = 0;
+        while done < buf.len() {
+            let pos = offset + done;
+            let chunk = (PAGE_SIZE - pos % PAGE_SIZE).min(buf.len() - done);
+            let image = stack.image_for(pos / PAGE_SIZE);
+            // SAFETY: `buf[done..done+chunk]` is a live, writable slice of ours.
+            unsafe { image.read_into(pos, buf[done..].as_mut_ptr(), chunk) }?;
+            done += chunk;
+        }
+        Ok(())
     }
 }
 
