@@ -144,28 +144,33 @@ impl GuestRam {
 
     /// Makes `st.stack` hold this region's current bytes, given the pages that may differ.
     fn freeze_region(&self, region: &RamRegion, st: &mut RegionState, changed: PageSet) -> Result<(), MemoryError> {
-        if st.stack.is_exclusive() {
-            let mut pages = st.stack.pages_above(1, region.pages());
+        let capacity = region.pages();
+        if let Some(index) = st.stack.exclusive_from() {
+            // Sole owner of the top of the stack: write in place, no new image.
+            let mut pages = st.stack.pages_above(index + 1, capacity);
             pages.union_with(&changed);
             if !pages.is_empty() {
-                write_runs(region, st.stack.base(), &pages)?;
-                st.stack.truncate_to_base();
+                let target = &st.stack.layers()[index];
+                write_runs(region, &target.image, &pages)?;
+                if let Some(own) = &target.pages {
+                    pages.union_with(own);
+                }
+                st.stack.fold_into(index, pages);
                 self.counters.folds.fetch_add(1, Ordering::Relaxed);
             }
         } else if !changed.is_empty() {
-            let len = region.pages() * PAGE_SIZE;
-            let image = Image::new(len)?;
-            if st.stack.run_count() + changed.runs().len() > MAX_LAYER_RUNS {
-                let mut all = PageSet::new(region.pages());
-                all.insert_range(0, region.pages());
-                write_runs(region, &image, &all)?;
-                st.stack = ImageStack::with_base(image);
-                self.counters.flattens.fetch_add(1, Ordering::Relaxed);
-            } else {
-                write_runs(region, &image, &changed)?;
-                st.stack.push(image, changed);
-                self.counters.layers.fetch_add(1, Ordering::Relaxed);
-            }
+            let image = Image::new(capacity * PAGE_SIZE)?;
+            write_runs(region, &image, &changed)?;
+            st.stack.push(image, changed);
+            self.counters.layers.fetch_add(1, Ordering::Relaxed);
+        }
+        if st.stack.run_count() > MAX_LAYER_RUNS {
+            let image = Image::new(capacity * PAGE_SIZE)?;
+            let mut all = PageSet::new(capacity);
+            all.insert_range(0, capacity);
+            write_runs(region, &image, &all)?;
+            st.stack = ImageStack::with_base(image);
+            self.counters.flattens.fetch_add(1, Ordering::Relaxed);
         }
         st.private.clear();
         Ok(())

@@ -121,14 +121,24 @@ impl ImageStack {
         self.layers.push(Layer { image, pages: Some(Arc::new(pages)) });
     }
 
-    /// Drops every layer above the base (after their pages were folded into it).
-    pub fn truncate_to_base(&mut self) {
-        self.layers.truncate(1);
+    /// Index of the lowest layer from which every image up is held by this stack alone, so
+    /// it may still be written (the reuse rule for images); `None` if the top one is shared.
+    pub fn exclusive_from(&self) -> Option<usize> {
+        let shared = self.layers.iter().rposition(|l| Arc::strong_count(&l.image) > 1);
+        match shared {
+            None => Some(0),
+            Some(i) if i + 1 < self.layers.len() => Some(i + 1),
+            Some(_) => None,
+        }
     }
 
-    /// Whether this stack is the only holder of every image in it, so the base may be written.
-    pub fn is_exclusive(&self) -> bool {
-        self.layers.iter().all(|l| Arc::strong_count(&l.image) == 1)
+    /// Folds the layers above `index` into it: `pages` (their pages and any others that were
+    /// written into its image) become its page set. The base's set stays "every page".
+    pub fn fold_into(&mut self, index: usize, pages: PageSet) {
+        self.layers.truncate(index + 1);
+        if index > 0 {
+            self.layers[index].pages = Some(Arc::new(pages));
+        }
     }
 
     /// Whether `prefix` is the bottom of this stack, layer for layer (same images).
