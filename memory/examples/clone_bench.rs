@@ -25,9 +25,9 @@ fn main() {
     drop(ram.snapshot().expect("first freeze")); // everything up to now is in the base image
     let fork = median(ROUNDS, || time_fork());
     let _anchor = ram.clone_cow().expect("anchor clone"); // keeps the base shared: layer path
-    let layered = time_clones(&ram, &runs, true);
+    let layered = time_clones(&ram, &runs);
     drop(_anchor);
-    let folded = time_clones(&ram, &runs, false);
+    let folded = time_clones(&ram, &runs);
     let s = ram.stats();
     println!("fork() of this process (1 GiB populated): {}", us(fork));
     println!("clone, base shared (new layer):  {}  = {:.3} × fork", us(layered), ratio(layered, fork));
@@ -48,7 +48,7 @@ fn main() {
         let ram = GuestRam::new(&[(GuestAddress(0), size)]).expect("RAM");
         let _pins = pin_64(&ram);
         let _anchor = ram.clone_cow().expect("anchor clone");
-        at.push(time_clones(&ram, &runs, true));
+        at.push(time_clones(&ram, &runs));
     }
     println!("clone with the same dirty set: 1 GiB {}  8 GiB {}  ratio 8/1 = {:.2}", us(at[0]), us(at[1]), ratio(at[1], at[0]));
 }
@@ -78,15 +78,13 @@ fn pin_64(ram: &GuestRam) -> Vec<PinGuard> {
     (0..64).map(|i| ram.pin(GuestAddress((i * 977 * PAGE_SIZE) as u64), PAGE_SIZE, Access::Write).expect("pin")).collect()
 }
 
-/// Median time of `clone_cow` after dirtying `runs`; each clone is dropped after timing
-/// (`keep` = false) or kept for the round (true), then dropped before the next.
-fn time_clones(ram: &GuestRam, runs: &[usize], _keep: bool) -> Duration {
-    let data = vec![0xc3u8; RUN * PAGE_SIZE];
+/// Median time of `clone_cow` after dirtying `runs`; each clone is dropped after timing.
+fn time_clones(ram: &GuestRam, runs: &[usize]) -> Duration {
     let mut round = 0u8;
     median(ROUNDS, || {
         round = round.wrapping_add(1);
+        let data = vec![round; RUN * PAGE_SIZE];
         for &first in runs {
-            ram.write_slice(&data[..1], GuestAddress((first * PAGE_SIZE) as u64)).expect("dirty");
             ram.write_slice(&data, GuestAddress((first * PAGE_SIZE) as u64)).expect("dirty");
         }
         let start = Instant::now();

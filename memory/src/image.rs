@@ -6,7 +6,7 @@
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use crate::pages::{PageSet, PAGE_SIZE};
 use crate::MemoryError;
@@ -16,6 +16,24 @@ use crate::MemoryError;
 pub struct Image {
     file: File,
     len: usize,
+    /// A MAP_SHARED view for writing while the image is still exclusive: a memcpy into it
+    /// costs half a pwrite, which takes the inode lock and copies through the page cache API.
+    writer: OnceLock<WriterView>,
+}
+
+#[derive(Debug)]
+struct WriterView(*mut u8, usize);
+
+// SAFETY: the view is plain shared memory; writers are serialised by the owning RAM's lock.
+unsafe impl Send for WriterView {}
+// SAFETY: as above.
+unsafe impl Sync for WriterView {}
+
+impl Drop for WriterView {
+    fn drop(&mut self) {
+        // SAFETY: we mapped exactly this range and nothing else refers to it.
+        unsafe { libc::munmap(self.0.cast(), self.1) };
+    }
 }
 
 impl Image {
@@ -30,7 +48,7 @@ impl Image {
         // SAFETY: `fd` is a fresh descriptor that nothing else owns.
         let file = unsafe { File::from_raw_fd(fd) };
         file.set_len(len as u64).map_err(|source| MemoryError::Os { op: "ftruncate", len, source })?;
-        Ok(Arc::new(Image { file, len }))
+        Ok(Arc::new(Image { file, len, writer: OnceLock::new() }))
     }
 
     pub fn fd(&self) -> i32 {
@@ -44,17 +62,34 @@ impl Image {
     /// Copies `len` bytes from host memory at `src` into the image at `offset`.
     ///
     /// # Safety
-    /// `src..src+len` must be mapped and readable; concurrent writers (DMA into a pinned page)
-    /// are fine: the kernel copies, and a torn page is the documented clone-instant state.
+    /// `src..src+len` must be mapped and readable, and `offset+len` within the image;
+    /// concurrent writers to the source (DMA into a pinned page) are fine: a torn page is the
+    /// documented clone-instant state.
     pub unsafe fn write_from(&self, offset: usize, src: *const u8, len: usize) -> Result<(), MemoryError> {
-        copy_all(len, |done| {
-            // SAFETY: the caller guarantees the source range is mapped; offset+len lies in
-            // the image because callers pass page runs of this region.
-            unsafe {
-                libc::pwrite(self.fd(), src.add(done).cast(), len - done, (offset + done) as libc::off_t)
-            }
-        })
-        .map_err(|source| MemoryError::Os { op: "pwrite to image", len, source })
+        let view = self.writer_view()?;
+        debug_assert!(offset + len <= view.1);
+        // SAFETY: the destination lies in our MAP_SHARED view (caller keeps offset+len within
+        // the image); the source is mapped (caller). libc's memcpy is opaque to Rust, so a
+        // device writing the source meanwhile is not a Rust-level data race.
+        unsafe { libc::memcpy(view.0.add(offset).cast(), src.cast(), len) };
+        Ok(())
+    }
+
+    fn writer_view(&self) -> Result<&WriterView, MemoryError> {
+        if let Some(view) = self.writer.get() {
+            return Ok(view);
+        }
+        // SAFETY: a new shared mapping of our own memfd at a kernel-chosen address.
+        let addr = unsafe {
+            libc::mmap(std::ptr::null_mut(), self.len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, self.fd(), 0)
+        };
+        if addr == libc::MAP_FAILED {
+            return Err(MemoryError::os("mmap image writer", self.len));
+        }
+        let view = WriterView(addr.cast(), self.len);
+        // Writers hold the RAM lock, so a lost race only happens across RAMs, which never
+        // write the same image; if it does, the loser's view is unmapped by its drop.
+        Ok(self.writer.get_or_init(|| view))
     }
 
     /// Copies `len` bytes of the image at `offset` into host memory at `dst`.
