@@ -25,6 +25,12 @@ pub enum MemoryError {
     Pinned { pages: usize, first: u64 },
     #[error("snapshot has regions {snapshot:?}, this RAM has {ram:?}")]
     LayoutMismatch { snapshot: Vec<(u64, usize)>, ram: Vec<(u64, usize)> },
+    #[error("snapshot RAM file has {actual} bytes, its region needs {expected}")]
+    FileSize { expected: u64, actual: u64 },
+    #[error("snapshot is not a descendant of the given parent in region {region}: take a full snapshot")]
+    NotADescendant { region: usize },
+    #[error("snapshot file I/O failed")]
+    FileIo(#[source] std::io::Error),
     #[error("vCPU dirty log of region {region} could not be read")]
     DirtyLog {
         region: usize,

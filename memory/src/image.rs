@@ -16,6 +16,8 @@ use crate::MemoryError;
 pub struct Image {
     file: File,
     len: usize,
+    /// False for images backed by a snapshot file: those are never written, owner or not.
+    writable: bool,
     /// A MAP_SHARED view for writing while the image is still exclusive: a memcpy into it
     /// costs half a pwrite, which takes the inode lock and copies through the page cache API.
     writer: OnceLock<WriterView>,
@@ -48,7 +50,21 @@ impl Image {
         // SAFETY: `fd` is a fresh descriptor that nothing else owns.
         let file = unsafe { File::from_raw_fd(fd) };
         file.set_len(len as u64).map_err(|source| MemoryError::Os { op: "ftruncate", len, source })?;
-        Ok(Arc::new(Image { file, len, writer: OnceLock::new() }))
+        Ok(Arc::new(Image { file, len, writable: true, writer: OnceLock::new() }))
+    }
+
+    /// A read-only image backed by a snapshot file of exactly `len` bytes. Mapped MAP_PRIVATE,
+    /// its pages live in the page cache, shared by every VM restored from it.
+    pub fn from_file(file: File, len: usize) -> Result<Arc<Image>, MemoryError> {
+        let actual = file.metadata().map_err(|source| MemoryError::Os { op: "stat snapshot file", len, source })?.len();
+        if actual != len as u64 {
+            return Err(MemoryError::FileSize { expected: len as u64, actual });
+        }
+        Ok(Arc::new(Image { file, len, writable: false, writer: OnceLock::new() }))
+    }
+
+    pub fn file(&self) -> &File {
+        &self.file
     }
 
     pub fn fd(&self) -> i32 {
@@ -159,7 +175,7 @@ impl ImageStack {
     /// Index of the lowest layer from which every image up is held by this stack alone, so
     /// it may still be written (the reuse rule for images); `None` if the top one is shared.
     pub fn exclusive_from(&self) -> Option<usize> {
-        let shared = self.layers.iter().rposition(|l| Arc::strong_count(&l.image) > 1);
+        let shared = self.layers.iter().rposition(|l| Arc::strong_count(&l.image) > 1 || !l.image.writable);
         match shared {
             None => Some(0),
             Some(i) if i + 1 < self.layers.len() => Some(i + 1),

@@ -8,6 +8,7 @@
 
 mod cow;
 mod error;
+mod file;
 mod image;
 mod mapping;
 mod pages;
