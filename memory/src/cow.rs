@@ -66,7 +66,10 @@ impl GuestRam {
     /// fork(): a new RAM with this one's exact bytes; both go on independently.
     pub fn clone_cow(&self) -> Result<GuestRam, MemoryError> {
         let snapshot = self.snapshot()?;
-        GuestRam::from_stacks(&snapshot.layout, snapshot.stacks)
+        let clone = GuestRam::from_stacks(&snapshot.layout, snapshot.stacks)?;
+        #[cfg(feature = "planted-bugs")]
+        crate::planted::after_clone(&self.arcs, &clone.arcs);
+        Ok(clone)
     }
 
     /// A frozen image of this instant.

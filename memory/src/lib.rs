@@ -13,6 +13,8 @@ mod image;
 mod mapping;
 mod pages;
 mod pin;
+#[cfg(feature = "planted-bugs")]
+pub mod planted;
 mod ram;
 mod region;
 mod stats;

@@ -67,8 +67,31 @@ impl PinGuard {
         if self.access != Access::Write {
             return Err(MemoryError::ReadOnlyPin { addr: self.addr.0, len: self.len });
         }
+        #[cfg(feature = "planted-bugs")]
+        if self.planted_write(offset, data)? {
+            return Ok(());
+        }
         let slice = self.region.slice(self.offset + offset, data.len())?;
         slice.write_slice(data, 0).map_err(|e| MemoryError::Access(self.addr.0 + offset as u64, e.into()))
+    }
+
+    /// Misroutes or hides a DMA write when a planted bug says so; true if it did the write.
+    #[cfg(feature = "planted-bugs")]
+    fn planted_write(&self, offset: usize, data: &[u8]) -> Result<bool, MemoryError> {
+        use crate::planted::{active, PlantedBug};
+        let at = self.offset + offset;
+        for target in self.region.redirect.targets.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            target.slice(at, data.len())?.copy_from(data);
+        }
+        if self.region.redirect.skip_own.load(std::sync::atomic::Ordering::SeqCst) {
+            return Ok(true);
+        }
+        if active(PlantedBug::LostDirty) {
+            // SAFETY: the range was checked against the pin, which keeps it mapped.
+            unsafe { libc::memcpy(self.host_ptr().add(offset).cast(), data.as_ptr().cast(), data.len()) };
+            return Ok(true);
+        }
+        Ok(false)
     }
 
     /// A device's DMA read of `buf.len()` bytes at `offset` of the pinned bytes.
@@ -90,7 +113,11 @@ impl Drop for PinGuard {
     fn drop(&mut self) {
         let (first, count) = page_span(self.offset, self.len);
         let write = self.access == Access::Write;
-        if write {
+        #[cfg(feature = "planted-bugs")]
+        let report = write && !crate::planted::active(crate::planted::PlantedBug::LostDirty);
+        #[cfg(not(feature = "planted-bugs"))]
+        let report = write;
+        if report {
             // The kernel may have DMA'd into these pages behind our back (io_uring, O_DIRECT):
             // report them once more after the pin ends.
             use vm_memory::bitmap::Bitmap;

@@ -69,6 +69,8 @@ pub struct RamRegion {
     mmap: MmapRegion<AtomicBitmap>,
     host: HostRange,
     pub(crate) pins: Mutex<PinTable>,
+    #[cfg(feature = "planted-bugs")]
+    pub(crate) redirect: crate::planted::DmaRedirect,
 }
 
 impl RamRegion {
@@ -79,7 +81,14 @@ impl RamRegion {
             MmapRegion::build_raw(host.as_ptr(), host.len(), libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE)
         }
         .map_err(|e| MemoryError::Os { op: "mmap view", len: host.len(), source: std::io::Error::other(e) })?;
-        Ok(RamRegion { guest_base, mmap, host, pins: Mutex::new(PinTable::default()) })
+        Ok(RamRegion {
+            guest_base,
+            mmap,
+            host,
+            pins: Mutex::new(PinTable::default()),
+            #[cfg(feature = "planted-bugs")]
+            redirect: Default::default(),
+        })
     }
 
     pub(crate) fn host(&self) -> &HostRange {
