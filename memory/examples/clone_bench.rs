@@ -23,7 +23,7 @@ fn main() {
     populate(&ram);
     let _pins = pin_64(&ram);
     drop(ram.snapshot().expect("first freeze")); // everything up to now is in the base image
-    let fork = median(ROUNDS, || time_fork());
+    let fork = median(ROUNDS, time_fork);
     let _anchor = ram.clone_cow().expect("anchor clone"); // keeps the base shared: layer path
     let layered = time_clones(&ram, &runs);
     drop(_anchor);

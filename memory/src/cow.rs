@@ -48,17 +48,8 @@ impl Snapshot {
             })
             .map(|i| (i, (addr.0 - self.layout[i].0 .0) as usize))
             .ok_or(MemoryError::OutOfRange { addr: addr.0, len: buf.len() })?;
-        let stack = &self.stacks[index];
-        let mut done = 0;
-        while done < buf.len() {
-            let pos = offset + done;
-            let chunk = (PAGE_SIZE - pos % PAGE_SIZE).min(buf.len() - done);
-            let image = stack.image_for(pos / PAGE_SIZE);
-            // SAFETY: `buf[done..done+chunk]` is a live, writable slice of ours.
-            unsafe { image.read_into(pos, buf[done..].as_mut_ptr(), chunk) }?;
-            done += chunk;
-        }
-        Ok(())
+        // SAFETY: `buf` is a live, writable slice of ours and the range lies in the region.
+        unsafe { self.stacks[index].read_range(offset, buf.len(), buf.as_mut_ptr()) }
     }
 }
 

@@ -97,18 +97,20 @@ fn check_count(layout: &[(GuestAddress, usize)], files: usize) -> Result<(), Mem
 /// The (start, end) byte ranges of `file` holding data, from SEEK_DATA/SEEK_HOLE.
 fn data_segments(file: &File, len: usize) -> Result<Vec<(usize, usize)>, MemoryError> {
     use std::os::fd::AsRawFd;
-    let mut out = Vec::new();
-    let mut pos = 0i64;
-    while (pos as usize) < len {
+    let seek = |from: usize, whence: i32| -> Option<usize> {
         // SAFETY: lseek on our own descriptor has no memory effects.
-        let data = unsafe { libc::lseek(file.as_raw_fd(), pos, libc::SEEK_DATA) };
-        if data < 0 {
-            break; // ENXIO: no data past pos
+        let at = unsafe { libc::lseek(file.as_raw_fd(), i64::try_from(from).ok()?, whence) };
+        usize::try_from(at).ok() // negative: ENXIO, no data past `from`
+    };
+    let mut out = Vec::new();
+    let mut pos = 0;
+    while pos < len {
+        let Some(data) = seek(pos, libc::SEEK_DATA) else { break };
+        let end = seek(data, libc::SEEK_HOLE).unwrap_or(len).min(len);
+        if data >= end {
+            break;
         }
-        // SAFETY: as above.
-        let hole = unsafe { libc::lseek(file.as_raw_fd(), data, libc::SEEK_HOLE) };
-        let end = if hole < 0 { len as i64 } else { hole.min(len as i64) };
-        out.push((data as usize, end as usize));
+        out.push((data, end));
         pos = end;
     }
     Ok(out)

@@ -75,6 +75,10 @@ impl Image {
         self.len
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
     /// Copies `len` bytes from host memory at `src` into the image at `offset`.
     ///
     /// # Safety
@@ -126,18 +130,16 @@ impl Image {
 fn copy_all(len: usize, mut step: impl FnMut(usize) -> isize) -> std::io::Result<()> {
     let mut done = 0;
     while done < len {
-        let n = step(done);
-        if n < 0 {
-            let err = std::io::Error::last_os_error();
-            if err.kind() == std::io::ErrorKind::Interrupted {
-                continue;
+        match usize::try_from(step(done)) {
+            Ok(0) => return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "short copy")),
+            Ok(n) => done += n,
+            Err(_) => {
+                let err = std::io::Error::last_os_error();
+                if err.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(err);
+                }
             }
-            return Err(err);
         }
-        if n == 0 {
-            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "short copy"));
-        }
-        done += n as usize;
     }
     Ok(())
 }
@@ -229,25 +231,32 @@ impl ImageStack {
     /// # Safety
     /// `dst` must be the start of a writable mapping at least as long as the region.
     pub unsafe fn read_pages_into(&self, pages: &PageSet, dst: *mut u8) -> Result<(), MemoryError> {
-        let mut run: Option<(usize, usize, &Arc<Image>)> = None;
-        let flush = |run: Option<(usize, usize, &Arc<Image>)>| -> Result<(), MemoryError> {
-            if let Some((first, count, image)) = run {
-                let off = first * PAGE_SIZE;
-                // SAFETY: the run lies inside the region, which the caller says is mapped at dst.
-                unsafe { image.read_into(off, dst.add(off), count * PAGE_SIZE) }?;
-            }
-            Ok(())
-        };
-        for page in pages.iter() {
-            let image = self.image_for(page);
-            match &mut run {
-                Some((first, count, img)) if *first + *count == page && Arc::ptr_eq(img, image) => *count += 1,
-                _ => {
-                    flush(run.take())?;
-                    run = Some((page, 1, image));
-                }
-            }
+        for (first, count) in pages.runs() {
+            let off = first * PAGE_SIZE;
+            // SAFETY: the run lies inside the region, which the caller says is mapped at dst.
+            unsafe { self.read_range(off, count * PAGE_SIZE, dst.add(off)) }?;
         }
-        flush(run)
+        Ok(())
+    }
+
+    /// Copies `len` bytes of the stack's content at `offset` to `dst`, one read per stretch
+    /// of consecutive pages that come from the same image.
+    ///
+    /// # Safety
+    /// `dst..dst+len` must be writable memory of the caller's; `offset+len` within the region.
+    pub unsafe fn read_range(&self, offset: usize, len: usize, dst: *mut u8) -> Result<(), MemoryError> {
+        let mut done = 0;
+        while done < len {
+            let image = self.image_for((offset + done) / PAGE_SIZE);
+            let mut end = ((offset + done) / PAGE_SIZE + 1) * PAGE_SIZE;
+            while end < offset + len && Arc::ptr_eq(self.image_for(end / PAGE_SIZE), image) {
+                end += PAGE_SIZE;
+            }
+            let n = end.min(offset + len) - (offset + done);
+            // SAFETY: within the caller's destination and the region, as documented.
+            unsafe { image.read_into(offset + done, dst.add(done), n) }?;
+            done += n;
+        }
+        Ok(())
     }
 }

@@ -32,6 +32,11 @@ pub struct MemoryStats {
 }
 
 impl GuestRam {
+    /// `stats().eager_copied_pages` without reading /proc (cheap enough for every clone).
+    pub fn eager_copied_pages(&self) -> u64 {
+        self.counters.eager_copied_pages.load(Ordering::Relaxed)
+    }
+
     pub fn stats(&self) -> MemoryStats {
         let mut stats = MemoryStats {
             ram_bytes: self.layout().iter().map(|r| r.1 as u64).sum(),

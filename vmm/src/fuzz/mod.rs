@@ -1,0 +1,204 @@
+//! The clone-vs-DMA timing fuzzer: draw schedules from a seed, execute them, check the rules
+//! after every step, shrink a violating schedule to a minimal reproducer and save it.
+
+pub mod memory_mode;
+pub mod schedule;
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+pub use memory_mode::MemoryWorld;
+pub use schedule::Step;
+
+/// A broken rule, with what was seen.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Violation(pub String);
+
+/// Errors of the fuzz command itself (not findings).
+#[derive(Debug, thiserror::Error)]
+pub enum FuzzError {
+    #[error("cannot read replay file {path}")]
+    ReadReplay { path: PathBuf, #[source] source: std::io::Error },
+    #[error("replay file {path} is not a schedule: {reason}")]
+    BadReplay { path: PathBuf, reason: String },
+    #[error("cannot write reproducer {path}")]
+    WriteReplay { path: PathBuf, #[source] source: std::io::Error },
+}
+
+/// A violating schedule, as saved for `--replay`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Reproducer {
+    pub format: u32,
+    pub mode: String,
+    pub seed: u64,
+    pub run: u64,
+    pub planted_bug: Option<String>,
+    pub violation: String,
+    pub steps: Vec<Step>,
+}
+
+/// Runs `steps` in a fresh world; the first violation and the index of its step.
+pub fn execute(steps: &[Step]) -> Result<(), (usize, Violation)> {
+    let mut world = MemoryWorld::new().map_err(|v| (0, v))?;
+    for (i, step) in steps.iter().enumerate() {
+        world.apply(step).map_err(|v| (i, v))?;
+    }
+    Ok(())
+}
+
+/// Shrinks a violating schedule: drops ever smaller blocks of steps (ddmin-style) while some
+/// violation remains, then the tail after the violating step.
+pub fn shrink(steps: &[Step]) -> Vec<Step> {
+    let mut best = steps.to_vec();
+    if let Err((i, _)) = execute(&best) {
+        best.truncate(i + 1);
+    }
+    let mut block = best.len() / 2;
+    while block >= 1 {
+        let mut start = 0;
+        while start < best.len() {
+            let mut candidate = best.clone();
+            candidate.drain(start..(start + block).min(candidate.len()));
+            match execute(&candidate) {
+                Err((i, _)) => {
+                    candidate.truncate(i + 1);
+                    best = candidate;
+                }
+                Ok(()) => start += block,
+            }
+        }
+        block /= 2;
+    }
+    best
+}
+
+/// What a campaign found.
+#[derive(Debug)]
+pub struct CampaignReport {
+    pub runs: u64,
+    pub steps: u64,
+    pub elapsed: Duration,
+    pub found: Option<Reproducer>,
+}
+
+/// Runs `runs` schedules from `seed` on `jobs` threads; stops at the first violation.
+pub fn campaign(seed: u64, runs: u64, jobs: usize, planted: Option<&str>) -> CampaignReport {
+    let next = AtomicU64::new(0);
+    let done = AtomicU64::new(0);
+    let steps = AtomicU64::new(0);
+    let stop = AtomicBool::new(false);
+    let found = std::sync::Mutex::new(None::<(u64, Vec<Step>, Violation)>);
+    let start = Instant::now();
+    let tty = std::io::stderr().is_terminal();
+    std::thread::scope(|scope| {
+        for _ in 0..jobs.max(1) {
+            scope.spawn(|| {
+                while !stop.load(Ordering::Relaxed) {
+                    let run = next.fetch_add(1, Ordering::Relaxed);
+                    if run >= runs {
+                        break;
+                    }
+                    let schedule = schedule::generate(seed, run, memory_mode::PAGES);
+                    let result = execute(&schedule);
+                    steps.fetch_add(schedule.len() as u64, Ordering::Relaxed);
+                    done.fetch_add(1, Ordering::Relaxed);
+                    if let Err((_, violation)) = result {
+                        stop.store(true, Ordering::Relaxed);
+                        let mut slot = found.lock().unwrap_or_else(|e| e.into_inner());
+                        if slot.as_ref().is_none_or(|(r, _, _)| run < *r) {
+                            *slot = Some((run, schedule, violation));
+                        }
+                    }
+                }
+            });
+        }
+        if tty {
+            while done.load(Ordering::Relaxed) < runs && !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(200));
+                let n = done.load(Ordering::Relaxed);
+                let rate = n as f64 / start.elapsed().as_secs_f64();
+                eprint!("\r{n} runs, {rate:.0} runs/s, {} steps, 0 violations ", steps.load(Ordering::Relaxed));
+                let _ = std::io::stderr().flush();
+            }
+            eprintln!();
+        }
+    });
+    let elapsed = start.elapsed();
+    let found = found.into_inner().unwrap_or_else(|e| e.into_inner()).map(|(run, schedule, _)| {
+        let steps = shrink(&schedule);
+        let violation = execute(&steps).err().map_or_else(|| "not reproduced after shrinking".into(), |(_, v)| v.0);
+        Reproducer {
+            format: 1,
+            mode: "memory".into(),
+            seed,
+            run,
+            planted_bug: planted.map(str::to_owned),
+            violation,
+            steps,
+        }
+    });
+    CampaignReport { runs: done.into_inner(), steps: steps.into_inner(), elapsed, found }
+}
+
+pub fn save(repro: &Reproducer, path: &Path) -> Result<(), FuzzError> {
+    let json = serde_json::to_string_pretty(repro).expect("a reproducer always serialises");
+    std::fs::write(path, json + "\n").map_err(|source| FuzzError::WriteReplay { path: path.into(), source })
+}
+
+pub fn load(path: &Path) -> Result<Reproducer, FuzzError> {
+    let text = std::fs::read_to_string(path).map_err(|source| FuzzError::ReadReplay { path: path.into(), source })?;
+    serde_json::from_str(&text).map_err(|e| FuzzError::BadReplay { path: path.into(), reason: e.to_string() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_clean_memory_layer_survives_a_short_campaign() {
+        let report = campaign(1, 300, 1, None);
+        assert!(report.found.is_none(), "{:?}", report.found);
+        assert_eq!(report.runs, 300);
+    }
+
+    #[test]
+    fn reproducers_round_trip_through_their_file() {
+        let repro = Reproducer {
+            format: 1,
+            mode: "memory".into(),
+            seed: 9,
+            run: 3,
+            planted_bug: Some("lost-dirty".into()),
+            violation: "x".into(),
+            steps: schedule::generate(9, 3, memory_mode::PAGES),
+        };
+        let path = std::env::temp_dir().join(format!("zygote-repro-{}.json", std::process::id()));
+        save(&repro, &path).unwrap();
+        assert_eq!(load(&path).unwrap(), repro);
+        std::fs::remove_file(path).unwrap();
+    }
+}
+
+#[cfg(all(test, feature = "planted-bugs"))]
+mod planted_tests {
+    use super::*;
+    use memory::planted::{plant, PlantedBug};
+
+    /// The fuzzer earns its keep only if it finds each bug class it exists for.
+    #[test]
+    fn every_planted_bug_is_found_and_its_reproducer_replays() {
+        for bug in PlantedBug::ALL {
+            plant(Some(bug));
+            let report = campaign(1, 10_000, 1, Some(bug.name()));
+            let repro = report.found.unwrap_or_else(|| panic!("{} not found in 10 000 runs", bug.name()));
+            assert!(execute(&repro.steps).is_err(), "{}: the shrunk schedule does not reproduce", bug.name());
+            eprintln!("{}: found after {} runs, {} steps: {}", bug.name(), report.runs, repro.steps.len(), repro.violation);
+            plant(None);
+            assert!(execute(&repro.steps).is_ok(), "{}: the schedule fails without the bug", bug.name());
+        }
+    }
+}
