@@ -58,7 +58,9 @@ struct RunArgs {
 /// Clap's message on one line: the error and its hints, without the usage block.
 fn one_line(err: &clap::Error) -> String {
     let text = err.render().to_string();
-    let lines: Vec<&str> = text.lines().map(str::trim).take_while(|l| !l.starts_with("Usage:")).collect();
+    let lines: Vec<&str> = text.lines().map(str::trim).take_while(|l| !l.starts_with("Usage:"))
+        .filter(|l| !l.starts_with("For more information"))
+        .collect();
     let mut msg = lines.into_iter().filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" ");
     if let Some(rest) = msg.strip_prefix("error: ") {
         msg = rest.to_string();
