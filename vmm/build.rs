@@ -24,6 +24,7 @@ fn symbols() -> Vec<(&'static str, u64)> {
         ("COUNTERS_ADDR", layout::COUNTERS_ADDR),
         ("PATTERN_ADDR", layout::PATTERN_ADDR),
         ("PATTERN_SIZE", layout::PATTERN_SIZE),
+        ("UNMAPPED_ADDR", layout::UNMAPPED_ADDR),
         ("SERIAL_PORT", u64::from(layout::SERIAL_PORT)),
         ("EXIT_PORT", u64::from(layout::EXIT_PORT)),
         ("PARK_PORT", u64::from(layout::PARK_PORT)),

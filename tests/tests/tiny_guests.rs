@@ -49,6 +49,18 @@ fn fault_ends_the_vm_with_the_exception_and_registers() {
 }
 
 #[test]
+fn page_fault_reports_the_address() {
+    let (config, _) = captured(1);
+    let outcome = run_tiny_guest(&config, "fault", 1).unwrap();
+    let VmOutcome::Failed(err) = &outcome else { panic!("expected a fault, got {outcome:?}") };
+    assert!(matches!(err, VcpuError::Exception { vector: 14, .. }), "{err:?}");
+    let msg = err.to_string();
+    assert!(msg.contains("#PF (page fault)") && msg.contains("address 0x4000000000"), "{msg}");
+    // Error code: user-mode read of a not-present page.
+    assert!(msg.contains("error code 0x4"), "{msg}");
+}
+
+#[test]
 fn bad_config_is_an_error_not_a_panic() {
     let bad = |config: VmConfig, name| run_tiny_guest(&config, name, 0).unwrap_err();
     let e = bad(VmConfig { mem_mib: 0, ..VmConfig::default() }, "hello");

@@ -18,7 +18,7 @@ macro_rules! guest_bin {
 /// Every bundled guest, by name.
 pub const TINY_GUESTS: &[TinyGuest] = &[
     TinyGuest { name: "hello", about: "prints a greeting on the serial port, exits 0", code: guest_bin!("hello") },
-    TinyGuest { name: "fault", about: "executes ud2: the VM ends with an exception report", code: guest_bin!("fault") },
+    TinyGuest { name: "fault", about: "faults (ud2, or a read of an unmapped address with --arg 1): the VM ends with a report", code: guest_bin!("fault") },
     TinyGuest { name: "exitcode", about: "exits with the low byte of --arg", code: guest_bin!("exitcode") },
     TinyGuest {
         name: "spin",

@@ -40,6 +40,8 @@ pub const PATTERN_SIZE: u64 = 0x1000;
 pub const STACKS_TOP: u64 = 0x20_0000;
 /// Size of each vCPU's user stack.
 pub const STACK_SIZE: u64 = 0x4000;
+/// An address no identity map covers (the map ends at 68 GiB): `fault --arg 1` reads it.
+pub const UNMAPPED_ADDR: u64 = 0x40_0000_0000;
 /// Smallest RAM a tiny guest runs in: everything above must fit.
 pub const MIN_RAM: u64 = 0x20_0000;
 

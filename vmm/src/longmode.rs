@@ -159,6 +159,7 @@ const _: () = {
     assert!(GUEST_CODE_ADDR + GUEST_CODE_MAX <= COUNTERS_ADDR);
     assert!(STACKS_TOP - 32 * STACK_SIZE >= PATTERN_ADDR + PATTERN_SIZE);
     assert!(STACKS_TOP <= MIN_RAM);
+    assert!(UNMAPPED_ADDR >= (PD_END - PD_ADDR) / 0x1000 * GIB);
 };
 
 #[cfg(test)]
