@@ -1,3 +1,21 @@
-//! Zygote VMM library.
+//! Zygote VMM library: KVM VMs and vCPUs, buses and legacy devices, the tiny test guests, and
+//! the build recipe that ties them together.
 
+pub mod boot;
+pub mod builder;
+pub mod bus;
+pub mod devices;
+pub mod exit;
 pub mod fuzz;
+pub mod guests;
+pub mod layout;
+pub mod longmode;
+pub mod machine;
+pub mod regs;
+pub mod vcpu;
+pub mod vm;
+
+pub use boot::{boot_linux, LinuxBootError, LinuxConfig};
+pub use builder::{build_tiny_vm, run_tiny_guest, BuildError, ConfigError, VmConfig};
+pub use devices::Console;
+pub use machine::{Paused, VmOutcome, Vmm, VmmError};

@@ -1,0 +1,42 @@
+# Sourced by ./zygote and scripts/test.sh: installs what a fresh Debian/Ubuntu machine lacks.
+# binutils (as, ld, objcopy) assembles the tiny guests; cargo builds everything.
+
+as_root() {
+    if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+ensure_binutils() {
+    if ! command -v as >/dev/null || ! command -v ld >/dev/null || ! command -v objcopy >/dev/null; then
+        echo "zygote setup: installing binutils (assembles the test guests)" >&2
+        as_root apt-get update -qq && as_root apt-get install -y -qq binutils >&2
+    fi
+}
+
+ensure_cargo() {
+    if ! command -v cargo >/dev/null && [ -x "$HOME/.cargo/bin/cargo" ]; then
+        PATH="$HOME/.cargo/bin:$PATH"
+    fi
+    if ! command -v cargo >/dev/null; then
+        echo "zygote setup: installing the Rust toolchain with rustup" >&2
+        command -v curl >/dev/null || { as_root apt-get update -qq && as_root apt-get install -y -qq curl ca-certificates >&2; }
+        curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal >&2
+        PATH="$HOME/.cargo/bin:$PATH"
+    fi
+    if ! command -v cc >/dev/null; then
+        echo "zygote setup: installing a C toolchain (the Rust linker driver)" >&2
+        as_root apt-get update -qq && as_root apt-get install -y -qq build-essential >&2
+    fi
+}
+
+check_kvm() {
+    if [ ! -r /dev/kvm ] || [ ! -w /dev/kvm ]; then
+        echo "zygote setup: /dev/kvm is missing or not read/writable by $(id -un)" >&2
+        return 1
+    fi
+}
+
+ensure_all() {
+    ensure_binutils
+    ensure_cargo
+    check_kvm
+}

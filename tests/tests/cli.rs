@@ -1,0 +1,54 @@
+//! The real `zygote` binary: output, exit codes, one-line errors for bad input.
+
+use std::time::{Duration, Instant};
+
+use zygote_tests::{run_zygote, zygote_bin};
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn run_hello_prints_and_exits_zero() {
+    zygote_bin();
+    let start = Instant::now();
+    let out = run_zygote(&["run", "--guest", "hello"]);
+    let took = start.elapsed();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "Hello from a Zygote guest\n");
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+    let demo = run_zygote(&["demo"]);
+    assert_eq!(String::from_utf8_lossy(&demo.stdout), "Hello from a Zygote guest\n");
+    assert_eq!(demo.status.code(), Some(0));
+}
+
+#[test]
+fn guest_exit_code_and_fault_reach_the_process() {
+    let out = run_zygote(&["run", "--guest", "exitcode", "--arg", "42"]);
+    assert_eq!(out.status.code(), Some(42), "{}", stderr(&out));
+    let out = run_zygote(&["run", "--guest", "fault"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("guest took exception 6 #UD (invalid opcode)"), "{}", stderr(&out));
+}
+
+#[test]
+fn bad_input_exits_2_with_one_line() {
+    for (args, expect) in [
+        (&["run", "--guest", "nope"][..], "unknown guest \"nope\""),
+        (&["run", "--guest", "hello", "--mem", "0"], "--mem"),
+        (&["run", "--guest", "hello", "--mem", "1000000"], "--mem"),
+        (&["run", "--guest", "hello", "--vcpus", "0"], "--vcpus"),
+        (&["run", "--guest", "hello", "--vcpus", "33"], "--vcpus"),
+        (&["run", "--guest", "hello", "--frobnicate"], "--frobnicate"),
+        (&["run", "--kernel", "/dev/null"], "/dev/null is not a regular file"),
+        (&["run", "--kernel", "README.md"], "README.md is neither an ELF vmlinux nor a bzImage"),
+        (&["run"], "required"),
+    ] {
+        let out = run_zygote(args);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        assert!(err.contains(expect), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+}

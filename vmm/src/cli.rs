@@ -1,0 +1,171 @@
+//! Command-line parsing and the mapping from outcomes to exit codes.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use vmm::builder::{DEFAULT_MEM_MIB, MAX_MEM_MIB, MAX_VCPUS, MIN_MEM_MIB};
+use vmm::{boot_linux, run_tiny_guest, Console, LinuxConfig, VmConfig, VmOutcome};
+
+/// Exit code for bad input (bad flags, values, files).
+pub const EXIT_BAD_INPUT: i32 = 2;
+/// Exit code when the guest faulted or the host failed.
+pub const EXIT_FAILURE: i32 = 1;
+
+#[derive(Debug, Parser)]
+#[command(name = "zygote", version, about = "A minimal KVM VMM whose VMs clone like fork()")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a bundled tiny guest or a Linux kernel; exit with the guest's code.
+    Run(RunArgs),
+    /// Run the bundled `hello` guest.
+    Demo,
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("what").required(true).args(["guest", "kernel"])))]
+struct RunArgs {
+    /// Bundled guest: hello, fault, exitcode, spin.
+    #[arg(long, value_name = "NAME")]
+    guest: Option<String>,
+    /// Argument for the tiny guest (RDX; `exitcode` exits with its low byte).
+    #[arg(long, value_name = "N", default_value_t = 0, requires = "guest")]
+    arg: u64,
+    /// Linux kernel (ELF vmlinux or bzImage).
+    #[arg(long, value_name = "FILE")]
+    kernel: Option<PathBuf>,
+    /// Initial ramdisk for the kernel.
+    #[arg(long, value_name = "FILE", requires = "kernel")]
+    initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, value_name = "S", requires = "kernel")]
+    cmdline: Option<String>,
+    /// Guest RAM in MiB.
+    #[arg(long, value_name = "MiB", default_value_t = DEFAULT_MEM_MIB,
+          value_parser = clap::value_parser!(u64).range(MIN_MEM_MIB..=MAX_MEM_MIB))]
+    mem: u64,
+    /// Number of vCPUs.
+    #[arg(long, value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_VCPUS)))]
+    vcpus: u32,
+}
+
+/// Clap's message on one line: the error and its hints, without the usage block.
+fn one_line(err: &clap::Error) -> String {
+    let text = err.render().to_string();
+    let lines: Vec<&str> = text.lines().map(str::trim).take_while(|l| !l.starts_with("Usage:"))
+        .filter(|l| !l.starts_with("For more information"))
+        .collect();
+    let mut msg = lines.into_iter().filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" ");
+    if let Some(rest) = msg.strip_prefix("error: ") {
+        msg = rest.to_string();
+    }
+    format!("zygote: {msg} (see zygote --help)")
+}
+
+/// Prints `err` and its causes on one line.
+fn report(err: &dyn std::error::Error) -> String {
+    let mut msg = format!("zygote: {err}");
+    let mut source = err.source();
+    while let Some(cause) = source {
+        msg.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    msg
+}
+
+fn finish(outcome: VmOutcome) -> i32 {
+    match &outcome {
+        VmOutcome::Failed(err) => eprintln!("{}", report(err)),
+        VmOutcome::AllParked => eprintln!("zygote: every vCPU parked itself without an exit code"),
+        _ => {}
+    }
+    i32::from(outcome.exit_code())
+}
+
+fn run(args: RunArgs) -> i32 {
+    let vm = VmConfig { mem_mib: args.mem, vcpus: args.vcpus, vm_id: 0, console: Console::Stdout };
+    if let Some(kernel) = args.kernel {
+        let config = LinuxConfig { vm, kernel, initrd: args.initrd, cmdline: args.cmdline };
+        return match boot_linux(&config) {
+            Ok(outcome) => finish(outcome),
+            Err(e) => {
+                eprintln!("{}", report(&e));
+                if e.is_bad_input() {
+                    EXIT_BAD_INPUT
+                } else {
+                    EXIT_FAILURE
+                }
+            }
+        };
+    }
+    let name = args.guest.unwrap_or_default();
+    match run_tiny_guest(&vm, &name, args.arg) {
+        Ok(outcome) => finish(outcome),
+        Err(e) => {
+            eprintln!("{}", report(&e));
+            if e.is_bad_input() {
+                EXIT_BAD_INPUT
+            } else {
+                EXIT_FAILURE
+            }
+        }
+    }
+}
+
+/// Parses `args` and runs; returns the process exit code.
+pub fn main(args: impl IntoIterator<Item = OsString>) -> i32 {
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            // --help, --version: not errors.
+            print!("{}", e.render());
+            return 0;
+        }
+        Err(e) => {
+            eprintln!("{}", one_line(&e));
+            return EXIT_BAD_INPUT;
+        }
+    };
+    match cli.command {
+        Command::Run(args) => run(args),
+        Command::Demo => match run_tiny_guest(&VmConfig::default(), "hello", 0) {
+            Ok(outcome) => finish(outcome),
+            Err(e) => {
+                eprintln!("{}", report(&e));
+                EXIT_FAILURE
+            }
+        },
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
+mod tests {
+    use super::*;
+
+    fn parse_err(args: &[&str]) -> String {
+        let args = std::iter::once("zygote").chain(args.iter().copied()).map(OsString::from);
+        one_line(&Cli::try_parse_from(args).unwrap_err())
+    }
+
+    #[test]
+    fn bad_flags_give_one_line_errors() {
+        for args in [
+            &["run", "--guest", "hello", "--mem", "0"][..],
+            &["run", "--guest", "hello", "--vcpus", "33"],
+            &["run", "--guest", "hello", "--bogus"],
+            &["run"],
+            &["run", "--guest", "hello", "--kernel", "x"],
+        ] {
+            let msg = parse_err(args);
+            assert!(!msg.contains('\n') && msg.starts_with("zygote: "), "{args:?}: {msg}");
+        }
+        assert!(parse_err(&["run", "--guest", "hello", "--mem", "0"]).contains("0 is not in"));
+    }
+}

@@ -1,0 +1,41 @@
+//! The legacy devices a VM gets on its port bus, and the function that wires them.
+//!
+//! A place is kept here for PIT/RTC stubs if a Linux guest turns out to need them.
+
+pub mod console;
+pub mod control;
+pub mod i8042;
+pub mod serial;
+
+use std::sync::{Arc, Mutex};
+
+pub use console::Console;
+
+use crate::bus::{Bus, BusError};
+use crate::layout::{I8042_DATA_PORT, SERIAL_PORT};
+use control::{ControlPorts, CONTROL_BASE, CONTROL_PORT_COUNT};
+use i8042::{I8042, I8042_PORT_COUNT};
+use serial::{IrqLine, SerialDevice, SERIAL_PORT_COUNT};
+
+/// Errors wiring the legacy devices.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error("cannot create the serial interrupt eventfd")]
+    IrqLine(#[source] std::io::Error),
+    #[error("cannot place a device on the port bus")]
+    Bus(#[from] BusError),
+}
+
+/// The legacy devices, kept so the VMM can reach them after wiring (e.g. the serial's IRQ).
+pub struct LegacyDevices {
+    pub serial: Arc<Mutex<SerialDevice>>,
+}
+
+/// Puts COM1, the control ports and the i8042 on `pio`.
+pub fn attach_legacy_devices(pio: &mut Bus, console: &Console) -> Result<LegacyDevices, DeviceError> {
+    let serial = Arc::new(Mutex::new(SerialDevice::new(console, IrqLine::new().map_err(DeviceError::IrqLine)?)));
+    pio.insert(u64::from(SERIAL_PORT), SERIAL_PORT_COUNT, serial.clone())?;
+    pio.insert(u64::from(CONTROL_BASE), CONTROL_PORT_COUNT, Arc::new(Mutex::new(ControlPorts)))?;
+    pio.insert(u64::from(I8042_DATA_PORT), I8042_PORT_COUNT, Arc::new(Mutex::new(I8042)))?;
+    Ok(LegacyDevices { serial })
+}

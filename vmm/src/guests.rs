@@ -1,0 +1,67 @@
+//! The tiny test guests, assembled by `build.rs` from `resources/guests/` and embedded here.
+
+/// A flat 64-bit CPL3 binary loaded at `layout::GUEST_CODE_ADDR` and entered at its start.
+#[derive(Debug)]
+pub struct TinyGuest {
+    pub name: &'static str,
+    /// One line for `--help`.
+    pub about: &'static str,
+    pub code: &'static [u8],
+}
+
+macro_rules! guest_bin {
+    ($name:literal) => {
+        include_bytes!(concat!(env!("OUT_DIR"), "/", $name, ".bin"))
+    };
+}
+
+/// Every bundled guest, by name.
+pub const TINY_GUESTS: &[TinyGuest] = &[
+    TinyGuest { name: "hello", about: "prints a greeting on the serial port, exits 0", code: guest_bin!("hello") },
+    TinyGuest { name: "fault", about: "faults (ud2, or a read of an unmapped address with --arg 1): the VM ends with a report", code: guest_bin!("fault") },
+    TinyGuest { name: "exitcode", about: "exits with the low byte of --arg", code: guest_bin!("exitcode") },
+    TinyGuest {
+        name: "spin",
+        about: "runs until stopped, counting per vCPU at layout::COUNTERS_ADDR",
+        code: guest_bin!("spin"),
+    },
+];
+
+/// Exception stubs every tiny guest gets at `layout::TRAPS_ADDR` (see `resources/guests/traps.s`).
+pub const TRAPS: &[u8] = guest_bin!("traps");
+
+/// The bundled guest called `name`.
+pub fn find(name: &str) -> Option<&'static TinyGuest> {
+    TINY_GUESTS.iter().find(|g| g.name == name)
+}
+
+/// The bundled guests' names, comma-separated (for error messages).
+pub fn names() -> String {
+    TINY_GUESTS.iter().map(|g| g.name).collect::<Vec<_>>().join(", ")
+}
+
+#[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
+mod tests {
+    use super::*;
+    use crate::layout::{TRAP_STUB_SIZE, GUEST_CODE_MAX};
+
+    #[test]
+    fn every_guest_is_embedded_and_fits() {
+        for g in TINY_GUESTS {
+            assert!(!g.code.is_empty() && g.code.len() as u64 <= GUEST_CODE_MAX, "{}", g.name);
+        }
+        assert_eq!(find("hello").map(|g| g.name), Some("hello"));
+        assert!(find("nope").is_none());
+    }
+
+    #[test]
+    fn trap_stubs_have_the_stride_the_idt_assumes() {
+        // 32 stubs; the last one starts at 31 * stride.
+        assert!(TRAPS.len() as u64 > 31 * TRAP_STUB_SIZE);
+        assert!(TRAPS.len() as u64 <= 32 * TRAP_STUB_SIZE);
+        // Stub 0 (no error code) starts with `push $0` (6a 00); stub 8 (#DF) with `push %rax`.
+        assert_eq!(&TRAPS[..2], &[0x6a, 0x00]);
+        assert_eq!(TRAPS[(8 * TRAP_STUB_SIZE) as usize], 0x50);
+    }
+}

@@ -1,0 +1,64 @@
+//! The tiny guests' memory layout and I/O ports: the one place these numbers live.
+//!
+//! Guest RAM is identity-mapped (virtual = physical), so these are both guest-physical and
+//! guest-virtual addresses. `build.rs` includes this file too and hands the values to the
+//! assembler, so the guests in `resources/guests/` can never disagree with the VMM.
+//! Everything here is plain `u64`/`u16` constants: no imports (build.rs compiles it standalone).
+
+/// Global descriptor table (see `longmode::write_gdt` for its entries).
+pub const GDT_ADDR: u64 = 0x1000;
+/// Interrupt descriptor table: one gate per exception vector.
+pub const IDT_ADDR: u64 = 0x2000;
+/// Task-state segment, followed by its all-zero I/O permission bitmap and the 0xff terminator.
+pub const TSS_ADDR: u64 = 0x3000;
+/// Exception stubs (`resources/guests/traps.S`), `TRAP_STUB_SIZE` bytes per vector.
+pub const TRAPS_ADDR: u64 = 0x6000;
+/// Stride of the exception stubs; `traps.S` aligns each stub to it.
+pub const TRAP_STUB_SIZE: u64 = 32;
+/// Top of the CPL0 stack the CPU switches to on an exception (TSS.RSP0 and IST1).
+pub const TRAP_STACK_TOP: u64 = 0x8000;
+/// Page-map level 4 table.
+pub const PML4_ADDR: u64 = 0x9000;
+/// Page-directory-pointer table (covers 512 GiB).
+pub const PDPT_ADDR: u64 = 0xA000;
+/// First page directory; one 4 KiB directory per GiB of mapped guest-physical space.
+pub const PD_ADDR: u64 = 0xB000;
+/// Upper bound of the page directories (room for 68 GiB of identity map).
+pub const PD_END: u64 = 0x5_0000;
+
+/// Where a guest's flat binary is loaded; also its entry point.
+pub const GUEST_CODE_ADDR: u64 = 0x10_0000;
+/// Largest guest binary.
+pub const GUEST_CODE_MAX: u64 = 0x1_0000;
+/// Per-vCPU u64 counters that `spin` increments: vCPU i's is at `COUNTERS_ADDR + 8 * i`.
+pub const COUNTERS_ADDR: u64 = 0x11_0000;
+/// A 4 KiB page `spin` fills with its VM id (u64 per slot), so clones can be told apart.
+pub const PATTERN_ADDR: u64 = 0x12_0000;
+/// Size of the pattern page.
+pub const PATTERN_SIZE: u64 = 0x1000;
+/// vCPU i starts with RSP = `STACKS_TOP - i * STACK_SIZE`.
+pub const STACKS_TOP: u64 = 0x20_0000;
+/// Size of each vCPU's user stack.
+pub const STACK_SIZE: u64 = 0x4000;
+/// An address no identity map covers (the map ends at 68 GiB): `fault --arg 1` reads it.
+pub const UNMAPPED_ADDR: u64 = 0x40_0000_0000;
+/// Smallest RAM a tiny guest runs in: everything above must fit.
+pub const MIN_RAM: u64 = 0x20_0000;
+
+/// RAM above this guest-physical address is placed above 4 GiB, leaving a hole for MMIO.
+pub const MMIO_GAP_START: u64 = 0xC000_0000;
+/// Start of the RAM that did not fit below `MMIO_GAP_START`.
+pub const HIGH_RAM_START: u64 = 0x1_0000_0000;
+
+/// 16550 UART (COM1).
+pub const SERIAL_PORT: u16 = 0x3f8;
+/// The guest writes one byte here: its exit code; the VM stops with it.
+pub const EXIT_PORT: u16 = 0x501;
+/// A vCPU with nothing to do writes here and is parked (never run again) until the VM ends.
+pub const PARK_PORT: u16 = 0x502;
+/// The exception stubs write the vector number here (32 bits); the VM stops with a fault report.
+pub const TRAP_PORT: u16 = 0x503;
+/// i8042 keyboard controller data and command ports.
+pub const I8042_DATA_PORT: u16 = 0x60;
+/// Writing 0xfe here is the guest asking for a reset.
+pub const I8042_COMMAND_PORT: u16 = 0x64;

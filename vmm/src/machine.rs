@@ -1,0 +1,232 @@
+//! `Vmm`: one running VM — its KVM VM and RAM, buses, and vCPU threads — and the controls the
+//! rest of Zygote uses: start, pause (all vCPUs out of KVM_RUN, proven by a token), resume,
+//! wait for the guest's outcome, stop.
+
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use memory::GuestRam;
+
+use crate::bus::Bus;
+use crate::devices::LegacyDevices;
+use crate::vcpu::{VcpuCommand, VcpuError, VcpuEvent, VcpuHandle, VcpuStop};
+use crate::vm::Vm;
+
+/// How long vCPUs get to leave KVM_RUN after a kick. Generous: under PVM a vCPU may be deep in
+/// emulated guest-kernel code.
+pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How a VM ended.
+#[derive(Debug)]
+pub enum VmOutcome {
+    /// The guest wrote this exit code to the exit port.
+    Exited(u8),
+    /// The guest asked for a reset or power-off (i8042 0xfe, or a KVM system event).
+    Reset,
+    /// Every vCPU parked itself: nothing will ever run again.
+    AllParked,
+    /// The VMM stopped it.
+    Stopped,
+    /// The guest faulted or KVM failed.
+    Failed(VcpuError),
+}
+
+impl VmOutcome {
+    /// The process exit code this outcome maps to: the guest's code, 0 for a clean end,
+    /// 1 for a failure.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            VmOutcome::Exited(code) => *code,
+            VmOutcome::Reset | VmOutcome::Stopped => 0,
+            VmOutcome::AllParked | VmOutcome::Failed(_) => 1,
+        }
+    }
+}
+
+/// Errors controlling a running VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    #[error("{missing} of {total} vCPUs did not leave KVM_RUN within {timeout:?}")]
+    PauseTimeout { missing: usize, total: usize, timeout: Duration },
+    #[error("all vCPU threads are gone")]
+    VcpusGone,
+}
+
+/// Proof that every vCPU of a VM is out of KVM_RUN. Only [`Vmm::pause`] makes one; give it back
+/// to [`Vmm::resume`].
+#[derive(Debug)]
+#[must_use = "a paused VM stays paused until the token is given to Vmm::resume"]
+pub struct Paused {
+    vm_id: u64,
+}
+
+impl Paused {
+    /// The id of the VM that is paused.
+    pub fn vm_id(&self) -> u64 {
+        self.vm_id
+    }
+}
+
+/// A built VM. Dropping it stops and joins its vCPU threads.
+pub struct Vmm {
+    id: u64,
+    // Field order: vCPU threads end before the VM fd closes, and both before the RAM goes.
+    vcpus: Vec<VcpuHandle>,
+    events: Receiver<VcpuEvent>,
+    vm: Vm,
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    devices: LegacyDevices,
+    outcome: Option<VmOutcome>,
+    parked: usize,
+}
+
+impl std::fmt::Debug for Vmm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vmm").field("id", &self.id).field("vcpus", &self.vcpus.len()).finish_non_exhaustive()
+    }
+}
+
+impl Vmm {
+    /// Assembles a VM from its parts; the vCPU threads must be paused (as `spawn_vcpu` makes them).
+    pub(crate) fn from_parts(
+        id: u64,
+        vm: Vm,
+        vcpus: Vec<VcpuHandle>,
+        events: Receiver<VcpuEvent>,
+        buses: (Arc<Bus>, Arc<Bus>),
+        devices: LegacyDevices,
+    ) -> Vmm {
+        Vmm { id, vcpus, events, vm, pio: buses.0, mmio: buses.1, devices, outcome: None, parked: 0 }
+    }
+
+    /// This VM's id (the tiny guests get it in RDI).
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The VM's RAM.
+    pub fn ram(&self) -> &Arc<GuestRam> {
+        self.vm.ram()
+    }
+
+    /// The KVM VM.
+    pub fn vm(&self) -> &Vm {
+        &self.vm
+    }
+
+    /// The port-I/O and MMIO buses.
+    pub fn buses(&self) -> (&Arc<Bus>, &Arc<Bus>) {
+        (&self.pio, &self.mmio)
+    }
+
+    /// The legacy devices (serial).
+    pub fn devices(&self) -> &LegacyDevices {
+        &self.devices
+    }
+
+    /// Number of vCPUs.
+    pub fn vcpu_count(&self) -> usize {
+        self.vcpus.len()
+    }
+
+    /// Lets every vCPU run (they are created paused).
+    pub fn start(&mut self) {
+        self.broadcast(VcpuCommand::Resume);
+    }
+
+    /// How the VM ended, if it has.
+    pub fn outcome(&self) -> Option<&VmOutcome> {
+        self.outcome.as_ref()
+    }
+
+    fn broadcast(&self, command: VcpuCommand) {
+        for vcpu in &self.vcpus {
+            vcpu.send(command);
+        }
+    }
+
+    /// Records an event; returns true if it was a pause acknowledgement.
+    fn record(&mut self, event: VcpuEvent) -> bool {
+        match event {
+            VcpuEvent::Paused(_) => return true,
+            VcpuEvent::Parked(_) => {
+                self.parked += 1;
+                if self.parked == self.vcpus.len() {
+                    self.outcome.get_or_insert(VmOutcome::AllParked);
+                }
+            }
+            VcpuEvent::Stopped(_, stop) => {
+                self.outcome.get_or_insert(match stop {
+                    VcpuStop::Exit(code) => VmOutcome::Exited(code),
+                    VcpuStop::Reset => VmOutcome::Reset,
+                    VcpuStop::Failed(e) => VmOutcome::Failed(e),
+                });
+            }
+        }
+        false
+    }
+
+    /// Takes every vCPU out of KVM_RUN and waits until all have acknowledged.
+    pub fn pause(&mut self) -> Result<Paused, VmmError> {
+        self.broadcast(VcpuCommand::Pause);
+        let total = self.vcpus.len();
+        let deadline = Instant::now() + PAUSE_TIMEOUT;
+        let mut acks = 0;
+        while acks < total {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.events.recv_timeout(left) {
+                Ok(event) => acks += usize::from(self.record(event)),
+                Err(RecvTimeoutError::Timeout) => {
+                    return Err(VmmError::PauseTimeout { missing: total - acks, total, timeout: PAUSE_TIMEOUT })
+                }
+                Err(RecvTimeoutError::Disconnected) => return Err(VmmError::VcpusGone),
+            }
+        }
+        Ok(Paused { vm_id: self.id })
+    }
+
+    /// Lets the vCPUs paused by `token` run again.
+    pub fn resume(&mut self, token: Paused) {
+        debug_assert_eq!(token.vm_id, self.id, "resume with another VM's pause token");
+        self.broadcast(VcpuCommand::Resume);
+    }
+
+    /// Waits up to `timeout` for the guest to end the VM; returns whether it has.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while self.outcome.is_none() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.events.recv_timeout(left) {
+                Ok(event) => {
+                    self.record(event);
+                }
+                Err(RecvTimeoutError::Timeout) => return false,
+                Err(RecvTimeoutError::Disconnected) => {
+                    self.outcome = Some(VmOutcome::Stopped);
+                }
+            }
+        }
+        true
+    }
+
+    /// Runs the VM (if not started) until the guest ends it, then joins the vCPU threads.
+    pub fn run(mut self) -> VmOutcome {
+        self.start();
+        while !self.wait_timeout(Duration::from_secs(3600)) {}
+        self.stop()
+    }
+
+    /// Ends the VM now: finishes and joins every vCPU thread. Returns how the guest ended it,
+    /// or `Stopped` if it had not.
+    pub fn stop(mut self) -> VmOutcome {
+        for vcpu in &mut self.vcpus {
+            vcpu.finish();
+        }
+        while let Ok(event) = self.events.try_recv() {
+            self.record(event);
+        }
+        self.outcome.take().unwrap_or(VmOutcome::Stopped)
+    }
+}

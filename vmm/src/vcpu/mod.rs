@@ -1,0 +1,236 @@
+//! vCPU threads: each is a small state machine driven by a command channel.
+//!
+//! States: `Running` (in and out of KVM_RUN), `Paused` (blocked on the channel, will run again),
+//! `Idle` (parked by the guest or stopped for good: never runs again, still answers commands),
+//! `Finished` (thread exits). Every `Pause` command is answered with exactly one
+//! `VcpuEvent::Paused` by a thread that is out of KVM_RUN, whatever its state, so the VMM can
+//! count acknowledgements without races. Commands are followed by a kick (see `kick`).
+
+mod kick;
+mod report;
+
+use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use kvm_ioctls::VcpuFd;
+use memory::GuestRam;
+
+use crate::bus::Bus;
+use crate::exit::{handle_exit, ExitAction, StopReason};
+pub use kick::install_kick_handler;
+use kick::KickableVcpu;
+pub use report::{exception_name, RegisterDump, TrapFrame, VcpuError};
+
+/// What the VMM tells a vCPU thread.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VcpuCommand {
+    /// Leave KVM_RUN and wait; answered by `VcpuEvent::Paused`.
+    Pause,
+    /// Run again (if paused).
+    Resume,
+    /// End the thread.
+    Finish,
+}
+
+/// How a vCPU ended the VM.
+#[derive(Debug)]
+pub enum VcpuStop {
+    /// The guest wrote this exit code.
+    Exit(u8),
+    /// The guest asked for a reset or power-off.
+    Reset,
+    /// The guest died or KVM failed.
+    Failed(VcpuError),
+}
+
+/// What a vCPU thread tells the VMM.
+#[derive(Debug)]
+pub enum VcpuEvent {
+    /// Answer to `Pause`: vCPU `.0` is out of KVM_RUN.
+    Paused(usize),
+    /// vCPU `.0` parked itself (nothing to do); the VM goes on.
+    Parked(usize),
+    /// vCPU `.0` stopped the VM.
+    Stopped(usize, VcpuStop),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    Running,
+    Paused,
+    Idle,
+    Finished,
+}
+
+/// Everything a vCPU thread owns.
+pub struct VcpuContext {
+    pub index: usize,
+    pub fd: VcpuFd,
+    pub pio: Arc<Bus>,
+    pub mmio: Arc<Bus>,
+    /// Keeps the RAM behind the memslots mapped while this vCPU fd exists.
+    pub ram: Arc<GuestRam>,
+}
+
+/// The VMM's end of a vCPU thread.
+#[derive(Debug)]
+pub struct VcpuHandle {
+    index: usize,
+    commands: Sender<VcpuCommand>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl VcpuHandle {
+    /// Sends `command` and kicks the thread out of KVM_RUN. A thread that has already gone
+    /// needs neither, so failures to deliver are not errors.
+    pub fn send(&self, command: VcpuCommand) {
+        if self.commands.send(command).is_ok() {
+            if let Some(thread) = &self.thread {
+                // ESRCH if the thread just exited: nothing to kick.
+                let _ = kick::kick(thread);
+            }
+        }
+    }
+
+    /// Finishes the thread and waits for it.
+    pub fn finish(&mut self) {
+        self.send(VcpuCommand::Finish);
+        if let Some(thread) = self.thread.take() {
+            // A panicking vCPU thread already printed its panic; the VM is over either way.
+            let _ = thread.join();
+        }
+    }
+
+    /// This vCPU's index.
+    pub fn index(&self) -> usize {
+        self.index
+    }
+}
+
+impl Drop for VcpuHandle {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+/// Starts the thread of `ctx`, initially paused; it reports on `events`.
+pub fn spawn_vcpu(ctx: VcpuContext, events: Sender<VcpuEvent>) -> Result<VcpuHandle, VcpuError> {
+    install_kick_handler().map_err(VcpuError::KickHandler)?;
+    let index = ctx.index;
+    let (commands, rx) = mpsc::channel();
+    let thread = std::thread::Builder::new()
+        .name(format!("vcpu{index}"))
+        .spawn(move || run_thread(ctx, &rx, &events))
+        .map_err(|source| VcpuError::Spawn { vcpu: index, source })?;
+    Ok(VcpuHandle { index, commands, thread: Some(thread) })
+}
+
+fn run_thread(ctx: VcpuContext, commands: &Receiver<VcpuCommand>, events: &Sender<VcpuEvent>) {
+    let VcpuContext { index, fd, pio, mmio, ram } = ctx;
+    let mut vcpu = KickableVcpu::register(fd);
+    let mut state = State::Paused;
+    while state != State::Finished {
+        let command = if state == State::Running {
+            match commands.try_recv() {
+                Ok(command) => Some(command),
+                Err(TryRecvError::Empty) => None,
+                Err(TryRecvError::Disconnected) => Some(VcpuCommand::Finish),
+            }
+        } else {
+            Some(commands.recv().unwrap_or(VcpuCommand::Finish))
+        };
+        state = match command {
+            Some(command) => apply(state, command, index, events),
+            None => run_once(index, &mut vcpu, &pio, &mmio, &ram, events),
+        };
+    }
+    // `vcpu` drops here: the kick registration is cleared, then the fd closes, then `ram`.
+}
+
+/// The state after `command`; acknowledges pauses.
+fn apply(state: State, command: VcpuCommand, index: usize, events: &Sender<VcpuEvent>) -> State {
+    match (command, state) {
+        (VcpuCommand::Finish, _) => State::Finished,
+        (VcpuCommand::Pause, state) => {
+            // If the VMM is gone nobody waits for the answer.
+            let _ = events.send(VcpuEvent::Paused(index));
+            if state == State::Running {
+                State::Paused
+            } else {
+                state
+            }
+        }
+        (VcpuCommand::Resume, State::Paused) => State::Running,
+        (VcpuCommand::Resume, state) => state,
+    }
+}
+
+/// Enters the guest once and handles the exit.
+fn run_once(
+    index: usize,
+    vcpu: &mut KickableVcpu,
+    pio: &Bus,
+    mmio: &Bus,
+    ram: &GuestRam,
+    events: &Sender<VcpuEvent>,
+) -> State {
+    let action = match vcpu.fd().run() {
+        Ok(exit) => handle_exit(exit, pio, mmio),
+        Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+            // Kicked: clear the flag and go back to look at the commands.
+            vcpu.fd().set_kvm_immediate_exit(0);
+            return State::Running;
+        }
+        Err(source) => return stop(events, index, VcpuStop::Failed(VcpuError::Run { vcpu: index, source })),
+    };
+    let reason = match action {
+        ExitAction::Continue => return State::Running,
+        ExitAction::Stop(reason) => reason,
+    };
+    let fd = vcpu.fd();
+    let outcome = match reason {
+        StopReason::Park => {
+            let _ = events.send(VcpuEvent::Parked(index));
+            return State::Idle;
+        }
+        StopReason::Exit(code) => VcpuStop::Exit(code),
+        StopReason::Reset => VcpuStop::Reset,
+        StopReason::Trap(vector) => VcpuStop::Failed(report::exception_report(index, fd, ram, vector)),
+        StopReason::Shutdown => VcpuStop::Failed(VcpuError::TripleFault { vcpu: index, regs: RegisterDump::read(fd) }),
+        StopReason::Halt => VcpuStop::Failed(VcpuError::Halted { vcpu: index, regs: RegisterDump::read(fd) }),
+        StopReason::Unhandled(exit) => {
+            VcpuStop::Failed(VcpuError::UnhandledExit { vcpu: index, exit, regs: RegisterDump::read(fd) })
+        }
+    };
+    stop(events, index, outcome)
+}
+
+fn stop(events: &Sender<VcpuEvent>, index: usize, outcome: VcpuStop) -> State {
+    let _ = events.send(VcpuEvent::Stopped(index, outcome));
+    State::Idle
+}
+
+#[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_pause_is_acknowledged_in_every_state() {
+        let (tx, rx) = mpsc::channel();
+        assert_eq!(apply(State::Running, VcpuCommand::Pause, 3, &tx), State::Paused);
+        assert_eq!(apply(State::Paused, VcpuCommand::Pause, 3, &tx), State::Paused);
+        assert_eq!(apply(State::Idle, VcpuCommand::Pause, 3, &tx), State::Idle);
+        assert_eq!(rx.try_iter().filter(|e| matches!(e, VcpuEvent::Paused(3))).count(), 3);
+    }
+
+    #[test]
+    fn resume_runs_only_a_paused_vcpu() {
+        let (tx, _rx) = mpsc::channel();
+        assert_eq!(apply(State::Paused, VcpuCommand::Resume, 0, &tx), State::Running);
+        assert_eq!(apply(State::Idle, VcpuCommand::Resume, 0, &tx), State::Idle);
+        assert_eq!(apply(State::Running, VcpuCommand::Resume, 0, &tx), State::Running);
+        assert_eq!(apply(State::Idle, VcpuCommand::Finish, 0, &tx), State::Finished);
+    }
+}
