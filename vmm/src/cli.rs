@@ -25,6 +25,34 @@ enum Command {
     Run(RunArgs),
     /// Run the bundled `hello` guest.
     Demo,
+    /// Fuzz clone-vs-DMA timing; exit 1 if a rule was broken.
+    Fuzz(FuzzArgs),
+}
+
+#[derive(Debug, Args)]
+struct FuzzArgs {
+    /// Schedules to run.
+    #[arg(long, default_value_t = 10_000)]
+    runs: u64,
+    /// Campaign seed: the same seed draws the same schedules.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// What schedules drive: `memory` (GuestRam and guards) or `vm` (real KVM VMs).
+    #[arg(long, value_parser = ["memory", "vm"], default_value = "memory")]
+    mode: String,
+    /// Threads.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=64))]
+    jobs: u64,
+    /// Replay a reproducer file instead of fuzzing.
+    #[arg(long, value_name = "FILE")]
+    replay: Option<PathBuf>,
+    /// Make the memory layer misbehave on purpose (builds with --features planted-bugs):
+    /// wrong-way-cow, lost-dirty, shared-pin.
+    #[arg(long, value_name = "NAME")]
+    plant_bug: Option<String>,
+    /// Where to write a reproducer (default zygote-fuzz-seedS-runN.json).
+    #[arg(long, value_name = "FILE")]
+    out: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -141,6 +169,15 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> i32 {
                 EXIT_FAILURE
             }
         },
+        Command::Fuzz(args) => vmm::fuzz::command::run(&vmm::fuzz::command::FuzzOptions {
+            runs: args.runs,
+            seed: args.seed,
+            mode: if args.mode == "vm" { vmm::fuzz::command::FuzzMode::Vm } else { vmm::fuzz::command::FuzzMode::Memory },
+            jobs: usize::try_from(args.jobs).unwrap_or(1),
+            replay: args.replay,
+            plant_bug: args.plant_bug,
+            out: args.out,
+        }),
     }
 }
 

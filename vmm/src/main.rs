@@ -5,5 +5,8 @@
 mod cli;
 
 fn main() {
+    // Like any Unix filter: `zygote fuzz | head` ends quietly instead of panicking on EPIPE.
+    // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     std::process::exit(cli::main(std::env::args_os()));
 }

@@ -1,6 +1,7 @@
 //! The clone-vs-DMA timing fuzzer: draw schedules from a seed, execute them, check the rules
 //! after every step, shrink a violating schedule to a minimal reproducer and save it.
 
+pub mod command;
 pub mod memory_mode;
 pub mod schedule;
 
