@@ -156,15 +156,7 @@ fn step(world: &mut World, op: &Op) {
                 return;
             }
             result.unwrap();
-            let start = g.first * PAGE_SIZE + off;
-            match g.vm {
-                Some(vm) => {
-                    let v = world.vms[vm].as_mut().unwrap();
-                    v.bytes[start..start + len].fill(byte);
-                    v.dirty.extend(start / PAGE_SIZE..(start + len).div_ceil(PAGE_SIZE));
-                }
-                None => world.ghosts[g.ghost][start..start + len].fill(byte),
-            }
+            record_device_write(world, guard % n, off, len, byte);
         }
         Op::KernelDma { guard, off, len, byte } => {
             let n = world.guards.len();
@@ -174,16 +166,8 @@ fn step(world: &mut World, op: &Op) {
             }
             // SAFETY: the guard pins pages*4096 bytes at host_ptr and keeps them mapped.
             unsafe { std::ptr::write_bytes(g.guard.host_ptr().add(off), byte, len) };
-            let start = g.first * PAGE_SIZE + off;
-            match g.vm {
-                // Invisible to the VMM's bitmaps, yet take_dirty must report it (pinned, then unpinned).
-                Some(vm) => {
-                    let v = world.vms[vm].as_mut().unwrap();
-                    v.bytes[start..start + len].fill(byte);
-                    v.dirty.extend(start / PAGE_SIZE..(start + len).div_ceil(PAGE_SIZE));
-                }
-                None => world.ghosts[g.ghost][start..start + len].fill(byte),
-            }
+            // Invisible to the VMM's bitmaps, yet take_dirty must report it (pinned, then unpinned).
+            record_device_write(world, guard % n, off, len, byte);
         }
         Op::Unpin { guard } => {
             if world.guards.is_empty() {
@@ -274,6 +258,21 @@ fn step(world: &mut World, op: &Op) {
             v.dirty.clear();
             v.unpinned.clear();
         }
+    }
+}
+
+/// A device wrote `len` bytes of `byte` at `off` of guard `index`: its VM (or, once the VM is
+/// gone, the ghost its guards keep) holds them, and the VM must report the pages dirty.
+fn record_device_write(world: &mut World, index: usize, off: usize, len: usize, byte: u8) {
+    let g = &world.guards[index];
+    let start = g.first * PAGE_SIZE + off;
+    match g.vm {
+        Some(vm) => {
+            let v = world.vms[vm].as_mut().unwrap();
+            v.bytes[start..start + len].fill(byte);
+            v.dirty.extend(start / PAGE_SIZE..(start + len).div_ceil(PAGE_SIZE));
+        }
+        None => world.ghosts[g.ghost][start..start + len].fill(byte),
     }
 }
 

@@ -122,27 +122,23 @@ fn run(args: RunArgs) -> i32 {
         let config = LinuxConfig { vm, kernel, initrd: args.initrd, cmdline: args.cmdline };
         return match boot_linux(&config) {
             Ok(outcome) => finish(outcome),
-            Err(e) => {
-                eprintln!("{}", report(&e));
-                if e.is_bad_input() {
-                    EXIT_BAD_INPUT
-                } else {
-                    EXIT_FAILURE
-                }
-            }
+            Err(e) => fail(&e, e.is_bad_input()),
         };
     }
     let name = args.guest.unwrap_or_default();
     match run_tiny_guest(&vm, &name, args.arg) {
         Ok(outcome) => finish(outcome),
-        Err(e) => {
-            eprintln!("{}", report(&e));
-            if e.is_bad_input() {
-                EXIT_BAD_INPUT
-            } else {
-                EXIT_FAILURE
-            }
-        }
+        Err(e) => fail(&e, e.is_bad_input()),
+    }
+}
+
+/// Prints a failure to start and picks its exit code.
+fn fail(err: &dyn std::error::Error, bad_input: bool) -> i32 {
+    eprintln!("{}", report(err));
+    if bad_input {
+        EXIT_BAD_INPUT
+    } else {
+        EXIT_FAILURE
     }
 }
 
@@ -164,10 +160,7 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> i32 {
         Command::Run(args) => run(args),
         Command::Demo => match run_tiny_guest(&VmConfig::default(), "hello", 0) {
             Ok(outcome) => finish(outcome),
-            Err(e) => {
-                eprintln!("{}", report(&e));
-                EXIT_FAILURE
-            }
+            Err(e) => fail(&e, false),
         },
         Command::Fuzz(args) => vmm::fuzz::command::run(&vmm::fuzz::command::FuzzOptions {
             runs: args.runs,
