@@ -1,5 +1,9 @@
-//! Zygote devices. Depend on `memory`, never on `vmm`.
+//! Zygote devices: the virtio-mmio transport, virtio-blk on io_uring, and the DMA test engine.
+//! Depend on `memory`, never on `vmm`.
 
 mod bus_device;
+pub mod interrupt;
+pub mod virtio;
 
 pub use bus_device::{BusDevice, VmRequest};
+pub use interrupt::{DeviceInterrupt, IrqTrigger};
