@@ -1,6 +1,7 @@
 //! Zygote devices: the virtio-mmio transport, virtio-blk on io_uring, and the DMA test engine.
 //! Depend on `memory`, never on `vmm`.
 
+pub mod block;
 mod bus_device;
 pub mod interrupt;
 pub mod virtio;

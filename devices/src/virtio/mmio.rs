@@ -217,6 +217,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
             REG_QUEUE_NUM_MAX => queue.map_or(0, |q| u32::from(q.max_size())),
             REG_QUEUE_READY => queue.map_or(0, |q| u32::from(q.ready())),
             REG_INTERRUPT_STATUS => self.device.interrupt().status(),
+            REG_STATUS if self.device.needs_reset() && self.status & DRIVER_OK != 0 => self.status | NEEDS_RESET,
             REG_STATUS => self.status,
             REG_CONFIG_GENERATION => 0,
             _ => 0,

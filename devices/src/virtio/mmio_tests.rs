@@ -46,6 +46,9 @@ impl VirtioDevice for Recorder {
     fn queue_notify(&mut self, index: u16) {
         self.notified.push(index);
     }
+    fn needs_reset(&self) -> bool {
+        false
+    }
     fn reset(&mut self) {
         self.resets += 1;
         self.activated = None;

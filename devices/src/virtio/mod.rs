@@ -31,6 +31,9 @@ pub trait VirtioDevice: Send {
     fn activate(&mut self, queues: Vec<Queue>, features: u64) -> Result<(), VirtioError>;
     /// The driver notified queue `index` (MMIO write or ioeventfd).
     fn queue_notify(&mut self, index: u16);
+    /// Whether the device found the driver's queue unusable (e.g. an avail index that jumped
+    /// by more than the queue size) and serves nothing until a reset.
+    fn needs_reset(&self) -> bool;
     /// Returns to the initial state. Waits for I/O in flight first: nothing a device still
     /// DMAs into is ever released (rule 7).
     fn reset(&mut self);
