@@ -3,6 +3,7 @@
 
 pub mod block;
 mod bus_device;
+pub mod dma;
 pub mod interrupt;
 pub mod virtio;
 

@@ -56,6 +56,14 @@ pub fn new_ram() -> Arc<GuestRam> {
     Arc::new(GuestRam::new(&[(GuestAddress(0), RAM_SIZE)]).unwrap())
 }
 
+/// A driver's position in its rings.
+#[derive(Clone, Copy, Debug)]
+pub struct DriverIndices {
+    next_desc: u16,
+    avail_idx: u16,
+    used_seen: u16,
+}
+
 /// The driver side of one virtio-blk queue.
 pub struct Driver {
     pub ram: Arc<GuestRam>,
@@ -97,9 +105,14 @@ impl Driver {
         Driver { ram, transport: t, next_desc: 0, avail_idx: 0, used_seen: 0 }
     }
 
-    /// A driver for a transport restored elsewhere (a clone), continuing at these indices.
-    pub fn resume(ram: Arc<GuestRam>, transport: MmioTransport<BlockDevice>, from: &Driver) -> Driver {
-        Driver { ram, transport, next_desc: from.next_desc, avail_idx: from.avail_idx, used_seen: from.used_seen }
+    /// Where this driver is in its rings (copy it at a clone instant).
+    pub fn indices(&self) -> DriverIndices {
+        DriverIndices { next_desc: self.next_desc, avail_idx: self.avail_idx, used_seen: self.used_seen }
+    }
+
+    /// A driver for a transport restored elsewhere (a clone), continuing at `at`.
+    pub fn resume(ram: Arc<GuestRam>, transport: MmioTransport<BlockDevice>, at: DriverIndices) -> Driver {
+        Driver { ram, transport, next_desc: at.next_desc, avail_idx: at.avail_idx, used_seen: at.used_seen }
     }
 
     /// Writes raw descriptors (addr, len, flags, next) at table index `first..` and offers
