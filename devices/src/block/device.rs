@@ -67,7 +67,7 @@ impl BlockDevice {
         let mut device = BlockDevice::new(ram, disk, interrupt)?;
         device.features = state.features;
         if let Some(q) = state.queue {
-            let mut queue = Queue::try_from(q).map_err(|e| BlockError::Uring(std::io::Error::other(e.to_string())))?;
+            let mut queue = Queue::try_from(q).map_err(|e| BlockError::BadState(e.to_string()))?;
             let mut core = device.lock();
             for request in &state.in_flight {
                 core.start(&mut queue, request.clone());

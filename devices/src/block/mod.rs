@@ -36,6 +36,8 @@ pub enum BlockError {
         #[source]
         source: std::io::Error,
     },
+    #[error("captured queue state is invalid: {0}")]
+    BadState(String),
     #[error("cannot set up io_uring")]
     Uring(#[source] std::io::Error),
     #[error("descriptor chain at head {head} loops, leaves the table or is unreadable")]
