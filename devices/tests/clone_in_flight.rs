@@ -68,10 +68,9 @@ fn clone_during_blk_read_and_dma_reexecutes_both() {
 
     // The clone instant (vCPUs would be paused here).
     let transport_state = source.transport.state();
-    let blk_state = source.transport.device().state();
     let dma_state = dma.state();
-    let clone_disk = source.transport.device().clone_disk().unwrap();
-    let clone_ram = Arc::new(ram.clone_cow().unwrap());
+    let (blk_state, clone_disk, clone_ram) = source.transport.device().capture_and_clone(|| ram.clone_cow()).unwrap();
+    let clone_ram = Arc::new(clone_ram.unwrap());
     let driver_at_clone = source.indices();
     assert_eq!(blk_state.in_flight.len(), 1);
     assert_eq!(blk_state.in_flight[0].data[0].addr, READ_BUF);

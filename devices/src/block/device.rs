@@ -88,6 +88,17 @@ impl BlockDevice {
         BlockState { features: self.features, queue: core.queue.as_ref().map(Queue::state), in_flight: core.in_flight() }
     }
 
+    /// The clone instant, atomic against completions: with the device locked (so no request
+    /// completes into the used ring meanwhile) captures the state, clones the disk, and runs
+    /// `clone_ram` (e.g. `|| ram.clone_cow()`). Call it with the vCPUs paused.
+    pub fn capture_and_clone<R>(&self, clone_ram: impl FnOnce() -> R) -> Result<(BlockState, CowDisk, R), BlockError> {
+        let mut core = self.lock();
+        let state = BlockState { features: self.features, queue: core.queue.as_ref().map(Queue::state), in_flight: core.in_flight() };
+        let disk = core.disk.clone_cow()?;
+        let ram = clone_ram();
+        Ok((state, disk, ram))
+    }
+
     /// A copy-on-write clone of the disk (see `CowDisk::clone_cow`).
     pub fn clone_disk(&self) -> Result<CowDisk, BlockError> {
         self.lock().disk.clone_cow()
