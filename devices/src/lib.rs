@@ -1,1 +1,11 @@
-//! Zygote devices. Depend on `memory`, never on `vmm`.
+//! Zygote devices: the virtio-mmio transport, virtio-blk on io_uring, and the DMA test engine.
+//! Depend on `memory`, never on `vmm`.
+
+pub mod block;
+mod bus_device;
+pub mod dma;
+pub mod interrupt;
+pub mod virtio;
+
+pub use bus_device::{BusDevice, VmRequest};
+pub use interrupt::{DeviceInterrupt, IrqTrigger};

@@ -52,3 +52,19 @@ fn bad_input_exits_2_with_one_line() {
         assert!(!err.contains("panicked"), "{args:?}: {err}");
     }
 }
+
+#[test]
+fn run_with_a_disk_attaches_virtio_blk_and_bad_disks_exit_2() {
+    let disk = std::env::temp_dir().join(format!("zygote-cli-disk-{}", std::process::id()));
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let path = disk.to_str().unwrap();
+    let out = run_zygote(&["run", "--guest", "hello", "--disk", path]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    std::fs::write(&disk, b"not whole sectors").unwrap();
+    let out = run_zygote(&["run", "--guest", "hello", "--disk", path]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("17 bytes"), "{}", stderr(&out));
+    std::fs::remove_file(&disk).unwrap();
+    let out = run_zygote(&["run", "--guest", "hello", "--disk", path]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+}

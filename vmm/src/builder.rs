@@ -1,11 +1,12 @@
 //! Building a VM for a tiny guest: a flat recipe of functions, each step one call.
 
+use std::path::PathBuf;
 use std::sync::{mpsc, Arc};
 
 use memory::{Bytes, GuestAddress, GuestRam, MemoryError};
 
 use crate::bus::Bus;
-use crate::devices::{attach_legacy_devices, Console, DeviceError};
+use crate::devices::{attach_legacy_devices, attach_mmio_devices, Console, DeviceError};
 use crate::guests::{self, TinyGuest};
 use crate::layout::{GUEST_CODE_ADDR, HIGH_RAM_START, MIN_RAM, MMIO_GAP_START};
 use crate::longmode::{write_tables, LongModeError};
@@ -31,11 +32,13 @@ pub struct VmConfig {
     /// Handed to the guest (RDI for tiny guests) so VMs, and later clones, can be told apart.
     pub vm_id: u64,
     pub console: Console,
+    /// Disk image served by virtio-blk (`--disk`); none means no block device.
+    pub disk: Option<PathBuf>,
 }
 
 impl Default for VmConfig {
     fn default() -> Self {
-        VmConfig { mem_mib: DEFAULT_MEM_MIB, vcpus: 1, vm_id: 0, console: Console::Stdout }
+        VmConfig { mem_mib: DEFAULT_MEM_MIB, vcpus: 1, vm_id: 0, console: Console::Stdout, disk: None }
     }
 }
 
@@ -93,7 +96,7 @@ pub enum BuildError {
 impl BuildError {
     /// Whether the user's input (not the host) is at fault: the CLI exits 2 for these.
     pub fn is_bad_input(&self) -> bool {
-        matches!(self, BuildError::Config(_) | BuildError::Memory { .. })
+        matches!(self, BuildError::Config(_) | BuildError::Memory { .. } | BuildError::Devices(DeviceError::Disk(_)))
     }
 }
 
@@ -123,8 +126,10 @@ pub fn build_tiny_vm(config: &VmConfig, guest: &TinyGuest, arg: u64) -> Result<V
         .map_err(|source| BuildError::LoadGuest { addr: GUEST_CODE_ADDR, source })?;
     let vm = Vm::new(Arc::clone(&ram))?;
     let mut pio = Bus::new();
-    let devices = attach_legacy_devices(&mut pio, &config.console)?;
-    let (pio, mmio) = (Arc::new(pio), Arc::new(Bus::new()));
+    let mut devices = attach_legacy_devices(&mut pio, &config.console)?;
+    let mut mmio = Bus::new();
+    devices.mmio = Some(attach_mmio_devices(&mut mmio, &ram, config.disk.as_deref())?);
+    let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
     let (events_tx, events) = mpsc::channel();
     let mut vcpus = Vec::new();
     for index in 0..config.vcpus {

@@ -77,6 +77,9 @@ struct RunArgs {
     #[arg(long, value_name = "MiB", default_value_t = DEFAULT_MEM_MIB,
           value_parser = clap::value_parser!(u64).range(MIN_MEM_MIB..=MAX_MEM_MIB))]
     mem: u64,
+    /// Disk image for virtio-blk (read-write until the VM's first clone freezes it).
+    #[arg(long, value_name = "FILE")]
+    disk: Option<PathBuf>,
     /// Number of vCPUs.
     #[arg(long, value_name = "N", default_value_t = 1,
           value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_VCPUS)))]
@@ -117,7 +120,7 @@ fn finish(outcome: VmOutcome) -> i32 {
 }
 
 fn run(args: RunArgs) -> i32 {
-    let vm = VmConfig { mem_mib: args.mem, vcpus: args.vcpus, vm_id: 0, console: Console::Stdout };
+    let vm = VmConfig { mem_mib: args.mem, vcpus: args.vcpus, vm_id: 0, console: Console::Stdout, disk: args.disk };
     if let Some(kernel) = args.kernel {
         let config = LinuxConfig { vm, kernel, initrd: args.initrd, cmdline: args.cmdline };
         return match boot_linux(&config) {

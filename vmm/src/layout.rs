@@ -50,6 +50,15 @@ pub const MMIO_GAP_START: u64 = 0xC000_0000;
 /// Start of the RAM that did not fit below `MMIO_GAP_START`.
 pub const HIGH_RAM_START: u64 = 0x1_0000_0000;
 
+/// virtio-blk's virtio-mmio registers (one 4 KiB page, in the MMIO gap below 4 GiB).
+pub const VIRTIO_BLK_MMIO_ADDR: u64 = 0xD000_0000;
+/// virtio-blk's interrupt line (for the kernel command line; tiny guests poll).
+pub const VIRTIO_BLK_IRQ: u32 = 5;
+/// The DMA test engine's registers (one 4 KiB page).
+pub const DMA_ENGINE_MMIO_ADDR: u64 = 0xD000_1000;
+/// The DMA test engine's interrupt line (tiny guests poll).
+pub const DMA_ENGINE_IRQ: u32 = 6;
+
 /// 16550 UART (COM1).
 pub const SERIAL_PORT: u16 = 0x3f8;
 /// The guest writes one byte here: its exit code; the VM stops with it.

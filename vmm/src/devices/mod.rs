@@ -5,11 +5,13 @@
 pub mod console;
 pub mod control;
 pub mod i8042;
+pub mod mmio;
 pub mod serial;
 
 use std::sync::{Arc, Mutex};
 
 pub use console::Console;
+pub use mmio::{attach_mmio_devices, virtio_mmio_cmdline, MmioDevices};
 
 use crate::bus::{Bus, BusError};
 use crate::layout::{I8042_DATA_PORT, SERIAL_PORT};
@@ -22,13 +24,19 @@ use serial::{IrqLine, SerialDevice, SERIAL_PORT_COUNT};
 pub enum DeviceError {
     #[error("cannot create the serial interrupt eventfd")]
     IrqLine(#[source] std::io::Error),
-    #[error("cannot place a device on the port bus")]
+    #[error("cannot place a device on a bus")]
     Bus(#[from] BusError),
+    #[error("cannot set up the virtio-blk disk")]
+    Disk(#[from] devices::block::BlockError),
+    #[error("cannot start a device thread")]
+    Thread(#[source] std::io::Error),
 }
 
 /// The legacy devices, kept so the VMM can reach them after wiring (e.g. the serial's IRQ).
 pub struct LegacyDevices {
     pub serial: Arc<Mutex<SerialDevice>>,
+    /// virtio-blk and the DMA engine on the MMIO bus (set by the builder).
+    pub mmio: Option<MmioDevices>,
 }
 
 /// Puts COM1, the control ports and the i8042 on `pio`.
@@ -37,5 +45,5 @@ pub fn attach_legacy_devices(pio: &mut Bus, console: &Console) -> Result<LegacyD
     pio.insert(u64::from(SERIAL_PORT), SERIAL_PORT_COUNT, serial.clone())?;
     pio.insert(u64::from(CONTROL_BASE), CONTROL_PORT_COUNT, Arc::new(Mutex::new(ControlPorts)))?;
     pio.insert(u64::from(I8042_DATA_PORT), I8042_PORT_COUNT, Arc::new(Mutex::new(I8042)))?;
-    Ok(LegacyDevices { serial })
+    Ok(LegacyDevices { serial, mmio: None })
 }

@@ -1,0 +1,299 @@
+//! The serving half of virtio-blk: takes requests off the queue, pins and submits them, and
+//! completes them into the used ring. Lives behind the device's mutex, shared with the
+//! completion thread.
+
+use std::sync::Arc;
+
+use memory::{Access, Bytes, GuestAddress, GuestRam, PinGuard};
+use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+
+use super::disk::{CowDisk, Layer, DIRECT_IO_ALIGN, SECTOR_SIZE};
+use super::request::{parse_request, BlockRequest, RequestKind};
+use super::uring::{IoVecs, Op, Uring};
+use super::BlockError;
+use crate::interrupt::{DeviceInterrupt, INT_USED_RING};
+
+/// Bytes of the id string GET_ID returns.
+pub const ID_BYTES: usize = 20;
+
+/// A request between submission and its used-ring entry.
+struct InFlight {
+    request: BlockRequest,
+    /// Declared before `pins`: the kernel's view of the buffers goes first.
+    iovecs: Vec<IoVecs>,
+    /// Held, never read: dropping them unpins (after the used-ring entry is written).
+    _pins: Vec<PinGuard>,
+    ops_left: usize,
+    failed: bool,
+}
+
+pub(crate) struct BlockCore {
+    pub ram: Arc<GuestRam>,
+    pub disk: CowDisk,
+    pub queue: Option<Queue>,
+    pub interrupt: Arc<DeviceInterrupt>,
+    pub id: [u8; ID_BYTES],
+    /// Set when the driver broke the queue itself (bad avail index): serve nothing more.
+    pub broken: bool,
+    /// While set, requests are queued for the kernel but not handed to it (`submit`).
+    pub held: bool,
+    uring: Uring,
+    slots: Vec<Option<InFlight>>,
+}
+
+impl BlockCore {
+    pub fn new(ram: Arc<GuestRam>, disk: CowDisk, interrupt: Arc<DeviceInterrupt>, id: [u8; ID_BYTES]) -> Result<Self, BlockError> {
+        Ok(BlockCore { ram, disk, queue: None, interrupt, id, broken: false, held: false, uring: Uring::new()?, slots: Vec::new() })
+    }
+
+    pub fn uring(&self) -> &Uring {
+        &self.uring
+    }
+
+    /// The requests in flight, as plain data.
+    pub fn in_flight(&self) -> Vec<BlockRequest> {
+        self.slots.iter().flatten().map(|f| f.request.clone()).collect()
+    }
+
+    pub fn in_flight_count(&self) -> usize {
+        self.slots.iter().flatten().count()
+    }
+
+    /// Guest ranges of the queue's rings, which no request buffer may overlap.
+    fn ring_ranges(queue: &Queue) -> [(u64, u64); 3] {
+        let size = u64::from(queue.size());
+        [(queue.desc_table(), 16 * size), (queue.avail_ring(), 6 + 2 * size), (queue.used_ring(), 6 + 8 * size)]
+    }
+
+    /// Serves every request the driver made available.
+    pub fn process_queue(&mut self) {
+        let Some(mut queue) = self.queue.take() else { return };
+        let reserved = Self::ring_ranges(&queue);
+        let ram = Arc::clone(&self.ram);
+        loop {
+            let chain = match queue.iter(&*ram) {
+                Ok(mut iter) => iter.next(),
+                Err(_) => {
+                    // The avail index jumped by more than the queue size.
+                    self.broken = true;
+                    None
+                }
+            };
+            let Some(chain) = chain else { break };
+            match parse_request(chain, &ram, self.disk.sectors(), &reserved) {
+                Ok(request) => self.start(&mut queue, request),
+                Err(bad) => self.complete_now(&mut queue, bad.head, bad.status, VIRTIO_BLK_S_IOERR, 0),
+            }
+        }
+        self.queue = Some(queue);
+        self.submit();
+    }
+
+    /// Hands queued kernel operations over, unless held.
+    pub fn submit(&mut self) {
+        if !self.held && self.uring.submit().is_err() {
+            self.fail_all_unsubmitted();
+        }
+    }
+
+    /// Starts `request`: completes it at once if it needs no I/O, else pins and queues it.
+    pub fn start(&mut self, queue: &mut Queue, request: BlockRequest) {
+        let (head, status) = (request.head, request.status);
+        match request.kind {
+            RequestKind::Unsupported(_) => self.complete_now(queue, head, Some(status), VIRTIO_BLK_S_UNSUPP, 0),
+            RequestKind::GetId => {
+                let seg = request.data[0];
+                let n = (seg.len as usize).min(ID_BYTES);
+                let written = self.ram.pin(GuestAddress(seg.addr), n, Access::Write).and_then(|pin| pin.write_at(0, &self.id[..n]));
+                let code = if written.is_ok() { VIRTIO_BLK_S_OK } else { VIRTIO_BLK_S_IOERR };
+                self.complete_now(queue, head, Some(status), code, if written.is_ok() { n as u32 } else { 0 });
+            }
+            RequestKind::In | RequestKind::Out | RequestKind::Flush => {
+                if let Err(_e) = self.queue_io(request) {
+                    self.complete_now(queue, head, Some(status), VIRTIO_BLK_S_IOERR, 0);
+                }
+            }
+        }
+    }
+
+    /// Pins the buffers and queues the kernel operations of an IN, OUT or FLUSH.
+    fn queue_io(&mut self, request: BlockRequest) -> Result<(), BlockError> {
+        let access = if request.kind == RequestKind::In { Access::Write } else { Access::Read };
+        let pins = request
+            .data
+            .iter()
+            .filter(|_| request.kind != RequestKind::Flush)
+            .map(|s| self.ram.pin(GuestAddress(s.addr), s.len as usize, access))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(BlockError::Pin)?;
+        let buffers: Vec<(*mut u8, u64)> = pins.iter().map(|p| (p.host_ptr(), p.len() as u64)).collect();
+        let offset = request.sector * SECTOR_SIZE;
+        let count = request.data_len() / SECTOR_SIZE;
+        // (layer, byte offset on disk, iovecs)
+        let mut plan: Vec<(Layer, u64, IoVecs)> = Vec::new();
+        match request.kind {
+            RequestKind::In => {
+                for extent in self.disk.plan_read(request.sector, count) {
+                    let start = (extent.sector - request.sector) * SECTOR_SIZE;
+                    let iov = slice_buffers(&buffers, start, extent.count * SECTOR_SIZE);
+                    plan.push((extent.layer, extent.sector * SECTOR_SIZE, iov));
+                }
+            }
+            RequestKind::Out => {
+                self.disk.mark_written(request.sector, count);
+                plan.push((Layer::Top, offset, slice_buffers(&buffers, 0, count * SECTOR_SIZE)));
+            }
+            _ => {}
+        }
+        let slot = self.slots.iter().position(Option::is_none).unwrap_or_else(|| {
+            self.slots.push(None);
+            self.slots.len() - 1
+        });
+        let is_flush = request.kind == RequestKind::Flush;
+        let is_read = request.kind == RequestKind::In;
+        let ops_left = if is_flush { 1 } else { plan.len() };
+        let mut entry = InFlight { request, iovecs: Vec::new(), _pins: pins, ops_left, failed: false };
+        if is_flush {
+            let fd = self.disk.top().fd(false);
+            self.uring.push(&Op::Fsync { fd }, slot as u64).map_err(|_| BlockError::Io { result: -libc::EAGAIN })?;
+        }
+        for (layer, disk_offset, iov) in plan {
+            let file = match layer {
+                Layer::Top => self.disk.top(),
+                Layer::Base => self.disk.base().unwrap_or(self.disk.top()),
+            };
+            let aligned = disk_offset.is_multiple_of(DIRECT_IO_ALIGN)
+                && iov.0.iter().all(|v| (v.iov_base as u64).is_multiple_of(DIRECT_IO_ALIGN) && (v.iov_len as u64).is_multiple_of(DIRECT_IO_ALIGN));
+            let fd = file.fd(aligned);
+            entry.iovecs.push(iov);
+            let iovecs = entry.iovecs.last().expect("just pushed");
+            let op = if is_read {
+                Op::Read { fd, offset: disk_offset, iovecs }
+            } else {
+                Op::Write { fd, offset: disk_offset, iovecs }
+            };
+            if self.uring.push(&op, slot as u64).is_err() {
+                // Ops already pushed for this slot complete later; count the rest as failed.
+                entry.failed = true;
+                entry.ops_left -= 1;
+            }
+        }
+        if entry.ops_left == 0 {
+            return Err(BlockError::Io { result: -libc::EAGAIN });
+        }
+        self.slots[slot] = Some(entry);
+        Ok(())
+    }
+
+    /// Takes every available completion; finishes requests whose last operation ended.
+    /// Returns how many requests completed.
+    pub fn reap(&mut self) -> usize {
+        let mut done = 0;
+        for (tag, result) in self.uring.reap() {
+            let Some(Some(entry)) = self.slots.get_mut(tag as usize) else { continue };
+            if result < 0 {
+                entry.failed = true;
+            }
+            entry.ops_left = entry.ops_left.saturating_sub(1);
+            if entry.ops_left == 0 {
+                self.finish(tag as usize, true);
+                done += 1;
+            }
+        }
+        done
+    }
+
+    /// Blocks until at least one completion arrives, then reaps. No-op with nothing in flight.
+    pub fn wait_and_reap(&mut self) -> usize {
+        if self.in_flight_count() == 0 {
+            return 0;
+        }
+        if self.uring.submit_and_wait().is_err() {
+            return 0;
+        }
+        self.reap()
+    }
+
+    /// Waits for every request in flight. With `deliver` false (reset) nothing is written
+    /// to the guest, but the buffers stay pinned until the kernel is done with them.
+    pub fn drain(&mut self, deliver: bool) {
+        self.held = false;
+        while self.in_flight_count() > 0 {
+            if self.uring.submit_and_wait().is_err() {
+                break;
+            }
+            for (tag, _) in self.uring.reap() {
+                if let Some(Some(entry)) = self.slots.get_mut(tag as usize) {
+                    entry.ops_left = entry.ops_left.saturating_sub(1);
+                    if entry.ops_left == 0 {
+                        self.finish(tag as usize, deliver);
+                    }
+                }
+            }
+        }
+    }
+
+    fn fail_all_unsubmitted(&mut self) {
+        // A failed io_uring_enter leaves nothing submitted: complete every waiting request
+        // with an error rather than leave it pinned forever.
+        let pending: Vec<usize> = self.slots.iter().enumerate().filter(|(_, s)| s.is_some()).map(|(i, _)| i).collect();
+        if self.uring.pending() > 0 {
+            for slot in pending {
+                if let Some(entry) = self.slots[slot].as_mut() {
+                    entry.failed = true;
+                }
+                self.finish(slot, true);
+            }
+        }
+    }
+
+    /// Writes the status, returns the head to the used ring, then unpins and interrupts.
+    fn finish(&mut self, slot: usize, deliver: bool) {
+        let Some(entry) = self.slots[slot].take() else { return };
+        if deliver {
+            let code = if entry.failed { VIRTIO_BLK_S_IOERR } else { VIRTIO_BLK_S_OK };
+            let written = if entry.request.kind == RequestKind::In && !entry.failed { entry.request.data_len() as u32 } else { 0 };
+            if let Some(mut queue) = self.queue.take() {
+                self.complete_now(&mut queue, entry.request.head, Some(entry.request.status), code, written);
+                self.queue = Some(queue);
+            }
+        }
+        drop(entry); // unpins: the memory layer marks the written pages dirty
+    }
+
+    /// Writes status `code`, adds `head` to the used ring and raises the interrupt.
+    fn complete_now(&mut self, queue: &mut Queue, head: u16, status: Option<u64>, code: u32, data_written: u32) {
+        let mut used_len = data_written;
+        if let Some(addr) = status {
+            if self.ram.write_obj(code as u8, GuestAddress(addr)).is_ok() {
+                used_len += 1;
+            }
+        }
+        if queue.add_used(&*self.ram, head, used_len).is_err() {
+            self.broken = true;
+        }
+        self.interrupt.raise(INT_USED_RING);
+    }
+}
+
+/// The iovecs covering `len` bytes from byte `start` of the concatenated `buffers`.
+fn slice_buffers(buffers: &[(*mut u8, u64)], start: u64, len: u64) -> IoVecs {
+    let mut out = Vec::new();
+    let (mut skip, mut want) = (start, len);
+    for &(ptr, blen) in buffers {
+        if skip >= blen {
+            skip -= blen;
+            continue;
+        }
+        let take = (blen - skip).min(want);
+        // SAFETY: skip < blen, so the pointer stays inside the pinned buffer.
+        out.push(libc::iovec { iov_base: unsafe { ptr.add(skip as usize) }.cast(), iov_len: take as usize });
+        want -= take;
+        skip = 0;
+        if want == 0 {
+            break;
+        }
+    }
+    IoVecs(out)
+}

@@ -1,0 +1,83 @@
+//! The DMA test engine: an MMIO device that writes guest memory asynchronously, chunk by chunk,
+//! through a `PinGuard`, the way a real device's DMA would. A guest, a test or the fuzzer
+//! programs it (source pattern or guest address, destination, length, chunk size, pacing);
+//! tests step it deterministically, running VMs drive it from a background thread.
+//!
+//! Its state, including the transfer in flight, is plain data with guest physical addresses;
+//! a clone restarts the transfer from the beginning against its own RAM (the clone has the
+//! destination bytes of the clone instant, possibly part-written).
+
+mod engine;
+mod registers;
+mod runner;
+
+pub use engine::DmaEngine;
+pub use registers::*;
+pub use runner::DmaRunner;
+
+/// Where a transfer's bytes come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DmaSource {
+    /// The 8 little-endian bytes of this value, repeated (byte i of the transfer is byte
+    /// `i % 8` of the pattern).
+    Pattern(u64),
+    /// Guest memory at this physical address.
+    Guest(u64),
+}
+
+/// One transfer, as plain data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TransferSpec {
+    pub source: DmaSource,
+    /// Destination guest physical address.
+    pub dst: u64,
+    pub len: u64,
+    /// Bytes written per step.
+    pub chunk: u64,
+    /// Pause between steps when run by the background thread, in microseconds.
+    pub pacing_us: u64,
+}
+
+/// The engine's state as plain data (guest physical addresses only).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DmaState {
+    /// What the registers are programmed with.
+    pub programmed: TransferSpec,
+    /// The transfer in flight at capture; a restored engine restarts it from byte 0.
+    pub in_flight: Option<TransferSpec>,
+    /// Bytes of the in-flight transfer done at capture (informational; the clone redoes all).
+    pub progress: u64,
+    pub completed: bool,
+    pub error: u32,
+    pub interrupt_status: u32,
+}
+
+/// Why a transfer could not start or go on.
+#[derive(Debug, thiserror::Error)]
+pub enum DmaError {
+    #[error("a transfer is already in flight ({done:#x} of {len:#x} bytes done)")]
+    Busy { done: u64, len: u64 },
+    #[error("transfer length {len:#x} or chunk size {chunk:#x} is zero")]
+    Empty { len: u64, chunk: u64 },
+    #[error("source {src:#x} and destination {dst:#x} overlap over {len:#x} bytes")]
+    Overlap { src: u64, dst: u64, len: u64 },
+    #[error("cannot pin {len:#x} bytes at {addr:#x}")]
+    Pin {
+        addr: u64,
+        len: u64,
+        #[source]
+        source: memory::MemoryError,
+    },
+}
+
+impl DmaError {
+    /// The value the guest reads from the ERROR register.
+    pub fn code(&self) -> u32 {
+        match self {
+            DmaError::Busy { .. } => 1,
+            DmaError::Empty { .. } => 2,
+            DmaError::Overlap { .. } => 3,
+            DmaError::Pin { .. } => 4,
+        }
+    }
+}
