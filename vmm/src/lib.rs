@@ -3,6 +3,7 @@
 
 pub mod boot;
 pub mod builder;
+pub mod clone;
 pub mod bus;
 pub mod devices;
 pub mod exit;
@@ -14,6 +15,7 @@ pub mod machine;
 pub mod regs;
 pub mod vcpu;
 pub mod vm;
+pub mod vstate;
 
 pub use boot::{boot_linux, LinuxBootError, LinuxConfig};
 pub use builder::{build_tiny_vm, run_tiny_guest, BuildError, ConfigError, VmConfig};

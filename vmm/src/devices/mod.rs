@@ -6,10 +6,12 @@ pub mod console;
 pub mod control;
 pub mod i8042;
 pub mod serial;
+pub mod state;
 
 use std::sync::{Arc, Mutex};
 
 pub use console::Console;
+pub use state::{DeviceState, DeviceStateError, LegacyDevicesState};
 
 use crate::bus::{Bus, BusError};
 use crate::layout::{I8042_DATA_PORT, SERIAL_PORT};
