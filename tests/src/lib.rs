@@ -119,3 +119,23 @@ pub fn first_difference(a: &GuestRam, b: &GuestRam) -> Option<u64> {
     }
     None
 }
+
+/// Waits until the console holds at least `lines` lines; false after 20 s.
+pub fn wait_for_lines(out: &Mutex<Vec<u8>>, lines: usize) -> bool {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while text(out).lines().count() < lines {
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    true
+}
+
+/// A fresh empty directory under the target dir's tmp, named for the test.
+pub fn scratch_dir(name: &str) -> PathBuf {
+    let dir = profile_dir().join("tmp").join(format!("{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("creating a scratch dir");
+    dir
+}

@@ -13,6 +13,7 @@ pub mod layout;
 pub mod longmode;
 pub mod machine;
 pub mod regs;
+pub mod snapshot;
 pub mod vcpu;
 pub mod vm;
 pub mod vstate;
