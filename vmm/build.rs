@@ -29,6 +29,7 @@ fn symbols() -> Vec<(&'static str, u64)> {
         ("VM_ID_ADDR", layout::VM_ID_ADDR),
         ("DIRTY_ADDR", layout::DIRTY_ADDR),
         ("DIRTY_PAGES", layout::DIRTY_PAGES),
+        ("TOUCH_ADDR", layout::TOUCH_ADDR),
         ("UNMAPPED_ADDR", layout::UNMAPPED_ADDR),
         ("SERIAL_PORT", u64::from(layout::SERIAL_PORT)),
         ("EXIT_PORT", u64::from(layout::EXIT_PORT)),

@@ -108,7 +108,7 @@ fn truncated_corrupted_and_wrong_version_snapshots_are_refused() {
         write_snapshot(&VmSnapshot::take(&vm, &token).unwrap(), &path, &dir, SnapshotKind::Diff, None),
         Err(SnapshotError::NoParent)
     ));
-    drop(token);
+    let _paused = token;
 }
 
 #[test]
@@ -125,5 +125,5 @@ fn a_snapshot_of_another_shape_is_refused_for_reset() {
     let err = load_snapshot(&path).unwrap().snapshot.reset(&mut other, &other_token, None).unwrap_err();
     assert!(err.to_string().contains("VM 0"), "{err}");
     assert!(format!("{:?}", err).contains("RamShape"), "{err:?}");
-    drop((token, other_token));
+    let _paused = (token, other_token);
 }

@@ -25,6 +25,58 @@ enum Command {
     Run(RunArgs),
     /// Run the bundled `hello` guest.
     Demo,
+    /// Measure reset and clone costs on this machine.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchCommand {
+    /// Reset a guest that dirties 16 pages per run back to its snapshot, ROUNDS times.
+    Reset {
+        #[arg(long, default_value_t = 10_000)]
+        rounds: usize,
+    },
+    /// Clone a running VM of MEM MiB with DIRTY_PERCENT % of its RAM rewritten between clones.
+    Clone {
+        #[arg(long, value_name = "MiB", default_value_t = 1024)]
+        mem: u64,
+        #[arg(long, default_value_t = 100)]
+        clones: usize,
+        #[arg(long, default_value_t = 1)]
+        dirty_percent: u64,
+    },
+}
+
+fn bench(command: BenchCommand) -> i32 {
+    let result = match command {
+        BenchCommand::Reset { rounds } => vmm::bench::bench_reset(rounds).map(|r| {
+            println!(
+                "reset: {} rounds, {:.0} loops/s (run + pause + reset), reset p50 {:.1} us p99 {:.1} us, \
+                 {} dirty pages: memcpy {:.2} us + KVM_RUN {:.1} us, ratio {:.2}",
+                r.rounds, r.loops_per_s, r.reset_us_p50, r.reset_us_p99, r.dirty_pages, r.memcpy_us, r.kvm_run_us, r.ratio
+            );
+            serde_json::to_string(&r)
+        }),
+        BenchCommand::Clone { mem, clones, dirty_percent } => vmm::bench::bench_clone(mem, clones, dirty_percent).map(|r| {
+            println!(
+                "clone: {} MiB, {} clones, {} pages dirty per clone: source pause p50 {} us p99 {} us \
+                 (capture p50 {} us, RAM clone p50 {} us); clone build p50 {} us (source running)",
+                r.mem_mib, r.clones, r.dirty_pages, r.pause_us_p50, r.pause_us_p99, r.capture_us_p50, r.ram_clone_us_p50, r.build_us_p50
+            );
+            serde_json::to_string(&r)
+        }),
+    };
+    match result {
+        Ok(json) => {
+            println!("{}", json.unwrap_or_default());
+            0
+        }
+        Err(e) => {
+            eprintln!("{}", report(&e));
+            EXIT_FAILURE
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -134,6 +186,7 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> i32 {
     };
     match cli.command {
         Command::Run(args) => run(args),
+        Command::Bench(command) => bench(command),
         Command::Demo => match run_tiny_guest(&VmConfig::default(), "hello", 0) {
             Ok(outcome) => finish(outcome),
             Err(e) => {

@@ -44,6 +44,9 @@ pub const PATTERN_SIZE: u64 = 0x1000;
 pub const DIRTY_ADDR: u64 = 0x14_0000;
 /// Pages `dirty16` writes per run.
 pub const DIRTY_PAGES: u64 = 16;
+/// `spin --arg N` also writes one page of N from here per iteration, round robin (the clone
+/// bench's dirty working set). The RAM must extend past `TOUCH_ADDR + N * 4096`.
+pub const TOUCH_ADDR: u64 = 0x100_0000;
 /// vCPU i starts with RSP = `STACKS_TOP - i * STACK_SIZE`.
 pub const STACKS_TOP: u64 = 0x20_0000;
 /// Size of each vCPU's user stack.

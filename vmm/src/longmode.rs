@@ -161,6 +161,7 @@ const _: () = {
     assert!(PATTERN_ADDR + 32 * PATTERN_SIZE <= DIRTY_ADDR);
     assert!(STACKS_TOP - 32 * STACK_SIZE >= DIRTY_ADDR + DIRTY_PAGES * 0x1000);
     assert!(STACKS_TOP <= MIN_RAM);
+    assert!(STACKS_TOP <= TOUCH_ADDR);
     assert!(UNMAPPED_ADDR >= (PD_END - PD_ADDR) / 0x1000 * GIB);
 };
 
