@@ -25,9 +25,133 @@ enum Command {
     Run(RunArgs),
     /// Run the bundled `hello` guest.
     Demo,
+    /// Send one request to a running `zygote run --api-sock` and print the JSON answer.
+    Ctl(CtlArgs),
     /// Measure reset and clone costs on this machine.
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+#[derive(Debug, Args)]
+struct CtlArgs {
+    /// The API socket of the `zygote run` to control.
+    #[arg(long, value_name = "PATH")]
+    api_sock: PathBuf,
+    #[command(subcommand)]
+    verb: CtlVerb,
+}
+
+#[derive(Debug, Subcommand)]
+enum CtlVerb {
+    /// Show one VM (GET /).
+    Info {
+        #[arg(long)]
+        vm: Option<u64>,
+    },
+    /// Show the clone tree (GET /vms).
+    Vms,
+    /// Pause a VM (PATCH /vm).
+    Pause {
+        #[arg(long)]
+        vm: Option<u64>,
+    },
+    /// Resume a VM (PATCH /vm).
+    Resume {
+        #[arg(long)]
+        vm: Option<u64>,
+    },
+    /// Clone a VM (PUT /clone); prints the new id and the clone report.
+    Clone {
+        #[arg(long)]
+        vm: Option<u64>,
+    },
+    /// Write a snapshot (PUT /snapshot/create).
+    SnapshotCreate {
+        #[arg(long, value_name = "FILE")]
+        path: PathBuf,
+        #[arg(long, value_name = "DIR")]
+        mem_dir: Option<PathBuf>,
+        /// Only the pages changed since this VM's previous snapshot.
+        #[arg(long)]
+        diff: bool,
+        #[arg(long)]
+        vm: Option<u64>,
+    },
+    /// Restore a snapshot as a new VM (PUT /snapshot/load).
+    SnapshotLoad {
+        #[arg(long, value_name = "FILE")]
+        path: PathBuf,
+        #[arg(long)]
+        resume: bool,
+    },
+    /// Reset a VM to the snapshot it came from (PUT /reset).
+    Reset {
+        #[arg(long)]
+        vm: Option<u64>,
+        /// Wait up to this long for DMA pins instead of refusing.
+        #[arg(long, value_name = "MS")]
+        wait_ms: Option<u64>,
+    },
+    /// Stop every VM and the server (PUT /actions Shutdown).
+    Shutdown,
+}
+
+fn vm_body(vm: Option<u64>) -> serde_json::Value {
+    vm.map_or(serde_json::json!({}), |id| serde_json::json!({ "vm_id": id }))
+}
+
+fn ctl(args: CtlArgs) -> i32 {
+    use serde_json::json;
+    let (method, path, body) = match args.verb {
+        CtlVerb::Info { vm } => ("GET", vm.map_or("/".to_string(), |id| format!("/?vm_id={id}")), None),
+        CtlVerb::Vms => ("GET", "/vms".into(), None),
+        CtlVerb::Pause { vm } => {
+            let mut body = vm_body(vm);
+            body["state"] = json!("Paused");
+            ("PATCH", "/vm".into(), Some(body))
+        }
+        CtlVerb::Resume { vm } => {
+            let mut body = vm_body(vm);
+            body["state"] = json!("Resumed");
+            ("PATCH", "/vm".into(), Some(body))
+        }
+        CtlVerb::Clone { vm } => ("PUT", "/clone".into(), Some(vm_body(vm))),
+        CtlVerb::SnapshotCreate { path, mem_dir, diff, vm } => {
+            let mut body = vm_body(vm);
+            body["snapshot_path"] = json!(path);
+            if let Some(dir) = mem_dir {
+                body["mem_dir"] = json!(dir);
+            }
+            body["snapshot_type"] = json!(if diff { "Diff" } else { "Full" });
+            ("PUT", "/snapshot/create".into(), Some(body))
+        }
+        CtlVerb::SnapshotLoad { path, resume } => {
+            ("PUT", "/snapshot/load".into(), Some(json!({ "snapshot_path": path, "resume_vm": resume })))
+        }
+        CtlVerb::Reset { vm, wait_ms } => {
+            let mut body = vm_body(vm);
+            if let Some(ms) = wait_ms {
+                body["wait_for_pins_ms"] = json!(ms);
+            }
+            ("PUT", "/reset".into(), Some(body))
+        }
+        CtlVerb::Shutdown => ("PUT", "/actions".into(), Some(json!({ "action_type": "Shutdown" }))),
+    };
+    let body = body.map(|b| b.to_string());
+    match vmm::api::client::call(&args.api_sock, method, &path, body.as_deref()) {
+        Ok(response) if response.is_success() => {
+            println!("{}", response.body);
+            0
+        }
+        Ok(response) => {
+            eprintln!("zygote: HTTP {}: {}", response.status, response.body);
+            EXIT_FAILURE
+        }
+        Err(e) => {
+            eprintln!("{}", report(&e));
+            EXIT_FAILURE
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -105,6 +229,9 @@ struct RunArgs {
     #[arg(long, value_name = "N", default_value_t = 1,
           value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_VCPUS)))]
     vcpus: u32,
+    /// Serve the control API (HTTP/JSON) on this Unix socket; VM output lines get a [vmN] prefix.
+    #[arg(long, value_name = "PATH", requires = "guest")]
+    api_sock: Option<PathBuf>,
 }
 
 /// Clap's message on one line: the error and its hints, without the usage block.
@@ -157,6 +284,9 @@ fn run(args: RunArgs) -> i32 {
         };
     }
     let name = args.guest.unwrap_or_default();
+    if let Some(socket) = args.api_sock {
+        return serve(vm, &name, args.arg, &socket);
+    }
     match run_tiny_guest(&vm, &name, args.arg) {
         Ok(outcome) => finish(outcome),
         Err(e) => {
@@ -168,6 +298,37 @@ fn run(args: RunArgs) -> i32 {
             }
         }
     }
+}
+
+/// Runs tiny guest `name` as VM 0 and serves the control API on `socket` until a Shutdown
+/// request or until the guest ends VM 0.
+fn serve(mut config: VmConfig, name: &str, arg: u64, socket: &std::path::Path) -> i32 {
+    config.console = Console::Prefixed(format!("[vm{}] ", config.vm_id));
+    let Some(guest) = vmm::guests::find(name) else {
+        eprintln!("zygote: unknown guest {name:?}: the bundled guests are {}", vmm::guests::names());
+        return EXIT_BAD_INPUT;
+    };
+    let server = match vmm::api::server::ApiServer::bind(socket) {
+        Ok(server) => server,
+        Err(e) => {
+            eprintln!("{}", report(&e));
+            return EXIT_BAD_INPUT;
+        }
+    };
+    let mut root = match vmm::build_tiny_vm(&config, guest, arg) {
+        Ok(vm) => vm,
+        Err(e) => {
+            eprintln!("{}", report(&e));
+            return if e.is_bad_input() { EXIT_BAD_INPUT } else { EXIT_FAILURE };
+        }
+    };
+    root.start();
+    let mailbox = Some(memory::GuestAddress(vmm::layout::VM_ID_ADDR));
+    let mut controller = vmm::api::Controller::new(root, mailbox);
+    let code = server.serve(&mut controller);
+    drop(controller);
+    let _ = std::fs::remove_file(socket);
+    i32::from(code)
 }
 
 /// Parses `args` and runs; returns the process exit code.
@@ -187,6 +348,7 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> i32 {
     match cli.command {
         Command::Run(args) => run(args),
         Command::Bench(command) => bench(command),
+        Command::Ctl(args) => ctl(args),
         Command::Demo => match run_tiny_guest(&VmConfig::default(), "hello", 0) {
             Ok(outcome) => finish(outcome),
             Err(e) => {
