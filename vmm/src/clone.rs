@@ -50,7 +50,7 @@ pub struct CloneReport {
     /// How long the source did not run: from the pause request until its vCPUs were told to
     /// resume, in µs.
     pub pause_us: u64,
-    /// Within the pause: capturing vCPU, device and clock state.
+    /// Within the pause: capturing vCPU, clock and device state.
     pub capture_us: u64,
     /// Within the pause: `GuestRam::clone_cow` (dirty-log fetch, freeze, map).
     pub ram_clone_us: u64,
@@ -80,19 +80,23 @@ pub struct CloneImage {
 pub fn capture_clone(source: &Vmm, token: &Paused) -> Result<CloneImage, CloneError> {
     let vm = source.id();
     let start = Instant::now();
-    let state = VmState::capture(source, token).map_err(|source| CloneError::State { vm, source })?;
-    let captured = Instant::now();
     let eager_before = source.ram().eager_copied_pages();
+    let mut froze_at = start;
     // clone_cow pulls KVM's dirty log through the VM's registered VcpuDirtyLog first.
-    let ram = source.ram().clone_cow().map_err(|source| CloneError::Memory { vm, source })?;
+    let (state, ram) = VmState::capture_with(source, token, || {
+        froze_at = Instant::now();
+        source.ram().clone_cow()
+    })
+    .map_err(|source| CloneError::State { vm, source })?;
+    let ram = ram.map_err(|source| CloneError::Memory { vm, source })?;
     let done = Instant::now();
     Ok(CloneImage {
         source_id: vm,
         ram: Arc::new(ram),
         state,
         eager_copied_pages: source.ram().eager_copied_pages() - eager_before,
-        capture_us: micros(captured - start),
-        ram_clone_us: micros(done - captured),
+        capture_us: micros(froze_at - start),
+        ram_clone_us: micros(done - froze_at),
     })
 }
 

@@ -40,9 +40,13 @@ pub struct LegacyDevicesState {
 }
 
 impl LegacyDevices {
-    /// Saves every legacy device.
-    pub fn save_state(&self) -> LegacyDevicesState {
-        LegacyDevicesState { serial: self.serial.lock().unwrap_or_else(|e| e.into_inner()).save_state() }
+    /// Saves every device and runs `freeze_ram` at the same instant: with every device that
+    /// could write guest RAM on its own locked (today none: COM1 only moves bytes on vCPU
+    /// accesses, and the vCPUs are paused).
+    pub fn save_state_with<R>(&self, freeze_ram: impl FnOnce() -> R) -> (LegacyDevicesState, R) {
+        let serial = self.serial.lock().unwrap_or_else(|e| e.into_inner());
+        let state = LegacyDevicesState { serial: serial.save_state() };
+        (state, freeze_ram())
     }
 
     /// Restores every legacy device.

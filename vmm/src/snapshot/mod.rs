@@ -41,8 +41,9 @@ impl VmSnapshot {
     /// Freezes `vmm`, which `token` proves paused. Its RAM goes on copy-on-write.
     pub fn take(vmm: &Vmm, token: &Paused) -> Result<VmSnapshot, ResetError> {
         let vm = vmm.id();
-        let state = VmState::capture(vmm, token).map_err(|source| ResetError::State { vm, source })?;
-        let ram = vmm.ram().snapshot().map_err(|source| ResetError::Memory { vm, source })?;
+        let (state, ram) = VmState::capture_with(vmm, token, || vmm.ram().snapshot())
+            .map_err(|source| ResetError::State { vm, source })?;
+        let ram = ram.map_err(|source| ResetError::Memory { vm, source })?;
         Ok(VmSnapshot { ram, state: Arc::new(state) })
     }
 

@@ -76,6 +76,14 @@ fn check_token(vmm: &Vmm, token: &Paused) -> Result<(), StateError> {
 impl VmState {
     /// Captures the state of `vmm`, which `token` proves paused.
     pub fn capture(vmm: &Vmm, token: &Paused) -> Result<VmState, StateError> {
+        Self::capture_with(vmm, token, || ()).map(|(state, ())| state)
+    }
+
+    /// Captures the state of `vmm` and freezes its RAM with `freeze_ram` at one instant with
+    /// respect to the devices: device state is saved and `freeze_ram` runs while no device
+    /// can complete a request in between (devices doing DMA on their own threads take their
+    /// lock around both, e.g. virtio-blk's `capture_and_clone`).
+    pub fn capture_with<R>(vmm: &Vmm, token: &Paused, freeze_ram: impl FnOnce() -> R) -> Result<(VmState, R), StateError> {
         check_token(vmm, token)?;
         let fd = vmm.vm().fd();
         let mut pic = kvm_irqchip { chip_id: KVM_IRQCHIP_PIC_MASTER, ..Default::default() };
@@ -92,7 +100,8 @@ impl VmState {
             .iter()
             .map(|h| VcpuState::capture(h.index(), &lock_vcpu(h.fd())))
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(VmState { ram_layout: ram_shape(vmm.ram()), vcpus, devices: vmm.devices().save_state(), clock })
+        let (devices, frozen) = vmm.devices().save_state_with(freeze_ram);
+        Ok((VmState { ram_layout: ram_shape(vmm.ram()), vcpus, devices, clock }, frozen))
     }
 
     /// Writes this state back into `vmm` (same shape), which `token` proves paused, and makes
