@@ -2,12 +2,13 @@
 //! and the RAM's shape. Captured under the pause token, restored into a new KVM VM (clone,
 //! snapshot restore) or into the same one (reset). Guest values only: no host pointer or fd.
 
+pub mod irqchip;
 pub mod msrs;
 pub mod vcpu;
 
 use std::sync::{mpsc, Arc};
 
-use kvm_bindings::{kvm_clock_data, kvm_irqchip, KVM_CLOCK_TSC_STABLE, KVM_IRQCHIP_PIC_MASTER};
+use kvm_bindings::{kvm_clock_data, KVM_CLOCK_TSC_STABLE};
 use memory::{GuestAddress, GuestRam};
 use serde::{Deserialize, Serialize};
 
@@ -16,6 +17,7 @@ use crate::devices::{attach_legacy_devices, Console, DeviceError, DeviceStateErr
 use crate::machine::{Paused, Vmm};
 use crate::vcpu::{lock_vcpu, spawn_vcpu, VcpuContext, VcpuError};
 use crate::vm::{Vm, VmError};
+pub use irqchip::IrqchipState;
 pub use vcpu::{VcpuState, VcpuStateError};
 
 /// What failed capturing or restoring a VM's state.
@@ -23,8 +25,6 @@ pub use vcpu::{VcpuState, VcpuStateError};
 pub enum StateError {
     #[error("pause token of VM {token} given for VM {vm}")]
     WrongToken { token: u64, vm: u64 },
-    #[error("VM has an in-kernel irqchip: saving PIC/IOAPIC/PIT/LAPIC state is not implemented")]
-    InKernelIrqchip,
     #[error("{op} failed")]
     VmIoctl {
         op: &'static str,
@@ -55,6 +55,8 @@ pub struct VmState {
     pub vcpus: Vec<VcpuState>,
     pub devices: LegacyDevicesState,
     pub clock: kvm_clock_data,
+    /// PIC, IOAPIC and PIT, if the VM has an in-kernel irqchip (then every vCPU has a LAPIC).
+    pub irqchip: Option<IrqchipState>,
 }
 
 fn vm_ioctl<T>(op: &'static str, result: Result<T, kvm_ioctls::Error>) -> Result<T, StateError> {
@@ -86,22 +88,17 @@ impl VmState {
     pub fn capture_with<R>(vmm: &Vmm, token: &Paused, freeze_ram: impl FnOnce() -> R) -> Result<(VmState, R), StateError> {
         check_token(vmm, token)?;
         let fd = vmm.vm().fd();
-        let mut pic = kvm_irqchip { chip_id: KVM_IRQCHIP_PIC_MASTER, ..Default::default() };
-        match fd.get_irqchip(&mut pic) {
-            Err(e) if e.errno() == libc::ENXIO => {} // no in-kernel irqchip: no LAPIC either
-            Ok(()) => return Err(StateError::InKernelIrqchip),
-            Err(source) => return Err(StateError::VmIoctl { op: "KVM_GET_IRQCHIP", source }),
-        }
+        let irqchip = IrqchipState::capture(fd)?;
         let mut clock = vm_ioctl("KVM_GET_CLOCK", fd.get_clock())?;
         // As Firecracker does: TSC_STABLE is an output flag KVM_SET_CLOCK rejects.
         clock.flags &= !KVM_CLOCK_TSC_STABLE;
         let vcpus = vmm
             .vcpu_handles()
             .iter()
-            .map(|h| VcpuState::capture(h.index(), &lock_vcpu(h.fd())))
+            .map(|h| VcpuState::capture(h.index(), &lock_vcpu(h.fd()), irqchip.is_some()))
             .collect::<Result<Vec<_>, _>>()?;
         let (devices, frozen) = vmm.devices().save_state_with(freeze_ram);
-        Ok((VmState { ram_layout: ram_shape(vmm.ram()), vcpus, devices, clock }, frozen))
+        Ok((VmState { ram_layout: ram_shape(vmm.ram()), vcpus, devices, clock, irqchip }, frozen))
     }
 
     /// Writes this state back into `vmm` (same shape), which `token` proves paused, and makes
@@ -111,6 +108,9 @@ impl VmState {
         self.check_shape(vmm.ram())?;
         if self.vcpus.len() != vmm.vcpu_count() {
             return Err(StateError::VcpuCount { state: self.vcpus.len(), vm: vmm.vcpu_count() });
+        }
+        if let Some(chip) = &self.irqchip {
+            chip.restore(vmm.vm().fd())?;
         }
         for (state, handle) in self.vcpus.iter().zip(vmm.vcpu_handles()) {
             state.restore(handle.index(), &lock_vcpu(handle.fd()), false)?;
@@ -141,6 +141,13 @@ impl VmState {
 pub fn build_from_state(ram: Arc<GuestRam>, state: &VmState, vm_id: u64, console: &Console) -> Result<Vmm, StateError> {
     state.check_shape(&ram)?;
     let vm = Vm::new(Arc::clone(&ram))?;
+    if let Some(chip) = &state.irqchip {
+        chip.create_on(vm.fd())?;
+    }
+    let fds = (0..state.vcpus.len()).map(|index| vm.create_vcpu(index as u64)).collect::<Result<Vec<_>, _>>()?;
+    if let Some(chip) = &state.irqchip {
+        chip.restore(vm.fd())?;
+    }
     vm_ioctl("KVM_SET_CLOCK", vm.fd().set_clock(&state.clock))?;
     let mut pio = Bus::new();
     let devices = attach_legacy_devices(&mut pio, console)?;
@@ -148,8 +155,7 @@ pub fn build_from_state(ram: Arc<GuestRam>, state: &VmState, vm_id: u64, console
     let (pio, mmio) = (Arc::new(pio), Arc::new(Bus::new()));
     let (events_tx, events) = mpsc::channel();
     let mut vcpus = Vec::with_capacity(state.vcpus.len());
-    for (index, vcpu_state) in state.vcpus.iter().enumerate() {
-        let fd = vm.create_vcpu(index as u64)?;
+    for (index, (vcpu_state, fd)) in state.vcpus.iter().zip(fds).enumerate() {
         vcpu_state.restore(index, &fd, true)?;
         let fd = Arc::new(std::sync::Mutex::new(fd));
         let ctx = VcpuContext { index, fd, pio: Arc::clone(&pio), mmio: Arc::clone(&mmio), ram: Arc::clone(&ram) };

@@ -2,7 +2,7 @@
 //! (or paused) one. Everything is guest state; no host pointer is ever saved.
 
 use kvm_bindings::{
-    kvm_cpuid_entry2, kvm_debugregs, kvm_mp_state, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId,
+    kvm_cpuid_entry2, kvm_debugregs, kvm_lapic_state, kvm_mp_state, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId,
     KVM_MAX_CPUID_ENTRIES,
 };
 use kvm_ioctls::VcpuFd;
@@ -38,6 +38,8 @@ pub struct VcpuState {
     pub xsave: kvm_xsave,
     pub xcrs: kvm_xcrs,
     pub debugregs: kvm_debugregs,
+    /// The in-kernel LAPIC's registers, when the VM has an in-kernel irqchip.
+    pub lapic: Option<kvm_lapic_state>,
     /// (index, value), every MSR of `msrs::saved_msr_indices`.
     pub msrs: Vec<(u32, u64)>,
     /// Pending exceptions, interrupts, NMIs and the interrupt shadow.
@@ -49,9 +51,10 @@ fn ioctl<T>(vcpu: usize, op: &'static str, result: Result<T, kvm_ioctls::Error>)
 }
 
 impl VcpuState {
-    /// Reads every piece of state of vCPU `index`. The caller holds the VM's pause token: the
-    /// vCPU is out of KVM_RUN, so the pieces are of one instant.
-    pub fn capture(index: usize, fd: &VcpuFd) -> Result<VcpuState, VcpuStateError> {
+    /// Reads every piece of state of vCPU `index` (its LAPIC too if `lapic`: the VM has an
+    /// in-kernel irqchip). The caller holds the VM's pause token: the vCPU is out of KVM_RUN,
+    /// so the pieces are of one instant.
+    pub fn capture(index: usize, fd: &VcpuFd, lapic: bool) -> Result<VcpuState, VcpuStateError> {
         let cpuid = ioctl(index, "KVM_GET_CPUID2", fd.get_cpuid2(KVM_MAX_CPUID_ENTRIES))?;
         let wanted = ioctl(index, "KVM_GET_MSR_INDEX_LIST", saved_msr_indices())?;
         let msrs = ioctl(index, "KVM_GET_MSRS", read_msrs(fd, wanted))?;
@@ -71,6 +74,7 @@ impl VcpuState {
             xsave: ioctl(index, "KVM_GET_XSAVE", fd.get_xsave())?,
             xcrs: ioctl(index, "KVM_GET_XCRS", fd.get_xcrs())?,
             debugregs: ioctl(index, "KVM_GET_DEBUGREGS", fd.get_debug_regs())?,
+            lapic: if lapic { Some(ioctl(index, "KVM_GET_LAPIC", fd.get_lapic())?) } else { None },
             msrs,
             events: ioctl(index, "KVM_GET_VCPU_EVENTS", fd.get_vcpu_events())?,
         })
@@ -92,6 +96,9 @@ impl VcpuState {
         ioctl(index, "KVM_SET_XSAVE", unsafe { fd.set_xsave(&self.xsave) })?;
         ioctl(index, "KVM_SET_XCRS", fd.set_xcrs(&self.xcrs))?;
         ioctl(index, "KVM_SET_DEBUGREGS", fd.set_debug_regs(&self.debugregs))?;
+        if let Some(lapic) = &self.lapic {
+            ioctl(index, "KVM_SET_LAPIC", fd.set_lapic(lapic))?;
+        }
         let written = ioctl(index, "KVM_SET_MSRS", write_msrs(fd, &self.msrs))?;
         if written != self.msrs.len() {
             return Err(VcpuStateError::MsrWrite {
