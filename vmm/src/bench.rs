@@ -47,6 +47,9 @@ pub struct ResetBench {
     pub loops_per_s: f64,
     pub reset_us_p50: f64,
     pub reset_us_p99: f64,
+    /// Medians of the two parts of a reset: RAM copy-back, and vCPU/device/clock state.
+    pub reset_ram_us_p50: f64,
+    pub reset_state_us_p50: f64,
     /// Pages the guest dirtied per round (its 16 plus whatever else it touched).
     pub dirty_pages: usize,
     /// memcpy of that many pages, measured here.
@@ -102,7 +105,12 @@ pub fn bench_reset(rounds: usize) -> Result<ResetBench, BenchError> {
     }
     let loops_per_s = rounds as f64 / start.elapsed().as_secs_f64();
     let _paused = token;
+    let mut ram: Vec<Duration> = resets.iter().map(|r| r.ram).collect();
+    let mut state: Vec<Duration> = resets.iter().map(|r| r.state).collect();
+    let mut resets: Vec<Duration> = resets.iter().map(|r| r.total()).collect();
     resets.sort();
+    ram.sort();
+    state.sort();
     let memcpy_us = us(memcpy_time(dirty_pages));
     let kvm_run_us = us(kvm_run_round_trip(1000)?);
     let reset_us_p50 = us(percentile(&resets, 50));
@@ -111,6 +119,8 @@ pub fn bench_reset(rounds: usize) -> Result<ResetBench, BenchError> {
         loops_per_s,
         reset_us_p50,
         reset_us_p99: us(percentile(&resets, 99)),
+        reset_ram_us_p50: us(percentile(&ram, 50)),
+        reset_state_us_p50: us(percentile(&state, 50)),
         dirty_pages,
         memcpy_us,
         kvm_run_us,

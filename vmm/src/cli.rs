@@ -176,9 +176,18 @@ fn bench(command: BenchCommand) -> i32 {
     let result = match command {
         BenchCommand::Reset { rounds } => vmm::bench::bench_reset(rounds).map(|r| {
             println!(
-                "reset: {} rounds, {:.0} loops/s (run + pause + reset), reset p50 {:.1} us p99 {:.1} us, \
-                 {} dirty pages: memcpy {:.2} us + KVM_RUN {:.1} us, ratio {:.2}",
-                r.rounds, r.loops_per_s, r.reset_us_p50, r.reset_us_p99, r.dirty_pages, r.memcpy_us, r.kvm_run_us, r.ratio
+                "reset: {} rounds, {:.0} loops/s (run + pause + reset), reset p50 {:.1} us p99 {:.1} us \
+                 (RAM {:.1} us + state {:.1} us), {} dirty pages: memcpy {:.2} us + KVM_RUN {:.1} us, ratio {:.2}",
+                r.rounds,
+                r.loops_per_s,
+                r.reset_us_p50,
+                r.reset_us_p99,
+                r.reset_ram_us_p50,
+                r.reset_state_us_p50,
+                r.dirty_pages,
+                r.memcpy_us,
+                r.kvm_run_us,
+                r.ratio
             );
             serde_json::to_string(&r)
         }),

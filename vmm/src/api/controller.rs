@@ -200,7 +200,7 @@ impl Controller {
         let base = self.entry(id)?.base.clone().ok_or(ApiError::NoBase(id))?;
         self.with_paused(id, |entry, token| {
             let took = base.reset(&mut entry.vmm, token, wait_for_pins)?;
-            Ok(u64::try_from(took.as_micros()).unwrap_or(u64::MAX))
+            Ok(u64::try_from(took.total().as_micros()).unwrap_or(u64::MAX))
         })
     }
 }

@@ -20,6 +20,22 @@ pub struct VmSnapshot {
     pub state: Arc<VmState>,
 }
 
+/// Where a reset's time went.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ResetTiming {
+    /// Bringing RAM back (`GuestRam::reset_to`: dirty-log fetch and copy-back), pin waits included.
+    pub ram: std::time::Duration,
+    /// Restoring vCPU, irqchip, clock and device state.
+    pub state: std::time::Duration,
+}
+
+impl ResetTiming {
+    /// The whole reset.
+    pub fn total(&self) -> std::time::Duration {
+        self.ram + self.state
+    }
+}
+
 /// What failed taking, restoring or resetting to an in-memory snapshot.
 #[derive(Debug, thiserror::Error)]
 pub enum ResetError {
@@ -56,8 +72,8 @@ impl VmSnapshot {
     /// Brings paused `vmm` back to this snapshot: RAM (copying back only its dirty pages when
     /// it came from this snapshot), vCPUs, devices, clock. Refused with
     /// `MemoryError::Pinned`, changing nothing, while a device holds a pin; `wait_for_pins`
-    /// retries until the pins are released or it runs out. Returns the time the reset took.
-    pub fn reset(&self, vmm: &mut Vmm, token: &Paused, wait_for_pins: Option<std::time::Duration>) -> Result<std::time::Duration, ResetError> {
+    /// retries until the pins are released or it runs out. Returns where the time went.
+    pub fn reset(&self, vmm: &mut Vmm, token: &Paused, wait_for_pins: Option<std::time::Duration>) -> Result<ResetTiming, ResetError> {
         let vm = vmm.id();
         let start = Instant::now();
         self.state.check_shape(vmm.ram()).map_err(|source| ResetError::State { vm, source })?;
@@ -70,7 +86,8 @@ impl VmSnapshot {
                 Err(source) => return Err(ResetError::Memory { vm, source }),
             }
         }
+        let ram = start.elapsed();
         self.state.restore_into(vmm, token).map_err(|source| ResetError::State { vm, source })?;
-        Ok(start.elapsed())
+        Ok(ResetTiming { ram, state: start.elapsed() - ram })
     }
 }
