@@ -18,12 +18,18 @@ struct Served {
 
 impl Served {
     fn start(name: &str) -> Served {
+        Served::start_guest(name, &["--guest", "spin"], Stdio::null())
+    }
+
+    fn start_guest(name: &str, guest: &[&str], stdout: Stdio) -> Served {
         let dir = scratch_dir(name);
         let socket = dir.join("api.sock");
         let child = Command::new(zygote_bin())
-            .args(["run", "--guest", "spin", "--api-sock"])
+            .arg("run")
+            .args(guest)
+            .arg("--api-sock")
             .arg(&socket)
-            .stdout(Stdio::null())
+            .stdout(stdout)
             .spawn()
             .expect("spawning zygote run");
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -152,4 +158,29 @@ fn ctl_speaks_for_the_cli() {
     assert!(ctl(&["shutdown"]).status.success());
     let gone = run_zygote(&["ctl", "--api-sock", Path::new(&sock).to_str().unwrap(), "vms"]);
     assert_eq!(gone.status.code(), Some(1));
+}
+
+#[test]
+fn a_clone_prints_with_its_own_prefix_and_goes_on_from_the_instant() {
+    let api = Served::start_guest("api-prefix", &["--guest", "sequence", "--arg", "24"], Stdio::piped());
+    std::thread::sleep(Duration::from_millis(150));
+    assert_eq!(api.json("PUT", "/clone", None)["vm_id"], 1);
+    let mut api = api;
+    let mut stdout = api.child.stdout.take().unwrap();
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut out).unwrap();
+    let status = api.child.wait().unwrap();
+    assert!(status.success(), "the root guest ends the process with its code 0: {status}");
+    let lines = |prefix: &str| -> Vec<String> {
+        out.lines().filter_map(|l| l.strip_prefix(prefix)).map(str::to_string).collect()
+    };
+    let (root, clone) = (lines("[vm0] "), lines("[vm1] "));
+    assert_eq!(root.len(), 24, "{out}");
+    // The clone may be cut off when the root ends the process: compare its whole lines.
+    let whole: Vec<&String> = clone.iter().filter(|l| l.len() == 16).collect();
+    assert!(!whole.is_empty(), "the clone printed nothing: {out}");
+    let start = root.iter().position(|l| l == whole[0]).expect("the clone's first line is one of the root's");
+    for (i, line) in whole.iter().enumerate() {
+        assert_eq!(&&root[start + i], line, "the clone's line {i} differs from the root's");
+    }
 }
