@@ -124,11 +124,19 @@ impl Controller {
         let (mut clone, report) = match &entry.paused {
             None => clone_vm(&mut entry.vmm, new_id, &console, id_mailbox).map_err(fail)?,
             Some(token) => {
+                // Already paused by the API: no pause of its own to measure (pause_us stays 0).
                 let image = capture_clone(&entry.vmm, token).map_err(fail)?;
                 if let Some(mailbox) = id_mailbox {
                     image.tell_guest_id(mailbox, new_id).map_err(fail)?;
                 }
-                let report = CloneReport { source_id: id, clone_id: new_id, ..CloneReport::default() };
+                let report = CloneReport {
+                    source_id: id,
+                    clone_id: new_id,
+                    capture_us: image.capture_us,
+                    ram_clone_us: image.ram_clone_us,
+                    eager_copied_pages: image.eager_copied_pages,
+                    ..CloneReport::default()
+                };
                 (image.build(new_id, &console).map_err(fail)?, report)
             }
         };
