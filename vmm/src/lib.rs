@@ -1,1 +1,3 @@
 //! Zygote VMM library.
+
+pub mod linux;
