@@ -23,6 +23,8 @@ mod loader;
 mod mptable;
 mod params;
 mod regs;
+#[cfg(test)]
+mod tests;
 mod vcpu;
 
 use std::path::Path;
