@@ -88,9 +88,9 @@ const XEN_ELFNOTE_PHYS32_ENTRY: u32 = 18;
 /// An ELF64 x86-64 executable: one PT_LOAD of `code` at `TINY_ELF_LOAD`, and with `pvh` a
 /// PT_NOTE "Xen" PHYS32_ENTRY pointing at it.
 fn tiny_elf(code: &[u8], pvh: bool) -> Vec<u8> {
-    const EHDR: usize = 64;
-    const PHDR: usize = 56;
-    const NOTE_OFF: usize = EHDR + 2 * PHDR;
+    const EHDR: u16 = 64;
+    const PHDR: u16 = 56;
+    const NOTE_OFF: usize = (EHDR + 2 * PHDR) as usize;
     const NOTE_LEN: usize = 12 + 4 + 4;
     const CODE_OFF: usize = 0x100;
     let phnum: u16 = if pvh { 2 } else { 1 };
@@ -100,10 +100,10 @@ fn tiny_elf(code: &[u8], pvh: bool) -> Vec<u8> {
     f.extend_from_slice(&62u16.to_le_bytes()); // EM_X86_64
     f.extend_from_slice(&1u32.to_le_bytes());
     f.extend_from_slice(&TINY_ELF_LOAD.to_le_bytes()); // e_entry
-    f.extend_from_slice(&(EHDR as u64).to_le_bytes()); // e_phoff
+    f.extend_from_slice(&u64::from(EHDR).to_le_bytes()); // e_phoff
     f.extend_from_slice(&0u64.to_le_bytes()); // e_shoff
     f.extend_from_slice(&0u32.to_le_bytes()); // e_flags
-    for v in [EHDR as u16, PHDR as u16, phnum, 64, 0, 0] {
+    for v in [EHDR, PHDR, phnum, 64, 0, 0] {
         f.extend_from_slice(&v.to_le_bytes());
     }
     let phdr = |f: &mut Vec<u8>, p_type: u32, off: usize, addr: u64, len: usize| {
