@@ -290,9 +290,8 @@ fn boot_to_marker(kernel: &Path, initrd: &Path) {
     let out = SerialOut::default();
     let mut serial = Serial::new(IrqTrigger(irq), out.clone());
 
-    let timeout = Duration::from_secs(
-        std::env::var("ZYGOTE_BOOT_TIMEOUT").ok().and_then(|s| s.parse().ok()).unwrap_or(600),
-    );
+    let timeout =
+        Duration::from_secs(std::env::var("ZYGOTE_BOOT_TIMEOUT").ok().and_then(|s| s.parse().ok()).unwrap_or(600));
     let watched = out.clone();
     std::thread::spawn(move || {
         std::thread::sleep(timeout);

@@ -114,14 +114,15 @@ pub fn load_kernel_image(ram: &GuestRam, path: &Path) -> Result<LoadedKernel, Li
         check_elf_header(path, &head)?;
         let result: KernelLoaderResult = Elf::load(ram, None, &mut file, himem).map_err(load_err)?;
         match result.pvh_boot_cap {
-            PvhBootCapability::PvhEntryPresent(pvh_entry) => Ok(LoadedKernel::Elf { pvh_entry, end: result.kernel_end }),
+            PvhBootCapability::PvhEntryPresent(pvh_entry) => {
+                Ok(LoadedKernel::Elf { pvh_entry, end: result.kernel_end })
+            }
             _ => Err(LinuxBootError::NoPvhEntry { path: path.to_path_buf() }),
         }
     } else if head.get(BZIMAGE_MAGIC_OFFSET..) == Some(BZIMAGE_MAGIC) {
         let result = BzImage::load(ram, None, &mut file, himem).map_err(load_err)?;
-        let header = result
-            .setup_header
-            .ok_or_else(|| not_a_kernel(path, "bzImage loader returned no setup header".into()))?;
+        let header =
+            result.setup_header.ok_or_else(|| not_a_kernel(path, "bzImage loader returned no setup header".into()))?;
         Ok(LoadedKernel::BzImage { header, load: result.kernel_load, end: result.kernel_end })
     } else {
         let shown = &head[..head.len().min(8)];
@@ -160,8 +161,7 @@ pub fn load_initrd(
     let too_large = || LinuxBootError::InitrdTooLarge { path: PathBuf::from(path), size, floor, ceiling };
     let addr = layout.place_high(size, floor, ceiling).ok_or_else(too_large)?;
     let len = usize::try_from(size).map_err(|_| too_large())?;
-    ram.read_exact_volatile_from(GuestAddress(addr), &mut file, len)
-        .map_err(LinuxBootError::write("initrd", addr))?;
+    ram.read_exact_volatile_from(GuestAddress(addr), &mut file, len).map_err(LinuxBootError::write("initrd", addr))?;
     Ok((GuestAddress(addr), size))
 }
 

@@ -83,7 +83,9 @@ pub fn write_zero_page(
         zero_page.ext_ramdisk_size = low32(size >> 32);
     }
     let mut entries = 0;
-    for (slot, &(addr, size)) in zero_page.e820_table.iter_mut().zip(layout.ram_ranges()).take(E820_MAX_ENTRIES_ZEROPAGE) {
+    for (slot, &(addr, size)) in
+        zero_page.e820_table.iter_mut().zip(layout.ram_ranges()).take(E820_MAX_ENTRIES_ZEROPAGE)
+    {
         *slot = boot_e820_entry { addr, size, r#type: E820_RAM };
         entries += 1;
     }

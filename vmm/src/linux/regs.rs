@@ -5,7 +5,7 @@ use kvm_bindings::{kvm_fpu, kvm_regs, kvm_segment, kvm_sregs};
 use memory::GuestRam;
 use vm_memory::{Bytes, GuestAddress};
 
-use super::layout::{BOOT_STACK_ADDR, GDT_ADDR, IDT_ADDR, PDPT_ADDR, PD_ADDR, PD_COUNT, PML4_ADDR, PAGE_SIZE};
+use super::layout::{BOOT_STACK_ADDR, GDT_ADDR, IDT_ADDR, PAGE_SIZE, PDPT_ADDR, PD_ADDR, PD_COUNT, PML4_ADDR};
 use super::{BootEntry, BootProtocol, LinuxBootError};
 
 const X86_CR0_PE: u64 = 1;
@@ -40,7 +40,9 @@ const fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
 /// Null, code, data, TSS: flat 4 GiB 32-bit segments for PVH, a 64-bit code segment for Linux64.
 fn gdt(protocol: BootProtocol) -> [u64; 4] {
     match protocol {
-        BootProtocol::Pvh => [0, gdt_entry(0xc09b, 0, 0xfffff), gdt_entry(0xc093, 0, 0xfffff), gdt_entry(0x008b, 0, 0x67)],
+        BootProtocol::Pvh => {
+            [0, gdt_entry(0xc09b, 0, 0xfffff), gdt_entry(0xc093, 0, 0xfffff), gdt_entry(0x008b, 0, 0x67)]
+        }
         BootProtocol::Linux64 => {
             [0, gdt_entry(0xa09b, 0, 0xfffff), gdt_entry(0xc093, 0, 0xfffff), gdt_entry(0x808b, 0, 0xfffff)]
         }
@@ -83,7 +85,9 @@ pub fn write_gdt(ram: &GuestRam, protocol: BootProtocol) -> Result<(), LinuxBoot
 
 /// Identity-maps the first `PD_COUNT` GiB with 2 MiB pages for the 64-bit entry.
 pub fn write_long_mode_tables(ram: &GuestRam) -> Result<(), LinuxBootError> {
-    let put = |value: u64, addr: u64| ram.write_obj(value, GuestAddress(addr)).map_err(LinuxBootError::write("page table", addr));
+    let put = |value: u64, addr: u64| {
+        ram.write_obj(value, GuestAddress(addr)).map_err(LinuxBootError::write("page table", addr))
+    };
     put(PDPT_ADDR | PTE_PRESENT_RW, PML4_ADDR)?;
     for pd in 0..PD_COUNT {
         let pd_addr = PD_ADDR + pd * PAGE_SIZE;

@@ -46,9 +46,8 @@ pub fn setup_boot_vcpu(vcpu: &VcpuFd, kvm: &Kvm, entry: &BootEntry, index: u8) -
 /// KVM's supported CPUID with this vCPU's APIC id and the hypervisor bit. (On PVM hosts the
 /// guest sees host CPUID regardless; the command line masks features there.)
 fn set_cpuid(vcpu: &VcpuFd, kvm: &Kvm, index: u8) -> Result<(), LinuxBootError> {
-    let mut cpuid = kvm
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(LinuxBootError::kvm("KVM_GET_SUPPORTED_CPUID"))?;
+    let mut cpuid =
+        kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(LinuxBootError::kvm("KVM_GET_SUPPORTED_CPUID"))?;
     for leaf in cpuid.as_mut_slice() {
         match leaf.function {
             1 => {
