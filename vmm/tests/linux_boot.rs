@@ -3,7 +3,8 @@
 //!
 //! Real boot: `cargo test -p zygote-vmm --test linux_boot -- --ignored --nocapture`; the kernel
 //! comes from `ZYGOTE_VMLINUX` (default `~/.cache/zygote/linux/vmlinux`), the initrd from
-//! `ZYGOTE_INITRD` (default `~/.cache/zygote/linux/initramfs.cpio`).
+//! `ZYGOTE_INITRD` (default `~/.cache/zygote/linux/initramfs.cpio`), the command line from
+//! `ZYGOTE_CMDLINE` (default `DEFAULT_CMDLINE`).
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -283,7 +284,8 @@ fn boot_to_marker(kernel: &Path, initrd: &Path) {
     assert!(kernel.exists(), "no kernel at {} (build it with resources/linux/build.sh)", kernel.display());
     let started = Instant::now();
     let vm = TestVm::new(256 * MIB);
-    let entry = load_kernel(&vm.ram, kernel, Some(initrd), DEFAULT_CMDLINE, 1).expect("load_kernel");
+    let cmdline = std::env::var("ZYGOTE_CMDLINE").unwrap_or_else(|_| DEFAULT_CMDLINE.to_string());
+    let entry = load_kernel(&vm.ram, kernel, Some(initrd), &cmdline, 1).expect("load_kernel");
     let mut vcpu = vm.boot_vcpu(&entry);
     let irq = EventFd::new(0).unwrap();
     vm.vm.register_irqfd(&irq, COM1_IRQ).expect("KVM_IRQFD");
