@@ -8,8 +8,9 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
+use std::os::unix::thread::JoinHandleExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -278,70 +279,147 @@ fn linux_artifact(var: &str, name: &str) -> PathBuf {
     })
 }
 
-/// Boots `kernel` on one vCPU with a 16550 on COM1 until the guest resets; asserts the init's
-/// marker and prints the time to it and the other PIO ports the guest touched.
-fn boot_to_marker(kernel: &Path, initrd: &Path) {
-    assert!(kernel.exists(), "no kernel at {} (build it with resources/linux/build.sh)", kernel.display());
-    let started = Instant::now();
-    let vm = TestVm::new(256 * MIB);
-    let cmdline = std::env::var("ZYGOTE_CMDLINE").unwrap_or_else(|_| DEFAULT_CMDLINE.to_string());
-    let entry = load_kernel(&vm.ram, kernel, Some(initrd), &cmdline, 1).expect("load_kernel");
-    let mut vcpu = vm.boot_vcpu(&entry);
-    let irq = EventFd::new(0).unwrap();
-    vm.vm.register_irqfd(&irq, COM1_IRQ).expect("KVM_IRQFD");
-    let out = SerialOut::default();
-    let mut serial = Serial::new(IrqTrigger(irq), out.clone());
+type ComSerial = Serial<IrqTrigger, vm_superio::serial::NoEvents, SerialOut>;
 
-    let timeout =
-        Duration::from_secs(std::env::var("ZYGOTE_BOOT_TIMEOUT").ok().and_then(|s| s.parse().ok()).unwrap_or(600));
-    let watched = out.clone();
-    std::thread::spawn(move || {
-        std::thread::sleep(timeout);
-        eprintln!("--- guest serial ---\n{}\n--- timed out after {timeout:?} ---", watched.text());
-        std::process::exit(1);
-    });
+/// What the vCPU threads of a real boot share.
+struct Guest {
+    serial: Mutex<ComSerial>,
+    out: SerialOut,
+    /// Other PIO ports touched: port → (reads, writes).
+    ports: Mutex<BTreeMap<u16, (u64, u64)>>,
+    /// Set by the vCPU that sees the guest reset; the others stop at their next exit.
+    done: AtomicBool,
+    started: Instant,
+    marker_at: Mutex<Option<Duration>>,
+}
 
-    let mut marker_at = None;
-    let mut ports: BTreeMap<u16, (u64, u64)> = BTreeMap::new();
-    loop {
-        match vcpu.run().expect("KVM_RUN") {
+/// Runs one vCPU until the guest resets or another vCPU saw it reset.
+fn run_vcpu(vcpu: &mut VcpuFd, guest: &Guest) {
+    let com1 = |port: u16| u8::try_from(port - COM1).unwrap();
+    while !guest.done.load(Ordering::Acquire) {
+        let exit = match vcpu.run() {
+            Ok(exit) => exit,
+            // EINTR: kicked by `stop_vcpus`. EAGAIN: an AP waiting for SIPI woke up (INIT or
+            // SIPI arrived); KVM wants KVM_RUN again.
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
+            Err(e) => panic!("KVM_RUN: {e}\n--- guest serial ---\n{}", guest.out.text()),
+        };
+        match exit {
             VcpuExit::IoOut(port @ COM1..=0x3ff, data) => {
-                serial.write(u8::try_from(port - COM1).unwrap(), data[0]).unwrap();
-                if marker_at.is_none() && out.text().contains(MARKER) {
-                    marker_at = Some(started.elapsed());
+                guest.serial.lock().unwrap().write(com1(port), data[0]).unwrap();
+                let mut marker_at = guest.marker_at.lock().unwrap();
+                if marker_at.is_none() && guest.out.text().contains(MARKER) {
+                    *marker_at = Some(guest.started.elapsed());
                 }
             }
-            VcpuExit::IoIn(port @ COM1..=0x3ff, data) => data[0] = serial.read(u8::try_from(port - COM1).unwrap()),
-            VcpuExit::IoOut(I8042_COMMAND, [I8042_RESET]) => break,
-            VcpuExit::IoOut(port, _) => ports.entry(port).or_default().1 += 1,
+            VcpuExit::IoIn(port @ COM1..=0x3ff, data) => data[0] = guest.serial.lock().unwrap().read(com1(port)),
+            VcpuExit::IoOut(I8042_COMMAND, [I8042_RESET]) | VcpuExit::Hlt => guest.done.store(true, Ordering::Release),
+            VcpuExit::IoOut(port, _) => guest.ports.lock().unwrap().entry(port).or_default().1 += 1,
             VcpuExit::IoIn(port, data) => {
                 data.fill(0);
-                ports.entry(port).or_default().0 += 1;
+                guest.ports.lock().unwrap().entry(port).or_default().0 += 1;
             }
             VcpuExit::MmioRead(_, data) => data.fill(0),
             VcpuExit::MmioWrite(..) => {}
-            VcpuExit::Hlt => break,
             exit => {
                 let exit = format!("{exit:?}");
-                panic!("unexpected exit {exit}; regs {:x?}\n--- guest serial ---\n{}", vcpu.get_regs(), out.text())
+                panic!("unexpected exit {exit}; regs {:x?}\n--- guest serial ---\n{}", vcpu.get_regs(), guest.out.text())
             }
         }
     }
-    let text = out.text();
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// Signals each vCPU thread out of KVM_RUN until all have returned.
+fn stop_vcpus(threads: Vec<std::thread::JoinHandle<()>>) {
+    for thread in threads {
+        while !thread.is_finished() {
+            // SAFETY: the thread has not been joined, so its pthread_t is live; the signal has a
+            // no-op handler installed, so it only interrupts KVM_RUN.
+            unsafe { libc::pthread_kill(thread.as_pthread_t(), libc::SIGRTMIN()) };
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        thread.join().expect("vCPU thread panicked");
+    }
+}
+
+/// Boots `kernel` on `vcpus` vCPUs with a 16550 on COM1 until the guest resets; asserts the
+/// init's marker and prints the time to it and the other PIO ports the guest touched.
+fn boot_to_marker(kernel: &Path, initrd: &Path, vcpus: u8) {
+    assert!(kernel.exists(), "no kernel at {} (build it with resources/linux/build.sh)", kernel.display());
+    vmm_sys_util::signal::register_signal_handler(libc::SIGRTMIN(), on_kick).unwrap();
+    let started = Instant::now();
+    let vm = TestVm::new(256 * MIB);
+    let cmdline = std::env::var("ZYGOTE_CMDLINE").unwrap_or_else(|_| DEFAULT_CMDLINE.to_string());
+    let entry = load_kernel(&vm.ram, kernel, Some(initrd), &cmdline, vcpus).expect("load_kernel");
+    let vcpu_fds: Vec<VcpuFd> = (0..vcpus)
+        .map(|index| {
+            let vcpu = vm.vm.create_vcpu(u64::from(index)).expect("KVM_CREATE_VCPU");
+            setup_boot_vcpu(&vcpu, &vm.kvm, &entry, index).expect("setup_boot_vcpu");
+            vcpu
+        })
+        .collect();
+    let irq = EventFd::new(0).unwrap();
+    vm.vm.register_irqfd(&irq, COM1_IRQ).expect("KVM_IRQFD");
+    let out = SerialOut::default();
+    let guest = Arc::new(Guest {
+        serial: Mutex::new(Serial::new(IrqTrigger(irq), out.clone())),
+        out,
+        ports: Mutex::default(),
+        done: AtomicBool::new(false),
+        started,
+        marker_at: Mutex::new(None),
+    });
+
+    let timeout =
+        Duration::from_secs(std::env::var("ZYGOTE_BOOT_TIMEOUT").ok().and_then(|s| s.parse().ok()).unwrap_or(600));
+    let threads: Vec<_> = vcpu_fds
+        .into_iter()
+        .map(|mut vcpu| {
+            let guest = Arc::clone(&guest);
+            std::thread::spawn(move || run_vcpu(&mut vcpu, &guest))
+        })
+        .collect();
+    while !guest.done.load(Ordering::Acquire) && threads.iter().all(|t| !t.is_finished()) {
+        if started.elapsed() > timeout {
+            guest.done.store(true, Ordering::Release);
+            eprintln!("--- timed out after {timeout:?} ---");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    guest.done.store(true, Ordering::Release);
+    stop_vcpus(threads);
+
+    let text = guest.out.text();
     eprintln!("--- guest serial ---\n{text}\n---");
-    eprintln!("other PIO ports (port: reads, writes): {ports:x?}");
-    eprintln!("marker after {marker_at:?}; guest reset after {:?}", started.elapsed());
+    eprintln!("other PIO ports (port: reads, writes): {:x?}", guest.ports.lock().unwrap());
+    eprintln!("marker after {:?}; stopped after {:?}", guest.marker_at.lock().unwrap(), started.elapsed());
     assert!(text.contains(MARKER), "no {MARKER} in the guest's serial output");
+}
+
+fn vmlinux() -> PathBuf {
+    linux_artifact("ZYGOTE_VMLINUX", "vmlinux")
+}
+
+fn initrd() -> PathBuf {
+    linux_artifact("ZYGOTE_INITRD", "initramfs.cpio")
 }
 
 #[test]
 #[ignore = "boots a real kernel (25-60 s on PVM hosts); needs ~/.cache/zygote/linux/vmlinux"]
 fn vmlinux_boots_to_init_over_pvh() {
-    boot_to_marker(&linux_artifact("ZYGOTE_VMLINUX", "vmlinux"), &linux_artifact("ZYGOTE_INITRD", "initramfs.cpio"));
+    boot_to_marker(&vmlinux(), &initrd(), 1);
 }
 
 #[test]
 #[ignore = "boots a real bzImage (~100 s on PVM hosts: decompression is emulated)"]
 fn bzimage_boots_to_init_over_the_64_bit_entry() {
-    boot_to_marker(&linux_artifact("ZYGOTE_BZIMAGE", "bzImage"), &linux_artifact("ZYGOTE_INITRD", "initramfs.cpio"));
+    boot_to_marker(&linux_artifact("ZYGOTE_BZIMAGE", "bzImage"), &initrd(), 1);
+}
+
+#[test]
+#[ignore = "boots a real kernel on two vCPUs (the AP starts in real mode through INIT/SIPI)"]
+fn vmlinux_boots_to_init_on_two_vcpus() {
+    boot_to_marker(&vmlinux(), &initrd(), 2);
 }

@@ -6,6 +6,9 @@ use kvm_ioctls::{Kvm, VcpuFd};
 use super::{regs, BootEntry, LinuxBootError};
 
 const CPUID_HYPERVISOR: u32 = 1 << 31;
+const KVM_CPUID_FEATURES: u32 = 0x4000_0001;
+const KVM_FEATURE_PV_SEND_IPI: u32 = 1 << 11;
+const KVM_FEATURE_PV_SCHED_YIELD: u32 = 1 << 13;
 
 const MSR_IA32_TSC: u32 = 0x10;
 const MSR_IA32_SYSENTER_CS: u32 = 0x174;
@@ -43,8 +46,11 @@ pub fn setup_boot_vcpu(vcpu: &VcpuFd, kvm: &Kvm, entry: &BootEntry, index: u8) -
     Ok(())
 }
 
-/// KVM's supported CPUID with this vCPU's APIC id and the hypervisor bit. (On PVM hosts the
-/// guest sees host CPUID regardless; the command line masks features there.)
+/// KVM's supported CPUID with this vCPU's APIC id and the hypervisor bit, without the PV IPI
+/// and PV sched-yield hypercalls: under PVM a guest sending IPIs through KVM_HC_SEND_IPI never
+/// brings its APs up (seen as a hang at "x86: Booting SMP configuration"). On PVM hosts the
+/// guest sees the host's own CPUID leaves whatever we set here (the command line masks those),
+/// but the KVM leaves 0x4000_00xx are ours.
 fn set_cpuid(vcpu: &VcpuFd, kvm: &Kvm, index: u8) -> Result<(), LinuxBootError> {
     let mut cpuid =
         kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(LinuxBootError::kvm("KVM_GET_SUPPORTED_CPUID"))?;
@@ -54,6 +60,7 @@ fn set_cpuid(vcpu: &VcpuFd, kvm: &Kvm, index: u8) -> Result<(), LinuxBootError> 
                 leaf.ebx = (leaf.ebx & 0x00ff_ffff) | (u32::from(index) << 24);
                 leaf.ecx |= CPUID_HYPERVISOR;
             }
+            KVM_CPUID_FEATURES => leaf.eax &= !(KVM_FEATURE_PV_SEND_IPI | KVM_FEATURE_PV_SCHED_YIELD),
             // Extended topology: EDX is the x2APIC id.
             0xb | 0x1f => leaf.edx = u32::from(index),
             _ => {}
