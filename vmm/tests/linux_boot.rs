@@ -323,7 +323,11 @@ fn run_vcpu(vcpu: &mut VcpuFd, guest: &Guest) {
             VcpuExit::MmioWrite(..) => {}
             exit => {
                 let exit = format!("{exit:?}");
-                panic!("unexpected exit {exit}; regs {:x?}\n--- guest serial ---\n{}", vcpu.get_regs(), guest.out.text())
+                panic!(
+                    "unexpected exit {exit}; regs {:x?}\n--- guest serial ---\n{}",
+                    vcpu.get_regs(),
+                    guest.out.text()
+                )
             }
         }
     }
@@ -407,19 +411,19 @@ fn initrd() -> PathBuf {
 }
 
 #[test]
-#[ignore = "boots a real kernel (25-60 s on PVM hosts); needs ~/.cache/zygote/linux/vmlinux"]
+#[ignore = "boots a real kernel (40-75 s on a busy PVM host); needs ~/.cache/zygote/linux/vmlinux"]
 fn vmlinux_boots_to_init_over_pvh() {
     boot_to_marker(&vmlinux(), &initrd(), 1);
 }
 
 #[test]
-#[ignore = "boots a real bzImage (~100 s on PVM hosts: decompression is emulated)"]
+#[ignore = "boots a real bzImage (~170 s on a busy PVM host: decompression is emulated)"]
 fn bzimage_boots_to_init_over_the_64_bit_entry() {
     boot_to_marker(&linux_artifact("ZYGOTE_BZIMAGE", "bzImage"), &initrd(), 1);
 }
 
 #[test]
-#[ignore = "boots a real kernel on two vCPUs (the AP starts in real mode through INIT/SIPI)"]
+#[ignore = "boots a real kernel on two vCPUs (~160 s on a busy PVM host)"]
 fn vmlinux_boots_to_init_on_two_vcpus() {
     boot_to_marker(&vmlinux(), &initrd(), 2);
 }

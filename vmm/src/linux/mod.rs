@@ -12,8 +12,14 @@
 //! 1. [`setup_vm`] on the fresh `VmFd` (TSS address, in-kernel irqchip, PIT), before any vCPU;
 //! 2. register `GuestRam::kvm_regions()` as memslots;
 //! 3. [`load_kernel`] writes kernel, initrd, cmdline, boot tables and the MP table into RAM;
-//! 4. create vCPUs 0..n and call [`setup_boot_vcpu`] on each (vCPU 0 gets the entry registers,
-//!    the others wait for the guest's INIT/SIPI in the in-kernel LAPIC).
+//! 4. create vCPUs with KVM ids 0..n (the id is the APIC id the MP table lists) and call
+//!    [`setup_boot_vcpu`] on each: vCPU 0 gets the entry registers, the others wait for the
+//!    guest's INIT/SIPI in the in-kernel LAPIC;
+//! 5. run: KVM_RUN returns EAGAIN when a waiting AP gets its INIT/SIPI and EINTR when kicked by
+//!    a signal, and both mean "run again". The guest needs a 16550 on 0x3f8-0x3ff (IRQ 4 via an
+//!    irqfd: the 8250 driver's tty output is interrupt-driven), reads of 0x64 answered with 0,
+//!    writes of 0xFE to 0x64 taken as "guest asked to exit" (`reboot=k`), and the COM2-4 probes
+//!    (0x2f8, 0x3e8, 0x2e8) and CMOS (0x70/0x71, written at AP bring-up) may read as zeros.
 //!
 //! Guest physical layout below 1 MiB is in [`layout`].
 
