@@ -12,6 +12,7 @@ pub mod exit;
 pub mod fuzz;
 pub mod guests;
 pub mod layout;
+pub mod linux;
 pub mod longmode;
 pub mod machine;
 pub mod regs;

@@ -1,0 +1,137 @@
+//! Booting a Linux kernel: load it into guest RAM, write what its boot protocol reads, and put
+//! the boot vCPU where the protocol says it starts.
+//!
+//! Two protocols:
+//! - **PVH** for an ELF `vmlinux` with a `XEN_ELFNOTE_PHYS32_ENTRY` note (the fast path on PVM
+//!   hosts: nothing to decompress). The vCPU starts in 32-bit protected mode, paging off, flat
+//!   segments, EBX = guest address of `hvm_start_info`.
+//! - **Linux boot protocol, 64-bit entry** for a `bzImage`: long mode with identity-mapped page
+//!   tables, RIP = load address + 0x200, RSI = guest address of `boot_params` (the zero page).
+//!
+//! The sequence the VMM follows:
+//! 1. [`setup_vm`] on the fresh `VmFd` (TSS address, in-kernel irqchip, PIT), before any vCPU;
+//! 2. register `GuestRam::kvm_regions()` as memslots;
+//! 3. [`load_kernel`] writes kernel, initrd, cmdline, boot tables and the MP table into RAM;
+//! 4. create vCPUs with KVM ids 0..n (the id is the APIC id the MP table lists) and call
+//!    [`setup_boot_vcpu`] on each: vCPU 0 gets the entry registers, the others wait for the
+//!    guest's INIT/SIPI in the in-kernel LAPIC;
+//! 5. run: KVM_RUN returns EAGAIN when a waiting AP gets its INIT/SIPI and EINTR when kicked by
+//!    a signal, and both mean "run again". The guest needs a 16550 on 0x3f8-0x3ff (IRQ 4 via an
+//!    irqfd: the 8250 driver's tty output is interrupt-driven), reads of 0x64 answered with 0,
+//!    writes of 0xFE to 0x64 taken as "guest asked to exit" (`reboot=k`), and the COM2-4 probes
+//!    (0x2f8, 0x3e8, 0x2e8) and CMOS (0x70/0x71, written at AP bring-up) may read as zeros.
+//!
+//! Guest physical layout below 1 MiB is in [`layout`].
+
+mod error;
+pub mod layout;
+mod loader;
+mod mptable;
+mod params;
+mod regs;
+#[cfg(test)]
+mod tests;
+mod vcpu;
+
+use std::path::Path;
+
+use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::VmFd;
+use memory::GuestRam;
+use vm_memory::GuestAddress;
+
+pub use error::LinuxBootError;
+pub use vcpu::setup_boot_vcpu;
+
+/// The command line a guest gets unless the user gives one. On PVM hosts the guest sees the
+/// host's CPUID whatever KVM_SET_CPUID2 says, so the features the emulator cannot handle are
+/// masked here (`noxsave`, `clearcpuid=`); `reboot=k` makes a guest reboot a write of 0xFE to
+/// port 0x64, which the VMM treats as "guest asked to exit".
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 noxsave \
+clearcpuid=popcnt,rdrand,rdseed,fsgsbase,smap,invpcid,pcid,rdpid,pku,clflushopt,clwb,erms,fsrm \
+mitigations=off tsc=reliable quiet";
+
+/// The most vCPUs the MP table describes (APIC ids 0..n-1; the I/O APIC takes id n, and 255 is
+/// the broadcast id).
+pub const MAX_VCPUS: u8 = 254;
+
+/// Which boot protocol the kernel was loaded for, and so what the boot vCPU's registers hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BootProtocol {
+    /// 32-bit protected mode, paging off; EBX = `hvm_start_info`.
+    Pvh,
+    /// 64-bit long mode on identity page tables; RSI = `boot_params`.
+    Linux64,
+}
+
+/// Where the boot vCPU starts, as [`load_kernel`] left guest memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BootEntry {
+    pub protocol: BootProtocol,
+    /// The first instruction (RIP).
+    pub entry: GuestAddress,
+    /// `hvm_start_info` (PVH, goes in RBX) or `boot_params` (Linux64, goes in RSI).
+    pub boot_info: GuestAddress,
+    /// The vCPU count the MP table describes.
+    pub vcpus: u8,
+    /// First byte past the loaded kernel image.
+    pub kernel_end: GuestAddress,
+    /// Where the initrd went, and its size in bytes.
+    pub initrd: Option<(GuestAddress, u64)>,
+}
+
+/// Loads `kernel` (ELF vmlinux with a PVH note, or bzImage) and `initrd` into `ram`, writes
+/// `cmdline`, the boot protocol's tables and an MP table for `vcpus` vCPUs. RAM must start at
+/// guest address 0 and reach past the kernel's load address; the initrd goes as high as it can
+/// below 4 GiB (and below the kernel's `initrd_addr_max` for a bzImage).
+pub fn load_kernel(
+    ram: &GuestRam,
+    kernel: &Path,
+    initrd: Option<&Path>,
+    cmdline: &str,
+    vcpus: u8,
+) -> Result<BootEntry, LinuxBootError> {
+    if vcpus == 0 || vcpus > MAX_VCPUS {
+        return Err(LinuxBootError::VcpuCount { vcpus, max: MAX_VCPUS });
+    }
+    let ram_layout = layout::RamLayout::new(&ram.layout())?;
+    let cmdline = loader::check_cmdline(cmdline)?;
+    let kernel = loader::load_kernel_image(ram, kernel)?;
+    let initrd = match initrd {
+        Some(path) => {
+            Some(loader::load_initrd(ram, &ram_layout, path, kernel.initrd_floor(), kernel.initrd_ceiling())?)
+        }
+        None => None,
+    };
+    loader::write_cmdline(ram, &cmdline)?;
+    mptable::write(ram, vcpus)?;
+    let boot_info = match kernel.protocol() {
+        BootProtocol::Pvh => params::write_pvh(ram, &ram_layout, initrd)?,
+        BootProtocol::Linux64 => {
+            regs::write_long_mode_tables(ram)?;
+            params::write_zero_page(ram, &ram_layout, kernel.setup_header(), initrd)?
+        }
+    };
+    regs::write_gdt(ram, kernel.protocol())?;
+    Ok(BootEntry {
+        protocol: kernel.protocol(),
+        entry: kernel.entry(),
+        boot_info,
+        vcpus,
+        kernel_end: kernel.end(),
+        initrd,
+    })
+}
+
+/// What the VM needs before its first vCPU exists for either protocol: the TSS pages KVM wants
+/// on Intel (at the top of the 32-bit space, never RAM here), the in-kernel PIC + IOAPIC + LAPICs
+/// (`KVM_CREATE_IRQCHIP`, which the MP table describes) and the in-kernel PIT with a dummy port
+/// 0x61 speaker (Linux calibrates and ticks on it).
+pub fn setup_vm(vm: &VmFd) -> Result<(), LinuxBootError> {
+    let tss = usize::try_from(layout::KVM_TSS_ADDR).unwrap_or(usize::MAX);
+    vm.set_tss_address(tss).map_err(LinuxBootError::kvm("KVM_SET_TSS_ADDR"))?;
+    vm.create_irq_chip().map_err(LinuxBootError::kvm("KVM_CREATE_IRQCHIP"))?;
+    let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+    vm.create_pit2(pit).map_err(LinuxBootError::kvm("KVM_CREATE_PIT2"))?;
+    Ok(())
+}
