@@ -25,6 +25,11 @@ pub const TINY_GUESTS: &[TinyGuest] = &[
         about: "runs until stopped, counting per vCPU at layout::COUNTERS_ADDR",
         code: guest_bin!("spin"),
     },
+    TinyGuest {
+        name: "dma",
+        about: "runs a paced 1 MiB DMA-engine transfer and a virtio-blk read of the disk's first 64 KiB at once, prints their FNV-1a 64 checksums",
+        code: guest_bin!("dma"),
+    },
 ];
 
 /// Exception stubs every tiny guest gets at `layout::TRAPS_ADDR` (see `resources/guests/traps.s`).
