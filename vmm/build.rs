@@ -17,6 +17,8 @@ const GUESTS: &[(&str, u64)] = &[
     ("exitcode", layout::GUEST_CODE_ADDR),
     ("spin", layout::GUEST_CODE_ADDR),
     ("dma", layout::GUEST_CODE_ADDR),
+    ("sequence", layout::GUEST_CODE_ADDR),
+    ("dirty16", layout::GUEST_CODE_ADDR),
 ];
 
 fn symbols() -> Vec<(&'static str, u64)> {
@@ -25,6 +27,10 @@ fn symbols() -> Vec<(&'static str, u64)> {
         ("COUNTERS_ADDR", layout::COUNTERS_ADDR),
         ("PATTERN_ADDR", layout::PATTERN_ADDR),
         ("PATTERN_SIZE", layout::PATTERN_SIZE),
+        ("VM_ID_ADDR", layout::VM_ID_ADDR),
+        ("DIRTY_ADDR", layout::DIRTY_ADDR),
+        ("DIRTY_PAGES", layout::DIRTY_PAGES),
+        ("TOUCH_ADDR", layout::TOUCH_ADDR),
         ("UNMAPPED_ADDR", layout::UNMAPPED_ADDR),
         ("SERIAL_PORT", u64::from(layout::SERIAL_PORT)),
         ("EXIT_PORT", u64::from(layout::EXIT_PORT)),

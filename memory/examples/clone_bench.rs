@@ -23,15 +23,15 @@ fn main() {
     populate(&ram);
     let _pins = pin_64(&ram);
     drop(ram.snapshot().expect("first freeze")); // everything up to now is in the base image
-    let fork = median(ROUNDS, time_fork);
-    let _anchor = ram.clone_cow().expect("anchor clone"); // keeps the base shared: layer path
-    let layered = time_clones(&ram, &runs);
-    drop(_anchor);
-    let folded = time_clones(&ram, &runs);
+    // Rounds alternate the reference and the measurement, so both see the same host load.
+    let anchor = ram.clone_cow().expect("anchor clone"); // keeps the base shared: layer path
+    let (fork, layered) = alternate(time_fork, || time_clone(&ram, &runs));
+    drop(anchor);
+    let (fork2, folded) = alternate(time_fork, || time_clone(&ram, &runs));
     let s = ram.stats();
-    println!("fork() of this process (1 GiB populated): {}", us(fork));
+    println!("fork() of this process (1 GiB populated): {} / {}", us(fork), us(fork2));
     println!("clone, base shared (new layer):  {}  = {:.3} × fork", us(layered), ratio(layered, fork));
-    println!("clone, sole owner (fold in place): {}  = {:.3} × fork", us(folded), ratio(folded, fork));
+    println!("clone, sole owner (fold in place): {}  = {:.3} × fork", us(folded), ratio(folded, fork2));
     println!(
         "source stats: eager_copied_pages {} folds {} layers {} flattens {} private {} MiB pss {} MiB",
         s.eager_copied_pages,
@@ -43,14 +43,20 @@ fn main() {
     );
     drop(ram);
 
-    let mut at = Vec::new();
-    for size in [GIB, 8 * GIB] {
-        let ram = GuestRam::new(&[(GuestAddress(0), size)]).expect("RAM");
-        let _pins = pin_64(&ram);
-        let _anchor = ram.clone_cow().expect("anchor clone");
-        at.push(time_clones(&ram, &runs));
-    }
-    println!("clone with the same dirty set: 1 GiB {}  8 GiB {}  ratio 8/1 = {:.2}", us(at[0]), us(at[1]), ratio(at[1], at[0]));
+    let rams: Vec<GuestRam> =
+        [GIB, 8 * GIB].iter().map(|&size| GuestRam::new(&[(GuestAddress(0), size)]).expect("RAM")).collect();
+    let _pins: Vec<_> = rams.iter().map(pin_64).collect();
+    let _anchors: Vec<_> = rams.iter().map(|r| r.clone_cow().expect("anchor clone")).collect();
+    let (one, eight) = alternate(|| time_clone(&rams[0], &runs), || time_clone(&rams[1], &runs));
+    println!("clone with the same dirty set: 1 GiB {}  8 GiB {}  ratio 8/1 = {:.2}", us(one), us(eight), ratio(eight, one));
+}
+
+/// Medians of `a` and `b` over ROUNDS rounds that run one of each.
+fn alternate(mut a: impl FnMut() -> Duration, mut b: impl FnMut() -> Duration) -> (Duration, Duration) {
+    let (mut xs, mut ys): (Vec<_>, Vec<_>) = (0..ROUNDS).map(|_| (a(), b())).unzip();
+    xs.sort();
+    ys.sort();
+    (xs[ROUNDS / 2], ys[ROUNDS / 2])
 }
 
 /// `count` runs of RUN pages, spread evenly with a fixed pseudo-random jitter.
@@ -78,21 +84,18 @@ fn pin_64(ram: &GuestRam) -> Vec<PinGuard> {
     (0..64).map(|i| ram.pin(GuestAddress((i * 977 * PAGE_SIZE) as u64), PAGE_SIZE, Access::Write).expect("pin")).collect()
 }
 
-/// Median time of `clone_cow` after dirtying `runs`; each clone is dropped after timing.
-fn time_clones(ram: &GuestRam, runs: &[usize]) -> Duration {
-    let mut round = 0u8;
-    median(ROUNDS, || {
-        round = round.wrapping_add(1);
-        let data = vec![round; RUN * PAGE_SIZE];
-        for &first in runs {
-            ram.write_slice(&data, GuestAddress((first * PAGE_SIZE) as u64)).expect("dirty");
-        }
-        let start = Instant::now();
-        let clone = ram.clone_cow().expect("clone");
-        let took = start.elapsed();
-        drop(clone);
-        took
-    })
+/// Time of one `clone_cow` after dirtying `runs` with fresh bytes; the clone is dropped untimed.
+fn time_clone(ram: &GuestRam, runs: &[usize]) -> Duration {
+    static ROUND: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+    let data = vec![ROUND.fetch_add(1, std::sync::atomic::Ordering::Relaxed); RUN * PAGE_SIZE];
+    for &first in runs {
+        ram.write_slice(&data, GuestAddress((first * PAGE_SIZE) as u64)).expect("dirty");
+    }
+    let start = Instant::now();
+    let clone = ram.clone_cow().expect("clone");
+    let took = start.elapsed();
+    drop(clone);
+    took
 }
 
 fn time_fork() -> Duration {
@@ -109,12 +112,6 @@ fn time_fork() -> Duration {
     // SAFETY: waiting for our own child.
     unsafe { libc::waitpid(pid, &mut status, 0) };
     took
-}
-
-fn median(rounds: usize, mut f: impl FnMut() -> Duration) -> Duration {
-    let mut v: Vec<Duration> = (0..rounds).map(|_| f()).collect();
-    v.sort();
-    v[rounds / 2]
 }
 
 fn us(d: Duration) -> String {

@@ -56,3 +56,86 @@ pub fn run_zygote(args: &[&str]) -> Output {
         .output()
         .expect("spawning zygote")
 }
+
+/// A paused `spin` VM with `vcpus` vCPUs and id `vm_id`, its console captured.
+pub fn spin_vm(vcpus: u32, vm_id: u64) -> vmm::Vmm {
+    let (config, _) = captured(vcpus);
+    let config = VmConfig { vm_id, ..config };
+    vmm::build_tiny_vm(&config, vmm::guests::find("spin").expect("spin is bundled"), 0).expect("building spin")
+}
+
+/// Each vCPU's `spin` counter.
+pub fn spin_counters(vmm: &vmm::Vmm) -> Vec<u64> {
+    (0..vmm.vcpu_count() as u64).map(|i| read_u64(vmm.ram(), vmm::layout::COUNTERS_ADDR + 8 * i)).collect()
+}
+
+/// Polls until every counter is past `before` (the host may be busy: no fixed sleeps); returns
+/// the counters then, or the last ones seen after 20 s.
+pub fn wait_for_progress(vmm: &vmm::Vmm, before: &[u64]) -> Vec<u64> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let now = spin_counters(vmm);
+        if now.iter().zip(before).all(|(a, b)| a > b) || std::time::Instant::now() > deadline {
+            return now;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+}
+
+/// The ids found in the `spin` pattern pages of every vCPU other than `id` (empty: the VM's
+/// pages hold only its own id).
+pub fn foreign_pattern_ids(vmm: &vmm::Vmm, id: u64) -> Vec<u64> {
+    use vmm::layout::{PATTERN_ADDR, PATTERN_SIZE};
+    let mut foreign = Vec::new();
+    for vcpu in 0..vmm.vcpu_count() as u64 {
+        let mut page = vec![0u8; PATTERN_SIZE as usize];
+        vmm.ram().read_slice(&mut page, GuestAddress(PATTERN_ADDR + vcpu * PATTERN_SIZE)).expect("pattern page in RAM");
+        for slot in page.chunks_exact(8) {
+            let value = u64::from_le_bytes(slot.try_into().expect("8 bytes"));
+            if value != id && !foreign.contains(&value) {
+                foreign.push(value);
+            }
+        }
+    }
+    foreign
+}
+
+/// The first guest address where two RAMs of the same layout differ, if any.
+pub fn first_difference(a: &GuestRam, b: &GuestRam) -> Option<u64> {
+    const CHUNK: usize = 1 << 20;
+    let (mut x, mut y) = (vec![0u8; CHUNK], vec![0u8; CHUNK]);
+    for (start, size) in a.layout() {
+        for offset in (0..size).step_by(CHUNK) {
+            let addr = GuestAddress(start.0 + offset as u64);
+            let n = CHUNK.min(size - offset);
+            a.read_slice(&mut x[..n], addr).expect("inside RAM");
+            b.read_slice(&mut y[..n], addr).expect("same layout");
+            // Slice equality is one memcmp even in an unoptimised test build.
+            if x[..n] != y[..n] {
+                let i = x[..n].iter().zip(&y[..n]).position(|(p, q)| p != q).unwrap_or(0);
+                return Some(addr.0 + i as u64);
+            }
+        }
+    }
+    None
+}
+
+/// Waits until the console holds at least `lines` lines; false after 20 s.
+pub fn wait_for_lines(out: &Mutex<Vec<u8>>, lines: usize) -> bool {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while text(out).lines().count() < lines {
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    true
+}
+
+/// A fresh empty directory under the target dir's tmp, named for the test.
+pub fn scratch_dir(name: &str) -> PathBuf {
+    let dir = profile_dir().join("tmp").join(format!("{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("creating a scratch dir");
+    dir
+}

@@ -8,7 +8,7 @@ use memory::{Bytes, GuestAddress, GuestRam, MemoryError};
 use crate::bus::Bus;
 use crate::devices::{attach_legacy_devices, attach_mmio_devices, Console, DeviceError};
 use crate::guests::{self, TinyGuest};
-use crate::layout::{GUEST_CODE_ADDR, HIGH_RAM_START, MIN_RAM, MMIO_GAP_START};
+use crate::layout::{GUEST_CODE_ADDR, HIGH_RAM_START, MIN_RAM, MMIO_GAP_START, VM_ID_ADDR};
 use crate::longmode::{write_tables, LongModeError};
 use crate::machine::{VmOutcome, Vmm};
 use crate::regs::{setup_tiny_guest_vcpu, EntryArgs};
@@ -124,6 +124,8 @@ pub fn build_tiny_vm(config: &VmConfig, guest: &TinyGuest, arg: u64) -> Result<V
     write_tables(&ram)?;
     ram.write_slice(guest.code, GuestAddress(GUEST_CODE_ADDR))
         .map_err(|source| BuildError::LoadGuest { addr: GUEST_CODE_ADDR, source })?;
+    ram.write_obj(config.vm_id, GuestAddress(VM_ID_ADDR))
+        .map_err(|source| BuildError::LoadGuest { addr: VM_ID_ADDR, source })?;
     let vm = Vm::new(Arc::clone(&ram))?;
     let mut pio = Bus::new();
     let mut devices = attach_legacy_devices(&mut pio, &config.console)?;
@@ -137,6 +139,7 @@ pub fn build_tiny_vm(config: &VmConfig, guest: &TinyGuest, arg: u64) -> Result<V
         let args = EntryArgs { vm_id: config.vm_id, vcpu: u64::from(index), arg };
         let index = index as usize;
         setup_tiny_guest_vcpu(&fd, args).map_err(|source| VcpuError::Setup { vcpu: index, source })?;
+        let fd = Arc::new(std::sync::Mutex::new(fd));
         let ctx = VcpuContext { index, fd, pio: Arc::clone(&pio), mmio: Arc::clone(&mmio), ram: Arc::clone(&ram) };
         vcpus.push(spawn_vcpu(ctx, events_tx.clone())?);
     }

@@ -27,6 +27,11 @@ enum Command {
     Demo,
     /// Fuzz clone-vs-DMA timing; exit 1 if a rule was broken.
     Fuzz(FuzzArgs),
+    /// Send one request to a running `zygote run --api-sock` and print the JSON answer.
+    Ctl(CtlArgs),
+    /// Measure reset and clone costs on this machine.
+    #[command(subcommand)]
+    Bench(BenchCommand),
 }
 
 #[derive(Debug, Args)]
@@ -53,6 +58,187 @@ struct FuzzArgs {
     /// Where to write a reproducer (default zygote-fuzz-seedS-runN.json).
     #[arg(long, value_name = "FILE")]
     out: Option<PathBuf>,
+}
+
+
+#[derive(Debug, Args)]
+struct CtlArgs {
+    /// The API socket of the `zygote run` to control.
+    #[arg(long, value_name = "PATH")]
+    api_sock: PathBuf,
+    #[command(subcommand)]
+    verb: CtlVerb,
+}
+
+#[derive(Debug, Subcommand)]
+enum CtlVerb {
+    /// Show one VM (GET /).
+    Info {
+        #[arg(long)]
+        vm: Option<u64>,
+    },
+    /// Show the clone tree (GET /vms).
+    Vms,
+    /// Pause a VM (PATCH /vm).
+    Pause {
+        #[arg(long)]
+        vm: Option<u64>,
+    },
+    /// Resume a VM (PATCH /vm).
+    Resume {
+        #[arg(long)]
+        vm: Option<u64>,
+    },
+    /// Clone a VM (PUT /clone); prints the new id and the clone report.
+    Clone {
+        #[arg(long)]
+        vm: Option<u64>,
+    },
+    /// Write a snapshot (PUT /snapshot/create).
+    SnapshotCreate {
+        #[arg(long, value_name = "FILE")]
+        path: PathBuf,
+        #[arg(long, value_name = "DIR")]
+        mem_dir: Option<PathBuf>,
+        /// Only the pages changed since this VM's previous snapshot.
+        #[arg(long)]
+        diff: bool,
+        #[arg(long)]
+        vm: Option<u64>,
+    },
+    /// Restore a snapshot as a new VM (PUT /snapshot/load).
+    SnapshotLoad {
+        #[arg(long, value_name = "FILE")]
+        path: PathBuf,
+        #[arg(long)]
+        resume: bool,
+    },
+    /// Reset a VM to the snapshot it came from (PUT /reset).
+    Reset {
+        #[arg(long)]
+        vm: Option<u64>,
+        /// Wait up to this long for DMA pins instead of refusing.
+        #[arg(long, value_name = "MS")]
+        wait_ms: Option<u64>,
+    },
+    /// Stop every VM and the server (PUT /actions Shutdown).
+    Shutdown,
+}
+
+fn vm_body(vm: Option<u64>) -> serde_json::Value {
+    vm.map_or(serde_json::json!({}), |id| serde_json::json!({ "vm_id": id }))
+}
+
+fn ctl(args: CtlArgs) -> i32 {
+    use serde_json::json;
+    let (method, path, body) = match args.verb {
+        CtlVerb::Info { vm } => ("GET", vm.map_or("/".to_string(), |id| format!("/?vm_id={id}")), None),
+        CtlVerb::Vms => ("GET", "/vms".into(), None),
+        CtlVerb::Pause { vm } => {
+            let mut body = vm_body(vm);
+            body["state"] = json!("Paused");
+            ("PATCH", "/vm".into(), Some(body))
+        }
+        CtlVerb::Resume { vm } => {
+            let mut body = vm_body(vm);
+            body["state"] = json!("Resumed");
+            ("PATCH", "/vm".into(), Some(body))
+        }
+        CtlVerb::Clone { vm } => ("PUT", "/clone".into(), Some(vm_body(vm))),
+        CtlVerb::SnapshotCreate { path, mem_dir, diff, vm } => {
+            let mut body = vm_body(vm);
+            body["snapshot_path"] = json!(path);
+            if let Some(dir) = mem_dir {
+                body["mem_dir"] = json!(dir);
+            }
+            body["snapshot_type"] = json!(if diff { "Diff" } else { "Full" });
+            ("PUT", "/snapshot/create".into(), Some(body))
+        }
+        CtlVerb::SnapshotLoad { path, resume } => {
+            ("PUT", "/snapshot/load".into(), Some(json!({ "snapshot_path": path, "resume_vm": resume })))
+        }
+        CtlVerb::Reset { vm, wait_ms } => {
+            let mut body = vm_body(vm);
+            if let Some(ms) = wait_ms {
+                body["wait_for_pins_ms"] = json!(ms);
+            }
+            ("PUT", "/reset".into(), Some(body))
+        }
+        CtlVerb::Shutdown => ("PUT", "/actions".into(), Some(json!({ "action_type": "Shutdown" }))),
+    };
+    let body = body.map(|b| b.to_string());
+    match vmm::api::client::call(&args.api_sock, method, &path, body.as_deref()) {
+        Ok(response) if response.is_success() => {
+            println!("{}", response.body);
+            0
+        }
+        Ok(response) => {
+            eprintln!("zygote: HTTP {}: {}", response.status, response.body);
+            EXIT_FAILURE
+        }
+        Err(e) => {
+            eprintln!("{}", report(&e));
+            EXIT_FAILURE
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchCommand {
+    /// Reset a guest that dirties 16 pages per run back to its snapshot, ROUNDS times.
+    Reset {
+        #[arg(long, default_value_t = 10_000)]
+        rounds: usize,
+    },
+    /// Clone a running VM of MEM MiB with DIRTY_PERCENT % of its RAM rewritten between clones.
+    Clone {
+        #[arg(long, value_name = "MiB", default_value_t = 1024)]
+        mem: u64,
+        #[arg(long, default_value_t = 100)]
+        clones: usize,
+        #[arg(long, default_value_t = 1)]
+        dirty_percent: u64,
+    },
+}
+
+fn bench(command: BenchCommand) -> i32 {
+    let result = match command {
+        BenchCommand::Reset { rounds } => vmm::bench::bench_reset(rounds).map(|r| {
+            println!(
+                "reset: {} rounds, {:.0} loops/s (run + pause + reset), reset p50 {:.1} us p99 {:.1} us \
+                 (RAM {:.1} us + state {:.1} us), {} dirty pages: memcpy {:.2} us + KVM_RUN {:.1} us, ratio {:.2}",
+                r.rounds,
+                r.loops_per_s,
+                r.reset_us_p50,
+                r.reset_us_p99,
+                r.reset_ram_us_p50,
+                r.reset_state_us_p50,
+                r.dirty_pages,
+                r.memcpy_us,
+                r.kvm_run_us,
+                r.ratio
+            );
+            serde_json::to_string(&r)
+        }),
+        BenchCommand::Clone { mem, clones, dirty_percent } => vmm::bench::bench_clone(mem, clones, dirty_percent).map(|r| {
+            println!(
+                "clone: {} MiB, {} clones, {} pages dirty per clone: source pause p50 {} us p99 {} us \
+                 (capture p50 {} us, RAM clone p50 {} us); clone build p50 {} us (source running)",
+                r.mem_mib, r.clones, r.dirty_pages, r.pause_us_p50, r.pause_us_p99, r.capture_us_p50, r.ram_clone_us_p50, r.build_us_p50
+            );
+            serde_json::to_string(&r)
+        }),
+    };
+    match result {
+        Ok(json) => {
+            println!("{}", json.unwrap_or_default());
+            0
+        }
+        Err(e) => {
+            eprintln!("{}", report(&e));
+            EXIT_FAILURE
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -84,6 +270,9 @@ struct RunArgs {
     #[arg(long, value_name = "N", default_value_t = 1,
           value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_VCPUS)))]
     vcpus: u32,
+    /// Serve the control API (HTTP/JSON) on this Unix socket; VM output lines get a [vmN] prefix.
+    #[arg(long, value_name = "PATH", requires = "guest")]
+    api_sock: Option<PathBuf>,
 }
 
 /// Clap's message on one line: the error and its hints, without the usage block.
@@ -129,6 +318,9 @@ fn run(args: RunArgs) -> i32 {
         };
     }
     let name = args.guest.unwrap_or_default();
+    if let Some(socket) = args.api_sock {
+        return serve(vm, &name, args.arg, &socket);
+    }
     match run_tiny_guest(&vm, &name, args.arg) {
         Ok(outcome) => finish(outcome),
         Err(e) => fail(&e, e.is_bad_input()),
@@ -143,6 +335,37 @@ fn fail(err: &dyn std::error::Error, bad_input: bool) -> i32 {
     } else {
         EXIT_FAILURE
     }
+}
+
+/// Runs tiny guest `name` as VM 0 and serves the control API on `socket` until a Shutdown
+/// request or until the guest ends VM 0.
+fn serve(mut config: VmConfig, name: &str, arg: u64, socket: &std::path::Path) -> i32 {
+    config.console = Console::Prefixed(format!("[vm{}] ", config.vm_id));
+    let Some(guest) = vmm::guests::find(name) else {
+        eprintln!("zygote: unknown guest {name:?}: the bundled guests are {}", vmm::guests::names());
+        return EXIT_BAD_INPUT;
+    };
+    let server = match vmm::api::server::ApiServer::bind(socket) {
+        Ok(server) => server,
+        Err(e) => {
+            eprintln!("{}", report(&e));
+            return EXIT_BAD_INPUT;
+        }
+    };
+    let mut root = match vmm::build_tiny_vm(&config, guest, arg) {
+        Ok(vm) => vm,
+        Err(e) => {
+            eprintln!("{}", report(&e));
+            return if e.is_bad_input() { EXIT_BAD_INPUT } else { EXIT_FAILURE };
+        }
+    };
+    root.start();
+    let mailbox = Some(memory::GuestAddress(vmm::layout::VM_ID_ADDR));
+    let mut controller = vmm::api::Controller::new(root, mailbox);
+    let code = server.serve(&mut controller);
+    drop(controller);
+    let _ = std::fs::remove_file(socket);
+    i32::from(code)
 }
 
 /// Parses `args` and runs; returns the process exit code.
@@ -161,6 +384,8 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> i32 {
     };
     match cli.command {
         Command::Run(args) => run(args),
+        Command::Bench(command) => bench(command),
+        Command::Ctl(args) => ctl(args),
         Command::Demo => match run_tiny_guest(&VmConfig::default(), "hello", 0) {
             Ok(outcome) => finish(outcome),
             Err(e) => fail(&e, false),

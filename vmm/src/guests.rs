@@ -22,13 +22,23 @@ pub const TINY_GUESTS: &[TinyGuest] = &[
     TinyGuest { name: "exitcode", about: "exits with the low byte of --arg", code: guest_bin!("exitcode") },
     TinyGuest {
         name: "spin",
-        about: "runs until stopped, counting per vCPU at layout::COUNTERS_ADDR",
+        about: "runs until stopped, counting per vCPU at layout::COUNTERS_ADDR and filling a pattern page with the VM id",
         code: guest_bin!("spin"),
     },
     TinyGuest {
         name: "dma",
         about: "runs a paced 1 MiB DMA-engine transfer and a virtio-blk read of the disk's first 64 KiB at once, prints their FNV-1a 64 checksums",
         code: guest_bin!("dma"),
+    },
+    TinyGuest {
+        name: "sequence",
+        about: "prints --arg lines (16 if 0) of a deterministic LCG sequence, one per 2^24 steps, exits 0",
+        code: guest_bin!("sequence"),
+    },
+    TinyGuest {
+        name: "dirty16",
+        about: "writes the TSC into 16 pages at layout::DIRTY_ADDR, counts the run, exits 0 (for reset loops)",
+        code: guest_bin!("dirty16"),
     },
 ];
 

@@ -32,10 +32,21 @@ pub const GUEST_CODE_ADDR: u64 = 0x10_0000;
 pub const GUEST_CODE_MAX: u64 = 0x1_0000;
 /// Per-vCPU u64 counters that `spin` increments: vCPU i's is at `COUNTERS_ADDR + 8 * i`.
 pub const COUNTERS_ADDR: u64 = 0x11_0000;
-/// A 4 KiB page `spin` fills with its VM id (u64 per slot), so clones can be told apart.
+/// The VM id mailbox: the VMM writes the VM's id here at build and a new id into a clone, and
+/// `spin` reads it on every iteration (RDI holds the id only at entry).
+pub const VM_ID_ADDR: u64 = 0x11_1000;
+/// vCPU i of `spin` keeps the 4 KiB page at `PATTERN_ADDR + i * PATTERN_SIZE` filled with the VM
+/// id (u64 per slot), so clones can be told apart and no VM may see another's id there.
 pub const PATTERN_ADDR: u64 = 0x12_0000;
-/// Size of the pattern page.
+/// Size of one vCPU's pattern page.
 pub const PATTERN_SIZE: u64 = 0x1000;
+/// `dirty16` writes one u64 into each of `DIRTY_PAGES` pages from here, then exits.
+pub const DIRTY_ADDR: u64 = 0x14_0000;
+/// Pages `dirty16` writes per run.
+pub const DIRTY_PAGES: u64 = 16;
+/// `spin --arg N` also writes one page of N from here per iteration, round robin (the clone
+/// bench's dirty working set). The RAM must extend past `TOUCH_ADDR + N * 4096`.
+pub const TOUCH_ADDR: u64 = 0x100_0000;
 /// vCPU i starts with RSP = `STACKS_TOP - i * STACK_SIZE`.
 pub const STACKS_TOP: u64 = 0x20_0000;
 /// Size of each vCPU's user stack.
@@ -67,16 +78,16 @@ pub const MMIO_DEVICES_END: u64 = DMA_ENGINE_MMIO_ADDR + 0x1000;
 /// Its virtio-blk queue size (a power of two; the device allows up to 256).
 pub const DMA_GUEST_QUEUE_SIZE: u64 = 8;
 /// Its virtio-blk descriptor table (16-byte aligned).
-pub const DMA_GUEST_DESC_ADDR: u64 = 0x13_0000;
+pub const DMA_GUEST_DESC_ADDR: u64 = 0x15_0000;
 /// Its virtio-blk available ring.
-pub const DMA_GUEST_AVAIL_ADDR: u64 = 0x13_1000;
+pub const DMA_GUEST_AVAIL_ADDR: u64 = 0x15_1000;
 /// Its virtio-blk used ring.
-pub const DMA_GUEST_USED_ADDR: u64 = 0x13_2000;
+pub const DMA_GUEST_USED_ADDR: u64 = 0x15_2000;
 /// Its virtio-blk request header (16 bytes); the status byte follows at +16.
-pub const DMA_GUEST_REQ_ADDR: u64 = 0x13_3000;
+pub const DMA_GUEST_REQ_ADDR: u64 = 0x15_3000;
 /// Its results: u64 FNV-1a 64 of the DMA buffer at +0, of the bytes read from disk at +8, the
 /// number of bytes read at +16, and the exit code at +24.
-pub const DMA_GUEST_RESULTS_ADDR: u64 = 0x13_4000;
+pub const DMA_GUEST_RESULTS_ADDR: u64 = 0x15_4000;
 /// Where the DMA engine writes its pattern transfer.
 pub const DMA_GUEST_DMA_BUF: u64 = 0x40_0000;
 /// Length of the DMA transfer (1 MiB).

@@ -1,8 +1,11 @@
 //! Zygote VMM library: KVM VMs and vCPUs, buses and legacy devices, the tiny test guests, and
 //! the build recipe that ties them together.
 
+pub mod api;
+pub mod bench;
 pub mod boot;
 pub mod builder;
+pub mod clone;
 pub mod bus;
 pub mod devices;
 pub mod exit;
@@ -12,8 +15,10 @@ pub mod layout;
 pub mod longmode;
 pub mod machine;
 pub mod regs;
+pub mod snapshot;
 pub mod vcpu;
 pub mod vm;
+pub mod vstate;
 
 pub use boot::{boot_linux, LinuxBootError, LinuxConfig};
 pub use builder::{build_tiny_vm, run_tiny_guest, BuildError, ConfigError, VmConfig};

@@ -158,17 +158,20 @@ const _: () = {
     assert!(TRAPS_ADDR + 32 * TRAP_STUB_SIZE <= TRAP_STACK_TOP - 0x800);
     assert!(TRAP_STACK_TOP <= PML4_ADDR && PDPT_ADDR < PD_ADDR && PD_END <= GUEST_CODE_ADDR);
     assert!(GUEST_CODE_ADDR + GUEST_CODE_MAX <= COUNTERS_ADDR);
-    assert!(STACKS_TOP - 32 * STACK_SIZE >= PATTERN_ADDR + PATTERN_SIZE);
+    assert!(COUNTERS_ADDR + 32 * 8 <= VM_ID_ADDR && VM_ID_ADDR < PATTERN_ADDR);
+    assert!(PATTERN_ADDR + 32 * PATTERN_SIZE <= DIRTY_ADDR);
+    assert!(STACKS_TOP - 32 * STACK_SIZE >= DIRTY_ADDR + DIRTY_PAGES * 0x1000);
     assert!(STACKS_TOP <= MIN_RAM);
+    assert!(STACKS_TOP <= TOUCH_ADDR);
     assert!(UNMAPPED_ADDR >= (PD_END - PD_ADDR) / 0x1000 * GIB);
     assert!(MMIO_GAP_START <= VIRTIO_BLK_MMIO_ADDR && MMIO_DEVICES_END <= HIGH_RAM_START);
-    // The dma guest's rings, request and results sit between the pattern page and the stacks;
-    // its buffers above the stacks.
-    assert!(PATTERN_ADDR + PATTERN_SIZE <= DMA_GUEST_DESC_ADDR);
+    // The dma guest's rings, request and results sit between dirty16's pages and the stacks;
+    // its buffers above the stacks, below spin's touch pages.
+    assert!(DIRTY_ADDR + DIRTY_PAGES * 0x1000 <= DMA_GUEST_DESC_ADDR);
     assert!(DMA_GUEST_DESC_ADDR + 16 * DMA_GUEST_QUEUE_SIZE <= DMA_GUEST_AVAIL_ADDR);
     assert!(DMA_GUEST_RESULTS_ADDR + 0x1000 <= STACKS_TOP - 32 * STACK_SIZE);
     assert!(STACKS_TOP <= DMA_GUEST_DMA_BUF && DMA_GUEST_DMA_BUF + DMA_GUEST_DMA_LEN <= DMA_GUEST_BLK_BUF);
-    assert!(DMA_GUEST_MIN_RAM <= MMIO_GAP_START);
+    assert!(DMA_GUEST_MIN_RAM <= TOUCH_ADDR && DMA_GUEST_MIN_RAM <= MMIO_GAP_START);
 };
 
 #[cfg(test)]

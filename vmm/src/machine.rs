@@ -131,6 +131,19 @@ impl Vmm {
         self.vcpus.len()
     }
 
+    /// The vCPU handles; their fds are free to use while the VM is paused.
+    pub(crate) fn vcpu_handles(&self) -> &[VcpuHandle] {
+        &self.vcpus
+    }
+
+    /// After state was restored into this paused VM: forgets how the guest had ended it and
+    /// makes every vCPU runnable again on the next resume.
+    pub(crate) fn rearm(&mut self, _token: &Paused) {
+        self.broadcast(VcpuCommand::Rearm);
+        self.outcome = None;
+        self.parked = 0;
+    }
+
     /// Lets every vCPU run (they are created paused).
     pub fn start(&mut self) {
         self.broadcast(VcpuCommand::Resume);

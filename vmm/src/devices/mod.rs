@@ -7,11 +7,13 @@ pub mod control;
 pub mod i8042;
 pub mod mmio;
 pub mod serial;
+pub mod state;
 
 use std::sync::{Arc, Mutex};
 
 pub use console::Console;
 pub use mmio::{attach_mmio_devices, virtio_mmio_cmdline, MmioDevices};
+pub use state::{DeviceState, DeviceStateError, LegacyDevicesState};
 
 use crate::bus::{Bus, BusError};
 use crate::layout::{I8042_DATA_PORT, SERIAL_PORT};

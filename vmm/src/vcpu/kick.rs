@@ -6,7 +6,7 @@
 //! once, so a command sent before the kick is always seen. No race, no lost wake-up.
 
 use std::cell::Cell;
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use kvm_bindings::kvm_run;
 use kvm_ioctls::VcpuFd;
@@ -29,8 +29,8 @@ extern "C" fn handle_kick(_: c_int, _: *mut siginfo_t, _: *mut c_void) {
         let run = slot.get();
         if !run.is_null() {
             // SAFETY: a non-null pointer is only stored by `KickableVcpu::register`, points
-            // into the kvm_run mmap of the vCPU fd this thread owns, and `KickableVcpu` clears it
-            // before that fd is closed. A volatile byte store is what KVM
+            // into the kvm_run mmap of a vCPU fd this thread holds a reference to, and
+            // `KickableVcpu` clears it before dropping that reference (so before the fd closes). A volatile byte store is what KVM
             // expects of immediate_exit and is async-signal-safe.
             unsafe { std::ptr::addr_of_mut!((*run).immediate_exit).write_volatile(1) };
         }
@@ -43,25 +43,34 @@ pub fn install_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
     *INSTALLED.get_or_init(|| register_signal_handler(kick_signal(), handle_kick))
 }
 
+/// A vCPU fd shared between its thread (which runs it) and the VMM (which reads and writes its
+/// state while the thread is paused, never holding the lock across a blocking wait).
+pub type SharedVcpuFd = Arc<Mutex<VcpuFd>>;
+
+/// Locks a shared vCPU fd; a thread that panicked holding it left no half-done KVM call behind.
+pub fn lock_vcpu(fd: &SharedVcpuFd) -> MutexGuard<'_, VcpuFd> {
+    fd.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// A vCPU fd registered as its thread's kick target: kicks delivered to this thread set its
 /// immediate_exit. Not `Send`: the registration lives in this thread's TLS, and `Drop` clears it
-/// before the fd (and its kvm_run mmap) goes away.
+/// before this thread's reference to the fd (and its kvm_run mmap) goes away.
 pub struct KickableVcpu {
-    fd: VcpuFd,
+    fd: SharedVcpuFd,
     _not_send: std::marker::PhantomData<*const ()>,
 }
 
 impl KickableVcpu {
     /// Registers `fd` as the current thread's kick target.
-    pub fn register(mut fd: VcpuFd) -> KickableVcpu {
-        let run: *mut kvm_run = fd.get_kvm_run();
+    pub fn register(fd: SharedVcpuFd) -> KickableVcpu {
+        let run: *mut kvm_run = lock_vcpu(&fd).get_kvm_run();
         KVM_RUN.with(|slot| slot.set(run));
         KickableVcpu { fd, _not_send: std::marker::PhantomData }
     }
 
-    /// The vCPU fd. The kvm_run mmap does not move when the fd does.
-    pub fn fd(&mut self) -> &mut VcpuFd {
-        &mut self.fd
+    /// Locks the vCPU fd for one KVM_RUN and its exit handling. The kvm_run mmap does not move.
+    pub fn lock(&self) -> MutexGuard<'_, VcpuFd> {
+        lock_vcpu(&self.fd)
     }
 }
 

@@ -13,12 +13,11 @@ use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use kvm_ioctls::VcpuFd;
 use memory::GuestRam;
 
 use crate::bus::Bus;
 use crate::exit::{handle_exit, ExitAction, StopReason};
-pub use kick::install_kick_handler;
+pub use kick::{install_kick_handler, lock_vcpu, SharedVcpuFd};
 use kick::KickableVcpu;
 pub use report::{exception_name, RegisterDump, TrapFrame, VcpuError};
 
@@ -29,6 +28,9 @@ pub enum VcpuCommand {
     Pause,
     /// Run again (if paused).
     Resume,
+    /// The VMM restored this vCPU's state: a vCPU the guest had parked or stopped is paused
+    /// again, ready for `Resume`. Sent only under a pause token; needs no answer.
+    Rearm,
     /// End the thread.
     Finish,
 }
@@ -66,7 +68,8 @@ enum State {
 /// Everything a vCPU thread owns.
 pub struct VcpuContext {
     pub index: usize,
-    pub fd: VcpuFd,
+    /// The VMM keeps a clone of this to capture and restore state while the vCPU is paused.
+    pub fd: SharedVcpuFd,
     pub pio: Arc<Bus>,
     pub mmio: Arc<Bus>,
     /// Keeps the RAM behind the memslots mapped while this vCPU fd exists.
@@ -77,6 +80,7 @@ pub struct VcpuContext {
 #[derive(Debug)]
 pub struct VcpuHandle {
     index: usize,
+    fd: SharedVcpuFd,
     commands: Sender<VcpuCommand>,
     thread: Option<JoinHandle<()>>,
 }
@@ -106,6 +110,12 @@ impl VcpuHandle {
     pub fn index(&self) -> usize {
         self.index
     }
+
+    /// The vCPU fd. Its thread holds the lock only inside one KVM_RUN and exit handling, so
+    /// locking it while the VM is paused never blocks.
+    pub fn fd(&self) -> &SharedVcpuFd {
+        &self.fd
+    }
 }
 
 impl Drop for VcpuHandle {
@@ -118,17 +128,18 @@ impl Drop for VcpuHandle {
 pub fn spawn_vcpu(ctx: VcpuContext, events: Sender<VcpuEvent>) -> Result<VcpuHandle, VcpuError> {
     install_kick_handler().map_err(VcpuError::KickHandler)?;
     let index = ctx.index;
+    let fd = Arc::clone(&ctx.fd);
     let (commands, rx) = mpsc::channel();
     let thread = std::thread::Builder::new()
         .name(format!("vcpu{index}"))
         .spawn(move || run_thread(ctx, &rx, &events))
         .map_err(|source| VcpuError::Spawn { vcpu: index, source })?;
-    Ok(VcpuHandle { index, commands, thread: Some(thread) })
+    Ok(VcpuHandle { index, fd, commands, thread: Some(thread) })
 }
 
 fn run_thread(ctx: VcpuContext, commands: &Receiver<VcpuCommand>, events: &Sender<VcpuEvent>) {
     let VcpuContext { index, fd, pio, mmio, ram } = ctx;
-    let mut vcpu = KickableVcpu::register(fd);
+    let vcpu = KickableVcpu::register(fd);
     let mut state = State::Paused;
     while state != State::Finished {
         let command = if state == State::Running {
@@ -142,7 +153,7 @@ fn run_thread(ctx: VcpuContext, commands: &Receiver<VcpuCommand>, events: &Sende
         };
         state = match command {
             Some(command) => apply(state, command, index, events),
-            None => run_once(index, &mut vcpu, &pio, &mmio, &ram, events),
+            None => run_once(index, &vcpu, &pio, &mmio, &ram, events),
         };
     }
     // `vcpu` drops here: the kick registration is cleared, then the fd closes, then `ram`.
@@ -163,23 +174,26 @@ fn apply(state: State, command: VcpuCommand, index: usize, events: &Sender<VcpuE
         }
         (VcpuCommand::Resume, State::Paused) => State::Running,
         (VcpuCommand::Resume, state) => state,
+        (VcpuCommand::Rearm, State::Idle) => State::Paused,
+        (VcpuCommand::Rearm, state) => state,
     }
 }
 
 /// Enters the guest once and handles the exit.
 fn run_once(
     index: usize,
-    vcpu: &mut KickableVcpu,
+    vcpu: &KickableVcpu,
     pio: &Bus,
     mmio: &Bus,
     ram: &GuestRam,
     events: &Sender<VcpuEvent>,
 ) -> State {
-    let action = match vcpu.fd().run() {
+    let mut fd = vcpu.lock();
+    let action = match fd.run() {
         Ok(exit) => handle_exit(exit, pio, mmio),
         Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
             // Kicked: clear the flag and go back to look at the commands.
-            vcpu.fd().set_kvm_immediate_exit(0);
+            fd.set_kvm_immediate_exit(0);
             return State::Running;
         }
         Err(source) => return stop(events, index, VcpuStop::Failed(VcpuError::Run { vcpu: index, source })),
@@ -188,7 +202,7 @@ fn run_once(
         ExitAction::Continue => return State::Running,
         ExitAction::Stop(reason) => reason,
     };
-    let fd = vcpu.fd();
+    let fd = &*fd;
     let outcome = match reason {
         StopReason::Park => {
             let _ = events.send(VcpuEvent::Parked(index));
@@ -232,5 +246,7 @@ mod tests {
         assert_eq!(apply(State::Idle, VcpuCommand::Resume, 0, &tx), State::Idle);
         assert_eq!(apply(State::Running, VcpuCommand::Resume, 0, &tx), State::Running);
         assert_eq!(apply(State::Idle, VcpuCommand::Finish, 0, &tx), State::Finished);
+        assert_eq!(apply(State::Idle, VcpuCommand::Rearm, 0, &tx), State::Paused);
+        assert_eq!(apply(State::Paused, VcpuCommand::Rearm, 0, &tx), State::Paused);
     }
 }

@@ -1,0 +1,186 @@
+//! The control API over a real Unix socket: `zygote run --guest spin --api-sock` in a child
+//! process, driven with the API client and with `zygote ctl`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use vmm::api::client::{call, ApiResponse};
+use zygote_tests::{run_zygote, scratch_dir, zygote_bin};
+
+/// A `zygote run` serving the API; killed if the test did not shut it down.
+struct Served {
+    child: Child,
+    socket: PathBuf,
+    dir: PathBuf,
+}
+
+impl Served {
+    fn start(name: &str) -> Served {
+        Served::start_guest(name, &["--guest", "spin"], Stdio::null())
+    }
+
+    fn start_guest(name: &str, guest: &[&str], stdout: Stdio) -> Served {
+        let dir = scratch_dir(name);
+        let socket = dir.join("api.sock");
+        let child = Command::new(zygote_bin())
+            .arg("run")
+            .args(guest)
+            .arg("--api-sock")
+            .arg(&socket)
+            .stdout(stdout)
+            .spawn()
+            .expect("spawning zygote run");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+            assert!(Instant::now() < deadline, "the API socket never came up");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Served { child, socket, dir }
+    }
+
+    fn call(&self, method: &str, path: &str, body: Option<&str>) -> ApiResponse {
+        call(&self.socket, method, path, body).expect("API call")
+    }
+
+    fn json(&self, method: &str, path: &str, body: Option<&str>) -> Value {
+        let response = self.call(method, path, body);
+        assert!(response.is_success(), "{method} {path}: {response:?}");
+        serde_json::from_str(&response.body).expect("JSON answer")
+    }
+
+    fn shutdown(mut self) {
+        let _ = self.json("PUT", "/actions", Some(r#"{"action_type":"Shutdown"}"#));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("waiting for zygote") {
+                assert!(status.success(), "zygote run ended with {status}");
+                return;
+            }
+            assert!(Instant::now() < deadline, "zygote run did not stop on Shutdown");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn states(vms: &Value) -> Vec<(u64, Option<u64>, String)> {
+    vms.as_array()
+        .expect("a list")
+        .iter()
+        .map(|vm| (vm["id"].as_u64().unwrap(), vm["parent"].as_u64(), vm["state"].as_str().unwrap().to_string()))
+        .collect()
+}
+
+#[test]
+fn clone_tree_pause_snapshot_and_reset_over_the_socket() {
+    let api = Served::start("api-tree");
+    assert_eq!(api.json("GET", "/", None)["state"], "Running");
+    let clone = api.json("PUT", "/clone", None);
+    assert_eq!(clone["vm_id"], 1);
+    assert!(clone["report"]["pause_us"].as_u64().is_some(), "{clone}");
+    assert_eq!(api.json("PUT", "/clone", Some(r#"{"vm_id":1}"#))["vm_id"], 2);
+    api.json("PATCH", "/vm", Some(r#"{"state":"Paused","vm_id":2}"#));
+    let tree = states(&api.json("GET", "/vms", None));
+    assert_eq!(
+        tree,
+        vec![(0, None, "Running".into()), (1, Some(0), "Running".into()), (2, Some(1), "Paused".into())]
+    );
+    let vm2 = &api.json("GET", "/vms", None)[2];
+    assert!(vm2["shared_pages"].as_u64().unwrap() > vm2["private_pages"].as_u64().unwrap(), "{vm2}");
+
+    let path = api.dir.join("snap.json");
+    let body = serde_json::json!({ "snapshot_path": path, "snapshot_type": "Full" }).to_string();
+    api.json("PUT", "/snapshot/create", Some(&body));
+    let body = serde_json::json!({ "snapshot_path": api.dir.join("diff.json"), "snapshot_type": "Diff" }).to_string();
+    api.json("PUT", "/snapshot/create", Some(&body));
+    let body = serde_json::json!({ "snapshot_path": api.dir.join("diff.json"), "resume_vm": true }).to_string();
+    assert_eq!(api.json("PUT", "/snapshot/load", Some(&body))["vm_id"], 3);
+    assert!(api.json("PUT", "/reset", Some(r#"{"vm_id":1}"#))["reset_us"].as_u64().is_some());
+    assert!(api.json("PUT", "/reset", Some(r#"{"vm_id":3}"#))["reset_us"].as_u64().is_some());
+    api.json("PATCH", "/vm", Some(r#"{"state":"Resumed","vm_id":2}"#));
+    assert_eq!(states(&api.json("GET", "/vms", None)).iter().filter(|v| v.2 == "Running").count(), 4);
+    api.shutdown();
+}
+
+#[test]
+fn bad_requests_get_4xx_and_leave_the_vms_alone() {
+    let api = Served::start("api-bad");
+    api.json("PUT", "/clone", None);
+    let before = states(&api.json("GET", "/vms", None));
+    let not_a_snapshot = api.dir.join("nothing.json");
+    std::fs::write(&not_a_snapshot, "{}\n{}").unwrap();
+    let load = serde_json::json!({ "snapshot_path": not_a_snapshot }).to_string();
+    for (method, path, body, status, needle) in [
+        ("PUT", "/clone", Some("{not json"), 400, "malformed JSON"),
+        ("PATCH", "/vm", Some(r#"{"state":"Sleeping"}"#), 400, "Sleeping"),
+        ("PUT", "/clone", Some(r#"{"vm_id":42}"#), 404, "no VM with id 42"),
+        ("GET", "/?vm_id=42", None, 404, "42"),
+        ("PUT", "/snapshot/load", Some(load.as_str()), 400, "nothing.json"),
+        ("PUT", "/snapshot/load", Some(r#"{"snapshot_path":"/nonexistent/s.json"}"#), 400, "/nonexistent/s.json"),
+        ("PUT", "/snapshot/create", Some(r#"{"snapshot_path":"x","snapshot_type":"Diff"}"#), 400, "diff"),
+        ("PUT", "/reset", Some(r#"{"vm_id":0}"#), 400, "no snapshot to reset to"),
+        ("PUT", "/clone", Some(r#"{"vm":1}"#), 400, "unknown field"),
+        ("DELETE", "/vms", None, 404, "no endpoint DELETE /vms"),
+    ] {
+        let response = api.call(method, path, body);
+        assert_eq!(response.status, status, "{method} {path} {body:?}: {response:?}");
+        assert!(response.body.contains(needle), "{method} {path}: {}", response.body);
+    }
+    assert_eq!(states(&api.json("GET", "/vms", None)), before, "bad requests changed the VMs");
+    api.shutdown();
+}
+
+#[test]
+fn ctl_speaks_for_the_cli() {
+    let api = Served::start("api-ctl");
+    let sock = api.socket.to_str().unwrap().to_string();
+    let ctl = |args: &[&str]| {
+        let mut all = vec!["ctl", "--api-sock", sock.as_str()];
+        all.extend_from_slice(args);
+        run_zygote(&all)
+    };
+    let out = ctl(&["clone"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"vm_id\":1"));
+    let out = ctl(&["vms"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"parent\":0"));
+    let out = ctl(&["pause", "--vm", "7"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("HTTP 404"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(ctl(&["shutdown"]).status.success());
+    let gone = run_zygote(&["ctl", "--api-sock", Path::new(&sock).to_str().unwrap(), "vms"]);
+    assert_eq!(gone.status.code(), Some(1));
+}
+
+#[test]
+fn a_clone_prints_with_its_own_prefix_and_goes_on_from_the_instant() {
+    let api = Served::start_guest("api-prefix", &["--guest", "sequence", "--arg", "24"], Stdio::piped());
+    std::thread::sleep(Duration::from_millis(150));
+    assert_eq!(api.json("PUT", "/clone", None)["vm_id"], 1);
+    let mut api = api;
+    let mut stdout = api.child.stdout.take().unwrap();
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut out).unwrap();
+    let status = api.child.wait().unwrap();
+    assert!(status.success(), "the root guest ends the process with its code 0: {status}");
+    let lines = |prefix: &str| -> Vec<String> {
+        out.lines().filter_map(|l| l.strip_prefix(prefix)).map(str::to_string).collect()
+    };
+    let (root, clone) = (lines("[vm0] "), lines("[vm1] "));
+    assert_eq!(root.len(), 24, "{out}");
+    // The clone may be cut off when the root ends the process: compare its whole lines.
+    let whole: Vec<&String> = clone.iter().filter(|l| l.len() == 16).collect();
+    assert!(!whole.is_empty(), "the clone printed nothing: {out}");
+    let start = root.iter().position(|l| l == whole[0]).expect("the clone's first line is one of the root's");
+    for (i, line) in whole.iter().enumerate() {
+        assert_eq!(&&root[start + i], line, "the clone's line {i} differs from the root's");
+    }
+}

@@ -1,0 +1,217 @@
+//! Benchmarks behind `zygote bench`: reset rate and cost against its floor, and the source's
+//! pause time when cloning a big VM with some of its RAM dirty. Tests assert behaviour only;
+//! numbers come from here.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kvm_ioctls::VcpuExit;
+use memory::{Bytes, GuestAddress, PAGE_SIZE};
+use serde::Serialize;
+
+use crate::builder::{build_tiny_vm, create_ram, BuildError, VmConfig};
+use crate::clone::{clone_vm, CloneError};
+use crate::devices::Console;
+use crate::guests;
+use crate::layout::{COUNTERS_ADDR, GUEST_CODE_ADDR, TOUCH_ADDR, VM_ID_ADDR};
+use crate::longmode::write_tables;
+use crate::machine::{VmOutcome, VmmError};
+use crate::regs::{setup_tiny_guest_vcpu, EntryArgs};
+use crate::snapshot::{ResetError, VmSnapshot};
+use crate::vm::Vm;
+
+/// What failed while benchmarking.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error("cannot build the benchmark VM")]
+    Build(#[from] BuildError),
+    #[error("cannot pause the benchmark VM")]
+    Pause(#[from] VmmError),
+    #[error("reset failed")]
+    Reset(#[from] ResetError),
+    #[error("clone failed")]
+    Clone(#[from] CloneError),
+    #[error("the guest did not {what} (outcome {outcome})")]
+    Guest { what: &'static str, outcome: String },
+    #[error("KVM_RUN of the round-trip probe failed")]
+    Run(#[source] kvm_ioctls::Error),
+    #[error("{mem_mib} MiB is too small for {pages} dirty pages above {TOUCH_ADDR:#x}")]
+    TooSmall { mem_mib: u64, pages: u64 },
+}
+
+/// `zygote bench reset`.
+#[derive(Clone, Debug, Serialize)]
+pub struct ResetBench {
+    pub rounds: usize,
+    /// Whole fuzzing-loop iterations (run the guest, pause, reset) per second.
+    pub loops_per_s: f64,
+    pub reset_us_p50: f64,
+    pub reset_us_p99: f64,
+    /// Medians of the two parts of a reset: RAM copy-back, and vCPU/device/clock state.
+    pub reset_ram_us_p50: f64,
+    pub reset_state_us_p50: f64,
+    /// Pages the guest dirtied per round (its 16 plus whatever else it touched).
+    pub dirty_pages: usize,
+    /// memcpy of that many pages, measured here.
+    pub memcpy_us: f64,
+    /// One KVM_RUN round trip (an I/O exit), median, measured here.
+    pub kvm_run_us: f64,
+    /// reset p50 ÷ (memcpy of the dirty pages + one KVM_RUN).
+    pub ratio: f64,
+}
+
+/// `zygote bench clone`.
+#[derive(Clone, Debug, Serialize)]
+pub struct CloneBench {
+    pub mem_mib: u64,
+    pub clones: usize,
+    /// Pages the source guest rewrites between two clones.
+    pub dirty_pages: u64,
+    pub pause_us_p50: u64,
+    pub pause_us_p99: u64,
+    pub capture_us_p50: u64,
+    pub ram_clone_us_p50: u64,
+    pub build_us_p50: u64,
+}
+
+fn percentile<T: Copy + Ord>(sorted: &[T], pct: usize) -> T {
+    sorted[(sorted.len() * pct / 100).min(sorted.len() - 1)]
+}
+
+fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+/// Runs `dirty16` `rounds` times, resetting to its snapshot after each run.
+pub fn bench_reset(rounds: usize) -> Result<ResetBench, BenchError> {
+    let rounds = rounds.max(1);
+    let config = VmConfig { console: Console::capture().0, ..VmConfig::default() };
+    let mut vm = build_tiny_vm(&config, guests::find("dirty16").expect("dirty16 is bundled"), 0)?;
+    let token = vm.pause()?;
+    let snap = VmSnapshot::take(&vm, &token)?;
+    let mut token = Some(token);
+    let mut resets = Vec::with_capacity(rounds);
+    let mut dirty_pages = 0;
+    let start = Instant::now();
+    for _ in 0..rounds {
+        vm.resume(token.take().expect("paused between rounds"));
+        if !vm.wait_timeout(Duration::from_secs(10)) || !matches!(vm.outcome(), Some(VmOutcome::Exited(0))) {
+            return Err(BenchError::Guest { what: "exit 0", outcome: format!("{:?}", vm.outcome()) });
+        }
+        let t = vm.pause()?;
+        dirty_pages = vm.ram().take_dirty().len();
+        resets.push(snap.reset(&mut vm, &t, None)?);
+        token = Some(t);
+    }
+    let loops_per_s = rounds as f64 / start.elapsed().as_secs_f64();
+    let _paused = token;
+    let mut ram: Vec<Duration> = resets.iter().map(|r| r.ram).collect();
+    let mut state: Vec<Duration> = resets.iter().map(|r| r.state).collect();
+    let mut resets: Vec<Duration> = resets.iter().map(|r| r.total()).collect();
+    resets.sort();
+    ram.sort();
+    state.sort();
+    let memcpy_us = us(memcpy_time(dirty_pages));
+    let kvm_run_us = us(kvm_run_round_trip(1000)?);
+    let reset_us_p50 = us(percentile(&resets, 50));
+    Ok(ResetBench {
+        rounds,
+        loops_per_s,
+        reset_us_p50,
+        reset_us_p99: us(percentile(&resets, 99)),
+        reset_ram_us_p50: us(percentile(&ram, 50)),
+        reset_state_us_p50: us(percentile(&state, 50)),
+        dirty_pages,
+        memcpy_us,
+        kvm_run_us,
+        ratio: reset_us_p50 / (memcpy_us + kvm_run_us),
+    })
+}
+
+/// Median time to memcpy `pages` pages between two buffers.
+fn memcpy_time(pages: usize) -> Duration {
+    let src = vec![0x5au8; pages.max(1) * PAGE_SIZE];
+    let mut dst = vec![0u8; src.len()];
+    let mut samples: Vec<Duration> = (0..1000)
+        .map(|_| {
+            let t = Instant::now();
+            dst.copy_from_slice(std::hint::black_box(&src));
+            std::hint::black_box(&mut dst);
+            t.elapsed()
+        })
+        .collect();
+    samples.sort();
+    percentile(&samples, 50)
+}
+
+/// Median KVM_RUN round trip: a vCPU on this thread parked in `hello`'s `out` loop.
+fn kvm_run_round_trip(samples: usize) -> Result<Duration, BenchError> {
+    let ram = create_ram(&VmConfig::default())?;
+    write_tables(&ram).map_err(BuildError::from)?;
+    let hello = guests::find("hello").expect("hello is bundled");
+    ram.write_slice(hello.code, GuestAddress(GUEST_CODE_ADDR))
+        .map_err(|source| BuildError::LoadGuest { addr: GUEST_CODE_ADDR, source })?;
+    let vm = Vm::new(Arc::clone(&ram)).map_err(BuildError::from)?;
+    let mut fd = vm.create_vcpu(0).map_err(BuildError::from)?;
+    // vCPU index 1: `hello` sends it straight to its park loop, one port exit per KVM_RUN.
+    setup_tiny_guest_vcpu(&fd, EntryArgs { vm_id: 0, vcpu: 1, arg: 0 })
+        .map_err(|source| BuildError::Vcpu(crate::vcpu::VcpuError::Setup { vcpu: 0, source }))?;
+    let mut times = Vec::with_capacity(samples);
+    for _ in 0..samples + 10 {
+        let t = Instant::now();
+        match fd.run().map_err(BenchError::Run)? {
+            VcpuExit::IoOut(..) => times.push(t.elapsed()),
+            other => return Err(BenchError::Guest { what: "exit on a port", outcome: format!("{other:?}") }),
+        }
+    }
+    times.drain(..10); // warm-up
+    times.sort();
+    Ok(percentile(&times, 50))
+}
+
+/// Clones a running `spin` VM of `mem_mib` MiB `clones` times, the guest rewriting
+/// `dirty_percent` % of its RAM between clones.
+pub fn bench_clone(mem_mib: u64, clones: usize, dirty_percent: u64) -> Result<CloneBench, BenchError> {
+    let clones = clones.max(1);
+    let pages = (mem_mib << 20) / PAGE_SIZE as u64 * dirty_percent / 100;
+    if TOUCH_ADDR + pages * PAGE_SIZE as u64 > mem_mib << 20 {
+        return Err(BenchError::TooSmall { mem_mib, pages });
+    }
+    let config = VmConfig { mem_mib, vm_id: 1, console: Console::capture().0, ..VmConfig::default() };
+    let mut vm = build_tiny_vm(&config, guests::find("spin").expect("spin is bundled"), pages)?;
+    vm.start();
+    let mut reports = Vec::with_capacity(clones);
+    let mut last = 0;
+    for i in 0..=clones {
+        // Let the guest go once through its working set: `pages` pages dirty since the last clone.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while vm.ram().read_obj::<u64>(GuestAddress(COUNTERS_ADDR)).unwrap_or(0) < last + pages.max(1) {
+            if Instant::now() > deadline {
+                return Err(BenchError::Guest { what: "make progress", outcome: format!("{:?}", vm.outcome()) });
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        let (clone, report) = clone_vm(&mut vm, 1000 + i as u64, &Console::capture().0, Some(GuestAddress(VM_ID_ADDR)))?;
+        drop(clone);
+        last = vm.ram().read_obj::<u64>(GuestAddress(COUNTERS_ADDR)).unwrap_or(0);
+        if i > 0 {
+            reports.push(report); // clone 0 is warm-up (it probes the MSR list)
+        }
+    }
+    let sorted = |f: fn(&crate::clone::CloneReport) -> u64| {
+        let mut v: Vec<u64> = reports.iter().map(f).collect();
+        v.sort_unstable();
+        v
+    };
+    let pause = sorted(|r| r.pause_us);
+    Ok(CloneBench {
+        mem_mib,
+        clones,
+        dirty_pages: pages,
+        pause_us_p50: percentile(&pause, 50),
+        pause_us_p99: percentile(&pause, 99),
+        capture_us_p50: percentile(&sorted(|r| r.capture_us), 50),
+        ram_clone_us_p50: percentile(&sorted(|r| r.ram_clone_us), 50),
+        build_us_p50: percentile(&sorted(|r| r.build_us), 50),
+    })
+}
