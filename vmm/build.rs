@@ -16,6 +16,7 @@ const GUESTS: &[(&str, u64)] = &[
     ("fault", layout::GUEST_CODE_ADDR),
     ("exitcode", layout::GUEST_CODE_ADDR),
     ("spin", layout::GUEST_CODE_ADDR),
+    ("dma", layout::GUEST_CODE_ADDR),
     ("sequence", layout::GUEST_CODE_ADDR),
     ("dirty16", layout::GUEST_CODE_ADDR),
 ];
@@ -35,6 +36,21 @@ fn symbols() -> Vec<(&'static str, u64)> {
         ("EXIT_PORT", u64::from(layout::EXIT_PORT)),
         ("PARK_PORT", u64::from(layout::PARK_PORT)),
         ("TRAP_PORT", u64::from(layout::TRAP_PORT)),
+        ("VIRTIO_BLK_MMIO_ADDR", layout::VIRTIO_BLK_MMIO_ADDR),
+        ("DMA_ENGINE_MMIO_ADDR", layout::DMA_ENGINE_MMIO_ADDR),
+        ("DMA_GUEST_QUEUE_SIZE", layout::DMA_GUEST_QUEUE_SIZE),
+        ("DMA_GUEST_DESC_ADDR", layout::DMA_GUEST_DESC_ADDR),
+        ("DMA_GUEST_AVAIL_ADDR", layout::DMA_GUEST_AVAIL_ADDR),
+        ("DMA_GUEST_USED_ADDR", layout::DMA_GUEST_USED_ADDR),
+        ("DMA_GUEST_REQ_ADDR", layout::DMA_GUEST_REQ_ADDR),
+        ("DMA_GUEST_RESULTS_ADDR", layout::DMA_GUEST_RESULTS_ADDR),
+        ("DMA_GUEST_DMA_BUF", layout::DMA_GUEST_DMA_BUF),
+        ("DMA_GUEST_DMA_LEN", layout::DMA_GUEST_DMA_LEN),
+        ("DMA_GUEST_DMA_CHUNK", layout::DMA_GUEST_DMA_CHUNK),
+        ("DMA_GUEST_DMA_PACING_US", layout::DMA_GUEST_DMA_PACING_US),
+        ("DMA_GUEST_PATTERN", layout::DMA_GUEST_PATTERN),
+        ("DMA_GUEST_BLK_BUF", layout::DMA_GUEST_BLK_BUF),
+        ("DMA_GUEST_BLK_LEN", layout::DMA_GUEST_BLK_LEN),
     ]
 }
 

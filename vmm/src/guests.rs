@@ -26,6 +26,11 @@ pub const TINY_GUESTS: &[TinyGuest] = &[
         code: guest_bin!("spin"),
     },
     TinyGuest {
+        name: "dma",
+        about: "runs a paced 1 MiB DMA-engine transfer and a virtio-blk read of the disk's first 64 KiB at once, prints their FNV-1a 64 checksums",
+        code: guest_bin!("dma"),
+    },
+    TinyGuest {
         name: "sequence",
         about: "prints --arg lines (16 if 0) of a deterministic LCG sequence, one per 2^24 steps, exits 0",
         code: guest_bin!("sequence"),

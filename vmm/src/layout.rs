@@ -69,6 +69,42 @@ pub const VIRTIO_BLK_IRQ: u32 = 5;
 pub const DMA_ENGINE_MMIO_ADDR: u64 = 0xD000_1000;
 /// The DMA test engine's interrupt line (tiny guests poll).
 pub const DMA_ENGINE_IRQ: u32 = 6;
+/// End of the MMIO device pages: the tiny guests' identity map also covers the 2 MiB page(s)
+/// holding `VIRTIO_BLK_MMIO_ADDR..MMIO_DEVICES_END`, so CPL3 code can reach the registers.
+pub const MMIO_DEVICES_END: u64 = DMA_ENGINE_MMIO_ADDR + 0x1000;
+
+// The `dma` guest (resources/guests/dma.s): where it puts its virtio queue, its buffers and
+// its results. All below `DMA_GUEST_MIN_RAM`, clear of everything above.
+/// Its virtio-blk queue size (a power of two; the device allows up to 256).
+pub const DMA_GUEST_QUEUE_SIZE: u64 = 8;
+/// Its virtio-blk descriptor table (16-byte aligned).
+pub const DMA_GUEST_DESC_ADDR: u64 = 0x15_0000;
+/// Its virtio-blk available ring.
+pub const DMA_GUEST_AVAIL_ADDR: u64 = 0x15_1000;
+/// Its virtio-blk used ring.
+pub const DMA_GUEST_USED_ADDR: u64 = 0x15_2000;
+/// Its virtio-blk request header (16 bytes); the status byte follows at +16.
+pub const DMA_GUEST_REQ_ADDR: u64 = 0x15_3000;
+/// Its results: u64 FNV-1a 64 of the DMA buffer at +0, of the bytes read from disk at +8, the
+/// number of bytes read at +16, and the exit code at +24.
+pub const DMA_GUEST_RESULTS_ADDR: u64 = 0x15_4000;
+/// Where the DMA engine writes its pattern transfer.
+pub const DMA_GUEST_DMA_BUF: u64 = 0x40_0000;
+/// Length of the DMA transfer (1 MiB).
+pub const DMA_GUEST_DMA_LEN: u64 = 0x10_0000;
+/// Bytes the engine writes per step.
+pub const DMA_GUEST_DMA_CHUNK: u64 = 0x1000;
+/// Pause between steps in microseconds (unless `--arg` gives another): 256 chunks take >= 256 ms.
+pub const DMA_GUEST_DMA_PACING_US: u64 = 1000;
+/// The engine's source: these 8 little-endian bytes, repeated.
+pub const DMA_GUEST_PATTERN: u64 = 0x5a17_c0de_d00d_f00d;
+/// Where virtio-blk reads the disk's first sectors.
+pub const DMA_GUEST_BLK_BUF: u64 = 0x50_0000;
+/// Most bytes read from the disk (one 64 KiB segment, the device's `size_max`); less if the
+/// disk is smaller.
+pub const DMA_GUEST_BLK_LEN: u64 = 0x1_0000;
+/// RAM the `dma` guest needs.
+pub const DMA_GUEST_MIN_RAM: u64 = DMA_GUEST_BLK_BUF + DMA_GUEST_BLK_LEN;
 
 /// 16550 UART (COM1).
 pub const SERIAL_PORT: u16 = 0x3f8;

@@ -111,9 +111,11 @@ pub fn tss_bytes() -> Vec<u8> {
     tss
 }
 
-/// Writes page tables identity-mapping `0..map_end` (rounded up to 2 MiB) with U/S everywhere.
+/// Writes page tables identity-mapping `0..map_end` (rounded up to 2 MiB), and the MMIO device
+/// pages (`VIRTIO_BLK_MMIO_ADDR..MMIO_DEVICES_END`), with U/S everywhere.
 fn write_page_tables(ram: &GuestRam, map_end: u64) -> Result<(), LongModeError> {
-    let directories = map_end.div_ceil(GIB);
+    let mapped = |addr: u64| addr < map_end || (addr < MMIO_DEVICES_END && addr + HUGE_PAGE > VIRTIO_BLK_MMIO_ADDR);
+    let directories = map_end.max(MMIO_DEVICES_END).div_ceil(GIB);
     write(ram, "PML4", PML4_ADDR, &(PDPT_ADDR | TABLE_FLAGS).to_le_bytes())?;
     let pdpt: Vec<u64> = (0..directories).map(|i| (PD_ADDR + i * 0x1000) | TABLE_FLAGS).collect();
     write(ram, "PDPT", PDPT_ADDR, &words_to_bytes(&pdpt))?;
@@ -121,8 +123,7 @@ fn write_page_tables(ram: &GuestRam, map_end: u64) -> Result<(), LongModeError> 
         let first = dir * GIB;
         let pd: Vec<u64> = (0..512)
             .map(|i| first + i * HUGE_PAGE)
-            .take_while(|&addr| addr < map_end)
-            .map(|addr| addr | TABLE_FLAGS | PTE_HUGE)
+            .map(|addr| if mapped(addr) { addr | TABLE_FLAGS | PTE_HUGE } else { 0 })
             .collect();
         write(ram, "page directory", PD_ADDR + dir * 0x1000, &words_to_bytes(&pd))?;
     }
@@ -163,6 +164,14 @@ const _: () = {
     assert!(STACKS_TOP <= MIN_RAM);
     assert!(STACKS_TOP <= TOUCH_ADDR);
     assert!(UNMAPPED_ADDR >= (PD_END - PD_ADDR) / 0x1000 * GIB);
+    assert!(MMIO_GAP_START <= VIRTIO_BLK_MMIO_ADDR && MMIO_DEVICES_END <= HIGH_RAM_START);
+    // The dma guest's rings, request and results sit between dirty16's pages and the stacks;
+    // its buffers above the stacks, below spin's touch pages.
+    assert!(DIRTY_ADDR + DIRTY_PAGES * 0x1000 <= DMA_GUEST_DESC_ADDR);
+    assert!(DMA_GUEST_DESC_ADDR + 16 * DMA_GUEST_QUEUE_SIZE <= DMA_GUEST_AVAIL_ADDR);
+    assert!(DMA_GUEST_RESULTS_ADDR + 0x1000 <= STACKS_TOP - 32 * STACK_SIZE);
+    assert!(STACKS_TOP <= DMA_GUEST_DMA_BUF && DMA_GUEST_DMA_BUF + DMA_GUEST_DMA_LEN <= DMA_GUEST_BLK_BUF);
+    assert!(DMA_GUEST_MIN_RAM <= TOUCH_ADDR && DMA_GUEST_MIN_RAM <= MMIO_GAP_START);
 };
 
 #[cfg(test)]
@@ -204,6 +213,21 @@ mod tests {
         assert_eq!(pdpt, PD_ADDR | 7);
         assert_eq!(pd2, (4 << 20) | 0x87);
         assert_eq!(pd3, 0, "nothing mapped past the end of RAM");
+    }
+
+    #[test]
+    fn mmio_device_pages_are_mapped_for_cpl3() {
+        let ram = GuestRam::new(&[(GuestAddress(0), 6 << 20)]).unwrap();
+        write_tables(&ram).unwrap();
+        let page = VIRTIO_BLK_MMIO_ADDR & !(HUGE_PAGE - 1);
+        let dir = page / GIB;
+        let pdpte: u64 = ram.read_obj(GuestAddress(PDPT_ADDR + 8 * dir)).unwrap();
+        assert_eq!(pdpte, (PD_ADDR + dir * 0x1000) | 7);
+        let pde: u64 = ram.read_obj(GuestAddress(PD_ADDR + dir * 0x1000 + 8 * ((page % GIB) / HUGE_PAGE))).unwrap();
+        assert_eq!(pde, page | 0x87);
+        assert!(MMIO_DEVICES_END <= page + HUGE_PAGE, "both device pages in one 2 MiB page");
+        let before: u64 = ram.read_obj(GuestAddress(PD_ADDR + dir * 0x1000 + 8 * ((page % GIB) / HUGE_PAGE - 1))).unwrap();
+        assert_eq!(before, 0, "the rest of the MMIO gap stays unmapped");
     }
 
     #[test]
