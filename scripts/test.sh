@@ -1,8 +1,23 @@
 #!/usr/bin/env bash
 # Runs Zygote's test suite, installing binutils and Rust first if this machine lacks them.
-# Extra arguments go to `cargo test` (e.g. scripts/test.sh -- --nocapture).
+#   scripts/test.sh           the default run (a few minutes): every test but the slow ones
+#   scripts/test.sh --slow    also builds the Linux guest (resources/linux/build.sh, cached
+#                             outside the repo) and boots it: the ignored slow tests
+# Other arguments go to `cargo test` (e.g. scripts/test.sh -- --nocapture).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/setup.sh
 ensure_all
+
+if [ "${1:-}" = "--slow" ]; then
+    shift
+    # Builds (or reuses) the kernel and initramfs; the last lines name them.
+    paths=$(resources/linux/build.sh)
+    export ZYGOTE_VMLINUX=$(sed -n 's/^VMLINUX=//p' <<<"$paths")
+    export ZYGOTE_INITRD=$(sed -n 's/^INITRAMFS=//p' <<<"$paths")
+    export ZYGOTE_BZIMAGE=$(sed -n 's/^BZIMAGE=//p' <<<"$paths")
+    cargo build -j1 --release -p zygote-vmm --bin zygote
+    cargo test -j1 --release -p zygote-tests --test linux_cli "$@" -- --ignored
+    exec cargo test -j1 --release -p zygote-vmm --test linux_boot "$@" -- --ignored
+fi
 exec cargo test --workspace -j1 "$@"

@@ -1,11 +1,22 @@
-//! The entry point for booting a Linux kernel. The loader itself (`vmm::linux`) is written on
-//! another branch; until it is wired in, `boot_linux` checks its inputs and says so.
+//! `zygote run --kernel`: build a VM for a Linux kernel and run it. A flat recipe: RAM, KVM VM
+//! with an in-kernel irqchip and PIT, the kernel, initrd and command line (`crate::linux`), the
+//! serial port's interrupt as an irqfd, then the vCPUs.
 
-use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
+use std::sync::{mpsc, Arc, Mutex};
 
-use crate::builder::{ConfigError, VmConfig};
-use crate::machine::VmOutcome;
+use kvm_ioctls::Kvm;
+
+use crate::builder::{create_ram, BuildError, ConfigError, VmConfig};
+use crate::bus::Bus;
+use crate::devices::{attach_legacy_devices, attach_mmio_devices, DeviceError};
+use crate::linux::{self, LinuxBootError};
+use crate::machine::{VmOutcome, Vmm};
+use crate::vcpu::{spawn_vcpu, VcpuContext, VcpuError};
+use crate::vm::{Vm, VmError};
+
+/// The ISA interrupt of COM1.
+const SERIAL_IRQ: u32 = 4;
 
 /// What `zygote run --kernel` asks for.
 #[derive(Clone, Debug)]
@@ -13,69 +24,94 @@ pub struct LinuxConfig {
     pub vm: VmConfig,
     pub kernel: PathBuf,
     pub initrd: Option<PathBuf>,
+    /// None: `linux::DEFAULT_CMDLINE`. Device fragments (virtio-mmio) are appended either way.
     pub cmdline: Option<String>,
 }
 
-/// Errors booting Linux.
+/// What failed booting Linux.
 #[derive(Debug, thiserror::Error)]
-pub enum LinuxBootError {
+pub enum BootError {
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error("cannot read {what} {path}")]
-    Read {
-        what: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{what} {path} is not a regular file")]
-    NotAFile { what: &'static str, path: PathBuf },
-    #[error("kernel {path} is neither an ELF vmlinux nor a bzImage")]
-    NotAKernel { path: PathBuf },
-    #[error("Linux boot not built yet (kernel {path} looks fine)")]
-    NotBuilt { path: PathBuf },
+    #[error("cannot build the VM")]
+    Build(#[from] BuildError),
+    #[error(transparent)]
+    Load(#[from] LinuxBootError),
+    #[error("cannot create the KVM VM")]
+    Vm(#[from] VmError),
+    #[error("cannot attach devices")]
+    Devices(#[from] DeviceError),
+    #[error("cannot wire the serial interrupt (irqfd on GSI {SERIAL_IRQ})")]
+    SerialIrq(#[source] kvm_ioctls::Error),
+    #[error("cannot set up a vCPU")]
+    Vcpu(#[from] VcpuError),
 }
 
-impl LinuxBootError {
-    /// Whether the user's input is at fault (the CLI exits 2). Everything is, for now.
+impl BootError {
+    /// Whether the user's input (kernel, initrd, command line, sizes) is at fault: exit 2.
     pub fn is_bad_input(&self) -> bool {
-        true
+        match self {
+            BootError::Config(_) => true,
+            BootError::Build(e) => e.is_bad_input(),
+            BootError::Devices(_) => true,
+            BootError::Load(e) => !matches!(
+                e,
+                LinuxBootError::Kvm { .. } | LinuxBootError::SetMsrs { .. } | LinuxBootError::GuestWrite { .. }
+            ),
+            BootError::Vm(_) | BootError::SerialIrq(_) | BootError::Vcpu(_) => false,
+        }
     }
 }
 
-fn open_file(what: &'static str, path: &Path) -> Result<std::fs::File, LinuxBootError> {
-    let read_err = |source| LinuxBootError::Read { what, path: path.to_path_buf(), source };
-    let file = std::fs::File::open(path).map_err(read_err)?;
-    if !file.metadata().map_err(read_err)?.is_file() {
-        return Err(LinuxBootError::NotAFile { what, path: path.to_path_buf() });
-    }
-    Ok(file)
-}
-
-/// Whether the first bytes of a file are an ELF header or a bzImage setup header ("HdrS").
-fn looks_like_kernel(head: &[u8]) -> bool {
-    head.starts_with(b"\x7fELF") || head.get(0x202..0x206) == Some(b"HdrS")
-}
-
-/// Boots `config.kernel`. Not wired to the loader yet: validates the inputs, then reports that.
-pub fn boot_linux(config: &LinuxConfig) -> Result<VmOutcome, LinuxBootError> {
+/// Builds a paused VM that will boot `config.kernel`.
+pub fn build_linux_vm(config: &LinuxConfig) -> Result<Vmm, BootError> {
     config.vm.validate()?;
-    let mut head = Vec::with_capacity(0x206);
-    open_file("kernel", &config.kernel)?
-        .take(0x206)
-        .read_to_end(&mut head)
-        .map_err(|source| LinuxBootError::Read { what: "kernel", path: config.kernel.clone(), source })?;
-    if !looks_like_kernel(&head) {
-        return Err(LinuxBootError::NotAKernel { path: config.kernel.clone() });
+    let vcpus = u8::try_from(config.vm.vcpus).unwrap_or(u8::MAX);
+    let ram = create_ram(&config.vm)?;
+    let vm = Vm::new(Arc::clone(&ram))?;
+    linux::create_irqchip_and_pit(vm.fd())?;
+    let mut pio = Bus::new();
+    let mut devices = attach_legacy_devices(&mut pio, &config.vm.console)?;
+    let mut mmio = Bus::new();
+    let mmio_devices = attach_mmio_devices(&mut mmio, &ram, config.vm.disk.as_deref())?;
+    let mut cmdline = config.cmdline.clone().unwrap_or_else(|| linux::DEFAULT_CMDLINE.to_string());
+    let fragment = mmio_devices.kernel_cmdline();
+    if !fragment.is_empty() {
+        cmdline.push(' ');
+        cmdline.push_str(&fragment);
     }
-    if let Some(initrd) = &config.initrd {
-        open_file("initrd", initrd)?;
+    devices.mmio = Some(mmio_devices);
+    let entry = linux::load_kernel(&ram, &config.kernel, config.initrd.as_deref(), &cmdline, vcpus)?;
+    {
+        let serial = devices.serial.lock().unwrap_or_else(|e| e.into_inner());
+        vm.fd().register_irqfd(&serial.irq().0, SERIAL_IRQ).map_err(BootError::SerialIrq)?;
     }
-    Err(LinuxBootError::NotBuilt { path: config.kernel.clone() })
+    let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+    let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
+    let (events_tx, events) = mpsc::channel();
+    let mut handles = Vec::new();
+    for index in 0..vcpus {
+        let fd = vm.create_vcpu(u64::from(index))?;
+        linux::setup_boot_vcpu(&fd, &kvm, &entry, index)?;
+        let fd = Arc::new(Mutex::new(fd));
+        let ctx = VcpuContext {
+            index: usize::from(index),
+            fd,
+            pio: Arc::clone(&pio),
+            mmio: Arc::clone(&mmio),
+            ram: Arc::clone(&ram),
+        };
+        handles.push(spawn_vcpu(ctx, events_tx.clone())?);
+    }
+    Ok(Vmm::from_parts(config.vm.vm_id, vm, handles, events, (pio, mmio), devices))
+}
+
+/// Boots `config.kernel` and runs it until the guest resets (0xFE to port 0x64) or fails.
+pub fn boot_linux(config: &LinuxConfig) -> Result<VmOutcome, BootError> {
+    Ok(build_linux_vm(config)?.run())
 }
 
 #[cfg(test)]
-#[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
 
@@ -84,18 +120,11 @@ mod tests {
     }
 
     #[test]
-    fn refuses_what_is_not_a_kernel() {
-        assert!(matches!(boot_linux(&config("/dev/null")), Err(LinuxBootError::NotAFile { .. })));
-        assert!(matches!(boot_linux(&config("Cargo.toml")), Err(LinuxBootError::NotAKernel { .. })));
-        assert!(matches!(boot_linux(&config("/nonexistent")), Err(LinuxBootError::Read { .. })));
-    }
-
-    #[test]
-    fn recognises_elf_and_bzimage_headers() {
-        assert!(looks_like_kernel(b"\x7fELF\x02\x01"));
-        let mut bz = vec![0u8; 0x206];
-        bz[0x202..].copy_from_slice(b"HdrS");
-        assert!(looks_like_kernel(&bz));
-        assert!(!looks_like_kernel(b"# README"));
+    fn refuses_what_is_not_a_kernel_as_bad_input() {
+        for path in ["/dev/null", "Cargo.toml", "/nonexistent"] {
+            let err = boot_linux(&config(path)).err().unwrap_or_else(|| panic!("{path} booted"));
+            assert!(err.is_bad_input(), "{path}: {err}");
+            assert!(err.to_string().contains(path), "{path}: {err}");
+        }
     }
 }

@@ -21,7 +21,7 @@ pub mod vcpu;
 pub mod vm;
 pub mod vstate;
 
-pub use boot::{boot_linux, LinuxBootError, LinuxConfig};
+pub use boot::{boot_linux, build_linux_vm, BootError, LinuxConfig};
 pub use builder::{build_tiny_vm, run_tiny_guest, BuildError, ConfigError, VmConfig};
 pub use devices::Console;
 pub use machine::{Paused, VmOutcome, Vmm, VmmError};

@@ -130,6 +130,12 @@ pub fn load_kernel(
 pub fn setup_vm(vm: &VmFd) -> Result<(), LinuxBootError> {
     let tss = usize::try_from(layout::KVM_TSS_ADDR).unwrap_or(usize::MAX);
     vm.set_tss_address(tss).map_err(LinuxBootError::kvm("KVM_SET_TSS_ADDR"))?;
+    create_irqchip_and_pit(vm)
+}
+
+/// The in-kernel PIC, IOAPIC, LAPICs and PIT a Linux guest needs, for a VM whose TSS address
+/// is already set (as `crate::vm::Vm::new` does).
+pub fn create_irqchip_and_pit(vm: &VmFd) -> Result<(), LinuxBootError> {
     vm.create_irq_chip().map_err(LinuxBootError::kvm("KVM_CREATE_IRQCHIP"))?;
     let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
     vm.create_pit2(pit).map_err(LinuxBootError::kvm("KVM_CREATE_PIT2"))?;
