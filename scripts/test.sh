@@ -18,6 +18,7 @@ if [ "${1:-}" = "--slow" ]; then
     export ZYGOTE_BZIMAGE=$(sed -n 's/^BZIMAGE=//p' <<<"$paths")
     cargo build -j1 --release -p zygote-vmm --bin zygote
     cargo test -j1 --release -p zygote-tests --test linux_cli "$@" -- --ignored
-    exec cargo test -j1 --release -p zygote-vmm --test linux_boot "$@" -- --ignored
+    # One boot at a time: PVM emulates the guest kernel, and two boots on two cores crawl.
+    exec cargo test -j1 --release -p zygote-vmm --test linux_boot "$@" -- --ignored --test-threads=1
 fi
 exec cargo test --workspace -j1 "$@"
