@@ -7,6 +7,7 @@
 # Usage: resources/linux/build.sh
 #   Outputs (outside the repo, reused while the inputs are unchanged):
 #     ${ZYGOTE_CACHE:-$HOME/.cache/zygote}/linux/{vmlinux,bzImage,initramfs.cpio}
+#     and, for reference, the kernel's final .config as linux/config
 #   stdout carries only these lines, the last two always in this order:
 #     BZIMAGE=/abs/path  VMLINUX=/abs/path  INITRAMFS=/abs/path
 #   Progress goes to stderr, the kernel build's output to linux/build.log.
@@ -27,10 +28,14 @@
 # Guest command line the outputs are meant for (see GUEST.md for each word):
 #   console=ttyS0 reboot=k panic=-1 noxsave
 #   clearcpuid=popcnt,rdrand,rdseed,fsgsbase,smap,invpcid,pcid,rdpid,pku,clflushopt,clwb,erms,fsrm
-#   mitigations=off tsc=reliable quiet
+#   mitigations=off tsc=reliable rodata=off quiet
+# (rodata=off skips mark_rodata_ro(), whose page-table rewrites and TLB
+# flushes took 15-20 s of emulated CPL0 time here, far more on a busy host),
 # plus `virtio_mmio.device=SIZE@ADDR:IRQ` per device and `zygote_blk=1` to
 # make init print `ZYGOTE-BLK <FNV-1a 64 of the first 4096 bytes of
 # /dev/vda>` (blk_checksum.py computes the expected line on the host).
+# reboot=k polls port 0x64 for bit 1 clear before writing 0xFE there, up to
+# 65536 emulated reads per try: the VMM should read 0x64 as 0.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -60,6 +65,11 @@ LOG=$OUT/build.log
 # Concurrent test runs may all call this script; one builds, the rest wait.
 exec 9>"$OUT/.lock"
 flock 9
+
+publish() { # SRC DEST: replace atomically; tests may be reading DEST right now
+	cp "$1" "$2.tmp"
+	mv -f "$2.tmp" "$2"
+}
 
 hash_inputs() { # FILE... -> sha256 over names and contents
 	local f
@@ -142,27 +152,30 @@ build_kernel() {
 	[[ -f $SRC/Makefile ]] || die "$KTAR has no $KSRC_DIR/ directory"
 	if [[ $PATCHES == 1 ]]; then apply_nested_pvm_patches; fi
 	configure_kernel
-	log "building vmlinux and bzImage (make -j$JOBS, ~3 min on 2 cores; log: $LOG)"
+	log "building vmlinux and bzImage (make -j$JOBS, ~5 min on 2 idle cores; log: $LOG)"
 	kmake vmlinux bzImage
 	# The VMM boots vmlinux through its PVH entry; make sure it is there.
 	readelf -n "$SRC/vmlinux" | grep -q 'Xen.*0x00000012' ||
 		die "vmlinux lacks the PVH ELF note (XEN_ELFNOTE_PHYS32_ENTRY)"
-	cp "$SRC/vmlinux" "$OUT/vmlinux"
-	cp "$SRC/arch/x86/boot/bzImage" "$OUT/bzImage"
+	publish "$SRC/vmlinux" "$OUT/vmlinux"
+	publish "$SRC/arch/x86/boot/bzImage" "$OUT/bzImage"
+	publish "$SRC/.config" "$OUT/config" # the tree is deleted; keep it for reference
 }
 
 build_initramfs() {
-	local w=$OUT/initramfs-work
+	local w=$OUT/initramfs-work tool=$OUT/tools/gen_init_cpio
 	rm -rf "$w"
-	mkdir -p "$w"
-	# gen_init_cpio from the same kernel source; take it from the unpacked
-	# tree if a kernel build just ran, else extract that one file.
-	if [[ -f $SRC/usr/gen_init_cpio.c ]]; then
-		cp "$SRC/usr/gen_init_cpio.c" "$w/"
-	else
-		tar -xOf "$KTAR" "$KSRC_DIR/usr/gen_init_cpio.c" >"$w/gen_init_cpio.c"
+	mkdir -p "$w" "$OUT/tools"
+	# The kernel's own cpio writer, kept so that an init.c change does not
+	# cost re-reading the 140 MB tarball (the newc format does not change).
+	if [[ ! -x $tool ]]; then
+		if [[ -f $SRC/usr/gen_init_cpio.c ]]; then
+			cp "$SRC/usr/gen_init_cpio.c" "$w/"
+		else
+			tar -xOf "$KTAR" "$KSRC_DIR/usr/gen_init_cpio.c" >"$w/gen_init_cpio.c"
+		fi
+		gcc -O2 -o "$tool" "$w/gen_init_cpio.c"
 	fi
-	gcc -O2 -o "$w/gen_init_cpio" "$w/gen_init_cpio.c"
 	gcc -static -nostdlib -ffreestanding -fno-stack-protector -fno-pie -no-pie \
 		-fno-asynchronous-unwind-tables -O2 -Wall -s -Wl,--build-id=none \
 		-o "$w/init" "$HERE/init.c"
@@ -175,8 +188,8 @@ build_initramfs() {
 		file /init $w/init 0755 0 0
 	EOF
 	# Uncompressed: decompression is emulated CPL0 work under nested PVM.
-	"$w/gen_init_cpio" -t 0 "$w/list" >"$w/initramfs.cpio"
-	mv "$w/initramfs.cpio" "$OUT/initramfs.cpio"
+	"$tool" -t 0 "$w/list" >"$w/initramfs.cpio"
+	publish "$w/initramfs.cpio" "$OUT/initramfs.cpio"
 	rm -rf "$w"
 }
 
