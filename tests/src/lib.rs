@@ -1,6 +1,8 @@
 //! Shared fixtures for the integration tests in `tests/`: building tiny-guest VMs with a
 //! captured console, reading guest RAM, and finding and running the real `zygote` binary.
 
+pub mod blk_driver;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -62,6 +64,13 @@ pub fn spin_vm(vcpus: u32, vm_id: u64) -> vmm::Vmm {
     let (config, _) = captured(vcpus);
     let config = VmConfig { vm_id, ..config };
     vmm::build_tiny_vm(&config, vmm::guests::find("spin").expect("spin is bundled"), 0).expect("building spin")
+}
+
+/// A paused one-vCPU `spin` VM with id `vm_id` serving `disk` through virtio-blk.
+pub fn spin_vm_with_disk(vm_id: u64, disk: &Path) -> vmm::Vmm {
+    let (config, _) = captured(1);
+    let config = VmConfig { vm_id, disk: Some(disk.to_path_buf()), ..config };
+    vmm::build_tiny_vm(&config, vmm::guests::find("spin").expect("spin is bundled"), 0).expect("building spin with a disk")
 }
 
 /// Each vCPU's `spin` counter.

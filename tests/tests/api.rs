@@ -184,3 +184,20 @@ fn a_clone_prints_with_its_own_prefix_and_goes_on_from_the_instant() {
         assert_eq!(&&root[start + i], line, "the clone's line {i} differs from the root's");
     }
 }
+
+#[test]
+fn a_vm_with_a_disk_clones_over_the_socket() {
+    let dir = scratch_dir("api-disk-file");
+    let disk = dir.join("disk.img");
+    let bytes: Vec<u8> = (0..256 * 512u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&disk, &bytes).unwrap();
+    let api = Served::start_guest("api-disk", &["--guest", "spin", "--disk", disk.to_str().unwrap()], Stdio::null());
+    assert_eq!(api.json("PUT", "/clone", None)["vm_id"], 1);
+    assert_eq!(api.json("PUT", "/clone", Some(r#"{"vm_id":1}"#))["vm_id"], 2);
+    let vms = api.json("GET", "/vms", None);
+    let running = |id| (id, if id == 0 { None } else { Some(id - 1) }, "Running".to_string());
+    assert_eq!(states(&vms), vec![running(0), running(1), running(2)]);
+    api.shutdown();
+    assert_eq!(std::fs::read(&disk).unwrap(), bytes, "the disk, frozen as the clones' base, is unchanged");
+    let _ = std::fs::remove_dir_all(&dir);
+}

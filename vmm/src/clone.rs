@@ -8,6 +8,8 @@ use std::time::Instant;
 use memory::{Bytes, GuestAddress, GuestRam, MemoryError, PAGE_SIZE};
 use serde::Serialize;
 
+use devices::block::CowDisk;
+
 use crate::devices::Console;
 use crate::machine::{Paused, Vmm, VmmError};
 use crate::vstate::{build_from_state, StateError, VmState};
@@ -70,6 +72,8 @@ pub struct CloneImage {
     pub source_id: u64,
     pub ram: Arc<GuestRam>,
     pub state: VmState,
+    /// The clone's copy-on-write disk, if the source has one.
+    pub disk: Option<CowDisk>,
     pub eager_copied_pages: u64,
     pub capture_us: u64,
     pub ram_clone_us: u64,
@@ -83,7 +87,7 @@ pub fn capture_clone(source: &Vmm, token: &Paused) -> Result<CloneImage, CloneEr
     let eager_before = source.ram().eager_copied_pages();
     let mut froze_at = start;
     // clone_cow pulls KVM's dirty log through the VM's registered VcpuDirtyLog first.
-    let (state, ram) = VmState::capture_with(source, token, || {
+    let (state, disk, ram) = VmState::capture_for_clone(source, token, || {
         froze_at = Instant::now();
         source.ram().clone_cow()
     })
@@ -94,6 +98,7 @@ pub fn capture_clone(source: &Vmm, token: &Paused) -> Result<CloneImage, CloneEr
         source_id: vm,
         ram: Arc::new(ram),
         state,
+        disk,
         eager_copied_pages: source.ram().eager_copied_pages() - eager_before,
         capture_us: micros(froze_at - start),
         ram_clone_us: micros(done - froze_at),
@@ -109,7 +114,7 @@ impl CloneImage {
 
     /// Builds the clone as a paused VM with id `id` writing to `console`.
     pub fn build(self, id: u64, console: &Console) -> Result<Vmm, CloneError> {
-        build_from_state(self.ram, &self.state, id, console).map_err(|source| CloneError::State { vm: id, source })
+        build_from_state(self.ram, &self.state, id, console, self.disk).map_err(|source| CloneError::State { vm: id, source })
     }
 }
 

@@ -99,6 +99,14 @@ impl BlockDevice {
         Ok((state, disk, ram))
     }
 
+    /// Like `capture_and_clone` without the disk clone (a snapshot of RAM and state only):
+    /// captures the state and runs `freeze_ram` with the device locked.
+    pub fn capture_with<R>(&self, freeze_ram: impl FnOnce() -> R) -> (BlockState, R) {
+        let core = self.lock();
+        let state = BlockState { features: self.features, queue: core.queue.as_ref().map(Queue::state), in_flight: core.in_flight() };
+        (state, freeze_ram())
+    }
+
     /// A copy-on-write clone of the disk (see `CowDisk::clone_cow`).
     pub fn clone_disk(&self) -> Result<CowDisk, BlockError> {
         self.lock().disk.clone_cow()

@@ -10,9 +10,9 @@
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use devices::block::{BlockDevice, CompletionThread, CowDisk};
-use devices::dma::{DmaEngine, DmaRunner, DMA_REGION_SIZE};
-use devices::virtio::{MmioTransport, MMIO_REGION_SIZE};
+use devices::block::{BlockDevice, BlockError, BlockState, CompletionThread, CowDisk};
+use devices::dma::{DmaEngine, DmaRunner, DmaState, DMA_REGION_SIZE};
+use devices::virtio::{MmioTransport, MmioTransportState, MMIO_REGION_SIZE};
 use devices::DeviceInterrupt;
 use memory::GuestRam;
 
@@ -34,6 +34,21 @@ pub struct MmioDevices {
     _dma_runner: DmaRunner,
 }
 
+/// virtio-blk's state: the transport's registers and the device's queue and requests in flight.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlockSlotState {
+    pub transport: MmioTransportState,
+    pub device: BlockState,
+}
+
+/// The MMIO devices' state as plain data (guest physical addresses only).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MmioDevicesState {
+    /// Present when the VM has a disk.
+    pub block: Option<BlockSlotState>,
+    pub dma: DmaState,
+}
+
 /// `virtio_mmio.device=SIZE@ADDR:IRQ` for one device: how a Linux guest without ACPI or a
 /// device tree finds a virtio-mmio device.
 pub fn virtio_mmio_cmdline(addr: u64, size: u64, irq: u32) -> String {
@@ -48,6 +63,71 @@ impl MmioDevices {
             None => String::new(),
         }
     }
+}
+
+impl MmioDevices {
+    /// Saves every MMIO device and runs `freeze_ram` at one instant with respect to them: the
+    /// DMA engine's lock and virtio-blk's device lock are held across the state capture and
+    /// `freeze_ram`, so no chunk and no completion lands in between. With `clone_disk` the
+    /// disk is cloned copy-on-write at that instant too (a VM clone; a snapshot does not).
+    pub fn save_state_with<R>(
+        &self,
+        clone_disk: bool,
+        freeze_ram: impl FnOnce() -> R,
+    ) -> Result<(MmioDevicesState, Option<CowDisk>, R), BlockError> {
+        let dma = self.dma.lock().unwrap_or_else(|e| e.into_inner());
+        let dma_state = dma.state();
+        let Some(slot) = &self.block else {
+            return Ok((MmioDevicesState { block: None, dma: dma_state }, None, freeze_ram()));
+        };
+        let transport = slot.transport.lock().unwrap_or_else(|e| e.into_inner());
+        // The transport's registers are read inside the device lock: its interrupt status
+        // then matches the used ring the frozen RAM holds.
+        let at_instant = || (transport.state(), freeze_ram());
+        let (device, disk, (transport_state, frozen)) = match clone_disk {
+            true => {
+                let (device, disk, rest) = transport.device().capture_and_clone(at_instant)?;
+                (device, Some(disk), rest)
+            }
+            false => {
+                let (device, rest) = transport.device().capture_with(at_instant);
+                (device, None, rest)
+            }
+        };
+        let block = Some(BlockSlotState { transport: transport_state, device });
+        Ok((MmioDevicesState { block, dma: dma_state }, disk, frozen))
+    }
+}
+
+/// Rebuilds a clone's MMIO devices on `mmio` from `state`, against the clone's `ram` and its
+/// own copy-on-write `disk`: every virtio-blk request and the DMA transfer that were in flight
+/// at the clone instant are started again against the clone's pages. virtio-blk is attached
+/// only with a disk (a snapshot does not carry one yet).
+pub fn restore_mmio_devices(
+    mmio: &mut Bus,
+    ram: &Arc<GuestRam>,
+    state: &MmioDevicesState,
+    disk: Option<CowDisk>,
+) -> Result<MmioDevices, DeviceError> {
+    let block = match (&state.block, disk) {
+        (Some(saved), Some(disk)) => {
+            let device = BlockDevice::restore(Arc::clone(ram), disk, DeviceInterrupt::polled(), &saved.device)?;
+            let completions = device.spawn_completion_thread()?;
+            // Re-executed requests that finished before the completion thread registered its
+            // eventfd signalled nothing: reap them now.
+            device.poll_completions();
+            let transport = MmioTransport::restore(device, &saved.transport).map_err(DeviceError::Transport)?;
+            let transport = Arc::new(Mutex::new(transport));
+            mmio.insert(VIRTIO_BLK_MMIO_ADDR, MMIO_REGION_SIZE, transport.clone())?;
+            Some(BlockSlot { transport, _completions: completions })
+        }
+        _ => None,
+    };
+    let engine = DmaEngine::restore(Arc::clone(ram), DeviceInterrupt::polled(), &state.dma).map_err(DeviceError::Dma)?;
+    let dma = Arc::new(Mutex::new(engine));
+    mmio.insert(DMA_ENGINE_MMIO_ADDR, DMA_REGION_SIZE, dma.clone())?;
+    let _dma_runner = DmaRunner::spawn(Arc::clone(&dma)).map_err(DeviceError::Thread)?;
+    Ok(MmioDevices { block, dma, _dma_runner })
 }
 
 /// Puts the DMA engine, and virtio-blk serving `disk` if given, on `mmio`.

@@ -12,7 +12,7 @@ pub mod state;
 use std::sync::{Arc, Mutex};
 
 pub use console::Console;
-pub use mmio::{attach_mmio_devices, virtio_mmio_cmdline, MmioDevices};
+pub use mmio::{attach_mmio_devices, restore_mmio_devices, virtio_mmio_cmdline, BlockSlotState, MmioDevices, MmioDevicesState};
 pub use state::{DeviceState, DeviceStateError, LegacyDevicesState};
 
 use crate::bus::{Bus, BusError};
@@ -30,6 +30,10 @@ pub enum DeviceError {
     Bus(#[from] BusError),
     #[error("cannot set up the virtio-blk disk")]
     Disk(#[from] devices::block::BlockError),
+    #[error("cannot restore the virtio-mmio transport")]
+    Transport(#[source] devices::virtio::VirtioError),
+    #[error("cannot restart the DMA transfer in flight")]
+    Dma(#[source] devices::dma::DmaError),
     #[error("cannot start a device thread")]
     Thread(#[source] std::io::Error),
 }

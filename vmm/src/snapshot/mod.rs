@@ -66,7 +66,7 @@ impl VmSnapshot {
     /// A new paused VM `id` starting from this snapshot; its RAM maps the snapshot lazily.
     pub fn restore(&self, id: u64, console: &Console) -> Result<Vmm, ResetError> {
         let ram = GuestRam::from_snapshot(&self.ram).map_err(|source| ResetError::Memory { vm: id, source })?;
-        build_from_state(Arc::new(ram), &self.state, id, console).map_err(|source| ResetError::State { vm: id, source })
+        build_from_state(Arc::new(ram), &self.state, id, console, None).map_err(|source| ResetError::State { vm: id, source })
     }
 
     /// Brings paused `vmm` back to this snapshot: RAM (copying back only its dirty pages when

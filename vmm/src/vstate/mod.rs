@@ -13,7 +13,12 @@ use memory::{GuestAddress, GuestRam};
 use serde::{Deserialize, Serialize};
 
 use crate::bus::Bus;
-use crate::devices::{attach_legacy_devices, Console, DeviceError, DeviceStateError, LegacyDevicesState};
+use devices::block::CowDisk;
+
+use crate::devices::{
+    attach_legacy_devices, attach_mmio_devices, restore_mmio_devices, Console, DeviceError, DeviceStateError, LegacyDevicesState,
+    MmioDevicesState,
+};
 use crate::machine::{Paused, Vmm};
 use crate::vcpu::{lock_vcpu, spawn_vcpu, VcpuContext, VcpuError};
 use crate::vm::{Vm, VmError};
@@ -54,6 +59,10 @@ pub struct VmState {
     pub ram_layout: Vec<(u64, usize)>,
     pub vcpus: Vec<VcpuState>,
     pub devices: LegacyDevicesState,
+    /// virtio-blk and the DMA engine, requests in flight included. Not in snapshot files yet
+    /// (their disk would have to be saved too): a VM loaded from one gets fresh MMIO devices.
+    #[serde(skip)]
+    pub mmio: Option<MmioDevicesState>,
     pub clock: kvm_clock_data,
     /// PIC, IOAPIC and PIT, if the VM has an in-kernel irqchip (then every vCPU has a LAPIC).
     pub irqchip: Option<IrqchipState>,
@@ -86,6 +95,25 @@ impl VmState {
     /// can complete a request in between (devices doing DMA on their own threads take their
     /// lock around both, e.g. virtio-blk's `capture_and_clone`).
     pub fn capture_with<R>(vmm: &Vmm, token: &Paused, freeze_ram: impl FnOnce() -> R) -> Result<(VmState, R), StateError> {
+        Self::capture_devices_with(vmm, token, false, freeze_ram).map(|(state, _, frozen)| (state, frozen))
+    }
+
+    /// `capture_with` for a clone: also clones the VM's disk copy-on-write at the same instant
+    /// (`None` without a disk). The clone's devices re-execute what was in flight then.
+    pub fn capture_for_clone<R>(
+        vmm: &Vmm,
+        token: &Paused,
+        clone_ram: impl FnOnce() -> R,
+    ) -> Result<(VmState, Option<CowDisk>, R), StateError> {
+        Self::capture_devices_with(vmm, token, true, clone_ram)
+    }
+
+    fn capture_devices_with<R>(
+        vmm: &Vmm,
+        token: &Paused,
+        clone_disk: bool,
+        freeze_ram: impl FnOnce() -> R,
+    ) -> Result<(VmState, Option<CowDisk>, R), StateError> {
         check_token(vmm, token)?;
         let fd = vmm.vm().fd();
         let irqchip = IrqchipState::capture(fd)?;
@@ -97,8 +125,18 @@ impl VmState {
             .iter()
             .map(|h| VcpuState::capture(h.index(), &lock_vcpu(h.fd()), irqchip.is_some()))
             .collect::<Result<Vec<_>, _>>()?;
-        let (devices, frozen) = vmm.devices().save_state_with(freeze_ram);
-        Ok((VmState { ram_layout: ram_shape(vmm.ram()), vcpus, devices, clock, irqchip }, frozen))
+        // The MMIO devices lock themselves around the legacy devices' capture and the freeze.
+        let legacy = vmm.devices();
+        let ((devices, frozen), mmio, disk) = match &legacy.mmio {
+            Some(mmio) => {
+                let (state, disk, inner) = mmio
+                    .save_state_with(clone_disk, || legacy.save_state_with(freeze_ram))
+                    .map_err(DeviceError::from)?;
+                (inner, Some(state), disk)
+            }
+            None => (legacy.save_state_with(freeze_ram), None, None),
+        };
+        Ok((VmState { ram_layout: ram_shape(vmm.ram()), vcpus, devices, mmio, clock, irqchip }, disk, frozen))
     }
 
     /// Writes this state back into `vmm` (same shape), which `token` proves paused, and makes
@@ -138,7 +176,15 @@ impl VmState {
 
 /// Builds a new, paused VM with id `vm_id` on `ram` (a clone's or a restored snapshot's) in
 /// `state`: a KVM VM with the same memslots, devices and vCPUs. Start it with `Vmm::start`.
-pub fn build_from_state(ram: Arc<GuestRam>, state: &VmState, vm_id: u64, console: &Console) -> Result<Vmm, StateError> {
+/// `disk` is the VM's own copy-on-write disk (a clone's, from `capture_for_clone`); the MMIO
+/// devices re-execute the requests and the DMA transfer in flight in `state` against `ram`.
+pub fn build_from_state(
+    ram: Arc<GuestRam>,
+    state: &VmState,
+    vm_id: u64,
+    console: &Console,
+    disk: Option<CowDisk>,
+) -> Result<Vmm, StateError> {
     state.check_shape(&ram)?;
     let vm = Vm::new(Arc::clone(&ram))?;
     if let Some(chip) = &state.irqchip {
@@ -150,9 +196,14 @@ pub fn build_from_state(ram: Arc<GuestRam>, state: &VmState, vm_id: u64, console
     }
     vm_ioctl("KVM_SET_CLOCK", vm.fd().set_clock(&state.clock))?;
     let mut pio = Bus::new();
-    let devices = attach_legacy_devices(&mut pio, console)?;
+    let mut devices = attach_legacy_devices(&mut pio, console)?;
     devices.restore_state(&state.devices)?;
-    let (pio, mmio) = (Arc::new(pio), Arc::new(Bus::new()));
+    let mut mmio = Bus::new();
+    devices.mmio = Some(match &state.mmio {
+        Some(saved) => restore_mmio_devices(&mut mmio, &ram, saved, disk)?,
+        None => attach_mmio_devices(&mut mmio, &ram, None)?,
+    });
+    let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
     let (events_tx, events) = mpsc::channel();
     let mut vcpus = Vec::with_capacity(state.vcpus.len());
     for (index, (vcpu_state, fd)) in state.vcpus.iter().zip(fds).enumerate() {
