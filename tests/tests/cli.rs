@@ -40,8 +40,8 @@ fn bad_input_exits_2_with_one_line() {
         (&["run", "--guest", "hello", "--vcpus", "0"], "--vcpus"),
         (&["run", "--guest", "hello", "--vcpus", "33"], "--vcpus"),
         (&["run", "--guest", "hello", "--frobnicate"], "--frobnicate"),
-        (&["run", "--kernel", "/dev/null"], "/dev/null is not a regular file"),
-        (&["run", "--kernel", "README.md"], "README.md is neither an ELF vmlinux nor a bzImage"),
+        (&["run", "--kernel", "/dev/null"], "kernel /dev/null is empty"),
+        (&["run", "--kernel", "README.md"], "README.md is not a kernel"),
         (&["run"], "required"),
     ] {
         let out = run_zygote(args);
