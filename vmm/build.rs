@@ -65,11 +65,12 @@ fn run(cmd: &mut Command) {
 fn assemble(src_dir: &Path, out_dir: &Path, name: &str, addr: u64) {
     let src = src_dir.join(format!("{name}.s"));
     println!("cargo:rerun-if-changed={}", src.display());
+    println!("cargo:rerun-if-changed={}", src_dir.join("common.inc").display());
     let obj = out_dir.join(format!("{name}.o"));
     let elf = out_dir.join(format!("{name}.elf"));
     let bin = out_dir.join(format!("{name}.bin"));
     let mut as_cmd = Command::new("as");
-    as_cmd.arg("--64");
+    as_cmd.arg("--64").arg("-I").arg(src.parent().expect("guest sources live in a folder"));
     for (sym, value) in symbols() {
         as_cmd.arg(format!("--defsym={sym}={value:#x}"));
     }

@@ -1,12 +1,12 @@
 # dirty16: vCPU 0 writes TSC-derived values (different every run) into the first u64 of each of
 # DIRTY_PAGES pages from DIRTY_ADDR, increments the u64 at COUNTERS_ADDR, and exits 0; other
 # vCPUs park. A reset loop restores it to a snapshot after each run.
+    .include "common.inc"
     .code64
     .text
     .globl _start
 _start:
-    test %rsi, %rsi
-    jnz park
+    only_vcpu0
     rdtsc
     shl $32, %rdx
     or %rdx, %rax
@@ -19,9 +19,5 @@ _start:
     loop 1b
     incq COUNTERS_ADDR
     xor %eax, %eax
-    mov $EXIT_PORT, %dx
-    out %al, %dx
-park:
-    mov $PARK_PORT, %dx
-    out %al, %dx
-    jmp park
+    exit_with_al
+    park_forever

@@ -14,6 +14,7 @@
 #      a disk; "DMA fail <code>" / "BLK fail <status>" on failure), and exits with bit 0 set
 #      if the DMA failed and bit 1 if the disk read failed.
 # MMIO is accessed only with plain 32-bit mov loads and stores (what KVM emulates best).
+    .include "common.inc"
     .code64
     .text
     .globl _start
@@ -88,8 +89,7 @@
 # finished (bit 0 DMA, bit 1 BLK), rbp the DMA pattern, r9 the disk read's error value,
 # r15 the argument (then the results address).
 _start:
-    test %rsi, %rsi
-    jnz park
+    only_vcpu0
     mov %rdx, %r15                              # the argument: DMA pacing override
     xor %r14d, %r14d
     xor %ebx, %ebx
@@ -344,12 +344,8 @@ blk_error:
 finish:
     mov %r14, RES_EXIT(%r15)
     mov %r14d, %eax
-    mov $EXIT_PORT, %dx
-    out %al, %dx
-park:
-    mov $PARK_PORT, %dx
-    out %al, %dx
-    jmp park
+    exit_with_al
+    park_forever
 
 # FNV-1a 64 of RCX bytes at RSI into RAX. Clobbers RCX, RDX, RSI, R8.
 fnv1a64:

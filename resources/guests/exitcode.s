@@ -1,14 +1,10 @@
 # exitcode: vCPU 0 exits with the low byte of its argument (RDX); other vCPUs park.
+    .include "common.inc"
     .code64
     .text
     .globl _start
 _start:
-    test %rsi, %rsi
-    jnz park
+    only_vcpu0
     mov %edx, %eax
-    mov $EXIT_PORT, %dx
-    out %al, %dx
-park:
-    mov $PARK_PORT, %dx
-    out %al, %dx
-    jmp park
+    exit_with_al
+    park_forever

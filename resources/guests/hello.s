@@ -1,11 +1,11 @@
 # hello: vCPU 0 prints a greeting on the serial port and exits 0; other vCPUs park.
 # Entry (set by the VMM): RDI = VM id, RSI = vCPU index, RDX = argument, at CPL3 with IOPL 3.
+    .include "common.inc"
     .code64
     .text
     .globl _start
 _start:
-    test %rsi, %rsi
-    jnz park
+    only_vcpu0
     lea msg(%rip), %rsi
     mov $msg_len, %ecx
     mov $SERIAL_PORT, %dx
@@ -13,12 +13,8 @@ _start:
     out %al, %dx
     loop 1b
     xor %eax, %eax
-    mov $EXIT_PORT, %dx
-    out %al, %dx
-park:
-    mov $PARK_PORT, %dx
-    out %al, %dx
-    jmp park
+    exit_with_al
+    park_forever
 msg:
     .ascii "Hello from a Zygote guest\n"
     msg_len = . - msg

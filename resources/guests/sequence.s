@@ -1,12 +1,12 @@
 # sequence: vCPU 0 prints RDX lines (16 if RDX = 0), each the 16 hex digits of an LCG state
 # advanced 2^24 steps since the previous line, then exits 0; other vCPUs park. Deterministic:
 # a run snapshotted and restored anywhere must print exactly what an uninterrupted run prints.
+    .include "common.inc"
     .code64
     .text
     .globl _start
 _start:
-    test %rsi, %rsi
-    jnz park
+    only_vcpu0
     mov %rdx, %r12                  # lines left
     test %r12, %r12
     jnz 0f
@@ -37,11 +37,7 @@ line:
     dec %r12
     jnz line
     xor %eax, %eax
-    mov $EXIT_PORT, %dx
-    out %al, %dx
-park:
-    mov $PARK_PORT, %dx
-    out %al, %dx
-    jmp park
+    exit_with_al
+    park_forever
 hex:
     .ascii "0123456789abcdef"
