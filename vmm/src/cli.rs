@@ -23,8 +23,8 @@ struct Cli {
 enum Command {
     /// Run a bundled tiny guest or a Linux kernel; exit with the guest's code.
     Run(RunArgs),
-    /// Run the bundled `hello` guest.
-    Demo,
+    /// Clone a VM mid-DMA several times and check every VM ends with the full data.
+    Demo(DemoArgs),
     /// Fuzz clone-vs-DMA timing; exit 1 if a rule was broken.
     Fuzz(FuzzArgs),
     /// Send one request to a running `zygote run --api-sock` and print the JSON answer.
@@ -32,6 +32,16 @@ enum Command {
     /// Measure reset and clone costs on this machine.
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+#[derive(Debug, Args)]
+struct DemoArgs {
+    /// How many clones to take during the transfer.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=16))]
+    clones: u64,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -386,8 +396,12 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> i32 {
         Command::Run(args) => run(args),
         Command::Bench(command) => bench(command),
         Command::Ctl(args) => ctl(args),
-        Command::Demo => match run_tiny_guest(&VmConfig::default(), "hello", 0) {
-            Ok(outcome) => finish(outcome),
+        Command::Demo(args) => match vmm::demo::run_demo(usize::try_from(args.clones).unwrap_or(4)) {
+            Ok(report) => match vmm::demo::print(&report, args.json, &mut std::io::stdout()) {
+                Ok(true) => 0,
+                Ok(false) => EXIT_FAILURE,
+                Err(e) => fail(&e, false),
+            },
             Err(e) => fail(&e, false),
         },
         Command::Fuzz(args) => vmm::fuzz::command::run(&vmm::fuzz::command::FuzzOptions {

@@ -60,6 +60,9 @@ pub struct CloneReport {
     pub build_us: u64,
     /// Pages pinned for DMA at the clone instant, copied into the clone eagerly.
     pub eager_copied_pages: u64,
+    /// Device requests in flight at the clone instant, which the clone runs again against its
+    /// own RAM and disk (virtio-blk requests, plus the DMA engine's transfer).
+    pub reexecuted_requests: u64,
     /// The clone's RAM right after the clone: pages backed by frozen images it shares with the
     /// source (and its other clones), and its own pages (anonymous, from smaps).
     pub clone_shared_pages: u64,
@@ -142,6 +145,9 @@ pub fn clone_vm(
         capture_us: image.capture_us,
         ram_clone_us: image.ram_clone_us,
         eager_copied_pages: image.eager_copied_pages,
+        reexecuted_requests: image.state.mmio.as_ref().map_or(0, |m| {
+            u64::from(m.dma.in_flight.is_some()) + m.block.as_ref().map_or(0, |b| b.device.in_flight.len() as u64)
+        }),
         ..CloneReport::default()
     };
     let built = Instant::now();

@@ -6,6 +6,7 @@ pub mod bench;
 pub mod boot;
 pub mod builder;
 pub mod clone;
+pub mod demo;
 pub mod bus;
 pub mod devices;
 pub mod exit;
