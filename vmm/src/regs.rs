@@ -6,17 +6,18 @@ use kvm_ioctls::VcpuFd;
 use crate::layout::{GDT_ADDR, GUEST_CODE_ADDR, IDT_ADDR, PML4_ADDR, STACKS_TOP, STACK_SIZE, TSS_ADDR};
 use crate::longmode::{GDT_ENTRIES, IDT_VECTORS, TSS_LIMIT, TSS_SEL, USER_CS, USER_DS};
 
-const CR0_PE: u64 = 1;
+// Architectural control-register bits, shared with the Linux boot path (`crate::linux::regs`).
+pub(crate) const CR0_PE: u64 = 1;
 const CR0_MP: u64 = 1 << 1;
-const CR0_ET: u64 = 1 << 4;
+pub(crate) const CR0_ET: u64 = 1 << 4;
 const CR0_NE: u64 = 1 << 5;
 const CR0_WP: u64 = 1 << 16;
-const CR0_PG: u64 = 1 << 31;
-const CR4_PAE: u64 = 1 << 5;
+pub(crate) const CR0_PG: u64 = 1 << 31;
+pub(crate) const CR4_PAE: u64 = 1 << 5;
 const CR4_OSFXSR: u64 = 1 << 9;
 const CR4_OSXMMEXCPT: u64 = 1 << 10;
-const EFER_LME: u64 = 1 << 8;
-const EFER_LMA: u64 = 1 << 10;
+pub(crate) const EFER_LME: u64 = 1 << 8;
+pub(crate) const EFER_LMA: u64 = 1 << 10;
 /// Reserved bit 1 plus IOPL = 3, interrupts off.
 pub const ENTRY_RFLAGS: u64 = 0x2 | 3 << 12;
 

@@ -7,13 +7,8 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::layout::{BOOT_STACK_ADDR, GDT_ADDR, IDT_ADDR, PAGE_SIZE, PDPT_ADDR, PD_ADDR, PD_COUNT, PML4_ADDR};
 use super::{BootEntry, BootProtocol, LinuxBootError};
+use crate::regs::{CR0_ET, CR0_PE, CR0_PG, CR4_PAE, EFER_LMA, EFER_LME};
 
-const X86_CR0_PE: u64 = 1;
-const X86_CR0_ET: u64 = 1 << 4;
-const X86_CR0_PG: u64 = 1 << 31;
-const X86_CR4_PAE: u64 = 1 << 5;
-const EFER_LME: u64 = 1 << 8;
-const EFER_LMA: u64 = 1 << 10;
 /// RFLAGS bit 1 is reserved and always set; IF stays clear.
 const RFLAGS_RESERVED: u64 = 2;
 /// Page-table entry bits: present, writable, and (in a PD) a 2 MiB page.
@@ -112,15 +107,15 @@ pub fn boot_sregs(mut sregs: kvm_sregs, protocol: BootProtocol) -> kvm_sregs {
     sregs.tr = segment(table[3], TSS_SELECTOR);
     match protocol {
         BootProtocol::Pvh => {
-            sregs.cr0 = X86_CR0_PE | X86_CR0_ET;
+            sregs.cr0 = CR0_PE | CR0_ET;
             sregs.cr3 = 0;
             sregs.cr4 = 0;
             sregs.efer = 0;
         }
         BootProtocol::Linux64 => {
-            sregs.cr0 = X86_CR0_PE | X86_CR0_ET | X86_CR0_PG;
+            sregs.cr0 = CR0_PE | CR0_ET | CR0_PG;
             sregs.cr3 = PML4_ADDR;
-            sregs.cr4 = X86_CR4_PAE;
+            sregs.cr4 = CR4_PAE;
             sregs.efer = EFER_LME | EFER_LMA;
         }
     }
@@ -156,7 +151,7 @@ mod tests {
         assert_eq!((s.cs.base, s.cs.limit, s.cs.db, s.cs.l, s.cs.type_), (0, 0xffff_ffff, 1, 0, 0xb));
         assert_eq!((s.ds.limit, s.ds.type_, s.ds.present), (0xffff_ffff, 0x3, 1));
         assert_eq!((s.tr.type_, s.tr.limit, s.tr.s), (0xb, 0x67, 0));
-        assert_eq!(s.cr0 & (X86_CR0_PE | X86_CR0_PG), X86_CR0_PE);
+        assert_eq!(s.cr0 & (CR0_PE | CR0_PG), CR0_PE);
     }
 
     #[test]
