@@ -2,11 +2,7 @@
 # DIRTY_PAGES pages from DIRTY_ADDR, increments the u64 at COUNTERS_ADDR, and exits 0; other
 # vCPUs park. A reset loop restores it to a snapshot after each run.
     .include "common.inc"
-    .code64
-    .text
-    .globl _start
-_start:
-    only_vcpu0
+    vcpu0_program
     rdtsc
     shl $32, %rdx
     or %rdx, %rax

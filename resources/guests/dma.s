@@ -15,9 +15,6 @@
 #      if the DMA failed and bit 1 if the disk read failed.
 # MMIO is accessed only with plain 32-bit mov loads and stores (what KVM emulates best).
     .include "common.inc"
-    .code64
-    .text
-    .globl _start
 
 # DMA engine registers (devices/src/dma/registers.rs).
     .set R_DMA_MAGIC,        0x00
@@ -88,8 +85,7 @@
 # Register use: r12 DMA registers, r13 virtio-blk registers, r14 exit code, rbx devices
 # finished (bit 0 DMA, bit 1 BLK), rbp the DMA pattern, r9 the disk read's error value,
 # r15 the argument (then the results address).
-_start:
-    only_vcpu0
+    vcpu0_program
     mov %rdx, %r15                              # the argument: DMA pacing override
     xor %r14d, %r14d
     xor %ebx, %ebx

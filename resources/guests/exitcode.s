@@ -1,10 +1,6 @@
 # exitcode: vCPU 0 exits with the low byte of its argument (RDX); other vCPUs park.
     .include "common.inc"
-    .code64
-    .text
-    .globl _start
-_start:
-    only_vcpu0
+    vcpu0_program
     mov %edx, %eax
     exit_with_al
     park_forever

@@ -2,11 +2,7 @@
 #   argument (RDX) 0: executes ud2 (#UD, vector 6)
 #   argument 1:       reads UNMAPPED_ADDR, beyond the identity map (#PF, vector 14)
     .include "common.inc"
-    .code64
-    .text
-    .globl _start
-_start:
-    only_vcpu0
+    vcpu0_program
     mov $0xfa017, %rax       # a recognisable value for the register dump
     test %rdx, %rdx
     jnz 1f

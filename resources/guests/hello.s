@@ -1,11 +1,7 @@
 # hello: vCPU 0 prints a greeting on the serial port and exits 0; other vCPUs park.
 # Entry (set by the VMM): RDI = VM id, RSI = vCPU index, RDX = argument, at CPL3 with IOPL 3.
     .include "common.inc"
-    .code64
-    .text
-    .globl _start
-_start:
-    only_vcpu0
+    vcpu0_program
     lea msg(%rip), %rsi
     mov $msg_len, %ecx
     mov $SERIAL_PORT, %dx

@@ -2,11 +2,7 @@
 # advanced 2^24 steps since the previous line, then exits 0; other vCPUs park. Deterministic:
 # a run snapshotted and restored anywhere must print exactly what an uninterrupted run prints.
     .include "common.inc"
-    .code64
-    .text
-    .globl _start
-_start:
-    only_vcpu0
+    vcpu0_program
     mov %rdx, %r12                  # lines left
     test %r12, %r12
     jnz 0f
