@@ -51,6 +51,8 @@ fn symbols() -> Vec<(&'static str, u64)> {
         ("DMA_GUEST_PATTERN", layout::DMA_GUEST_PATTERN),
         ("DMA_GUEST_BLK_BUF", layout::DMA_GUEST_BLK_BUF),
         ("DMA_GUEST_BLK_LEN", layout::DMA_GUEST_BLK_LEN),
+        ("DMA_GUEST_WRITE_ID", layout::DMA_GUEST_WRITE_ID),
+        ("DMA_GUEST_WRITE_REQ_ADDR", layout::DMA_GUEST_WRITE_REQ_ADDR),
     ]
 }
 

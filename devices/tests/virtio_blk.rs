@@ -187,3 +187,29 @@ fn an_avail_index_jump_needs_reset() {
     reg_write(&mut d.transport, 0x70, 0);
     assert_eq!(reg_read(&mut d.transport, 0x70), 0, "reset clears it");
 }
+
+#[test]
+fn a_hold_outlasts_a_device_reset_that_drains_the_held_requests() {
+    let (_disk, mut d) = driver();
+    d.transport.device().hold_submissions(true);
+    let (_, status) = d.request(SCRATCH, VIRTIO_BLK_T_IN, 2, &[(SCRATCH + 0x1000, 512, true)]);
+    d.notify();
+    assert_eq!(d.transport.device().in_flight(), 1, "held: pinned and queued");
+    // The guest resets the device: the held read is submitted and waited for, not delivered.
+    d.reset_and_bring_up();
+    assert_eq!(d.transport.device().in_flight(), 0, "the reset drained it");
+    assert_eq!(d.status(status), 0xff, "a reset delivers nothing to the guest");
+    assert_eq!(d.ram.stats().pinned_pages, 0, "the drained read released its pins");
+
+    // The hold still applies to requests after the reset, until it is lifted.
+    let (head, status) = d.request(SCRATCH, VIRTIO_BLK_T_IN, 3, &[(SCRATCH + 0x1000, 512, true)]);
+    d.notify();
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    assert_eq!(d.transport.device().poll_completions(), 0, "a held read completed");
+    assert_eq!(d.transport.device().in_flight(), 1);
+    d.transport.device().hold_submissions(false);
+    d.complete();
+    assert_eq!(d.take_used(), vec![(u32::from(head), 513)]);
+    assert_eq!(d.status(status), OK);
+    assert_eq!(d.bytes(SCRATCH + 0x1000, 512), expected(3 * 512, 512));
+}

@@ -11,8 +11,12 @@
 #      register reads it spins natively on memory, so a long transfer costs few MMIO exits.
 #   5. Stores FNV-1a 64 of each buffer at DMA_GUEST_RESULTS_ADDR (+0 DMA, +8 disk; +16 bytes
 #      read, +24 exit code), prints "DMA done <hex>" and "BLK done <hex>" ("BLK none" without
-#      a disk; "DMA fail <code>" / "BLK fail <status>" on failure), and exits with bit 0 set
-#      if the DMA failed and bit 1 if the disk read failed.
+#      a disk; "DMA fail <code>" / "BLK fail <status>" on failure).
+#   6. Only with DMA_GUEST_WRITE_ID set in the argument and the read done: writes one sector,
+#      the VM id from VM_ID_ADDR (read now, so a clone writes its own) 64 times, at the disk's
+#      last sector (stored at +32), and waits for it; silent, so the output stays the same.
+#   It exits with bit 0 set if the DMA failed, bit 1 if the disk read failed, bit 2 if the
+#   write failed.
 # MMIO is accessed only with plain 32-bit mov loads and stores (what KVM emulates best).
     .include "common.inc"
 
@@ -69,12 +73,14 @@
     .set VIRTQ_DESC_F_NEXT, 1
     .set VIRTQ_DESC_F_WRITE, 2
     .set VIRTIO_BLK_T_IN, 0
+    .set VIRTIO_BLK_T_OUT, 1
 
 # Results (DMA_GUEST_RESULTS_ADDR + ...).
     .set RES_DMA_SUM, 0
     .set RES_BLK_SUM, 8
     .set RES_BLK_BYTES, 16
     .set RES_EXIT, 24
+    .set RES_WRITE_SECTOR, 32
 
 # The last u64 of the DMA buffer: the guest plants ~pattern there and watches it turn into the
 # pattern, which happens only with the transfer's last chunk.
@@ -84,9 +90,10 @@
 
 # Register use: r12 DMA registers, r13 virtio-blk registers, r14 exit code, rbx devices
 # finished (bit 0 DMA, bit 1 BLK), rbp the DMA pattern, r9 the disk read's error value,
-# r15 the argument (then the results address).
+# r15 the argument's pacing (then the results address), r10 the whole argument.
     vcpu0_program
-    mov %rdx, %r15                              # the argument: DMA pacing override
+    mov %edx, %r15d                             # the argument: DMA pacing override (low 32 bits)
+    mov %rdx, %r10                              # and flags (DMA_GUEST_WRITE_ID)
     xor %r14d, %r14d
     xor %ebx, %ebx
     movabs $DMA_ENGINE_MMIO_ADDR, %r12
@@ -212,7 +219,7 @@ dma_start:
     mov $DMA_GUEST_DMA_CHUNK, %eax
     mov %eax, R_DMA_CHUNK(%r12)
     mov $DMA_GUEST_DMA_PACING_US, %eax
-    test %r15, %r15
+    test %r15d, %r15d
     cmovnz %r15d, %eax
     mov %eax, R_DMA_PACING_US(%r12)
     mov $1, %eax
@@ -331,11 +338,71 @@ blk_report:
     mov %rax, RES_BLK_SUM(%r15)
     lea blk_done_msg(%rip), %rsi
     call print_line
-    jmp finish
+    jmp blk_write
 blk_error:
     mov %r9, %rax
     lea blk_error_msg(%rip), %rsi
     call print_line
+
+# --- 6. With DMA_GUEST_WRITE_ID: the VM id to the disk's last sector (descriptors 3 -> 4 -> 5,
+# the second entry of the available ring). ---
+blk_write:
+    movabs $DMA_GUEST_WRITE_ID, %rax
+    test %rax, %r10
+    jz finish
+    mov R_VIO_CONFIG(%r13), %eax                # capacity in sectors
+    mov R_VIO_CONFIG+4(%r13), %ecx
+    shl $32, %rcx
+    or %rcx, %rax
+    test %rax, %rax
+    jz finish
+    dec %rax
+    mov %rax, RES_WRITE_SECTOR(%r15)
+    mov $DMA_GUEST_WRITE_REQ_ADDR, %edi         # header: OUT, reserved, sector
+    movl $VIRTIO_BLK_T_OUT, (%rdi)
+    movl $0, 4(%rdi)
+    mov %rax, 8(%rdi)
+    movb $0xff, 16(%rdi)                        # status: the device overwrites it
+    mov $VM_ID_ADDR, %esi
+    mov (%rsi), %rax
+    add $0x100, %edi                            # the sector: the id, 64 times
+    mov $64, %ecx
+    rep stosq
+    mov $(DMA_GUEST_DESC_ADDR + 3 * 16), %esi
+    movq $DMA_GUEST_WRITE_REQ_ADDR, (%rsi)
+    movl $16, 8(%rsi)
+    movw $VIRTQ_DESC_F_NEXT, 12(%rsi)
+    movw $4, 14(%rsi)
+    movq $(DMA_GUEST_WRITE_REQ_ADDR + 0x100), 16(%rsi)
+    movl $512, 24(%rsi)
+    movw $VIRTQ_DESC_F_NEXT, 28(%rsi)           # the device reads it
+    movw $5, 30(%rsi)
+    movq $(DMA_GUEST_WRITE_REQ_ADDR + 16), 32(%rsi)
+    movl $1, 40(%rsi)
+    movw $VIRTQ_DESC_F_WRITE, 44(%rsi)
+    mov $DMA_GUEST_AVAIL_ADDR, %esi
+    movw $3, 6(%rsi)                            # ring[1] = head 3
+    movw $2, 2(%rsi)                            # idx = 2, after the entry
+    xor %eax, %eax
+    mov %eax, R_VIO_QUEUE_NOTIFY(%r13)
+    mov $DMA_GUEST_USED_ADDR, %esi
+1:  mov $SPIN_LIMIT, %ecx
+2:  pause
+    cmpw $2, 2(%rsi)
+    je 3f
+    dec %ecx
+    jnz 2b
+    mov R_VIO_STATUS(%r13), %eax                # a broken device never completes it
+    test $(S_NEEDS_RESET | S_FAILED), %eax
+    jz 1b
+    or $4, %r14d
+    jmp finish
+3:  mov $DMA_GUEST_WRITE_REQ_ADDR, %edi
+    cmpb $0, 16(%rdi)                           # VIRTIO_BLK_S_OK
+    je 4f
+    or $4, %r14d
+4:  mov R_VIO_INT_STATUS(%r13), %eax            # acknowledge the used-ring interrupt
+    mov %eax, R_VIO_INT_ACK(%r13)
 
 finish:
     mov %r14, RES_EXIT(%r15)

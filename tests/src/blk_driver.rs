@@ -55,6 +55,11 @@ impl BlkDriver {
     pub fn setup(vmm: &Vmm) -> BlkDriver {
         let reg = |offset: u64, value: u32| mmio_write(vmm, VIRTIO_BLK_MMIO_ADDR + offset, value);
         assert_eq!(mmio_read(vmm, VIRTIO_BLK_MMIO_ADDR + 8), 2, "a block device");
+        // As a driver does: reset whatever an earlier driver (the guest's) left, on zeroed rings.
+        reg(0x70, 0);
+        for ring in [DESC_TABLE, AVAIL_RING, USED_RING] {
+            vmm.ram().write_slice(&[0u8; 0x1000], GuestAddress(ring)).unwrap();
+        }
         reg(0x70, 1);
         reg(0x70, 3);
         reg(0x24, 1);

@@ -5,9 +5,7 @@
 
 #![allow(clippy::cast_possible_truncation)]
 
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use memory::{Bytes, GuestAddress, GuestRam, PAGE_SIZE};
@@ -16,67 +14,12 @@ use vmm::layout::{
     DMA_GUEST_PATTERN,
     DMA_GUEST_RESULTS_ADDR, DMA_GUEST_USED_ADDR,
 };
-use vmm::{build_tiny_vm, guests, VmConfig, VmOutcome};
-use zygote_tests::{captured, read_u64, run_zygote, text};
+use vmm::VmOutcome;
+use zygote_tests::dma_guest::{bytes, disk_bytes, dma_vm, expected_output, fnv1a64, pattern_bytes, TempDisk};
+use zygote_tests::{read_u64, run_zygote, text};
 
 /// How long any one guest run may take before the test gives up.
 const RUN_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// A disk file filled with `disk_byte`, removed when dropped.
-struct TempDisk(PathBuf);
-
-/// A byte of the test disk (varies with sector and offset, never all zero).
-fn disk_byte(offset: u64) -> u8 {
-    (offset / 512 * 13 + offset % 251) as u8
-}
-
-impl TempDisk {
-    fn new(sectors: u64) -> TempDisk {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let name = format!("zygote-dmaguest-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
-        let path = std::env::temp_dir().join(name);
-        std::fs::write(&path, (0..sectors * 512).map(disk_byte).collect::<Vec<_>>()).unwrap();
-        TempDisk(path)
-    }
-
-    fn path(&self) -> &str {
-        self.0.to_str().unwrap()
-    }
-}
-
-impl Drop for TempDisk {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-/// virtio device status bit: the driver is ready.
-const DRIVER_OK: u32 = 4;
-
-fn fnv1a64(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
-}
-
-fn pattern_bytes(len: usize) -> Vec<u8> {
-    (0..len).map(|i| DMA_GUEST_PATTERN.to_le_bytes()[i % 8]).collect()
-}
-
-fn disk_bytes(len: usize) -> Vec<u8> {
-    (0..len as u64).map(disk_byte).collect()
-}
-
-fn bytes(ram: &GuestRam, addr: u64, len: u64) -> Vec<u8> {
-    let mut buf = vec![0u8; len as usize];
-    ram.read_slice(&mut buf, GuestAddress(addr)).unwrap();
-    buf
-}
-
-/// What the guest prints when both devices succeed and `disk_len` bytes are read.
-fn expected_output(disk_len: usize) -> String {
-    let dma = fnv1a64(&pattern_bytes(DMA_GUEST_DMA_LEN as usize));
-    let blk = fnv1a64(&disk_bytes(disk_len));
-    format!("DMA done {dma:016x}\nBLK done {blk:016x}\n")
-}
 
 /// A virtio ring's `idx` field (the u16 after `flags`).
 fn ring_idx(ram: &GuestRam, ring: u64) -> u16 {
@@ -85,12 +28,6 @@ fn ring_idx(ram: &GuestRam, ring: u64) -> u16 {
 
 fn pages(addr: u64, len: u64) -> impl Iterator<Item = GuestAddress> {
     (addr..addr + len).step_by(PAGE_SIZE).map(GuestAddress)
-}
-
-fn dma_vm(disk: Option<&TempDisk>, pacing_us: u64) -> (vmm::Vmm, Arc<Mutex<Vec<u8>>>) {
-    let (config, out) = captured(1);
-    let config = VmConfig { disk: disk.map(|d| d.0.clone()), ..config };
-    (build_tiny_vm(&config, guests::find("dma").unwrap(), pacing_us).unwrap(), out)
 }
 
 /// Runs a built VM to its end; returns the outcome and how long the guest ran.
@@ -104,7 +41,7 @@ fn run(vmm: &mut vmm::Vmm) -> Duration {
 #[test]
 fn dma_guest_checksums_buffers_and_dirty_pages_match_the_host() {
     let disk = TempDisk::new(512); // 256 KiB: the guest reads its first DMA_GUEST_BLK_LEN bytes
-    let (mut vmm, out) = dma_vm(Some(&disk), 0);
+    let (mut vmm, out) = dma_vm(Some(&disk), 0, 0);
     let ram = Arc::clone(vmm.ram());
     ram.take_dirty(); // what the VMM wrote while building
     let took = run(&mut vmm);
@@ -119,10 +56,10 @@ fn dma_guest_checksums_buffers_and_dirty_pages_match_the_host() {
 
     // The buffers hold exactly the device-written bytes; the results, the guest's checksums.
     assert_eq!(bytes(&ram, DMA_GUEST_DMA_BUF, DMA_GUEST_DMA_LEN), pattern_bytes(DMA_GUEST_DMA_LEN as usize));
-    assert_eq!(bytes(&ram, DMA_GUEST_BLK_BUF, DMA_GUEST_BLK_LEN), disk_bytes(DMA_GUEST_BLK_LEN as usize));
+    assert_eq!(bytes(&ram, DMA_GUEST_BLK_BUF, DMA_GUEST_BLK_LEN), disk_bytes(0, DMA_GUEST_BLK_LEN as usize));
     let results = |i: u64| read_u64(&ram, DMA_GUEST_RESULTS_ADDR + 8 * i);
     assert_eq!(results(0), fnv1a64(&pattern_bytes(DMA_GUEST_DMA_LEN as usize)));
-    assert_eq!(results(1), fnv1a64(&disk_bytes(DMA_GUEST_BLK_LEN as usize)));
+    assert_eq!(results(1), fnv1a64(&disk_bytes(0, DMA_GUEST_BLK_LEN as usize)));
     assert_eq!((results(2), results(3)), (DMA_GUEST_BLK_LEN, 0), "bytes read, exit code");
     assert_eq!(ring_idx(&ram, DMA_GUEST_USED_ADDR), 1, "one used-ring entry");
 
@@ -136,7 +73,7 @@ fn dma_guest_checksums_buffers_and_dirty_pages_match_the_host() {
 #[test]
 fn dma_guest_reads_a_small_disk_whole_and_runs_without_one() {
     let disk = TempDisk::new(3);
-    let (mut vmm, out) = dma_vm(Some(&disk), 100);
+    let (mut vmm, out) = dma_vm(Some(&disk), 0, 100);
     run(&mut vmm);
     let ram = Arc::clone(vmm.ram());
     let outcome = vmm.stop();
@@ -145,7 +82,7 @@ fn dma_guest_reads_a_small_disk_whole_and_runs_without_one() {
     assert_eq!(read_u64(&ram, DMA_GUEST_RESULTS_ADDR + 16), 3 * 512);
     assert!(bytes(&ram, DMA_GUEST_BLK_BUF + 3 * 512, 512).iter().all(|&b| b == 0), "nothing past the disk end");
 
-    let (mut vmm, out) = dma_vm(None, 100);
+    let (mut vmm, out) = dma_vm(None, 0, 100);
     run(&mut vmm);
     let outcome = vmm.stop();
     assert!(matches!(outcome, VmOutcome::Exited(0)), "{outcome:?}: {}", text(&out));
@@ -170,28 +107,16 @@ fn zygote_binary_runs_the_dma_guest_with_a_disk() {
 fn ram_clone_while_dma_and_blk_read_are_in_flight_holds_the_clone_instant() {
     let disk = TempDisk::new(256);
     // 2 ms pacing: the transfer runs for at least half a second.
-    let (mut vmm, out) = dma_vm(Some(&disk), 2000);
+    let (mut vmm, out) = dma_vm(Some(&disk), 0, 2000);
     let mmio = vmm.devices().mmio.as_ref().expect("MMIO devices");
     let blk = Arc::clone(&mmio.block.as_ref().expect("virtio-blk with --disk").transport);
     let dma = Arc::clone(&mmio.dma);
     let ram = Arc::clone(vmm.ram());
 
     // Hold the guest's disk read back from the kernel (pinned and queued, not started), so it
-    // is still in flight at the clone instant. A hold set before the guest's bring-up would
-    // not last (its virtio reset drains the device and clears the hold), so gate the guest on
-    // the DMA engine's lock: it touches the engine only after DRIVER_OK, and offers the read
-    // only after starting the transfer.
-    {
-        let gate = dma.lock().unwrap();
-        vmm.start();
-        let deadline = Instant::now() + RUN_TIMEOUT;
-        while blk.lock().unwrap().status() & DRIVER_OK == 0 {
-            assert!(Instant::now() < deadline, "the guest never brought virtio-blk up: {}", text(&out));
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        blk.lock().unwrap().device().hold_submissions(true);
-        drop(gate);
-    }
+    // is still in flight at the clone instant. The hold outlasts the guest's virtio reset.
+    blk.lock().unwrap().device().hold_submissions(true);
+    vmm.start();
 
     // Wait until the guest has started the transfer and submitted the read.
     let deadline = Instant::now() + RUN_TIMEOUT;
@@ -227,7 +152,7 @@ fn ram_clone_while_dma_and_blk_read_are_in_flight_holds_the_clone_instant() {
     assert!(matches!(outcome, VmOutcome::Exited(0)), "{outcome:?}: {}", text(&out));
     assert_eq!(text(&out), expected_output(DMA_GUEST_BLK_LEN as usize));
     assert_eq!(bytes(&ram, DMA_GUEST_DMA_BUF, DMA_GUEST_DMA_LEN), pattern_bytes(DMA_GUEST_DMA_LEN as usize));
-    assert_eq!(bytes(&ram, DMA_GUEST_BLK_BUF, DMA_GUEST_BLK_LEN), disk_bytes(DMA_GUEST_BLK_LEN as usize));
+    assert_eq!(bytes(&ram, DMA_GUEST_BLK_BUF, DMA_GUEST_BLK_LEN), disk_bytes(0, DMA_GUEST_BLK_LEN as usize));
 
     // The clone holds the clone-instant bytes: the transfer's prefix, then the untouched buffer
     // (zero, and the guest's sentinel ~pattern in its last u64); no disk data; the request

@@ -86,7 +86,8 @@ pub const DMA_GUEST_USED_ADDR: u64 = 0x15_2000;
 /// Its virtio-blk request header (16 bytes); the status byte follows at +16.
 pub const DMA_GUEST_REQ_ADDR: u64 = 0x15_3000;
 /// Its results: u64 FNV-1a 64 of the DMA buffer at +0, of the bytes read from disk at +8, the
-/// number of bytes read at +16, and the exit code at +24.
+/// number of bytes read at +16, the exit code at +24, and (with `DMA_GUEST_WRITE_ID`) the
+/// sector it wrote its id to at +32.
 pub const DMA_GUEST_RESULTS_ADDR: u64 = 0x15_4000;
 /// Where the DMA engine writes its pattern transfer.
 pub const DMA_GUEST_DMA_BUF: u64 = 0x40_0000;
@@ -103,6 +104,13 @@ pub const DMA_GUEST_BLK_BUF: u64 = 0x50_0000;
 /// Most bytes read from the disk (one 64 KiB segment, the device's `size_max`); less if the
 /// disk is smaller.
 pub const DMA_GUEST_BLK_LEN: u64 = 0x1_0000;
+/// Set in the `dma` guest's argument: after both devices finish, it also writes one sector, its
+/// VM id (read from `VM_ID_ADDR` then) repeated, at the disk's last sector, so every VM's disk
+/// diverges from its clones'. The argument's low 32 bits stay the pacing override.
+pub const DMA_GUEST_WRITE_ID: u64 = 1 << 32;
+/// Where the `dma` guest builds that write: header at +0, status byte at +16, the sector's data
+/// at +0x100 (one page, clear of the read request at `DMA_GUEST_REQ_ADDR`).
+pub const DMA_GUEST_WRITE_REQ_ADDR: u64 = 0x15_5000;
 /// RAM the `dma` guest needs.
 pub const DMA_GUEST_MIN_RAM: u64 = DMA_GUEST_BLK_BUF + DMA_GUEST_BLK_LEN;
 

@@ -88,21 +88,35 @@ impl Driver {
     pub fn new(ram: Arc<GuestRam>, disk: CowDisk) -> Driver {
         let device = BlockDevice::new(Arc::clone(&ram), disk, DeviceInterrupt::polled()).unwrap();
         let mut t = MmioTransport::new(device);
-        for status in [1, 3] {
-            reg_write(&mut t, 0x70, status);
-        }
-        reg_write(&mut t, 0x24, 1);
-        reg_write(&mut t, 0x20, 1); // VERSION_1
-        reg_write(&mut t, 0x70, 3 | 8);
-        reg_write(&mut t, 0x30, 0);
-        reg_write(&mut t, 0x38, u32::from(QUEUE_SIZE));
-        reg_write(&mut t, 0x80, DESC_TABLE as u32);
-        reg_write(&mut t, 0x90, AVAIL_RING as u32);
-        reg_write(&mut t, 0xa0, USED_RING as u32);
-        reg_write(&mut t, 0x44, 1);
-        reg_write(&mut t, 0x70, 3 | 8 | 4);
-        assert_eq!(reg_read(&mut t, 0x70), 15, "{:?}", t.last_error());
+        Self::bring_up(&mut t);
         Driver { ram, transport: t, next_desc: 0, avail_idx: 0, used_seen: 0 }
+    }
+
+    /// Resets the device and brings it up again on fresh, zeroed rings at the same addresses.
+    pub fn reset_and_bring_up(&mut self) {
+        reg_write(&mut self.transport, 0x70, 0);
+        for ring in [DESC_TABLE, AVAIL_RING, USED_RING] {
+            self.ram.write_slice(&[0u8; 0x1000], GuestAddress(ring)).unwrap();
+        }
+        Self::bring_up(&mut self.transport);
+        (self.next_desc, self.avail_idx, self.used_seen) = (0, 0, 0);
+    }
+
+    fn bring_up(t: &mut MmioTransport<BlockDevice>) {
+        for status in [1, 3] {
+            reg_write(t, 0x70, status);
+        }
+        reg_write(t, 0x24, 1);
+        reg_write(t, 0x20, 1); // VERSION_1
+        reg_write(t, 0x70, 3 | 8);
+        reg_write(t, 0x30, 0);
+        reg_write(t, 0x38, u32::from(QUEUE_SIZE));
+        reg_write(t, 0x80, DESC_TABLE as u32);
+        reg_write(t, 0x90, AVAIL_RING as u32);
+        reg_write(t, 0xa0, USED_RING as u32);
+        reg_write(t, 0x44, 1);
+        reg_write(t, 0x70, 3 | 8 | 4);
+        assert_eq!(reg_read(t, 0x70), 15, "{:?}", t.last_error());
     }
 
     /// Where this driver is in its rings (copy it at a clone instant).
