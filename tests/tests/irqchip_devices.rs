@@ -1,0 +1,103 @@
+//! MMIO devices on a VM with an in-kernel irqchip, as Linux guests and their clones have: each
+//! device interrupt is an irqfd on its GSI, virtio-blk's QueueNotify a KVM ioeventfd served by
+//! the disk's event loop. The `dma` guest keeps interrupts off and polls, so it finishes either
+//! way; what the test checks from the host is that its 32-bit QueueNotify write was served
+//! through the ioeventfd (KVM refuses a second ioeventfd there as a duplicate: one is
+//! registered) and that the devices' completions reached KVM's interrupt controller (the PIC's
+//! request register holds GSIs 5 and 6 afterwards, which nothing but an irqfd could set). The
+//! same holds for a clone: `build_from_state` wires the clone's devices the same way.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use kvm_bindings::{kvm_irqchip, KVM_IRQCHIP_PIC_MASTER};
+use kvm_ioctls::IoEventAddress;
+use vmm::clone::capture_clone;
+use vmm::layout::{DMA_ENGINE_IRQ, VIRTIO_BLK_IRQ, VIRTIO_BLK_MMIO_ADDR};
+use vmm::{build_tiny_vm, guests, Console, VmConfig, VmOutcome, Vmm};
+use vmm_sys_util::eventfd::EventFd;
+use zygote_tests::{captured, scratch_dir, text};
+
+/// virtio-mmio's QueueNotify register offset.
+const QUEUE_NOTIFY: u64 = 0x50;
+/// The GSIs of both MMIO devices as bits of a PIC register.
+const DEVICE_IRQ_BITS: u8 = 1 << VIRTIO_BLK_IRQ | 1 << DMA_ENGINE_IRQ;
+
+/// A 64 KiB disk of varying bytes in a scratch directory.
+fn disk(name: &str) -> PathBuf {
+    let path = scratch_dir(name).join("disk.img");
+    std::fs::write(&path, (0..64u32 << 10).map(|i| (i * 7 + i / 512) as u8).collect::<Vec<_>>()).unwrap();
+    path
+}
+
+/// A paused `dma` guest VM (DMA pacing 100 µs per chunk) with an in-kernel irqchip and `disk`.
+fn dma_vm_with_irqchip(disk: PathBuf) -> (Vmm, std::sync::Arc<std::sync::Mutex<Vec<u8>>>) {
+    let (config, out) = captured(1);
+    let config = VmConfig { disk: Some(disk), irqchip: true, ..config };
+    (build_tiny_vm(&config, guests::find("dma").unwrap(), 100).unwrap(), out)
+}
+
+/// The master PIC's interrupt request register.
+fn pic_irr(vmm: &Vmm) -> u8 {
+    let mut chip = kvm_irqchip { chip_id: KVM_IRQCHIP_PIC_MASTER, ..Default::default() };
+    vmm.vm().fd().get_irqchip(&mut chip).expect("the VM has an in-kernel irqchip");
+    // SAFETY: KVM_GET_IRQCHIP for KVM_IRQCHIP_PIC_MASTER fills the union's `pic` member.
+    unsafe { chip.chip.pic }.irr
+}
+
+/// Whether an ioeventfd is already registered on virtio-blk's QueueNotify for queue 0: KVM
+/// refuses a second one for the same address, length and datamatch with EEXIST.
+fn queue_notify_is_an_ioeventfd(vmm: &Vmm) -> bool {
+    let probe = EventFd::new(0).unwrap();
+    let addr = IoEventAddress::Mmio(VIRTIO_BLK_MMIO_ADDR + QUEUE_NOTIFY);
+    match vmm.vm().fd().register_ioevent(&probe, &addr, 0u32) {
+        Err(e) if e.errno() == libc::EEXIST => true,
+        Err(e) => panic!("KVM_IOEVENTFD failed otherwise: {e}"),
+        Ok(()) => {
+            vmm.vm().fd().unregister_ioevent(&probe, &addr, 0u32).unwrap();
+            false
+        }
+    }
+}
+
+/// Runs `vmm` to its end and checks the guest saw both devices finish.
+fn run_to_end(vmm: &mut Vmm, out: &std::sync::Mutex<Vec<u8>>) {
+    vmm.start();
+    assert!(vmm.wait_timeout(Duration::from_secs(30)), "the dma guest did not finish: {}", text(out));
+    let output = text(out);
+    assert!(output.contains("DMA done ") && output.contains("BLK done "), "{output}");
+}
+
+#[test]
+fn a_vm_with_an_irqchip_takes_notifications_by_ioeventfd_and_interrupts_by_irqfd() {
+    let (mut vmm, out) = dma_vm_with_irqchip(disk("irqchip-vm"));
+    assert!(queue_notify_is_an_ioeventfd(&vmm));
+    assert_eq!(pic_irr(&vmm) & DEVICE_IRQ_BITS, 0, "no device interrupt before the guest runs");
+    run_to_end(&mut vmm, &out);
+    assert_eq!(pic_irr(&vmm) & DEVICE_IRQ_BITS, DEVICE_IRQ_BITS, "both devices interrupted through KVM");
+    assert!(matches!(vmm.stop(), VmOutcome::Exited(0)), "{}", text(&out));
+}
+
+#[test]
+fn a_clone_of_a_vm_with_an_irqchip_gets_the_same_irqfds_and_ioeventfd() {
+    let (mut source, _) = dma_vm_with_irqchip(disk("irqchip-clone"));
+    let token = source.pause().unwrap();
+    let image = capture_clone(&source, &token).unwrap();
+    assert!(image.state.irqchip.is_some(), "the irqchip is in the clone's state");
+    let (console, out) = Console::capture();
+    let mut clone = image.build(1, &console).unwrap();
+    drop(source);
+    assert!(queue_notify_is_an_ioeventfd(&clone), "the clone's QueueNotify is an ioeventfd");
+    assert_eq!(pic_irr(&clone) & DEVICE_IRQ_BITS, 0, "no device interrupt before the clone runs");
+    run_to_end(&mut clone, &out);
+    assert_eq!(pic_irr(&clone) & DEVICE_IRQ_BITS, DEVICE_IRQ_BITS, "the clone's devices interrupted through KVM");
+    assert!(matches!(clone.stop(), VmOutcome::Exited(0)), "{}", text(&out));
+}
+
+#[test]
+fn a_vm_without_an_irqchip_keeps_polled_devices() {
+    let (config, _) = captured(1);
+    let config = VmConfig { disk: Some(disk("irqchip-none")), ..config };
+    let vmm = build_tiny_vm(&config, guests::find("dma").unwrap(), 100).unwrap();
+    assert!(!queue_notify_is_an_ioeventfd(&vmm), "QueueNotify stays an MMIO exit");
+}
