@@ -72,11 +72,6 @@ impl DeviceInterrupt {
         }
     }
 
-    /// Whether raising signals something (an irqfd) besides setting status bits.
-    pub fn has_trigger(&self) -> bool {
-        self.trigger.is_some()
-    }
-
     /// The status register.
     pub fn status(&self) -> u32 {
         self.status.load(Ordering::Acquire)
