@@ -2,6 +2,7 @@
 //! captured console, reading guest RAM, and finding and running the real `zygote` binary.
 
 pub mod blk_driver;
+pub mod linux;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -5,29 +5,21 @@
 //! builds the kernel first; by hand: `cargo test -p zygote-tests --test linux_cli -- --ignored`.
 
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use zygote_tests::linux::{kernel_and_initrd, write_checksum_disk};
 use zygote_tests::{run_zygote, scratch_dir, zygote_bin};
 
 /// Longest a boot may take before the test kills the VMM: the guest needs ~25-60 s on an idle
 /// host, and took 174 s here with other builds keeping the load average at 7-16.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(480);
 
-fn artifact(var: &str, name: &str) -> PathBuf {
-    std::env::var_os(var).map(PathBuf::from).unwrap_or_else(|| {
-        let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
-        std::env::var_os("ZYGOTE_CACHE").map(PathBuf::from).unwrap_or(home.join(".cache/zygote")).join("linux").join(name)
-    })
-}
-
 #[test]
 #[ignore = "boots a real Linux kernel (25-60 s here); needs resources/linux/build.sh's outputs"]
 fn zygote_run_boots_linux_to_the_init_marker() {
-    let (kernel, initrd) = (artifact("ZYGOTE_VMLINUX", "vmlinux"), artifact("ZYGOTE_INITRD", "initramfs.cpio"));
-    assert!(kernel.exists(), "{} missing: run resources/linux/build.sh", kernel.display());
+    let (kernel, initrd) = kernel_and_initrd();
     let start = Instant::now();
     let out = run_zygote(&[
         "run",
@@ -42,24 +34,6 @@ fn zygote_run_boots_linux_to_the_init_marker() {
     eprintln!("boot to exit took {:.1} s", start.elapsed().as_secs_f64());
     assert!(stdout.contains("ZYGOTE-LINUX-INIT-OK"), "no marker; stdout:\n{stdout}\nstderr:\n{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(out.status.code(), Some(0), "the guest's reset request ends the VM cleanly");
-}
-
-/// FNV-1a 64, as the guest's init computes it (resources/linux/init.c, blk_checksum.py).
-fn fnv1a64(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
-}
-
-/// `len` bytes from a xorshift64 stream: no two sectors alike, never all zero.
-fn random_ish(len: usize, mut seed: u64) -> Vec<u8> {
-    let mut bytes = Vec::with_capacity(len + 8);
-    while bytes.len() < len {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        bytes.extend_from_slice(&seed.to_le_bytes());
-    }
-    bytes.truncate(len);
-    bytes
 }
 
 /// What `run_zygote_timed` saw.
@@ -103,12 +77,9 @@ fn run_zygote_timed(args: &[&str]) -> TimedRun {
 #[test]
 #[ignore = "boots a real Linux kernel (25-60 s here); needs resources/linux/build.sh's outputs"]
 fn linux_reads_the_disk_through_virtio_blk_and_prints_its_checksum() {
-    let (kernel, initrd) = (artifact("ZYGOTE_VMLINUX", "vmlinux"), artifact("ZYGOTE_INITRD", "initramfs.cpio"));
-    assert!(kernel.exists(), "{} missing: run resources/linux/build.sh", kernel.display());
+    let (kernel, initrd) = kernel_and_initrd();
     let disk = scratch_dir("linux-blk").join("disk.img");
-    let content = random_ish(64 << 10, 0x5a59_4754_4c42_4c4b);
-    std::fs::write(&disk, &content).unwrap();
-    let expected = format!("ZYGOTE-BLK {:016x}", fnv1a64(&content[..4096]));
+    let expected = write_checksum_disk(&disk, 0x5a59_4754_4c42_4c4b);
     let cmdline = format!("{} zygote_blk=1", vmm::linux::DEFAULT_CMDLINE);
     let run = run_zygote_timed(&[
         "run",
