@@ -62,6 +62,16 @@ impl DeviceInterrupt {
         }
     }
 
+    /// Signals the trigger again if a status bit is set. For a restored device: KVM injects
+    /// irqfd signals asynchronously, so a signal sent just before a clone instant may not be in
+    /// the irqchip state the clone got, and a driver whose interrupt is lost waits forever. An
+    /// extra one is harmless (the driver reads status 0 and ignores it).
+    pub fn resend_if_pending(&self) {
+        if let (true, Some(trigger)) = (self.status() != 0, &self.trigger) {
+            let _ = trigger.trigger();
+        }
+    }
+
     /// The status register.
     pub fn status(&self) -> u32 {
         self.status.load(Ordering::Acquire)
@@ -92,6 +102,17 @@ mod tests {
         assert_eq!(fd.read().unwrap(), 2);
         irq.ack(INT_USED_RING);
         assert_eq!(irq.status(), INT_CONFIG);
+    }
+
+    #[test]
+    fn resend_signals_only_while_a_status_bit_is_set() {
+        let fd = Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+        let irq = DeviceInterrupt::with_trigger(fd.clone());
+        irq.resend_if_pending();
+        assert!(fd.read().is_err(), "nothing pending: no signal");
+        irq.set_status(INT_USED_RING);
+        irq.resend_if_pending();
+        assert_eq!(fd.read().unwrap(), 1);
     }
 
     #[test]

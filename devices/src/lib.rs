@@ -5,6 +5,7 @@ pub mod block;
 mod bus_device;
 pub mod dma;
 pub mod interrupt;
+pub mod subscriber;
 pub mod virtio;
 
 pub use bus_device::{BusDevice, VmRequest};

@@ -14,8 +14,9 @@
  *                                   (blk_checksum.py computes the same)
  *   ZYGOTE-BLK-ERROR <what> <n>     instead, if that failed (n = -errno
  *                                   or the short byte count)
- * then reboot(RESTART); with `reboot=k` the kernel writes 0xFE to port
- * 0x64, which the VMM treats as "guest wants to exit".
+ * then waits until the console has sent every byte (tcdrain) and calls
+ * reboot(RESTART); with `reboot=k` the kernel writes 0xFE to port 0x64,
+ * which the VMM treats as "guest wants to exit".
  */
 
 typedef unsigned long u64;
@@ -24,9 +25,12 @@ typedef unsigned char u8;
 #define SYS_read 0
 #define SYS_write 1
 #define SYS_open 2
+#define SYS_ioctl 16
 #define SYS_mknod 133
 #define SYS_mount 165
 #define SYS_reboot 169
+
+#define TCSBRK 0x5409 /* with a non-zero argument: tcdrain(), no break */
 
 #define O_RDONLY 0
 #define O_WRONLY 1
@@ -155,6 +159,13 @@ __attribute__((used)) static void start_c(long *sp)
 	puts_("ZYGOTE-LINUX-INIT-OK\n");
 	if (want_blk)
 		blk_check();
+
+	/*
+	 * The serial driver sends tty output from its transmit interrupt;
+	 * reboot does not wait for it, so on a busy host the lines above
+	 * were lost. Wait until the UART has sent everything.
+	 */
+	sys6(SYS_ioctl, out, TCSBRK, 1, 0, 0);
 
 	/* LINUX_REBOOT_MAGIC1, MAGIC2, LINUX_REBOOT_CMD_RESTART */
 	sys6(SYS_reboot, 0xfee1dead, 672274793, 0x01234567, 0, 0);

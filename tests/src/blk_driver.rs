@@ -80,6 +80,19 @@ impl BlkDriver {
     /// Offers a request of `kind` for `len` bytes at `sector` with data buffer `buf`, and
     /// notifies the queue.
     fn submit(&mut self, vmm: &Vmm, kind: u32, sector: u64, buf: u64, len: u32) -> Submitted {
+        let request = self.offer(vmm, kind, sector, buf, len);
+        mmio_write(vmm, VIRTIO_BLK_MMIO_ADDR + 0x50, 0);
+        request
+    }
+
+    /// Puts a read of `len` bytes at `sector` into guest `buf` in the avail ring without
+    /// notifying the queue (as if the notification were still on its way).
+    pub fn offer_read(&mut self, vmm: &Vmm, sector: u64, buf: u64, len: u32) -> Submitted {
+        self.offer(vmm, VIRTIO_BLK_T_IN, sector, buf, len)
+    }
+
+    /// Writes a request's descriptors and makes it available, without notifying.
+    fn offer(&mut self, vmm: &Vmm, kind: u32, sector: u64, buf: u64, len: u32) -> Submitted {
         let ram = vmm.ram();
         let slot = self.requests % REQUEST_SLOTS;
         self.requests = self.requests.wrapping_add(1);
@@ -104,7 +117,6 @@ impl BlkDriver {
         ram.write_obj(first, GuestAddress(AVAIL_RING + 4 + 2 * avail_slot)).unwrap();
         self.avail_idx = self.avail_idx.wrapping_add(1);
         ram.write_obj(self.avail_idx, GuestAddress(AVAIL_RING + 2)).unwrap();
-        mmio_write(vmm, VIRTIO_BLK_MMIO_ADDR + 0x50, 0);
         Submitted { status, avail_idx: self.avail_idx }
     }
 

@@ -3,6 +3,7 @@
 
 pub mod blk_driver;
 pub mod dma_guest;
+pub mod linux;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

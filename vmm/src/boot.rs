@@ -1,6 +1,7 @@
 //! `zygote run --kernel`: build a VM for a Linux kernel and run it. A flat recipe: RAM, KVM VM
-//! with an in-kernel irqchip and PIT, the kernel, initrd and command line (`crate::linux`), the
-//! serial port's interrupt as an irqfd, then the vCPUs.
+//! with an in-kernel irqchip and PIT, the devices (MMIO ones wired through irqfds and
+//! ioeventfds), the kernel, initrd and command line (`crate::linux`), the serial port's
+//! interrupt as an irqfd, then the vCPUs.
 
 use std::path::PathBuf;
 use std::sync::{mpsc, Arc, Mutex};
@@ -9,7 +10,7 @@ use kvm_ioctls::Kvm;
 
 use crate::builder::{create_ram, BuildError, ConfigError, VmConfig};
 use crate::bus::Bus;
-use crate::devices::{attach_legacy_devices, attach_mmio_devices, DeviceError};
+use crate::devices::{attach_legacy_devices, attach_mmio_devices, DeviceError, Wiring};
 use crate::linux::{self, LinuxBootError};
 use crate::machine::{VmOutcome, Vmm};
 use crate::vcpu::{spawn_vcpu, VcpuContext, VcpuError};
@@ -53,7 +54,7 @@ impl BootError {
         match self {
             BootError::Config(_) => true,
             BootError::Build(e) => e.is_bad_input(),
-            BootError::Devices(_) => true,
+            BootError::Devices(e) => matches!(e, DeviceError::Disk(_)),
             BootError::Load(e) => !matches!(
                 e,
                 LinuxBootError::Kvm { .. } | LinuxBootError::SetMsrs { .. } | LinuxBootError::GuestWrite { .. }
@@ -73,7 +74,7 @@ pub fn build_linux_vm(config: &LinuxConfig) -> Result<Vmm, BootError> {
     let mut pio = Bus::new();
     let mut devices = attach_legacy_devices(&mut pio, &config.vm.console)?;
     let mut mmio = Bus::new();
-    let mmio_devices = attach_mmio_devices(&mut mmio, &ram, config.vm.disk.as_deref())?;
+    let mmio_devices = attach_mmio_devices(&mut mmio, &ram, config.vm.disk.as_deref(), Wiring::Irqchip(vm.fd()))?;
     let mut cmdline = config.cmdline.clone().unwrap_or_else(|| linux::DEFAULT_CMDLINE.to_string());
     let fragment = mmio_devices.kernel_cmdline();
     if !fragment.is_empty() {

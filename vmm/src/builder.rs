@@ -6,9 +6,10 @@ use std::sync::{mpsc, Arc};
 use memory::{Bytes, GuestAddress, GuestRam, MemoryError};
 
 use crate::bus::Bus;
-use crate::devices::{attach_legacy_devices, attach_mmio_devices, Console, DeviceError};
+use crate::devices::{attach_legacy_devices, attach_mmio_devices, Console, DeviceError, Wiring};
 use crate::guests::{self, TinyGuest};
 use crate::layout::{GUEST_CODE_ADDR, HIGH_RAM_START, MIN_RAM, MMIO_GAP_START, VM_ID_ADDR};
+use crate::linux::{create_irqchip_and_pit, LinuxBootError};
 use crate::longmode::{write_tables, LongModeError};
 use crate::machine::{VmOutcome, Vmm};
 use crate::regs::{setup_tiny_guest_vcpu, EntryArgs};
@@ -34,11 +35,15 @@ pub struct VmConfig {
     pub console: Console,
     /// Disk image served by virtio-blk (`--disk`); none means no block device.
     pub disk: Option<PathBuf>,
+    /// Give a tiny guest the in-kernel PIC, IOAPIC, LAPICs and PIT a Linux guest always gets,
+    /// so its devices interrupt through irqfds and take QueueNotify as an ioeventfd. The tiny
+    /// guests run with interrupts off and poll either way; tests use this to check the wiring.
+    pub irqchip: bool,
 }
 
 impl Default for VmConfig {
     fn default() -> Self {
-        VmConfig { mem_mib: DEFAULT_MEM_MIB, vcpus: 1, vm_id: 0, console: Console::Stdout, disk: None }
+        VmConfig { mem_mib: DEFAULT_MEM_MIB, vcpus: 1, vm_id: 0, console: Console::Stdout, disk: None, irqchip: false }
     }
 }
 
@@ -87,7 +92,9 @@ pub enum BuildError {
     },
     #[error("cannot create the KVM VM")]
     Vm(#[from] VmError),
-    #[error("cannot attach the legacy devices")]
+    #[error("cannot create the in-kernel irqchip")]
+    Irqchip(#[source] LinuxBootError),
+    #[error("cannot attach the devices")]
     Devices(#[from] DeviceError),
     #[error("cannot set up a vCPU")]
     Vcpu(#[from] VcpuError),
@@ -127,10 +134,17 @@ pub fn build_tiny_vm(config: &VmConfig, guest: &TinyGuest, arg: u64) -> Result<V
     ram.write_obj(config.vm_id, GuestAddress(VM_ID_ADDR))
         .map_err(|source| BuildError::LoadGuest { addr: VM_ID_ADDR, source })?;
     let vm = Vm::new(Arc::clone(&ram))?;
+    let wiring = match config.irqchip {
+        true => {
+            create_irqchip_and_pit(vm.fd()).map_err(BuildError::Irqchip)?;
+            Wiring::Irqchip(vm.fd())
+        }
+        false => Wiring::Polled,
+    };
     let mut pio = Bus::new();
     let mut devices = attach_legacy_devices(&mut pio, &config.console)?;
     let mut mmio = Bus::new();
-    devices.mmio = Some(attach_mmio_devices(&mut mmio, &ram, config.disk.as_deref())?);
+    devices.mmio = Some(attach_mmio_devices(&mut mmio, &ram, config.disk.as_deref(), wiring)?);
     let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
     let (events_tx, events) = mpsc::channel();
     let mut vcpus = Vec::new();

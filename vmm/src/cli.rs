@@ -319,7 +319,7 @@ fn finish(outcome: VmOutcome) -> i32 {
 }
 
 fn run(args: RunArgs) -> i32 {
-    let vm = VmConfig { mem_mib: args.mem, vcpus: args.vcpus, vm_id: 0, console: Console::Stdout, disk: args.disk };
+    let vm = VmConfig { mem_mib: args.mem, vcpus: args.vcpus, vm_id: 0, console: Console::Stdout, disk: args.disk, irqchip: false };
     if let Some(kernel) = args.kernel {
         let config = LinuxConfig { vm, kernel, initrd: args.initrd, cmdline: args.cmdline };
         return match boot_linux(&config) {

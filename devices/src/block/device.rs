@@ -1,17 +1,15 @@
 //! `BlockDevice`: virtio-blk as the MMIO transport sees it, plus what the VMM and the clone
-//! path need: capture/restore, disk clone, deterministic completion for tests, and a
-//! completion thread for running VMs.
+//! path need: capture/restore, disk clone, deterministic completion for tests, and the
+//! completion subscriber for a running VM's event loop.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::thread::JoinHandle;
 
 use memory::GuestRam;
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX};
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_queue::{Queue, QueueState, QueueT};
-use vmm_sys_util::eventfd::EventFd;
 
+use super::completion::BlockCompletions;
 use super::core::{BlockCore, ID_BYTES};
 use super::disk::CowDisk;
 use super::request::{BlockRequest, SEG_MAX, SIZE_MAX};
@@ -139,42 +137,10 @@ impl BlockDevice {
         }
     }
 
-    /// Starts a thread that completes requests as the kernel finishes them; it stops when the
-    /// returned handle drops.
-    pub fn spawn_completion_thread(&self) -> Result<CompletionThread, BlockError> {
-        let event = Arc::new(EventFd::new(0).map_err(BlockError::Uring)?);
-        {
-            use std::os::fd::AsRawFd;
-            self.lock().uring().register_eventfd(event.as_raw_fd()).map_err(BlockError::Uring)?;
-        }
-        let stop = Arc::new(AtomicBool::new(false));
-        let (core, thread_event, thread_stop) = (Arc::clone(&self.core), Arc::clone(&event), Arc::clone(&stop));
-        let thread = std::thread::Builder::new()
-            .name("virtio-blk".into())
-            .spawn(move || {
-                while thread_event.read().is_ok() && !thread_stop.load(Ordering::Acquire) {
-                    core.lock().unwrap_or_else(|e| e.into_inner()).reap();
-                }
-            })
-            .map_err(BlockError::Uring)?;
-        Ok(CompletionThread { event, stop, thread: Some(thread) })
-    }
-}
-
-/// The running completion thread of a block device.
-pub struct CompletionThread {
-    event: Arc<EventFd>,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Drop for CompletionThread {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Release);
-        let _ = self.event.write(1);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
+    /// The subscriber that completes requests as the kernel finishes them, for the VM's event
+    /// loop. Call it once per device (io_uring takes one completion eventfd).
+    pub fn completions(&self) -> Result<BlockCompletions, BlockError> {
+        BlockCompletions::new(Arc::clone(&self.core))
     }
 }
 

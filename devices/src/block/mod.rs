@@ -6,6 +6,7 @@
 //! source. The requests in flight are part of the device state; a clone re-executes them
 //! against its own RAM and disk.
 
+mod completion;
 mod core;
 mod device;
 pub mod disk;
@@ -14,7 +15,8 @@ mod uring;
 
 use std::path::PathBuf;
 
-pub use device::{BlockDevice, BlockState, CompletionThread, BLOCK_QUEUE_SIZE};
+pub use completion::BlockCompletions;
+pub use device::{BlockDevice, BlockState, BLOCK_QUEUE_SIZE};
 pub use disk::{CowDisk, SECTOR_SIZE};
 pub use request::{BlockRequest, RequestKind, Segment};
 

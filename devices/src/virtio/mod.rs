@@ -1,6 +1,7 @@
 //! Virtio 1.x over MMIO: the device interface the transport drives, and its errors.
 
 pub mod mmio;
+pub mod notify;
 
 use std::sync::Arc;
 
@@ -8,7 +9,8 @@ use virtio_queue::Queue;
 
 use crate::interrupt::DeviceInterrupt;
 
-pub use mmio::{MmioTransport, MmioTransportState, MMIO_REGION_SIZE};
+pub use mmio::{MmioTransport, MmioTransportState, MMIO_REGION_SIZE, REG_QUEUE_NOTIFY};
+pub use notify::QueueNotifier;
 
 /// Feature bit every modern device offers and every driver must accept (VIRTIO_F_VERSION_1).
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;

@@ -4,6 +4,7 @@
 
 pub mod console;
 pub mod control;
+pub mod event_loop;
 pub mod i8042;
 pub mod mmio;
 pub mod serial;
@@ -12,7 +13,10 @@ pub mod state;
 use std::sync::{Arc, Mutex};
 
 pub use console::Console;
-pub use mmio::{attach_mmio_devices, restore_mmio_devices, virtio_mmio_cmdline, BlockSlotState, MmioDevices, MmioDevicesState};
+pub use event_loop::{DeviceEventLoop, EventLoopError};
+pub use mmio::{
+    attach_mmio_devices, restore_mmio_devices, virtio_mmio_cmdline, BlockSlotState, MmioDevices, MmioDevicesState, Wiring,
+};
 pub use state::{DeviceState, DeviceStateError, LegacyDevicesState};
 
 use crate::bus::{Bus, BusError};
@@ -36,6 +40,23 @@ pub enum DeviceError {
     Dma(#[source] devices::dma::DmaError),
     #[error("cannot start a device thread")]
     Thread(#[source] std::io::Error),
+    #[error("cannot create a device eventfd")]
+    EventFd(#[source] std::io::Error),
+    #[error("cannot register an irqfd on GSI {gsi}")]
+    Irqfd {
+        gsi: u32,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("cannot register an ioeventfd on MMIO {addr:#x} for queue {queue}")]
+    Ioeventfd {
+        addr: u64,
+        queue: u32,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("cannot start a device event loop")]
+    EventLoop(#[from] EventLoopError),
 }
 
 /// The legacy devices, kept so the VMM can reach them after wiring (e.g. the serial's IRQ).

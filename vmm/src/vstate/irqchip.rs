@@ -75,42 +75,22 @@ impl IrqchipState {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::{mpsc, Arc, Mutex};
     use std::time::{Duration, Instant};
 
     use memory::{Bytes, GuestAddress};
 
     use super::*;
-    use crate::builder::{create_ram, VmConfig};
-    use crate::bus::Bus;
+    use crate::builder::{build_tiny_vm, VmConfig};
     use crate::clone::capture_clone;
-    use crate::devices::{attach_legacy_devices, Console};
-    use crate::layout::{COUNTERS_ADDR, GUEST_CODE_ADDR, VM_ID_ADDR};
+    use crate::devices::Console;
+    use crate::layout::COUNTERS_ADDR;
     use crate::machine::Vmm;
-    use crate::regs::{setup_tiny_guest_vcpu, EntryArgs};
-    use crate::vcpu::{spawn_vcpu, VcpuContext};
-    use crate::vm::Vm;
     use crate::vstate::VmState;
 
     /// `spin` on a VM with an in-kernel PIC/IOAPIC/LAPIC and PIT, as Linux guests get.
     fn spin_with_irqchip(id: u64) -> Vmm {
-        let config = VmConfig { vm_id: id, console: Console::capture().0, ..VmConfig::default() };
-        let ram = create_ram(&config).unwrap();
-        crate::longmode::write_tables(&ram).unwrap();
-        ram.write_slice(crate::guests::find("spin").unwrap().code, GuestAddress(GUEST_CODE_ADDR)).unwrap();
-        ram.write_obj(id, GuestAddress(VM_ID_ADDR)).unwrap();
-        let vm = Vm::new(Arc::clone(&ram)).unwrap();
-        vm.fd().create_irq_chip().unwrap();
-        vm.fd().create_pit2(kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() }).unwrap();
-        let mut pio = Bus::new();
-        let devices = attach_legacy_devices(&mut pio, &config.console).unwrap();
-        let (pio, mmio) = (Arc::new(pio), Arc::new(Bus::new()));
-        let (tx, events) = mpsc::channel();
-        let fd = vm.create_vcpu(0).unwrap();
-        setup_tiny_guest_vcpu(&fd, EntryArgs { vm_id: id, vcpu: 0, arg: 0 }).unwrap();
-        let ctx = VcpuContext { index: 0, fd: Arc::new(Mutex::new(fd)), pio: Arc::clone(&pio), mmio: Arc::clone(&mmio), ram };
-        let vcpus = vec![spawn_vcpu(ctx, tx).unwrap()];
-        Vmm::from_parts(id, vm, vcpus, events, (pio, mmio), devices)
+        let config = VmConfig { vm_id: id, console: Console::capture().0, irqchip: true, ..VmConfig::default() };
+        build_tiny_vm(&config, crate::guests::find("spin").unwrap(), 0).unwrap()
     }
 
     fn counter(vmm: &Vmm) -> u64 {

@@ -17,7 +17,7 @@ use devices::block::CowDisk;
 
 use crate::devices::{
     attach_legacy_devices, attach_mmio_devices, restore_mmio_devices, Console, DeviceError, DeviceStateError, LegacyDevicesState,
-    MmioDevicesState,
+    MmioDevicesState, Wiring,
 };
 use crate::machine::{Paused, Vmm};
 use crate::vcpu::{lock_vcpu, spawn_vcpu, VcpuContext, VcpuError};
@@ -199,9 +199,14 @@ pub fn build_from_state(
     let mut devices = attach_legacy_devices(&mut pio, console)?;
     devices.restore_state(&state.devices)?;
     let mut mmio = Bus::new();
+    // A VM with an irqchip had its devices on irqfds and ioeventfds; the clone gets the same.
+    let wiring = match state.irqchip {
+        Some(_) => Wiring::Irqchip(vm.fd()),
+        None => Wiring::Polled,
+    };
     devices.mmio = Some(match &state.mmio {
-        Some(saved) => restore_mmio_devices(&mut mmio, &ram, saved, disk)?,
-        None => attach_mmio_devices(&mut mmio, &ram, None)?,
+        Some(saved) => restore_mmio_devices(&mut mmio, &ram, saved, disk, wiring)?,
+        None => attach_mmio_devices(&mut mmio, &ram, None, wiring)?,
     });
     let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
     let (events_tx, events) = mpsc::channel();
