@@ -9,6 +9,7 @@
 mod core;
 mod device;
 pub mod disk;
+mod frozen;
 pub mod request;
 mod uring;
 
@@ -16,6 +17,7 @@ use std::path::PathBuf;
 
 pub use device::{BlockDevice, BlockState, CompletionThread, BLOCK_QUEUE_SIZE};
 pub use disk::{CowDisk, SECTOR_SIZE};
+pub use frozen::FrozenDisk;
 pub use request::{BlockRequest, RequestKind, Segment};
 
 /// What went wrong opening a disk or serving one request; request errors become
@@ -36,6 +38,10 @@ pub enum BlockError {
         #[source]
         source: std::io::Error,
     },
+    #[error("saved disk has {sectors} sectors, the VM's disk {disk_sectors}")]
+    DiskMismatch { sectors: u64, disk_sectors: u64 },
+    #[error("saved request at head {head} is invalid for this disk and queue: {reason}")]
+    BadSavedRequest { head: u16, reason: String },
     #[error("captured queue state is invalid: {0}")]
     BadState(String),
     #[error("cannot set up io_uring")]

@@ -1,6 +1,7 @@
 //! Virtio 1.x over MMIO: the device interface the transport drives, and its errors.
 
 pub mod mmio;
+pub mod queue_serde;
 
 use std::sync::Arc;
 
