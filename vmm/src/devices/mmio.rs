@@ -10,11 +10,12 @@
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use devices::block::{BlockDevice, BlockError, BlockState, CompletionThread, CowDisk};
+use devices::block::{BlockDevice, BlockError, BlockState, CompletionThread, CowDisk, FrozenDisk};
 use devices::dma::{DmaEngine, DmaRunner, DmaState, DMA_REGION_SIZE};
-use devices::virtio::{MmioTransport, MmioTransportState, MMIO_REGION_SIZE};
+use devices::virtio::{MmioTransport, MmioTransportState, VirtioDevice, MMIO_REGION_SIZE};
 use devices::DeviceInterrupt;
-use memory::GuestRam;
+use memory::{GuestRam, MemoryError};
+use serde::{Deserialize, Serialize};
 
 use super::DeviceError;
 use crate::bus::Bus;
@@ -35,14 +36,14 @@ pub struct MmioDevices {
 }
 
 /// virtio-blk's state: the transport's registers and the device's queue and requests in flight.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BlockSlotState {
     pub transport: MmioTransportState,
     pub device: BlockState,
 }
 
 /// The MMIO devices' state as plain data (guest physical addresses only).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MmioDevicesState {
     /// Present when the VM has a disk.
     pub block: Option<BlockSlotState>,
@@ -65,16 +66,33 @@ impl MmioDevices {
     }
 }
 
+/// What happens to the disk at a capture instant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DiskCapture {
+    /// Nothing (state only).
+    Leave,
+    /// A copy-on-write clone for a new VM (`CowDisk::clone_cow`).
+    Clone,
+    /// A frozen copy for a snapshot (`CowDisk::freeze`).
+    Freeze,
+}
+
+/// The disk a capture took, if the VM has one and it was asked for.
+#[derive(Debug)]
+pub enum CapturedDisk {
+    Clone(CowDisk),
+    Frozen(FrozenDisk),
+}
+
 impl MmioDevices {
     /// Saves every MMIO device and runs `freeze_ram` at one instant with respect to them: the
-    /// DMA engine's lock and virtio-blk's device lock are held across the state capture and
-    /// `freeze_ram`, so no chunk and no completion lands in between. With `clone_disk` the
-    /// disk is cloned copy-on-write at that instant too (a VM clone; a snapshot does not).
+    /// DMA engine's lock and virtio-blk's device lock are held across the state capture, the
+    /// disk capture asked for and `freeze_ram`, so no chunk and no completion lands in between.
     pub fn save_state_with<R>(
         &self,
-        clone_disk: bool,
+        disk: DiskCapture,
         freeze_ram: impl FnOnce() -> R,
-    ) -> Result<(MmioDevicesState, Option<CowDisk>, R), BlockError> {
+    ) -> Result<(MmioDevicesState, Option<CapturedDisk>, R), BlockError> {
         let dma = self.dma.lock().unwrap_or_else(|e| e.into_inner());
         let dma_state = dma.state();
         let Some(slot) = &self.block else {
@@ -84,25 +102,69 @@ impl MmioDevices {
         // The transport's registers are read inside the device lock: its interrupt status
         // then matches the used ring the frozen RAM holds.
         let at_instant = || (transport.state(), freeze_ram());
-        let (device, disk, (transport_state, frozen)) = match clone_disk {
-            true => {
-                let (device, disk, rest) = transport.device().capture_and_clone(at_instant)?;
-                (device, Some(disk), rest)
+        let device = transport.device();
+        let (device, disk, (transport_state, frozen)) = match disk {
+            DiskCapture::Clone => {
+                let (state, disk, rest) = device.capture_and_clone(at_instant)?;
+                (state, Some(CapturedDisk::Clone(disk)), rest)
             }
-            false => {
-                let (device, rest) = transport.device().capture_with(at_instant);
-                (device, None, rest)
+            DiskCapture::Freeze => {
+                let (state, disk, rest) = device.capture_and_freeze(at_instant)?;
+                (state, Some(CapturedDisk::Frozen(disk)), rest)
+            }
+            DiskCapture::Leave => {
+                let (state, rest) = device.capture_with(at_instant);
+                (state, None, rest)
             }
         };
         let block = Some(BlockSlotState { transport: transport_state, device });
         Ok((MmioDevicesState { block, dma: dma_state }, disk, frozen))
     }
+
+    /// Brings every MMIO device back to `state` and the disk to `disk` (a VM reset) at one
+    /// instant with `reset_ram`: with the DMA engine and virtio-blk locked, runs `reset_ram`
+    /// (refused while anything is pinned, which covers every DMA transfer and data request in
+    /// flight); if it fails nothing has changed and `DeviceError::Ram` says why. Then restores
+    /// the registers and re-executes what was in flight in `state`. A state for other devices
+    /// is refused before anything changes.
+    pub fn reset_with(
+        &self,
+        state: &MmioDevicesState,
+        disk: Option<&FrozenDisk>,
+        reset_ram: impl FnOnce() -> Result<(), MemoryError>,
+    ) -> Result<(), DeviceError> {
+        let mut dma = self.dma.lock().unwrap_or_else(|e| e.into_inner());
+        let reset_ram = || reset_ram().map_err(DeviceError::Ram);
+        match (&self.block, &state.block, disk) {
+            (None, None, None) => reset_ram()?,
+            (Some(slot), Some(saved), Some(disk)) => {
+                let mut transport = slot.transport.lock().unwrap_or_else(|e| e.into_inner());
+                let interrupt = std::sync::Arc::clone(transport.device().interrupt());
+                transport.device_mut().reset_with(disk, &saved.device, || {
+                    reset_ram()?;
+                    // Before any re-executed request can complete and raise its bit.
+                    interrupt.set_status(saved.transport.interrupt_status);
+                    Ok::<(), DeviceError>(())
+                })?;
+                transport.restore_registers(&saved.transport).map_err(DeviceError::Transport)?;
+            }
+            (vm, saved, disk) => return Err(DeviceError::Mismatch(blk_mismatch(Some(vm.is_some()), saved.is_some(), disk.is_some()))),
+        }
+        dma.reset_to(&state.dma).map_err(DeviceError::Dma)
+    }
 }
 
-/// Rebuilds a clone's MMIO devices on `mmio` from `state`, against the clone's `ram` and its
-/// own copy-on-write `disk`: every virtio-blk request and the DMA transfer that were in flight
-/// at the clone instant are started again against the clone's pages. virtio-blk is attached
-/// only with a disk (a snapshot does not carry one yet).
+/// Says which of the VM (if given), the saved state and the saved disk have virtio-blk.
+fn blk_mismatch(vm: Option<bool>, state: bool, disk: bool) -> String {
+    let has = |b: bool| if b { "has" } else { "has no" };
+    let vm = vm.map_or(String::new(), |v| format!("the VM {} virtio-blk, ", has(v)));
+    format!("{vm}the saved state {} virtio-blk, the snapshot {} disk", has(state), has(disk))
+}
+
+/// Rebuilds a clone's (or a restored snapshot's) MMIO devices on `mmio` from `state`, against
+/// the VM's `ram` and its own copy-on-write `disk`: every virtio-blk request and the DMA
+/// transfer that were in flight at the capture instant are started again against its pages.
+/// virtio-blk state needs a disk and a disk needs virtio-blk state.
 pub fn restore_mmio_devices(
     mmio: &mut Bus,
     ram: &Arc<GuestRam>,
@@ -110,8 +172,12 @@ pub fn restore_mmio_devices(
     disk: Option<CowDisk>,
 ) -> Result<MmioDevices, DeviceError> {
     let block = match (&state.block, disk) {
+        (None, None) => None,
         (Some(saved), Some(disk)) => {
-            let device = BlockDevice::restore(Arc::clone(ram), disk, DeviceInterrupt::polled(), &saved.device)?;
+            let interrupt = DeviceInterrupt::polled();
+            // Before any re-executed request can complete and raise its bit.
+            interrupt.set_status(saved.transport.interrupt_status);
+            let device = BlockDevice::restore(Arc::clone(ram), disk, interrupt, &saved.device)?;
             let completions = device.spawn_completion_thread()?;
             // Re-executed requests that finished before the completion thread registered its
             // eventfd signalled nothing: reap them now.
@@ -121,7 +187,7 @@ pub fn restore_mmio_devices(
             mmio.insert(VIRTIO_BLK_MMIO_ADDR, MMIO_REGION_SIZE, transport.clone())?;
             Some(BlockSlot { transport, _completions: completions })
         }
-        _ => None,
+        (saved, disk) => return Err(DeviceError::Mismatch(blk_mismatch(None, saved.is_some(), disk.is_some()))),
     };
     let engine = DmaEngine::restore(Arc::clone(ram), DeviceInterrupt::polled(), &state.dma).map_err(DeviceError::Dma)?;
     let dma = Arc::new(Mutex::new(engine));

@@ -12,7 +12,9 @@ pub mod state;
 use std::sync::{Arc, Mutex};
 
 pub use console::Console;
-pub use mmio::{attach_mmio_devices, restore_mmio_devices, virtio_mmio_cmdline, BlockSlotState, MmioDevices, MmioDevicesState};
+pub use mmio::{
+    attach_mmio_devices, restore_mmio_devices, virtio_mmio_cmdline, BlockSlotState, CapturedDisk, DiskCapture, MmioDevices, MmioDevicesState,
+};
 pub use state::{DeviceState, DeviceStateError, LegacyDevicesState};
 
 use crate::bus::{Bus, BusError};
@@ -36,6 +38,10 @@ pub enum DeviceError {
     Dma(#[source] devices::dma::DmaError),
     #[error("cannot start a device thread")]
     Thread(#[source] std::io::Error),
+    #[error("saved MMIO devices do not match: {0}")]
+    Mismatch(String),
+    #[error("cannot reset the RAM with the devices")]
+    Ram(#[source] memory::MemoryError),
 }
 
 /// The legacy devices, kept so the VMM can reach them after wiring (e.g. the serial's IRQ).
