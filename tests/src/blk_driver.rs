@@ -194,3 +194,19 @@ pub fn wait_dma_idle(vmm: &Vmm) -> u32 {
         std::thread::sleep(Duration::from_millis(2));
     }
 }
+
+/// While held, virtio-blk pins and queues requests but does not hand them to the kernel: a
+/// page-cache read would otherwise finish in microseconds, before any clone or snapshot could
+/// catch it in flight.
+pub fn hold_blk_submissions(vmm: &Vmm, held: bool) {
+    let mmio = vmm.devices().mmio.as_ref().expect("MMIO devices");
+    let block = mmio.block.as_ref().expect("a virtio-blk device");
+    block.transport.lock().unwrap().device().hold_submissions(held);
+}
+
+/// Requests the VM's virtio-blk has between submission and completion.
+pub fn blk_in_flight(vmm: &Vmm) -> usize {
+    let mmio = vmm.devices().mmio.as_ref().expect("MMIO devices");
+    let block = mmio.block.as_ref().expect("a virtio-blk device");
+    block.transport.lock().unwrap().device().in_flight()
+}

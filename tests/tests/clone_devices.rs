@@ -9,7 +9,7 @@ use memory::{Bytes, GuestAddress};
 use vmm::clone::{capture_clone, clone_vm};
 use vmm::layout::VM_ID_ADDR;
 use vmm::{Console, Paused, Vmm};
-use zygote_tests::blk_driver::{dma_register, read_bytes, start_dma_pattern, wait_dma_idle, BlkDriver, DATA};
+use zygote_tests::blk_driver::{dma_register, hold_blk_submissions, read_bytes, start_dma_pattern, wait_dma_idle, BlkDriver, DATA};
 use zygote_tests::{scratch_dir, spin_counters, spin_vm_with_disk, wait_for_progress};
 
 const DISK_SECTORS: u64 = 512;
@@ -54,14 +54,6 @@ impl Vm {
             self.paused = Some(self.vmm.pause().unwrap());
         }
     }
-}
-
-/// While held, virtio-blk pins and queues requests but does not hand them to the kernel: a
-/// page-cache read would otherwise finish in microseconds, before any clone could catch it.
-fn hold_blk_submissions(vmm: &Vmm, held: bool) {
-    let mmio = vmm.devices().mmio.as_ref().expect("MMIO devices");
-    let block = mmio.block.as_ref().expect("a virtio-blk device");
-    block.transport.lock().unwrap().device().hold_submissions(held);
 }
 
 /// On running `parent`, starts a paced DMA transfer and a (held) virtio-blk read, clones it

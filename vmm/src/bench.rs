@@ -35,6 +35,12 @@ pub enum BenchError {
     Guest { what: &'static str, outcome: String },
     #[error("KVM_RUN of the round-trip probe failed")]
     Run(#[source] kvm_ioctls::Error),
+    #[error("cannot create the scratch disk {path}")]
+    Disk {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{mem_mib} MiB is too small for {pages} dirty pages above {TOUCH_ADDR:#x}")]
     TooSmall { mem_mib: u64, pages: u64 },
 }
@@ -82,10 +88,28 @@ fn us(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
 }
 
-/// Runs `dirty16` `rounds` times, resetting to its snapshot after each run.
-pub fn bench_reset(rounds: usize) -> Result<ResetBench, BenchError> {
+/// Bytes of the scratch disk `bench reset --disk` gives the VM.
+const BENCH_DISK_BYTES: u64 = 1 << 20;
+
+/// Runs `dirty16` `rounds` times, resetting to its snapshot after each run. With `disk` the VM
+/// also has virtio-blk on a scratch disk (which dirty16 never touches), so every reset also
+/// resets that device and its disk: the fixed cost a disk adds.
+pub fn bench_reset(rounds: usize, disk: bool) -> Result<ResetBench, BenchError> {
+    let path = std::env::temp_dir().join(format!("zygote-bench-disk-{}.img", std::process::id()));
+    if disk {
+        let file = std::fs::File::create(&path).and_then(|f| f.set_len(BENCH_DISK_BYTES));
+        file.map_err(|source| BenchError::Disk { path: path.clone(), source })?;
+    }
+    let result = reset_rounds(rounds, disk.then_some(path.clone()));
+    if disk {
+        let _ = std::fs::remove_file(&path);
+    }
+    result
+}
+
+fn reset_rounds(rounds: usize, disk: Option<std::path::PathBuf>) -> Result<ResetBench, BenchError> {
     let rounds = rounds.max(1);
-    let config = VmConfig { console: Console::capture().0, ..VmConfig::default() };
+    let config = VmConfig { console: Console::capture().0, disk, ..VmConfig::default() };
     let mut vm = build_tiny_vm(&config, guests::find("dirty16").expect("dirty16 is bundled"), 0)?;
     let token = vm.pause()?;
     let snap = VmSnapshot::take(&vm, &token)?;

@@ -199,6 +199,9 @@ enum BenchCommand {
     Reset {
         #[arg(long, default_value_t = 10_000)]
         rounds: usize,
+        /// Give the VM virtio-blk on a 1 MiB scratch disk, reset with the rest every round.
+        #[arg(long)]
+        disk: bool,
     },
     /// Clone a running VM of MEM MiB with DIRTY_PERCENT % of its RAM rewritten between clones.
     Clone {
@@ -213,7 +216,7 @@ enum BenchCommand {
 
 fn bench(command: BenchCommand) -> i32 {
     let result = match command {
-        BenchCommand::Reset { rounds } => vmm::bench::bench_reset(rounds).map(|r| {
+        BenchCommand::Reset { rounds, disk } => vmm::bench::bench_reset(rounds, disk).map(|r| {
             println!(
                 "reset: {} rounds, {:.0} loops/s (run + pause + reset), reset p50 {:.1} us p99 {:.1} us \
                  (RAM {:.1} us + state {:.1} us), {} dirty pages: memcpy {:.2} us + KVM_RUN {:.1} us, ratio {:.2}",

@@ -216,15 +216,16 @@ impl BlockCore {
     }
 
     /// Waits for every request in flight. With `deliver` false (reset) nothing is written
-    /// to the guest, but the buffers stay pinned until the kernel is done with them. Held
-    /// requests are submitted to be waited for; the hold itself stays for later requests.
+    /// to the guest, but the buffers stay pinned until the kernel is done with them. What is
+    /// held is handed to the kernel; a hold (the host's choice, not device state) stays on for
+    /// later requests.
     pub fn drain(&mut self, deliver: bool) {
         let held = std::mem::replace(&mut self.held, false);
-        self.drain_submitted(deliver);
+        self.drain_unheld(deliver);
         self.held = held;
     }
 
-    fn drain_submitted(&mut self, deliver: bool) {
+    fn drain_unheld(&mut self, deliver: bool) {
         while self.in_flight_count() > 0 {
             if self.uring.submit_and_wait().is_err() {
                 break;

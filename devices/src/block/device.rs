@@ -5,14 +5,16 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use memory::GuestRam;
+use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX};
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_queue::{Queue, QueueState, QueueT};
 
 use super::completion::BlockCompletions;
 use super::core::{BlockCore, ID_BYTES};
-use super::disk::CowDisk;
-use super::request::{BlockRequest, SEG_MAX, SIZE_MAX};
+use super::disk::{CowDisk, SECTOR_SIZE};
+use super::frozen::FrozenDisk;
+use super::request::{BlockRequest, RequestKind, SEG_MAX, SIZE_MAX};
 use super::BlockError;
 use crate::interrupt::DeviceInterrupt;
 use crate::virtio::{VirtioDevice, VirtioError, VIRTIO_F_VERSION_1};
@@ -22,11 +24,33 @@ pub const BLOCK_QUEUE_SIZE: u16 = 256;
 
 /// virtio-blk's state as plain data (guest physical addresses only): the live queue and
 /// every request in flight, which a clone re-executes.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BlockState {
     pub features: u64,
+    #[serde(with = "crate::virtio::queue_serde::option")]
     pub queue: Option<QueueState>,
     pub in_flight: Vec<BlockRequest>,
+}
+
+impl BlockState {
+    /// Checks a saved state (a snapshot file is input) against a disk of `disk_sectors`
+    /// before anything is restored from it; returns its queue, validated.
+    pub fn check(&self, disk_sectors: u64) -> Result<Option<Queue>, BlockError> {
+        let Some(saved) = self.queue else {
+            return match self.in_flight.first() {
+                Some(r) => Err(BlockError::BadSavedRequest { head: r.head, reason: "in flight without a queue".into() }),
+                None => Ok(None),
+            };
+        };
+        if saved.max_size != BLOCK_QUEUE_SIZE {
+            return Err(BlockError::BadState(format!("queue max size {}, the device has {BLOCK_QUEUE_SIZE}", saved.max_size)));
+        }
+        let queue = Queue::try_from(saved).map_err(|e| BlockError::BadState(e.to_string()))?;
+        for request in &self.in_flight {
+            request.check_saved(disk_sectors, queue.size())?;
+        }
+        Ok(Some(queue))
+    }
 }
 
 /// A virtio-blk device. Its serving state is shared with the completion thread.
@@ -62,10 +86,10 @@ impl BlockDevice {
     /// A clone's device: `state` captured from the source, `ram` and `disk` the clone's own.
     /// Every request that was in flight is re-executed now, against the clone's pages.
     pub fn restore(ram: Arc<GuestRam>, disk: CowDisk, interrupt: Arc<DeviceInterrupt>, state: &BlockState) -> Result<Self, BlockError> {
+        let queue = state.check(disk.sectors())?;
         let mut device = BlockDevice::new(ram, disk, interrupt)?;
         device.features = state.features;
-        if let Some(q) = state.queue {
-            let mut queue = Queue::try_from(q).map_err(|e| BlockError::BadState(e.to_string()))?;
+        if let Some(mut queue) = queue {
             let mut core = device.lock();
             for request in &state.in_flight {
                 core.start(&mut queue, request.clone());
@@ -95,6 +119,53 @@ impl BlockDevice {
         let disk = core.disk.clone_cow()?;
         let ram = clone_ram();
         Ok((state, disk, ram))
+    }
+
+    /// The snapshot instant: like `capture_and_clone`, but the disk is frozen (a clone no VM
+    /// writes, `CowDisk::freeze`). Sectors of writes in flight count as changed since the
+    /// freeze: they may land after it, and a reset re-executes them.
+    pub fn capture_and_freeze<R>(&self, freeze_ram: impl FnOnce() -> R) -> Result<(BlockState, FrozenDisk, R), BlockError> {
+        let mut core = self.lock();
+        let state = BlockState { features: self.features, queue: core.queue.as_ref().map(Queue::state), in_flight: core.in_flight() };
+        let frozen = core.disk.freeze()?;
+        for write in state.in_flight.iter().filter(|r| r.kind == RequestKind::Out) {
+            core.disk.mark_changed_since_freeze(write.sector, write.data_len() / SECTOR_SIZE);
+        }
+        let ram = freeze_ram();
+        Ok((state, frozen, ram))
+    }
+
+    /// Brings this device back to `state` and its disk to `disk`'s bytes (a reset), at one
+    /// instant with `reset_ram`: with the device locked (no completion lands meanwhile) runs
+    /// `reset_ram`; if that fails nothing has changed and its error is returned. Then waits
+    /// out what is still in flight without delivering it, resets the disk and the queue, and
+    /// re-executes the requests in flight in `state`. `state` is checked first.
+    pub fn reset_with<E: From<BlockError>>(
+        &mut self,
+        disk: &FrozenDisk,
+        state: &BlockState,
+        reset_ram: impl FnOnce() -> Result<(), E>,
+    ) -> Result<(), E> {
+        if disk.sectors() != self.sectors {
+            return Err(BlockError::DiskMismatch { sectors: disk.sectors(), disk_sectors: self.sectors }.into());
+        }
+        let queue = state.check(self.sectors)?;
+        let mut core = self.core.lock().unwrap_or_else(|e| e.into_inner());
+        reset_ram()?;
+        core.drain(false);
+        core.disk.reset_to(disk)?;
+        core.broken = false;
+        core.queue = None;
+        if let Some(mut queue) = queue {
+            for request in &state.in_flight {
+                core.start(&mut queue, request.clone());
+            }
+            core.queue = Some(queue);
+            core.submit();
+        }
+        drop(core);
+        self.features = state.features;
+        Ok(())
     }
 
     /// Like `capture_and_clone` without the disk clone (a snapshot of RAM and state only):

@@ -7,6 +7,10 @@
 //! clone land in that side's overlay only; clones of clones work the same way.
 //! Writes in flight at the freeze may still land in the file that just became the base: both
 //! VMs had that request in flight, and the clone re-executes it against its own overlay.
+//!
+//! Snapshots and resets use the same mechanism: `CowDisk::freeze` (in `frozen`) is a clone
+//! nobody writes, and the disk remembers which sectors it wrote since, so a reset to that
+//! freeze copies back only those.
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::{AsRawFd, RawFd};
@@ -31,11 +35,22 @@ pub struct LayerFile {
 }
 
 impl LayerFile {
-    fn new(buffered: File) -> LayerFile {
+    pub(super) fn new(buffered: File) -> LayerFile {
         // Reopen through /proc so O_DIRECT also works for unnamed (O_TMPFILE) overlays.
         let path = format!("/proc/self/fd/{}", buffered.as_raw_fd());
         let direct = OpenOptions::new().read(true).write(true).custom_flags(libc::O_DIRECT).open(path).ok();
         LayerFile { buffered, direct }
+    }
+
+    /// A layer only ever read (a snapshot's saved disk file, which nothing may write).
+    pub(super) fn read_only(buffered: File) -> LayerFile {
+        let path = format!("/proc/self/fd/{}", buffered.as_raw_fd());
+        let direct = OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(path).ok();
+        LayerFile { buffered, direct }
+    }
+
+    pub(super) fn file(&self) -> &File {
+        &self.buffered
     }
 
     /// The fd to use for a transfer; O_DIRECT only when `aligned`.
@@ -69,12 +84,17 @@ pub struct Extent {
 /// A VM's disk. See the module documentation.
 #[derive(Debug)]
 pub struct CowDisk {
-    sectors: u64,
-    base: Option<Arc<LayerFile>>,
-    top: LayerFile,
+    pub(super) sectors: u64,
+    pub(super) base: Option<Arc<LayerFile>>,
+    pub(super) top: LayerFile,
     /// Sectors in `top` (meaningful only with a base: without one, `top` holds everything).
-    written: PageSet,
-    overlay_dir: PathBuf,
+    pub(super) written: PageSet,
+    pub(super) overlay_dir: PathBuf,
+    /// The freeze (`FrozenDisk::id`) whose bytes plus `since_freeze` are this disk's bytes,
+    /// if any: a reset to it copies back only `since_freeze`.
+    pub(super) frozen_from: Option<u64>,
+    /// Sectors written (or being written) since that freeze.
+    pub(super) since_freeze: PageSet,
 }
 
 impl CowDisk {
@@ -97,6 +117,8 @@ impl CowDisk {
             top: LayerFile::new(file),
             written: PageSet::new(0),
             overlay_dir: overlay_dir.to_path_buf(),
+            frozen_from: None,
+            since_freeze: PageSet::new(0),
         })
     }
 
@@ -139,18 +161,12 @@ impl CowDisk {
     pub fn mark_written(&mut self, sector: u64, count: u64) {
         if self.base.is_some() {
             self.written.insert_range(sector as usize, count as usize);
+            self.since_freeze.insert_range(sector as usize, count as usize);
         }
     }
 
     fn new_overlay(&self) -> Result<LayerFile, BlockError> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_TMPFILE)
-            .open(&self.overlay_dir)
-            .and_then(|f| f.set_len(self.sectors * SECTOR_SIZE).map(|()| f))
-            .map_err(|source| BlockError::Overlay { dir: self.overlay_dir.clone(), source })?;
-        Ok(LayerFile::new(file))
+        new_overlay(&self.overlay_dir, self.sectors)
     }
 
     /// A copy-on-write clone: same base, a copy of this disk's written sectors. The first
@@ -160,7 +176,14 @@ impl CowDisk {
             let overlay = self.new_overlay()?;
             self.base = Some(Arc::new(std::mem::replace(&mut self.top, overlay)));
             self.written = PageSet::new(self.sectors as usize);
+            self.since_freeze = PageSet::new(self.sectors as usize);
         }
+        self.fork()
+    }
+
+    /// A new disk with the same base and a copy of this disk's written sectors. Only for a
+    /// disk that has a base.
+    pub(super) fn fork(&self) -> Result<CowDisk, BlockError> {
         let top = self.new_overlay()?;
         for (first, count) in self.written.runs() {
             copy_range(&self.top.buffered, &top.buffered, first as u64 * SECTOR_SIZE, count as u64 * SECTOR_SIZE)
@@ -172,12 +195,26 @@ impl CowDisk {
             top,
             written: self.written.clone(),
             overlay_dir: self.overlay_dir.clone(),
+            frozen_from: None,
+            since_freeze: PageSet::new(self.sectors as usize),
         })
     }
 }
 
+/// A fresh, empty (sparse) overlay of `sectors` sectors: an unnamed file in `dir`.
+pub(super) fn new_overlay(dir: &Path, sectors: u64) -> Result<LayerFile, BlockError> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_TMPFILE)
+        .open(dir)
+        .and_then(|f| f.set_len(sectors * SECTOR_SIZE).map(|()| f))
+        .map_err(|source| BlockError::Overlay { dir: dir.to_path_buf(), source })?;
+    Ok(LayerFile::new(file))
+}
+
 /// Copies `len` bytes at `offset` from one file to the same offset of another.
-fn copy_range(from: &File, to: &File, offset: u64, len: u64) -> std::io::Result<()> {
+pub(super) fn copy_range(from: &File, to: &File, offset: u64, len: u64) -> std::io::Result<()> {
     let (mut off_in, mut off_out) = (offset as i64, offset as i64);
     let mut left = len as usize;
     while left > 0 {

@@ -10,6 +10,7 @@ mod completion;
 mod core;
 mod device;
 pub mod disk;
+mod frozen;
 pub mod request;
 mod uring;
 
@@ -18,6 +19,7 @@ use std::path::PathBuf;
 pub use completion::BlockCompletions;
 pub use device::{BlockDevice, BlockState, BLOCK_QUEUE_SIZE};
 pub use disk::{CowDisk, SECTOR_SIZE};
+pub use frozen::FrozenDisk;
 pub use request::{BlockRequest, RequestKind, Segment};
 
 /// What went wrong opening a disk or serving one request; request errors become
@@ -38,6 +40,10 @@ pub enum BlockError {
         #[source]
         source: std::io::Error,
     },
+    #[error("saved disk has {sectors} sectors, the VM's disk {disk_sectors}")]
+    DiskMismatch { sectors: u64, disk_sectors: u64 },
+    #[error("saved request at head {head} is invalid for this disk and queue: {reason}")]
+    BadSavedRequest { head: u16, reason: String },
     #[error("captured queue state is invalid: {0}")]
     BadState(String),
     #[error("cannot set up io_uring")]

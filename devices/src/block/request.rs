@@ -8,6 +8,7 @@
 use std::ops::Deref;
 
 use memory::{Bytes, GuestAddress, GuestRam};
+use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::DescriptorChain;
@@ -26,7 +27,7 @@ pub const MAX_REQUEST_BYTES: u64 = SEG_MAX as u64 * SIZE_MAX as u64;
 pub const HEADER_SIZE: u32 = 16;
 
 /// What a request asks for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RequestKind {
     /// Read sectors into the guest.
     In,
@@ -40,14 +41,14 @@ pub enum RequestKind {
 }
 
 /// One guest buffer of a request.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Segment {
     pub addr: u64,
     pub len: u32,
 }
 
 /// A validated request, as plain data.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BlockRequest {
     /// Head descriptor index: what goes back in the used ring.
     pub head: u16,
@@ -152,8 +153,27 @@ fn read_header(ram: &GuestRam, addr: u64) -> Result<(u32, u64), BlockError> {
     Ok((kind, sector))
 }
 
-/// Length, range and overlap checks on a parsed request.
-fn check_request(r: &BlockRequest, header: Descriptor, disk_sectors: u64, reserved: &[(u64, u64)]) -> Result<(), BlockError> {
+impl BlockRequest {
+    /// The checks a parsed request passed, for one read back from a saved state (a snapshot
+    /// file is input too): head inside a queue of `queue_size`, segment count and lengths,
+    /// data length, disk range. Guest addresses are checked when the buffers are pinned.
+    pub fn check_saved(&self, disk_sectors: u64, queue_size: u16) -> Result<(), BlockError> {
+        let bad = |reason: String| BlockError::BadSavedRequest { head: self.head, reason };
+        if self.head >= queue_size {
+            return Err(bad(format!("head outside a queue of {queue_size}")));
+        }
+        if self.data.len() > SEG_MAX as usize {
+            return Err(bad(format!("{} segments, at most {SEG_MAX}", self.data.len())));
+        }
+        if let Some(s) = self.data.iter().find(|s| s.len == 0 || s.len > SIZE_MAX) {
+            return Err(BlockError::BadSegmentLength { addr: s.addr, len: s.len, max: SIZE_MAX });
+        }
+        check_lengths(self, disk_sectors)
+    }
+}
+
+/// Data length and disk range of a request of each kind.
+fn check_lengths(r: &BlockRequest, disk_sectors: u64) -> Result<(), BlockError> {
     let bytes = r.data_len();
     match r.kind {
         RequestKind::In | RequestKind::Out => {
@@ -171,6 +191,12 @@ fn check_request(r: &BlockRequest, header: Descriptor, disk_sectors: u64, reserv
         RequestKind::GetId if r.data.is_empty() => return Err(BlockError::UnalignedLength { bytes }),
         _ => {}
     }
+    Ok(())
+}
+
+/// Length, range and overlap checks on a parsed request.
+fn check_request(r: &BlockRequest, header: Descriptor, disk_sectors: u64, reserved: &[(u64, u64)]) -> Result<(), BlockError> {
+    check_lengths(r, disk_sectors)?;
     let mut ranges: Vec<(u64, u64)> = vec![(header.addr().0, u64::from(HEADER_SIZE)), (r.status, 1)];
     ranges.extend(r.data.iter().map(|s| (s.addr, u64::from(s.len))));
     for &(addr, len) in &ranges {

@@ -50,14 +50,24 @@ impl DmaEngine {
     /// again from byte 0 against `ram` (the clone's own).
     pub fn restore(ram: Arc<GuestRam>, interrupt: Arc<DeviceInterrupt>, state: &DmaState) -> Result<DmaEngine, DmaError> {
         let mut engine = DmaEngine::new(ram, interrupt);
-        engine.programmed = state.programmed;
-        engine.completed = state.completed;
-        engine.error = state.error;
-        engine.interrupt.set_status(state.interrupt_status);
-        if let Some(spec) = state.in_flight {
-            engine.start(spec)?;
-        }
+        engine.reset_to(state)?;
         Ok(engine)
+    }
+
+    /// Brings this engine back to `state` in place (a VM reset): registers as captured, and
+    /// the transfer that was in flight started again from byte 0. A transfer in flight now is
+    /// dropped first; the VM reset is refused while one holds pins, so there is none then.
+    pub fn reset_to(&mut self, state: &DmaState) -> Result<(), DmaError> {
+        self.transfer = None;
+        self.programmed = state.programmed;
+        self.progress = state.progress;
+        self.completed = state.completed;
+        self.error = state.error;
+        self.interrupt.set_status(state.interrupt_status);
+        if let Some(spec) = state.in_flight {
+            self.start(spec)?;
+        }
+        Ok(())
     }
 
     /// The state as plain data.

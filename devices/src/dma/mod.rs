@@ -7,6 +7,8 @@
 //! a clone restarts the transfer from the beginning against its own RAM (the clone has the
 //! destination bytes of the clone instant, possibly part-written).
 
+use serde::{Deserialize, Serialize};
+
 mod engine;
 mod registers;
 mod runner;
@@ -16,7 +18,7 @@ pub use registers::*;
 pub use runner::DmaRunner;
 
 /// Where a transfer's bytes come from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DmaSource {
     /// The 8 little-endian bytes of this value, repeated (byte i of the transfer is byte
     /// `i % 8` of the pattern).
@@ -26,7 +28,7 @@ pub enum DmaSource {
 }
 
 /// One transfer, as plain data.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TransferSpec {
     pub source: DmaSource,
     /// Destination guest physical address.
@@ -39,7 +41,7 @@ pub struct TransferSpec {
 }
 
 /// The engine's state as plain data (guest physical addresses only).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DmaState {
     /// What the registers are programmed with.
     pub programmed: TransferSpec,

@@ -11,6 +11,7 @@ use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_DRIVER_OK as DRIVER_OK, VIRTIO_CONFIG_S_FAILED as FAILED,
     VIRTIO_CONFIG_S_FEATURES_OK as FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET as NEEDS_RESET,
 };
+use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueState, QueueT};
 
 use super::{VirtioDevice, VirtioError, VIRTIO_F_VERSION_1};
@@ -54,7 +55,7 @@ const REG_CONFIG: u64 = 0x100;
 /// The transport's registers as plain data (guest physical addresses only), for clone and
 /// snapshot. The device's own state (live queue indices, requests in flight) is captured by
 /// the device.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MmioTransportState {
     pub status: u32,
     pub device_features_sel: u32,
@@ -62,6 +63,7 @@ pub struct MmioTransportState {
     pub driver_features: u64,
     pub queue_sel: u32,
     /// The queues as the driver configured them.
+    #[serde(with = "super::queue_serde::vec")]
     pub queues: Vec<QueueState>,
     pub interrupt_status: u32,
 }
@@ -109,31 +111,40 @@ impl<D: VirtioDevice> MmioTransport<D> {
         }
     }
 
-    /// A transport with captured registers around an already restored `device`.
+    /// A transport with captured registers around an already restored `device`. Interrupt
+    /// bits the device raised meanwhile (re-executed requests that completed) are kept.
     pub fn restore(device: D, state: &MmioTransportState) -> Result<Self, VirtioError> {
+        let mut transport = MmioTransport::new(device);
+        transport.restore_registers(state)?;
+        let interrupt = transport.device.interrupt();
+        interrupt.set_status(interrupt.status() | state.interrupt_status);
+        Ok(transport)
+    }
+
+    /// Puts captured registers back in place (a VM reset), all but the interrupt status,
+    /// which the caller sets before the device re-executes anything. Checked first: on error
+    /// nothing changed.
+    pub fn restore_registers(&mut self, state: &MmioTransportState) -> Result<(), VirtioError> {
         let queues = state
             .queues
             .iter()
             .map(|&q| Queue::try_from(q).map_err(|e| VirtioError::BadQueueState(e.to_string())))
             .collect::<Result<Vec<_>, _>>()?;
-        if queues.len() != device.queue_max_sizes().len() {
+        if queues.len() != self.device.queue_max_sizes().len() {
             return Err(VirtioError::BadQueueState(format!(
                 "{} queues captured, the device has {}",
                 queues.len(),
-                device.queue_max_sizes().len()
+                self.device.queue_max_sizes().len()
             )));
         }
-        device.interrupt().set_status(state.interrupt_status);
-        Ok(MmioTransport {
-            device,
-            status: state.status,
-            device_features_sel: state.device_features_sel,
-            driver_features_sel: state.driver_features_sel,
-            driver_features: state.driver_features,
-            queue_sel: state.queue_sel,
-            queues,
-            last_error: None,
-        })
+        self.status = state.status;
+        self.device_features_sel = state.device_features_sel;
+        self.driver_features_sel = state.driver_features_sel;
+        self.driver_features = state.driver_features;
+        self.queue_sel = state.queue_sel;
+        self.queues = queues;
+        self.last_error = None;
+        Ok(())
     }
 
     /// The transport's registers as plain data.

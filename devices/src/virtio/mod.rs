@@ -2,6 +2,7 @@
 
 pub mod mmio;
 pub mod notify;
+pub mod queue_serde;
 
 use std::sync::Arc;
 

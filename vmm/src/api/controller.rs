@@ -190,7 +190,9 @@ impl Controller {
         let loaded = load_snapshot(state_path)?;
         let new_id = self.next_id;
         let console = Console::Prefixed(format!("[vm{new_id}] "));
-        let mut vmm = loaded.snapshot.restore(new_id, &console).map_err(|e| ApiError::Vm(new_id, super::chain(&e)))?;
+        // Everything restored comes from the file: a failure here is the file's (bad devices,
+        // buffers outside RAM), answered with a 4xx like the checks of `load_snapshot`.
+        let mut vmm = loaded.snapshot.restore(new_id, &console).map_err(|e| ApiError::Snapshot(super::chain(&e)))?;
         let paused = if resume {
             vmm.start();
             None

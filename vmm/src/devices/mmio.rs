@@ -11,12 +11,13 @@
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use devices::block::{BlockDevice, BlockError, BlockState, CowDisk};
+use devices::block::{BlockDevice, BlockError, BlockState, CowDisk, FrozenDisk};
 use devices::dma::{DmaEngine, DmaRunner, DmaState, DMA_REGION_SIZE};
-use devices::virtio::{MmioTransport, MmioTransportState, QueueNotifier, MMIO_REGION_SIZE, REG_QUEUE_NOTIFY};
+use devices::virtio::{MmioTransport, MmioTransportState, QueueNotifier, VirtioDevice, MMIO_REGION_SIZE, REG_QUEUE_NOTIFY};
 use devices::DeviceInterrupt;
 use kvm_ioctls::{IoEventAddress, VmFd};
-use memory::GuestRam;
+use memory::{GuestRam, MemoryError};
+use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::event_loop::{DeviceEventLoop, Subscriber};
@@ -59,14 +60,14 @@ pub struct MmioDevices {
 }
 
 /// virtio-blk's state: the transport's registers and the device's queue and requests in flight.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BlockSlotState {
     pub transport: MmioTransportState,
     pub device: BlockState,
 }
 
 /// The MMIO devices' state as plain data (guest physical addresses only).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MmioDevicesState {
     /// Present when the VM has a disk.
     pub block: Option<BlockSlotState>,
@@ -89,16 +90,33 @@ impl MmioDevices {
     }
 }
 
+/// What happens to the disk at a capture instant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DiskCapture {
+    /// Nothing (state only).
+    Leave,
+    /// A copy-on-write clone for a new VM (`CowDisk::clone_cow`).
+    Clone,
+    /// A frozen copy for a snapshot (`CowDisk::freeze`).
+    Freeze,
+}
+
+/// The disk a capture took, if the VM has one and it was asked for.
+#[derive(Debug)]
+pub enum CapturedDisk {
+    Clone(CowDisk),
+    Frozen(FrozenDisk),
+}
+
 impl MmioDevices {
     /// Saves every MMIO device and runs `freeze_ram` at one instant with respect to them: the
-    /// DMA engine's lock and virtio-blk's device lock are held across the state capture and
-    /// `freeze_ram`, so no chunk and no completion lands in between. With `clone_disk` the
-    /// disk is cloned copy-on-write at that instant too (a VM clone; a snapshot does not).
+    /// DMA engine's lock and virtio-blk's device lock are held across the state capture, the
+    /// disk capture asked for and `freeze_ram`, so no chunk and no completion lands in between.
     pub fn save_state_with<R>(
         &self,
-        clone_disk: bool,
+        disk: DiskCapture,
         freeze_ram: impl FnOnce() -> R,
-    ) -> Result<(MmioDevicesState, Option<CowDisk>, R), BlockError> {
+    ) -> Result<(MmioDevicesState, Option<CapturedDisk>, R), BlockError> {
         let dma = self.dma.lock().unwrap_or_else(|e| e.into_inner());
         let dma_state = dma.state();
         let Some(slot) = &self.block else {
@@ -108,18 +126,55 @@ impl MmioDevices {
         // The transport's registers are read inside the device lock: its interrupt status
         // then matches the used ring the frozen RAM holds.
         let at_instant = || (transport.state(), freeze_ram());
-        let (device, disk, (transport_state, frozen)) = match clone_disk {
-            true => {
-                let (device, disk, rest) = transport.device().capture_and_clone(at_instant)?;
-                (device, Some(disk), rest)
+        let device = transport.device();
+        let (device, disk, (transport_state, frozen)) = match disk {
+            DiskCapture::Clone => {
+                let (state, disk, rest) = device.capture_and_clone(at_instant)?;
+                (state, Some(CapturedDisk::Clone(disk)), rest)
             }
-            false => {
-                let (device, rest) = transport.device().capture_with(at_instant);
-                (device, None, rest)
+            DiskCapture::Freeze => {
+                let (state, disk, rest) = device.capture_and_freeze(at_instant)?;
+                (state, Some(CapturedDisk::Frozen(disk)), rest)
+            }
+            DiskCapture::Leave => {
+                let (state, rest) = device.capture_with(at_instant);
+                (state, None, rest)
             }
         };
         let block = Some(BlockSlotState { transport: transport_state, device });
         Ok((MmioDevicesState { block, dma: dma_state }, disk, frozen))
+    }
+
+    /// Brings every MMIO device back to `state` and the disk to `disk` (a VM reset) at one
+    /// instant with `reset_ram`: with the DMA engine and virtio-blk locked, runs `reset_ram`
+    /// (refused while anything is pinned, which covers every DMA transfer and data request in
+    /// flight); if it fails nothing has changed and `DeviceError::Ram` says why. Then restores
+    /// the registers and re-executes what was in flight in `state`. A state for other devices
+    /// is refused before anything changes.
+    pub fn reset_with(
+        &self,
+        state: &MmioDevicesState,
+        disk: Option<&FrozenDisk>,
+        reset_ram: impl FnOnce() -> Result<(), MemoryError>,
+    ) -> Result<(), DeviceError> {
+        let mut dma = self.dma.lock().unwrap_or_else(|e| e.into_inner());
+        let reset_ram = || reset_ram().map_err(DeviceError::Ram);
+        match (&self.block, &state.block, disk) {
+            (None, None, None) => reset_ram()?,
+            (Some(slot), Some(saved), Some(disk)) => {
+                let mut transport = slot.transport.lock().unwrap_or_else(|e| e.into_inner());
+                let interrupt = std::sync::Arc::clone(transport.device().interrupt());
+                transport.device_mut().reset_with(disk, &saved.device, || {
+                    reset_ram()?;
+                    // Before any re-executed request can complete and raise its bit.
+                    interrupt.set_status(saved.transport.interrupt_status);
+                    Ok::<(), DeviceError>(())
+                })?;
+                transport.restore_registers(&saved.transport).map_err(DeviceError::Transport)?;
+            }
+            (vm, saved, disk) => return Err(DeviceError::Mismatch(blk_mismatch(Some(vm.is_some()), saved.is_some(), disk.is_some()))),
+        }
+        dma.reset_to(&state.dma).map_err(DeviceError::Dma)
     }
 }
 
@@ -161,11 +216,18 @@ fn plug_block(mmio: &mut Bus, transport: MmioTransport<BlockDevice>, wiring: Wir
     Ok(BlockSlot { transport, _events: events })
 }
 
-/// Rebuilds a clone's MMIO devices on `mmio` from `state`, against the clone's `ram` and its
-/// own copy-on-write `disk`, wired as `wiring` says (as the source was: irqfds and ioeventfds
-/// when the clone has an irqchip): every virtio-blk request and the DMA transfer that were in
-/// flight at the clone instant are started again against the clone's pages. virtio-blk is
-/// attached only with a disk (a snapshot does not carry one yet).
+/// Says which of the VM (if given), the saved state and the saved disk have virtio-blk.
+fn blk_mismatch(vm: Option<bool>, state: bool, disk: bool) -> String {
+    let has = |b: bool| if b { "has" } else { "has no" };
+    let vm = vm.map_or(String::new(), |v| format!("the VM {} virtio-blk, ", has(v)));
+    format!("{vm}the saved state {} virtio-blk, the snapshot {} disk", has(state), has(disk))
+}
+
+/// Rebuilds a clone's (or a restored snapshot's) MMIO devices on `mmio` from `state`, against
+/// the VM's `ram` and its own copy-on-write `disk`, wired as `wiring` says (as the source was:
+/// irqfds and ioeventfds when the VM has an irqchip): every virtio-blk request and the DMA
+/// transfer that were in flight at the capture instant are started again against its pages.
+/// virtio-blk state needs a disk and a disk needs virtio-blk state.
 pub fn restore_mmio_devices(
     mmio: &mut Bus,
     ram: &Arc<GuestRam>,
@@ -174,8 +236,11 @@ pub fn restore_mmio_devices(
     wiring: Wiring,
 ) -> Result<MmioDevices, DeviceError> {
     let block = match (&state.block, disk) {
+        (None, None) => None,
         (Some(saved), Some(disk)) => {
             let interrupt = device_interrupt(wiring, VIRTIO_BLK_IRQ)?;
+            // Before any re-executed request can complete and raise its bit.
+            interrupt.set_status(saved.transport.interrupt_status);
             let device = BlockDevice::restore(Arc::clone(ram), disk, Arc::clone(&interrupt), &saved.device)?;
             let transport = MmioTransport::restore(device, &saved.transport).map_err(DeviceError::Transport)?;
             let slot = plug_block(mmio, transport, wiring)?;
@@ -192,7 +257,7 @@ pub fn restore_mmio_devices(
             interrupt.resend_if_pending();
             Some(slot)
         }
-        _ => None,
+        (saved, disk) => return Err(DeviceError::Mismatch(blk_mismatch(None, saved.is_some(), disk.is_some()))),
     };
     let interrupt = device_interrupt(wiring, DMA_ENGINE_IRQ)?;
     let engine = DmaEngine::restore(Arc::clone(ram), Arc::clone(&interrupt), &state.dma).map_err(DeviceError::Dma)?;

@@ -15,7 +15,8 @@ use std::sync::{Arc, Mutex};
 pub use console::Console;
 pub use event_loop::{DeviceEventLoop, EventLoopError};
 pub use mmio::{
-    attach_mmio_devices, restore_mmio_devices, virtio_mmio_cmdline, BlockSlotState, MmioDevices, MmioDevicesState, Wiring,
+    attach_mmio_devices, restore_mmio_devices, virtio_mmio_cmdline, BlockSlotState, CapturedDisk, DiskCapture, MmioDevices,
+    MmioDevicesState, Wiring,
 };
 pub use state::{DeviceState, DeviceStateError, LegacyDevicesState};
 
@@ -57,6 +58,10 @@ pub enum DeviceError {
     },
     #[error("cannot start a device event loop")]
     EventLoop(#[from] EventLoopError),
+    #[error("saved MMIO devices do not match: {0}")]
+    Mismatch(String),
+    #[error("cannot reset the RAM with the devices")]
+    Ram(#[source] memory::MemoryError),
 }
 
 /// The legacy devices, kept so the VMM can reach them after wiring (e.g. the serial's IRQ).

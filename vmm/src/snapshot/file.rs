@@ -4,19 +4,28 @@
 //!   images (`Snapshot::write_region`) or, for a diff, only the pages changed since the parent
 //!   snapshot (`write_region_diff`), sparse, at file offset = region offset. New names every
 //!   time: a snapshot never writes a file an older one uses.
+//! - The disk file (`<state name>-disk-<nonce>.raw`, with virtio-blk only): every byte of the
+//!   VM's disk as of the snapshot instant (`FrozenDisk::write_to`), sparse where the disk's
+//!   base is sparse. The disk was frozen at the instant, with the device lock held, by copying
+//!   the VM's overlay sectors (O(written)); the bytes are written here, after the VM resumed.
+//!   A diff snapshot writes a full disk file too: the disk keeps no per-snapshot record of
+//!   which sectors changed since the parent's file (see docs/DESIGN.md).
 //! - The state file is one JSON header line (magic, format version, body length and CRC32)
 //!   followed by the JSON body (RAM files and their CRC32s, the parent for a diff, `VmState`).
 //!   It is written last, to a temporary file that is fsynced and renamed over the old one, so a
 //!   crash at any point leaves the previous snapshot whole.
 //!
-//! Loading checks all of it and maps the RAM files MAP_PRIVATE (`Snapshot::from_files`, or
-//! `from_diff_files` over the loaded parent).
+//! Loading checks all of it (the disk file's length and CRC32 too, and that the saved devices
+//! and the disk file go together) and maps the RAM files MAP_PRIVATE (`Snapshot::from_files`,
+//! or `from_diff_files` over the loaded parent); the disk file is opened read-only as the base
+//! of the disks of the VMs started from it.
 
 use std::fs::File;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use devices::block::{FrozenDisk, SECTOR_SIZE};
 use memory::{MemoryError, PageSet, Snapshot, PAGE_SIZE};
 use serde::{Deserialize, Serialize};
 
@@ -26,7 +35,8 @@ use crate::vstate::VmState;
 /// The first bytes of every state file.
 pub const MAGIC: &str = "zygote-snapshot";
 /// The one format version this build reads and writes (the whole file, not per struct).
-pub const FORMAT_VERSION: u32 = 1;
+/// Version 2: the MMIO devices' state and the disk file.
+pub const FORMAT_VERSION: u32 = 2;
 
 /// Full: every RAM byte. Diff: the pages changed since the parent snapshot.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -62,6 +72,16 @@ pub enum SnapshotError {
     RamFileSize { path: PathBuf, expected: u64, actual: u64 },
     #[error("{path}: parent snapshot {parent} changed since this diff was taken")]
     ParentChanged { path: PathBuf, parent: PathBuf },
+    #[error("{path}: disk file has {actual} bytes, the snapshot's disk has {expected}")]
+    DiskFileSize { path: PathBuf, expected: u64, actual: u64 },
+    #[error("{path}: saved devices and disk do not go together: {reason}")]
+    DeviceMismatch { path: PathBuf, reason: String },
+    #[error("{path}: cannot write or open the disk of the snapshot")]
+    Disk {
+        path: PathBuf,
+        #[source]
+        source: devices::block::BlockError,
+    },
     #[error("a diff snapshot needs the snapshot it is relative to (take a full one first)")]
     NoParent,
     #[error("RAM images of the snapshot could not be written or mapped")]
@@ -86,7 +106,17 @@ struct Body {
     regions: Vec<RamFile>,
     /// For a diff: the parent's state file and its body CRC32 (refused if it changed since).
     parent: Option<(PathBuf, u32)>,
+    /// The disk as of the snapshot, present exactly when `vm.mmio` has virtio-blk.
+    disk: Option<DiskFile>,
     vm: VmState,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct DiskFile {
+    /// Absolute path of the disk file.
+    file: PathBuf,
+    sectors: u64,
+    crc32: u32,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -139,9 +169,19 @@ pub fn write_snapshot(
         };
         regions.push(RamFile { start: start.0, size, crc32: file_crc32(&path)?, file: path, diff_runs });
     }
+    let disk = match &snap.disk {
+        Some(frozen) => {
+            let path = mem_dir.join(format!("{stem}-disk-{nonce}.raw"));
+            let file = File::create_new(&path).map_err(io(&path))?;
+            frozen.write_to(&file).map_err(io(&path))?;
+            Some(DiskFile { crc32: file_crc32(&path)?, file: path, sectors: frozen.sectors() })
+        }
+        None => None,
+    };
     let body = Body {
         regions,
         parent: parent.map(|p| (p.state_path.clone(), p.body_crc32)),
+        disk,
         vm: clone_state(&snap.state),
     };
     let body_bytes = serde_json::to_vec(&body).map_err(|source| SnapshotError::Body { path: state_path.into(), source })?;
@@ -196,6 +236,7 @@ pub fn load_snapshot(state_path: &Path) -> Result<SnapshotOnDisk, SnapshotError>
         }
         files.push(file);
     }
+    let disk = load_disk(&path, &body)?;
     let ram = match (&body.parent, header.kind) {
         (Some((parent_path, parent_crc)), SnapshotKind::Diff) => {
             let parent = load_snapshot(parent_path)?;
@@ -220,8 +261,36 @@ pub fn load_snapshot(state_path: &Path) -> Result<SnapshotOnDisk, SnapshotError>
     Ok(SnapshotOnDisk {
         state_path: state_path.to_path_buf(),
         body_crc32: header.body_crc32,
-        snapshot: VmSnapshot { ram, state: Arc::new(body.vm) },
+        snapshot: VmSnapshot { ram, state: Arc::new(body.vm), disk: disk.map(Arc::new) },
     })
+}
+
+/// Checks the disk file against the body (present exactly with virtio-blk state, length,
+/// CRC32, the saved requests fit it) and opens it read-only as a frozen disk.
+fn load_disk(path: &Path, body: &Body) -> Result<Option<FrozenDisk>, SnapshotError> {
+    let blk = body.vm.mmio.as_ref().and_then(|m| m.block.as_ref());
+    let mismatch = |reason: String| SnapshotError::DeviceMismatch { path: path.to_path_buf(), reason };
+    let (saved, disk) = match (blk, &body.disk) {
+        (None, None) => return Ok(None),
+        (Some(saved), Some(disk)) => (saved, disk),
+        (saved, disk) => {
+            let has = |b: bool| if b { "has" } else { "has no" };
+            return Err(mismatch(format!("the state {} virtio-blk, the snapshot {} disk file", has(saved.is_some()), has(disk.is_some()))));
+        }
+    };
+    saved.device.check(disk.sectors).map_err(|e| mismatch(crate::api::chain(&e)))?;
+    let actual = std::fs::metadata(&disk.file).map_err(io(&disk.file))?.len();
+    let expected = disk.sectors * SECTOR_SIZE;
+    if actual != expected {
+        return Err(SnapshotError::DiskFileSize { path: disk.file.clone(), expected, actual });
+    }
+    let crc = file_crc32(&disk.file)?;
+    if crc != disk.crc32 {
+        return Err(SnapshotError::Corrupted { path: disk.file.clone(), expected: disk.crc32, actual: crc });
+    }
+    FrozenDisk::open(&disk.file, &std::env::temp_dir())
+        .map(Some)
+        .map_err(|source| SnapshotError::Disk { path: disk.file.clone(), source })
 }
 
 /// `VmState` is not `Clone` (kvm_xsave is not); a JSON round trip copies it exactly.

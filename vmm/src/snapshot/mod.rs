@@ -8,16 +8,21 @@ use std::time::Instant;
 
 use memory::{GuestRam, MemoryError, Snapshot};
 
-use crate::devices::Console;
+use devices::block::FrozenDisk;
+
+use crate::devices::{Console, DeviceError};
 use crate::machine::{Paused, Vmm};
 use crate::vstate::{build_from_state, StateError, VmState};
 pub use file::{load_snapshot, write_snapshot, SnapshotError, SnapshotKind};
 
-/// A VM frozen at one instant: its RAM (never changes) and everything else. Cheap to clone.
+/// A VM frozen at one instant: its RAM and disk (never change) and everything else. Cheap to
+/// clone.
 #[derive(Clone, Debug)]
 pub struct VmSnapshot {
     pub ram: Snapshot,
     pub state: Arc<VmState>,
+    /// The disk as of the snapshot, if the VM has virtio-blk.
+    pub disk: Option<Arc<FrozenDisk>>,
 }
 
 /// Where a reset's time went.
@@ -25,7 +30,7 @@ pub struct VmSnapshot {
 pub struct ResetTiming {
     /// Bringing RAM back (`GuestRam::reset_to`: dirty-log fetch and copy-back), pin waits included.
     pub ram: std::time::Duration,
-    /// Restoring vCPU, irqchip, clock and device state.
+    /// Restoring MMIO devices and disk, vCPU, irqchip, clock and legacy device state.
     pub state: std::time::Duration,
 }
 
@@ -54,39 +59,60 @@ pub enum ResetError {
 }
 
 impl VmSnapshot {
-    /// Freezes `vmm`, which `token` proves paused. Its RAM goes on copy-on-write.
+    /// Freezes `vmm`, which `token` proves paused: its RAM goes on copy-on-write, its disk is
+    /// frozen (its overlay sectors copied, `CowDisk::freeze`), its devices' state is captured
+    /// with them at one instant.
     pub fn take(vmm: &Vmm, token: &Paused) -> Result<VmSnapshot, ResetError> {
         let vm = vmm.id();
-        let (state, ram) = VmState::capture_with(vmm, token, || vmm.ram().snapshot())
+        let (state, disk, ram) = VmState::capture_for_snapshot(vmm, token, || vmm.ram().snapshot())
             .map_err(|source| ResetError::State { vm, source })?;
         let ram = ram.map_err(|source| ResetError::Memory { vm, source })?;
-        Ok(VmSnapshot { ram, state: Arc::new(state) })
+        Ok(VmSnapshot { ram, state: Arc::new(state), disk: disk.map(Arc::new) })
     }
 
-    /// A new paused VM `id` starting from this snapshot; its RAM maps the snapshot lazily.
+    /// A new paused VM `id` starting from this snapshot; its RAM maps the snapshot lazily, its
+    /// disk is a fresh overlay over the frozen disk, its devices re-execute what was in flight.
     pub fn restore(&self, id: u64, console: &Console) -> Result<Vmm, ResetError> {
         let ram = GuestRam::from_snapshot(&self.ram).map_err(|source| ResetError::Memory { vm: id, source })?;
-        build_from_state(Arc::new(ram), &self.state, id, console, None).map_err(|source| ResetError::State { vm: id, source })
+        let state_error = |source| ResetError::State { vm: id, source };
+        let disk = match &self.disk {
+            Some(frozen) => Some(frozen.instantiate().map_err(|e| state_error(StateError::Devices(DeviceError::Disk(e))))?),
+            None => None,
+        };
+        build_from_state(Arc::new(ram), &self.state, id, console, disk).map_err(state_error)
     }
 
     /// Brings paused `vmm` back to this snapshot: RAM (copying back only its dirty pages when
-    /// it came from this snapshot), vCPUs, devices, clock. Refused with
-    /// `MemoryError::Pinned`, changing nothing, while a device holds a pin; `wait_for_pins`
-    /// retries until the pins are released or it runs out. Returns where the time went.
+    /// it came from this snapshot), the MMIO devices and the disk (copying back only the
+    /// sectors written since, likewise; requests and the DMA transfer in flight at the snapshot
+    /// are re-executed), vCPUs, legacy devices, clock. Refused with `MemoryError::Pinned`,
+    /// changing nothing, while a device holds a pin; `wait_for_pins` retries until the pins are
+    /// released or it runs out. Returns where the time went.
     pub fn reset(&self, vmm: &mut Vmm, token: &Paused, wait_for_pins: Option<std::time::Duration>) -> Result<ResetTiming, ResetError> {
         let vm = vmm.id();
         let start = Instant::now();
         self.state.check_shape(vmm.ram()).map_err(|source| ResetError::State { vm, source })?;
+        let mut ram_done = start;
         loop {
-            match vmm.ram().reset_to(&self.ram) {
+            let mut reset_ram = || {
+                let result = vmm.ram().reset_to(&self.ram);
+                ram_done = Instant::now();
+                result
+            };
+            let result = match (&vmm.devices().mmio, &self.state.mmio) {
+                (Some(devices), Some(saved)) => devices.reset_with(saved, self.disk.as_deref(), reset_ram),
+                _ => reset_ram().map_err(DeviceError::Ram),
+            };
+            match result {
                 Ok(()) => break,
-                Err(MemoryError::Pinned { .. }) if wait_for_pins.is_some_and(|limit| start.elapsed() < limit) => {
+                Err(DeviceError::Ram(MemoryError::Pinned { .. })) if wait_for_pins.is_some_and(|limit| start.elapsed() < limit) => {
                     std::thread::sleep(std::time::Duration::from_micros(100));
                 }
-                Err(source) => return Err(ResetError::Memory { vm, source }),
+                Err(DeviceError::Ram(source)) => return Err(ResetError::Memory { vm, source }),
+                Err(e) => return Err(ResetError::State { vm, source: StateError::Devices(e) }),
             }
         }
-        let ram = start.elapsed();
+        let ram = ram_done - start;
         self.state.restore_into(vmm, token).map_err(|source| ResetError::State { vm, source })?;
         Ok(ResetTiming { ram, state: start.elapsed() - ram })
     }

@@ -13,11 +13,11 @@ use memory::{GuestAddress, GuestRam};
 use serde::{Deserialize, Serialize};
 
 use crate::bus::Bus;
-use devices::block::CowDisk;
+use devices::block::{CowDisk, FrozenDisk};
 
 use crate::devices::{
-    attach_legacy_devices, attach_mmio_devices, restore_mmio_devices, Console, DeviceError, DeviceStateError, LegacyDevicesState,
-    MmioDevicesState, Wiring,
+    attach_legacy_devices, attach_mmio_devices, restore_mmio_devices, CapturedDisk, Console, DeviceError, DeviceStateError, DiskCapture,
+    LegacyDevicesState, MmioDevicesState, Wiring,
 };
 use crate::machine::{Paused, Vmm};
 use crate::vcpu::{lock_vcpu, spawn_vcpu, VcpuContext, VcpuError};
@@ -59,9 +59,8 @@ pub struct VmState {
     pub ram_layout: Vec<(u64, usize)>,
     pub vcpus: Vec<VcpuState>,
     pub devices: LegacyDevicesState,
-    /// virtio-blk and the DMA engine, requests in flight included. Not in snapshot files yet
-    /// (their disk would have to be saved too): a VM loaded from one gets fresh MMIO devices.
-    #[serde(skip)]
+    /// virtio-blk and the DMA engine, requests in flight included (a snapshot saves the disk
+    /// beside it).
     pub mmio: Option<MmioDevicesState>,
     pub clock: kvm_clock_data,
     /// PIC, IOAPIC and PIT, if the VM has an in-kernel irqchip (then every vCPU has a LAPIC).
@@ -93,9 +92,9 @@ impl VmState {
     /// Captures the state of `vmm` and freezes its RAM with `freeze_ram` at one instant with
     /// respect to the devices: device state is saved and `freeze_ram` runs while no device
     /// can complete a request in between (devices doing DMA on their own threads take their
-    /// lock around both, e.g. virtio-blk's `capture_and_clone`).
+    /// lock around both, e.g. virtio-blk's `capture_and_clone`). The disk is left alone.
     pub fn capture_with<R>(vmm: &Vmm, token: &Paused, freeze_ram: impl FnOnce() -> R) -> Result<(VmState, R), StateError> {
-        Self::capture_devices_with(vmm, token, false, freeze_ram).map(|(state, _, frozen)| (state, frozen))
+        Self::capture_devices_with(vmm, token, DiskCapture::Leave, freeze_ram).map(|(state, _, frozen)| (state, frozen))
     }
 
     /// `capture_with` for a clone: also clones the VM's disk copy-on-write at the same instant
@@ -105,15 +104,35 @@ impl VmState {
         token: &Paused,
         clone_ram: impl FnOnce() -> R,
     ) -> Result<(VmState, Option<CowDisk>, R), StateError> {
-        Self::capture_devices_with(vmm, token, true, clone_ram)
+        let (state, disk, ram) = Self::capture_devices_with(vmm, token, DiskCapture::Clone, clone_ram)?;
+        let disk = match disk {
+            Some(CapturedDisk::Clone(disk)) => Some(disk),
+            _ => None,
+        };
+        Ok((state, disk, ram))
+    }
+
+    /// `capture_with` for a snapshot: also freezes the VM's disk at the same instant (`None`
+    /// without a disk). What restores or resets to the snapshot re-executes what was in flight.
+    pub fn capture_for_snapshot<R>(
+        vmm: &Vmm,
+        token: &Paused,
+        freeze_ram: impl FnOnce() -> R,
+    ) -> Result<(VmState, Option<FrozenDisk>, R), StateError> {
+        let (state, disk, ram) = Self::capture_devices_with(vmm, token, DiskCapture::Freeze, freeze_ram)?;
+        let disk = match disk {
+            Some(CapturedDisk::Frozen(disk)) => Some(disk),
+            _ => None,
+        };
+        Ok((state, disk, ram))
     }
 
     fn capture_devices_with<R>(
         vmm: &Vmm,
         token: &Paused,
-        clone_disk: bool,
+        disk: DiskCapture,
         freeze_ram: impl FnOnce() -> R,
-    ) -> Result<(VmState, Option<CowDisk>, R), StateError> {
+    ) -> Result<(VmState, Option<CapturedDisk>, R), StateError> {
         check_token(vmm, token)?;
         let fd = vmm.vm().fd();
         let irqchip = IrqchipState::capture(fd)?;
@@ -130,7 +149,7 @@ impl VmState {
         let ((devices, frozen), mmio, disk) = match &legacy.mmio {
             Some(mmio) => {
                 let (state, disk, inner) = mmio
-                    .save_state_with(clone_disk, || legacy.save_state_with(freeze_ram))
+                    .save_state_with(disk, || legacy.save_state_with(freeze_ram))
                     .map_err(DeviceError::from)?;
                 (inner, Some(state), disk)
             }
@@ -176,8 +195,9 @@ impl VmState {
 
 /// Builds a new, paused VM with id `vm_id` on `ram` (a clone's or a restored snapshot's) in
 /// `state`: a KVM VM with the same memslots, devices and vCPUs. Start it with `Vmm::start`.
-/// `disk` is the VM's own copy-on-write disk (a clone's, from `capture_for_clone`); the MMIO
-/// devices re-execute the requests and the DMA transfer in flight in `state` against `ram`.
+/// `disk` is the VM's own copy-on-write disk (a clone's, from `capture_for_clone`, or one over a
+/// snapshot's frozen disk); the MMIO devices re-execute the requests and the DMA transfer in
+/// flight in `state` against `ram`.
 pub fn build_from_state(
     ram: Arc<GuestRam>,
     state: &VmState,
