@@ -14,11 +14,11 @@ use crate::builder::{build_tiny_vm, BuildError, VmConfig};
 use crate::clone::{clone_vm, CloneError};
 use crate::devices::Console;
 use crate::guests;
-use crate::layout::{DMA_GUEST_BLK_LEN, DMA_GUEST_DMA_CHUNK, DMA_GUEST_DMA_LEN, DMA_GUEST_PATTERN};
+use crate::layout::{DMA_GUEST_BLK_LEN, DMA_GUEST_DMA_LEN, DMA_GUEST_PATTERN};
 use crate::machine::VmOutcome;
 
-/// Microseconds between DMA chunks: 256 chunks of 4 KiB take about half a second.
-const PACING_US: u64 = 2000;
+/// Microseconds between DMA chunks: 256 chunks of 4 KiB take about 0.8 s.
+const PACING_US: u64 = 3000;
 const DISK_BYTES: usize = 256 << 10;
 
 /// One clone's line of the demo table.
@@ -96,20 +96,29 @@ fn demo_with_disk(clones: usize, disk: &std::path::Path) -> Result<DemoReport, D
     let config = VmConfig { mem_mib: 32, console, disk: Some(disk.to_path_buf()), ..VmConfig::default() };
     let guest = guests::find("dma").expect("the dma guest is bundled");
     let mut source = build_tiny_vm(&config, guest, PACING_US)?;
-    let transfer = Duration::from_micros(PACING_US * (DMA_GUEST_DMA_LEN / DMA_GUEST_DMA_CHUNK));
+    let dma = std::sync::Arc::clone(&source.devices().mmio.as_ref().expect("tiny VMs have MMIO devices").dma);
     let start = Instant::now();
     source.start();
     let mut running = Vec::new();
     for k in 0..clones {
-        // Spread the clones over the transfer's middle: 1/(K+1), 2/(K+1), ... of the way.
-        let at = transfer * u32::try_from(k + 1).unwrap_or(1) / u32::try_from(clones + 1).unwrap_or(1);
-        std::thread::sleep(at.saturating_sub(start.elapsed()));
+        // Spread the clones over the transfer: at 1/(K+1), 2/(K+1), ... of its bytes. By the
+        // engine's progress, not the clock: on a loaded host a clone's build can take longer
+        // than the gap between two instants, and a clock-timed clone could miss the transfer.
+        let at = DMA_GUEST_DMA_LEN * (k as u64 + 1) / (clones as u64 + 1);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while dma.lock().unwrap_or_else(|e| e.into_inner()).progress() < at && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_micros(PACING_US / 4));
+        }
         let (console, out) = Console::capture();
         let id = k as u64 + 1;
-        let (mut clone, report) = clone_vm(&mut source, id, &console, None)?;
+        let (clone, report) = clone_vm(&mut source, id, &console, None)?;
         let at_ms = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
-        clone.start();
         running.push((clone, report, out, at_ms));
+    }
+    // The clones start once all are taken: on two cores, clones spinning in their guests'
+    // polling loops would starve the thread taking the next clone past the transfer's end.
+    for (clone, ..) in &mut running {
+        clone.start();
     }
     let want = expected_output();
     let source_outcome = source.run();
