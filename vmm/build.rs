@@ -19,6 +19,7 @@ const GUESTS: &[(&str, u64)] = &[
     ("dma", layout::GUEST_CODE_ADDR),
     ("sequence", layout::GUEST_CODE_ADDR),
     ("dirty16", layout::GUEST_CODE_ADDR),
+    ("mailbox", layout::GUEST_CODE_ADDR),
 ];
 
 fn symbols() -> Vec<(&'static str, u64)> {
@@ -51,6 +52,7 @@ fn symbols() -> Vec<(&'static str, u64)> {
         ("DMA_GUEST_PATTERN", layout::DMA_GUEST_PATTERN),
         ("DMA_GUEST_BLK_BUF", layout::DMA_GUEST_BLK_BUF),
         ("DMA_GUEST_BLK_LEN", layout::DMA_GUEST_BLK_LEN),
+        ("MAILBOX_ADDR", layout::MAILBOX_ADDR),
     ]
 }
 
