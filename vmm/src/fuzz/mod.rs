@@ -243,9 +243,13 @@ mod planted_tests {
     use super::*;
     use memory::planted::{plant, PlantedBug};
 
+    /// A planted bug is process-wide: one test plants at a time.
+    static PLANTING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
     /// The fuzzer earns its keep only if it finds each bug class it exists for.
     #[test]
     fn every_planted_bug_is_found_and_its_reproducer_replays() {
+        let _one_at_a_time = PLANTING.lock().unwrap_or_else(|e| e.into_inner());
         for bug in PlantedBug::ALL {
             plant(Some(bug));
             let report = campaign::<MemoryWorld>(1, 10_000, 1, Some(bug.name()));
@@ -254,6 +258,24 @@ mod planted_tests {
             eprintln!("{}: found after {} runs, {} steps: {}", bug.name(), report.runs, repro.steps.len(), repro.violation);
             plant(None);
             assert!(execute::<MemoryWorld>(&repro.steps).is_ok(), "{}: the schedule fails without the bug", bug.name());
+        }
+    }
+
+    /// On real VMs, within the 200 runs of the acceptance campaign: every planted bug is
+    /// reached through the DMA engine's writes (shared-pin, wrong-way-cow) and the dirty
+    /// tracking they feed (lost-dirty).
+    #[test]
+    fn vm_mode_finds_every_planted_bug_and_its_reproducer_replays() {
+        let _one_at_a_time = PLANTING.lock().unwrap_or_else(|e| e.into_inner());
+        for bug in PlantedBug::ALL {
+            plant(Some(bug));
+            let report = campaign::<VmWorld>(1, 200, 1, Some(bug.name()));
+            let repro = report.found.unwrap_or_else(|| panic!("{} not found in 200 VM runs", bug.name()));
+            assert_eq!(repro.mode, "vm");
+            assert!(execute::<VmWorld>(&repro.steps).is_err(), "{}: the shrunk schedule does not reproduce", bug.name());
+            eprintln!("{}: found after {} VM runs, {} steps: {}", bug.name(), report.runs, repro.steps.len(), repro.violation);
+            plant(None);
+            assert!(execute::<VmWorld>(&repro.steps).is_ok(), "{}: the schedule fails without the bug", bug.name());
         }
     }
 }

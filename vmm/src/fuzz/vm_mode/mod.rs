@@ -14,6 +14,8 @@ mod driver;
 mod model;
 mod ops;
 mod steps;
+#[cfg(test)]
+mod tests;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -177,7 +179,7 @@ impl VmWorld {
         for (i, s) in self.snaps.iter().enumerate() {
             s.snap.ram.read_slice(&mut buf, GuestAddress(DATA_ADDR)).map_err(|e| Violation(format!("snapshot {i}: cannot read: {e}")))?;
             if let Some(page) = first_diff(&buf, &s.bytes) {
-                return Err(Violation(format!("snapshot {i} changed at data page {page}")));
+                return Err(Violation(format!("snapshot {i} does not hold its instant's bytes at data page {page}")));
             }
         }
         Ok(())

@@ -44,7 +44,7 @@ pub enum VmStep {
 }
 
 /// Relative weights: DMA steps and clones dominate, since their timing is the point.
-const WEIGHTS: [u64; 15] = [6, 3, 6, 10, 3, 4, 3, 4, 6, 2, 1, 2, 1, 1, 3];
+const WEIGHTS: [u64; 15] = [6, 3, 6, 10, 3, 4, 3, 4, 6, 3, 1, 3, 1, 1, 3];
 
 /// Draws one step.
 pub fn draw_vm_step(e: &mut impl Entropy) -> VmStep {
