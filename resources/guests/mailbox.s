@@ -6,6 +6,7 @@
 #   op 1 fill:  writes `length` bytes of the low byte of `value` at `address` (vCPU writes).
 #   op 2 dma:   programs the DMA engine for a pattern transfer of `length` bytes of `value`
 #               to `address`, `chunk` bytes per step, and starts it (plain 32-bit MMIO).
+#   op 3 copy:  the same, copying from guest memory at `value` instead of a pattern.
 # Unknown ops are acknowledged and do nothing. No stack, no calls: only the command's bytes
 # and the acknowledgement change.
     .include "common.inc"
@@ -19,8 +20,11 @@
     .set MB_ACK, 64
     .set OP_FILL, 1
     .set OP_DMA, 2
+    .set OP_COPY, 3
 
 # DMA engine registers (devices/src/dma/registers.rs).
+    .set R_DMA_SRC_LOW,      0x08
+    .set R_DMA_SRC_HIGH,     0x0c
     .set R_DMA_PATTERN_LOW,  0x10
     .set R_DMA_PATTERN_HIGH, 0x14
     .set R_DMA_DST_LOW,      0x18
@@ -46,6 +50,8 @@ poll:
     je fill
     cmp $OP_DMA, %rax
     je dma
+    cmp $OP_COPY, %rax
+    je copy
     jmp done
 
 fill:
@@ -55,14 +61,26 @@ fill:
     rep stosb
     jmp done
 
+copy:
+    mov MB_VALUE(%rbx), %rax                    # writing SRC selects a guest-memory source
+    mov %eax, R_DMA_SRC_LOW(%r12)
+    shr $32, %rax
+    mov %eax, R_DMA_SRC_HIGH(%r12)
+    mov $1, %eax
+    mov %eax, R_DMA_MODE(%r12)
+    jmp program
+
 dma:
     xor %eax, %eax
     mov %eax, R_DMA_MODE(%r12)                  # source: the pattern
-    mov %eax, R_DMA_PACING_US(%r12)
     mov MB_VALUE(%rbx), %rax
     mov %eax, R_DMA_PATTERN_LOW(%r12)
     shr $32, %rax
     mov %eax, R_DMA_PATTERN_HIGH(%r12)
+
+program:
+    xor %eax, %eax
+    mov %eax, R_DMA_PACING_US(%r12)
     mov MB_ADDR(%rbx), %rax
     mov %eax, R_DMA_DST_LOW(%r12)
     shr $32, %rax

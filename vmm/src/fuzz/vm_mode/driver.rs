@@ -5,6 +5,7 @@
 
 use std::time::{Duration, Instant};
 
+use devices::dma::DmaSource;
 use memory::{Bytes, GuestAddress};
 
 use super::Violation;
@@ -24,6 +25,7 @@ pub const REQUEST_SLOTS: u16 = QUEUE_SIZE / DESCS_PER_REQUEST;
 
 const OP_FILL: u64 = 1;
 const OP_DMA: u64 = 2;
+const OP_COPY: u64 = 3;
 const MB_SEQ: u64 = 0;
 const MB_OP: u64 = 8;
 const MB_ADDR: u64 = 16;
@@ -51,7 +53,7 @@ fn read_u64(vmm: &Vmm, addr: u64) -> Result<u64, Violation> {
 #[derive(Clone, Copy, Debug)]
 pub enum GuestCommand {
     Fill { addr: u64, len: u64, byte: u8 },
-    DmaPattern { dst: u64, len: u64, pattern: u64, chunk: u64 },
+    Dma { source: DmaSource, dst: u64, len: u64, chunk: u64 },
 }
 
 /// Leaves `command` in the mailbox of paused `vmm`, lets the guest run until it acknowledged
@@ -60,7 +62,8 @@ pub fn run_guest_command(vmm: &mut Vmm, token: Paused, command: GuestCommand) ->
     let seq = read_u64(vmm, MAILBOX_ADDR + MB_ACK)? + 1;
     let (op, addr, len, value, chunk) = match command {
         GuestCommand::Fill { addr, len, byte } => (OP_FILL, addr, len, u64::from(byte), 0),
-        GuestCommand::DmaPattern { dst, len, pattern, chunk } => (OP_DMA, dst, len, pattern, chunk),
+        GuestCommand::Dma { source: DmaSource::Pattern(pattern), dst, len, chunk } => (OP_DMA, dst, len, pattern, chunk),
+        GuestCommand::Dma { source: DmaSource::Guest(src), dst, len, chunk } => (OP_COPY, dst, len, src, chunk),
     };
     for (field, value) in [(MB_OP, op), (MB_ADDR, addr), (MB_LEN, len), (MB_VALUE, value), (MB_CHUNK, chunk), (MB_SEQ, seq)] {
         write_u64(vmm, MAILBOX_ADDR + field, value)?;
@@ -97,12 +100,17 @@ fn mmio_read(vmm: &Vmm, addr: u64) -> Result<u32, Violation> {
 }
 
 /// Programs the DMA engine of `vmm` through its registers, as a driver would, and starts it.
-pub fn host_dma_pattern(vmm: &Vmm, dst: u64, len: u32, pattern: u64, chunk: u32) -> Result<(), Violation> {
-    #[allow(clippy::cast_possible_truncation)] // the registers are 32-bit halves
+#[allow(clippy::cast_possible_truncation)] // the registers are 32-bit halves
+pub fn host_dma(vmm: &Vmm, source: DmaSource, dst: u64, len: u32, chunk: u32) -> Result<(), Violation> {
+    let select = match source {
+        // Mode first, then the value: writing PATTERN selects the pattern source, SRC the copy.
+        DmaSource::Pattern(p) => [(0x2c, 0), (0x10, p as u32), (0x14, (p >> 32) as u32)],
+        DmaSource::Guest(a) => [(0x2c, 1), (0x08, a as u32), (0x0c, (a >> 32) as u32)],
+    };
+    for (offset, value) in select {
+        mmio_write(vmm, DMA_ENGINE_MMIO_ADDR + offset, value)?;
+    }
     let writes = [
-        (0x2c, 0), // pattern mode
-        (0x10, pattern as u32),
-        (0x14, (pattern >> 32) as u32),
         (0x18, dst as u32),
         (0x1c, (dst >> 32) as u32),
         (0x20, len),

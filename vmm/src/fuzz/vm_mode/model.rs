@@ -23,14 +23,22 @@ pub fn initial_disk() -> Vec<u8> {
     (0..DISK_SECTORS as usize * SECTOR).map(disk_byte).collect()
 }
 
-/// A DMA-engine pattern transfer into the data area.
+/// Where a transfer's bytes come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DmaFrom {
+    Pattern(u64),
+    /// The data area from this byte offset (read-pinned: each chunk reads what is there then).
+    Copy(usize),
+}
+
+/// A DMA-engine transfer into the data area.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DmaModel {
     /// Byte offset in the data area.
     pub first: usize,
     pub len: usize,
     pub chunk: usize,
-    pub pattern: u64,
+    pub from: DmaFrom,
     /// Bytes the engine has written.
     pub done: usize,
 }
@@ -41,8 +49,14 @@ impl DmaModel {
         DmaModel { done: 0, ..*self }
     }
 
-    fn pages(&self) -> std::ops::Range<usize> {
-        self.first / PAGE_SIZE..(self.first + self.len).div_ceil(PAGE_SIZE)
+    /// Pages pinned: the destination, and the source of a copy.
+    fn pages(&self) -> Vec<usize> {
+        let span = |first: usize| first / PAGE_SIZE..(first + self.len).div_ceil(PAGE_SIZE);
+        let mut pages: Vec<usize> = span(self.first).collect();
+        if let DmaFrom::Copy(src) = self.from {
+            pages.extend(span(src));
+        }
+        pages
     }
 }
 
@@ -128,8 +142,10 @@ impl VmModel {
     pub fn dma_step(&mut self) -> bool {
         let Some(mut d) = self.dma else { return false };
         let n = d.chunk.min(d.len - d.done);
-        let bytes = d.pattern.to_le_bytes();
-        let chunk: Vec<u8> = (d.done..d.done + n).map(|i| bytes[i % 8]).collect();
+        let chunk: Vec<u8> = match d.from {
+            DmaFrom::Pattern(p) => (d.done..d.done + n).map(|i| p.to_le_bytes()[i % 8]).collect(),
+            DmaFrom::Copy(src) => self.bytes[src + d.done..src + d.done + n].to_vec(),
+        };
         self.write(d.first + d.done, &chunk);
         d.done += n;
         self.dma = (d.done < d.len).then_some(d);
@@ -173,7 +189,7 @@ mod tests {
     #[test]
     fn dma_steps_write_the_pattern_chunk_by_chunk_and_end_the_transfer() {
         let mut m = VmModel::new(None);
-        m.dma = Some(DmaModel { first: PAGE_SIZE, len: PAGE_SIZE, chunk: 3000, pattern: 0x0807_0605_0403_0201, done: 0 });
+        m.dma = Some(DmaModel { first: PAGE_SIZE, len: PAGE_SIZE, chunk: 3000, from: DmaFrom::Pattern(0x0807_0605_0403_0201), done: 0 });
         assert!(m.dma_step());
         assert_eq!(m.bytes[PAGE_SIZE..PAGE_SIZE + 9], [1, 2, 3, 4, 5, 6, 7, 8, 1]);
         assert_eq!(m.bytes[PAGE_SIZE + 3000], 0);

@@ -6,8 +6,10 @@ use std::collections::BTreeSet;
 
 use memory::{Bytes, GuestAddress, MemoryError, PAGE_SIZE};
 
-use super::driver::{host_dma_pattern, request_status, run_guest_command, GuestCommand, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
-use super::model::{first_diff, BlkKind, BlkRequestModel, DmaModel, VmModel, SECTOR};
+use devices::dma::DmaSource;
+
+use super::driver::{host_dma, request_status, run_guest_command, GuestCommand, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
+use super::model::{first_diff, BlkKind, BlkRequestModel, DmaFrom, DmaModel, VmModel, SECTOR};
 use super::{complete_blk, ensure, pause, pick, quiet_console, FuzzVm, SnapModel, VmStep, VmWorld};
 use super::{DATA_ADDR, DATA_BYTES, DATA_PAGES, DISK_SECTORS, MAX_VMS};
 use crate::clone::capture_clone;
@@ -58,7 +60,12 @@ impl VmWorld {
             }
             VmStep::DmaStart { vm, page, pages, pattern, chunk, by_guest } => {
                 let Some(i) = pick_vm(vm) else { return Ok(()) };
-                self.dma_start(i, page, pages, pattern, chunk, by_guest)?;
+                self.dma_start(i, page, pages, DmaFrom::Pattern(pattern), chunk, by_guest)?;
+            }
+            VmStep::DmaCopy { vm, page, pages, src_page, chunk, by_guest } => {
+                let Some(i) = pick_vm(vm) else { return Ok(()) };
+                let src = usize::from(src_page % DATA_PAGES) * PAGE_SIZE;
+                self.dma_start(i, page, pages, DmaFrom::Copy(src), chunk, by_guest)?;
             }
             VmStep::DmaStep { vm } => {
                 let Some(i) = pick_vm(vm) else { return Ok(()) };
@@ -141,28 +148,41 @@ impl VmWorld {
         Ok(())
     }
 
-    fn dma_start(&mut self, i: usize, page: u8, pages: u8, pattern: u64, chunk: u16, by_guest: bool) -> Result<(), Violation> {
+    fn dma_start(&mut self, i: usize, page: u8, pages: u8, from: DmaFrom, chunk: u16, by_guest: bool) -> Result<(), Violation> {
         let page = page % DATA_PAGES;
-        let len = usize::from(pages.clamp(1, DATA_PAGES - page)) * PAGE_SIZE;
         let first = usize::from(page) * PAGE_SIZE;
+        let mut len = usize::from(pages.clamp(1, DATA_PAGES - page)) * PAGE_SIZE;
+        if let DmaFrom::Copy(src) = from {
+            len = len.min(DATA_BYTES - src);
+        }
         let dst = DATA_ADDR + first as u64;
         let chunk = u64::from(chunk.max(1));
+        let source = match from {
+            DmaFrom::Pattern(p) => DmaSource::Pattern(p),
+            DmaFrom::Copy(src) => DmaSource::Guest(DATA_ADDR + src as u64),
+        };
         let v = self.vm(i);
         let id = v.vmm.id();
         if by_guest {
             let token = v.token.take().expect("paused between steps");
-            let command = GuestCommand::DmaPattern { dst, len: len as u64, pattern, chunk };
+            let command = GuestCommand::Dma { source, dst, len: len as u64, chunk };
             v.token = Some(run_guest_command(&mut v.vmm, token, command)?);
         } else {
             #[allow(clippy::cast_possible_truncation)] // at most DATA_BYTES and 4 KiB
-            host_dma_pattern(&v.vmm, dst, len as u32, pattern, chunk as u32)?;
+            host_dma(&v.vmm, source, dst, len as u32, chunk as u32)?;
         }
         let error = v.vmm.devices().mmio.as_ref().map_or(0, |m| m.dma.lock().unwrap_or_else(|e| e.into_inner()).state().error);
-        // The engine refuses a second transfer (busy, 1) and leaves the first alone.
-        let want = u32::from(v.model.dma.is_some());
+        // The engine refuses a second transfer (busy, 1) and a copy onto its own source
+        // (overlap, 3), and leaves a transfer in flight alone.
+        let overlaps = matches!(from, DmaFrom::Copy(src) if src < first + len && first < src + len);
+        let want = match (v.model.dma.is_some(), overlaps) {
+            (true, _) => 1,
+            (false, true) => 3,
+            (false, false) => 0,
+        };
         ensure!(error == want, "VM {id}: DMA start left error {error}, expected {want}");
-        if v.model.dma.is_none() {
-            v.model.dma = Some(DmaModel { first, len, chunk: chunk as usize, pattern, done: 0 });
+        if want == 0 {
+            v.model.dma = Some(DmaModel { first, len, chunk: chunk as usize, from, done: 0 });
         }
         Ok(())
     }

@@ -18,6 +18,9 @@ pub enum VmStep {
     /// A DMA-engine transfer of `pages` pages of `pattern` to data page `page`, `chunk` bytes
     /// per step, programmed by the guest (MMIO exits) or by the VMM (the same registers).
     DmaStart { vm: u8, page: u8, pages: u8, pattern: u64, chunk: u16, by_guest: bool },
+    /// The same, copying `pages` pages from data page `src_page` (read-pinned: each chunk
+    /// reads what the source holds at that step). Overlapping ranges are refused by the engine.
+    DmaCopy { vm: u8, page: u8, pages: u8, src_page: u8, chunk: u16, by_guest: bool },
     /// The engine writes one chunk (the last one unpins and completes).
     DmaStep { vm: u8 },
     /// The engine writes every remaining chunk.
@@ -44,7 +47,7 @@ pub enum VmStep {
 }
 
 /// Relative weights: DMA steps and clones dominate, since their timing is the point.
-const WEIGHTS: [u64; 15] = [6, 3, 6, 10, 3, 4, 3, 4, 6, 3, 1, 3, 1, 1, 3];
+const WEIGHTS: [u64; 16] = [6, 3, 5, 10, 3, 4, 3, 4, 6, 3, 1, 3, 1, 1, 3, 3];
 
 /// Draws one step.
 pub fn draw_vm_step(e: &mut impl Entropy) -> VmStep {
@@ -87,7 +90,15 @@ pub fn draw_vm_step(e: &mut impl Entropy) -> VmStep {
         11 => VmStep::Reset { vm: b(8) as u8, snap: b(8) as u8 },
         12 => VmStep::DropVm { vm: b(8) as u8 },
         13 => VmStep::DropSnapshot { snap: b(8) as u8 },
-        _ => VmStep::TakeDirty { vm: b(8) as u8 },
+        14 => VmStep::TakeDirty { vm: b(8) as u8 },
+        _ => VmStep::DmaCopy {
+            vm: b(8) as u8,
+            page: b(pages) as u8,
+            pages: 1 + b(4) as u8,
+            src_page: b(pages) as u8,
+            chunk: 256 << b(5),
+            by_guest: b(2) == 0,
+        },
     }
 }
 

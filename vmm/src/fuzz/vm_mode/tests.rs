@@ -94,3 +94,24 @@ fn the_same_schedule_leaves_the_same_bytes() {
     assert_eq!(final_bytes(), final_bytes());
     assert!(execute::<VmWorld>(&steps).is_ok());
 }
+
+#[test]
+fn a_copy_reads_its_source_at_each_chunk_and_a_clone_copies_from_its_own_pages() {
+    let mut world = VmWorld::new().unwrap();
+    run(&mut world, &[
+        VmStep::HostWrite { vm: 0, page: 8, offset: 0, len: 4096, byte: 3 },
+        VmStep::DmaCopy { vm: 0, page: 10, pages: 1, src_page: 8, chunk: 2048, by_guest: true },
+        VmStep::DmaStep { vm: 0 },
+        VmStep::Clone { vm: 0 },
+        // The read-pinned source takes a guest write in the source VM, a host write in the clone.
+        VmStep::GuestWrite { vm: 0, page: 8, offset: 2048, len: 2048, byte: 4 },
+        VmStep::HostWrite { vm: 1, page: 8, offset: 0, len: 4096, byte: 5 },
+        VmStep::DmaStep { vm: 0 },
+        VmStep::DmaComplete { vm: 1 },
+    ]);
+    assert_eq!(data(&world, 0, 10, PAGE_SIZE), [vec![3; 2048], vec![4; 2048]].concat());
+    assert_eq!(data(&world, 1, 10, PAGE_SIZE), vec![5; PAGE_SIZE], "the clone's re-executed copy");
+    // A copy onto its own source is refused (the step checks the engine's error register).
+    run(&mut world, &[VmStep::DmaCopy { vm: 0, page: 8, pages: 2, src_page: 9, chunk: 256, by_guest: false }]);
+    assert!(world.vms[0].as_ref().unwrap().model.dma.is_none());
+}
