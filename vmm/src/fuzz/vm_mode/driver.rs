@@ -142,10 +142,14 @@ pub const VIRTIO_BLK_T_IN: u32 = 0;
 pub const VIRTIO_BLK_T_OUT: u32 = 1;
 
 impl BlkQueue {
-    /// Negotiates VERSION_1 and sets up queue 0 of the VM's virtio-blk.
+    /// Resets the VM's virtio-blk, clears the queue's memory, negotiates VERSION_1 and sets up
+    /// queue 0: what a driver does at boot, and again after the VM was reset to a snapshot
+    /// (its RAM rings went back, the device's queue position did not).
     pub fn setup(vmm: &Vmm) -> Result<BlkQueue, Violation> {
+        let ring_bytes = (HEADERS + 0x1000 - DESC_TABLE) as usize;
+        vmm.ram().write_slice(&vec![0; ring_bytes], GuestAddress(DESC_TABLE)).map_err(|e| ram_err("clearing the virtio queue", e))?;
         let reg = |offset: u64, value: u32| mmio_write(vmm, VIRTIO_BLK_MMIO_ADDR + offset, value);
-        for (offset, value) in [(0x70, 1), (0x70, 3), (0x24, 1), (0x20, 1), (0x70, 11), (0x30, 0), (0x38, u32::from(QUEUE_SIZE))] {
+        for (offset, value) in [(0x70, 0), (0x70, 1), (0x70, 3), (0x24, 1), (0x20, 1), (0x70, 11), (0x30, 0), (0x38, u32::from(QUEUE_SIZE))] {
             reg(offset, value)?;
         }
         #[allow(clippy::cast_possible_truncation)]

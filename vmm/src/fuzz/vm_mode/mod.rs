@@ -131,6 +131,10 @@ fn hold_blk(vmm: &Vmm, held: bool) {
     }
 }
 
+fn has_blk(vmm: &Vmm) -> bool {
+    vmm.devices().mmio.as_ref().is_some_and(|m| m.block.is_some())
+}
+
 /// Releases every held request of `vmm` to the kernel, waits for all, and holds again.
 fn complete_blk(vmm: &Vmm) {
     if let Some(block) = vmm.devices().mmio.as_ref().and_then(|m| m.block.as_ref()) {

@@ -94,9 +94,9 @@ impl BlkRequestModel {
     }
 }
 
-/// virtio-blk as the model sees it. Absent (`VmModel::blk` is `None`) once the device cannot
-/// be driven any more: after a reset (RAM rings and device queue no longer agree) or in a VM
-/// restored from a snapshot (no disk).
+/// virtio-blk as the model sees it. Absent (`VmModel::blk` is `None`) in a VM restored from a
+/// snapshot (snapshots carry no disk). After a reset the driver sets the device up again on
+/// fresh rings; the disk keeps its bytes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BlkModel {
     pub queue: BlkQueue,

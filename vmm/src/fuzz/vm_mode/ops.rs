@@ -10,7 +10,9 @@ use devices::dma::DmaSource;
 
 use super::driver::{host_dma, request_status, run_guest_command, GuestCommand, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
 use super::model::{first_diff, BlkKind, BlkRequestModel, DmaFrom, DmaModel, VmModel, SECTOR};
-use super::{complete_blk, ensure, pause, pick, quiet_console, FuzzVm, SnapModel, VmStep, VmWorld};
+use super::driver::BlkQueue;
+use super::model::BlkModel;
+use super::{complete_blk, ensure, has_blk, hold_blk, pause, pick, quiet_console, FuzzVm, SnapModel, VmStep, VmWorld};
 use super::{DATA_ADDR, DATA_BYTES, DATA_PAGES, DISK_SECTORS, MAX_VMS};
 use crate::clone::capture_clone;
 use crate::fuzz::Violation;
@@ -259,8 +261,17 @@ impl VmWorld {
         match s.snap.reset(&mut v.vmm, v.token.as_ref().expect("paused"), None) {
             Ok(_) => {
                 ensure!(!pinned, "VM {id}: reset went ahead while a device buffer was pinned");
-                // RAM (and the virtio rings in it) went back, virtio-blk did not: no more I/O.
-                v.model = VmModel { bytes: s.bytes.clone(), dirty: BTreeSet::new(), dma: None, blk: None };
+                // RAM (and the virtio rings in it) went back, virtio-blk and its disk did not:
+                // the driver starts over, as a rebooted guest's would.
+                let blk = match (v.model.blk.take(), has_blk(&v.vmm)) {
+                    (Some(old), true) => {
+                        let queue = BlkQueue::setup(&v.vmm)?;
+                        hold_blk(&v.vmm, true);
+                        Some(BlkModel { queue, disk: old.disk, held: Vec::new() })
+                    }
+                    _ => None,
+                };
+                v.model = VmModel { bytes: s.bytes.clone(), dirty: BTreeSet::new(), dma: None, blk };
             }
             Err(ResetError::Memory { source: MemoryError::Pinned { .. }, .. }) => {
                 ensure!(pinned, "VM {id}: reset refused with nothing pinned");

@@ -71,9 +71,14 @@ fn reset_is_refused_while_the_dma_buffer_is_pinned_and_restores_the_snapshot_aft
     run(&mut world, &[VmStep::Reset { vm: 0, snap: 0 }]);
     assert_eq!(data(&world, 0, 1, PAGE_SIZE), vec![1; PAGE_SIZE]);
     assert_eq!(data(&world, 0, 3, 9), vec![0; 9]);
-    // The guest runs on from the snapshot's instant.
-    run(&mut world, &[VmStep::GuestWrite { vm: 0, page: 3, offset: 0, len: 9, byte: 5 }]);
+    // The guest runs on from the snapshot's instant; the driver set virtio-blk up again.
+    run(&mut world, &[
+        VmStep::GuestWrite { vm: 0, page: 3, offset: 0, len: 9, byte: 5 },
+        VmStep::BlkRead { vm: 0, sector: 0, sectors: 8, page: 6 },
+        VmStep::BlkComplete { vm: 0 },
+    ]);
     assert_eq!(data(&world, 0, 3, 9), vec![5; 9]);
+    assert_eq!(data(&world, 0, 6, PAGE_SIZE), (0..PAGE_SIZE).map(disk_byte).collect::<Vec<_>>());
 }
 
 #[test]
