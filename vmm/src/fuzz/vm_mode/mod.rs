@@ -170,8 +170,8 @@ impl VmWorld {
         for vm in self.vms.iter().flatten() {
             let id = vm.vmm.id();
             vm.vmm.ram().read_slice(&mut buf, GuestAddress(DATA_ADDR)).map_err(|e| Violation(format!("VM {id}: cannot read RAM: {e}")))?;
-            if let Some(page) = first_diff(&buf, &vm.model.bytes) {
-                return Err(Violation(format!("VM {id} differs from the model at data page {page}")));
+            if let Some(at) = first_diff(&buf, &vm.model.bytes) {
+                return Err(Violation(format!("VM {id} differs from the model at {at}")));
             }
             let mmio = vm.vmm.devices().mmio.as_ref().ok_or_else(|| Violation(format!("VM {id} lost its MMIO devices")))?;
             let engine = mmio.dma.lock().unwrap_or_else(|e| e.into_inner());
@@ -182,8 +182,8 @@ impl VmWorld {
         }
         for (i, s) in self.snaps.iter().enumerate() {
             s.snap.ram.read_slice(&mut buf, GuestAddress(DATA_ADDR)).map_err(|e| Violation(format!("snapshot {i}: cannot read: {e}")))?;
-            if let Some(page) = first_diff(&buf, &s.bytes) {
-                return Err(Violation(format!("snapshot {i} does not hold its instant's bytes at data page {page}")));
+            if let Some(at) = first_diff(&buf, &s.bytes) {
+                return Err(Violation(format!("snapshot {i} does not hold its instant's bytes at {at}")));
             }
         }
         Ok(())

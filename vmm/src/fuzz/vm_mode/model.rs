@@ -174,12 +174,13 @@ impl VmModel {
     }
 }
 
-/// The first page where two equally long byte strings differ.
-pub fn first_diff(a: &[u8], b: &[u8]) -> Option<usize> {
-    if a == b {
+/// Where two equally long byte strings first differ, as "data page P (+offset: got G, model M)".
+pub fn first_diff(got: &[u8], model: &[u8]) -> Option<String> {
+    if got == model {
         return None;
     }
-    a.chunks(PAGE_SIZE).zip(b.chunks(PAGE_SIZE)).position(|(x, y)| x != y)
+    let i = got.iter().zip(model).position(|(g, m)| g != m)?;
+    Some(format!("data page {} (+{:#x}: got {:#04x}, model {:#04x})", i / PAGE_SIZE, i % PAGE_SIZE, got[i], model[i]))
 }
 
 #[cfg(test)]

@@ -239,8 +239,8 @@ impl VmWorld {
         // The clone instant, before the clone's devices re-execute anything.
         let mut buf = vec![0u8; DATA_BYTES];
         image.ram.read_slice(&mut buf, GuestAddress(DATA_ADDR)).map_err(|e| failed("reading the clone", id, e))?;
-        if let Some(page) = first_diff(&buf, &source.model.bytes) {
-            return Err(Violation(format!("clone {id} of VM {source_id} differs from the clone instant at data page {page}")));
+        if let Some(at) = first_diff(&buf, &source.model.bytes) {
+            return Err(Violation(format!("clone {id} of VM {source_id} differs from the clone instant at {at}")));
         }
         let model = source.model.cloned();
         let mut vmm = image.build(id, &quiet_console()).map_err(|e| failed("building the clone", id, e))?;
