@@ -207,12 +207,21 @@ pub fn load(path: &Path) -> Result<AnyReproducer, FuzzError> {
     }
 }
 
+/// Planted bugs are process-wide (`--features planted-bugs`): tests that plant one, and the
+/// fuzzer's tests that expect a clean memory layer, take turns.
+#[cfg(test)]
+pub(crate) fn one_planting_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static PLANTING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    PLANTING.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn a_clean_memory_layer_survives_a_short_campaign() {
+        let _clean = one_planting_at_a_time();
         let report = campaign::<MemoryWorld>(1, 300, 1, None);
         assert!(report.found.is_none(), "{:?}", report.found);
         assert_eq!(report.runs, 300);
@@ -243,13 +252,10 @@ mod planted_tests {
     use super::*;
     use memory::planted::{plant, PlantedBug};
 
-    /// A planted bug is process-wide: one test plants at a time.
-    static PLANTING: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
     /// The fuzzer earns its keep only if it finds each bug class it exists for.
     #[test]
     fn every_planted_bug_is_found_and_its_reproducer_replays() {
-        let _one_at_a_time = PLANTING.lock().unwrap_or_else(|e| e.into_inner());
+        let _one_at_a_time = one_planting_at_a_time();
         for bug in PlantedBug::ALL {
             plant(Some(bug));
             let report = campaign::<MemoryWorld>(1, 10_000, 1, Some(bug.name()));
@@ -266,7 +272,7 @@ mod planted_tests {
     /// tracking they feed (lost-dirty).
     #[test]
     fn vm_mode_finds_every_planted_bug_and_its_reproducer_replays() {
-        let _one_at_a_time = PLANTING.lock().unwrap_or_else(|e| e.into_inner());
+        let _one_at_a_time = one_planting_at_a_time();
         for bug in PlantedBug::ALL {
             plant(Some(bug));
             let report = campaign::<VmWorld>(1, 200, 1, Some(bug.name()));

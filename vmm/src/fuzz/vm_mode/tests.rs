@@ -5,7 +5,7 @@ use memory::{Bytes, GuestAddress, PAGE_SIZE};
 
 use super::model::disk_byte;
 use super::*;
-use crate::fuzz::{campaign, execute};
+use crate::fuzz::{campaign, execute, one_planting_at_a_time};
 
 const PATTERN: u64 = 0x1122_3344_5566_7788;
 
@@ -28,6 +28,7 @@ fn run(world: &mut VmWorld, steps: &[VmStep]) {
 
 #[test]
 fn a_clone_mid_dma_and_mid_read_holds_the_instant_then_both_end_with_the_full_data() {
+    let _clean = one_planting_at_a_time();
     let mut world = VmWorld::new().unwrap();
     let dma = |by_guest| VmStep::DmaStart { vm: 0, page: 4, pages: 2, pattern: PATTERN, chunk: 1024, by_guest };
     run(&mut world, &[
@@ -58,6 +59,7 @@ fn a_clone_mid_dma_and_mid_read_holds_the_instant_then_both_end_with_the_full_da
 
 #[test]
 fn reset_is_refused_while_the_dma_buffer_is_pinned_and_restores_the_snapshot_after() {
+    let _clean = one_planting_at_a_time();
     let mut world = VmWorld::new().unwrap();
     run(&mut world, &[
         VmStep::HostWrite { vm: 0, page: 1, offset: 0, len: 4096, byte: 1 },
@@ -83,6 +85,7 @@ fn reset_is_refused_while_the_dma_buffer_is_pinned_and_restores_the_snapshot_aft
 
 #[test]
 fn a_short_campaign_on_real_vms_finds_nothing() {
+    let _clean = one_planting_at_a_time();
     let report = campaign::<VmWorld>(1, 10, 1, None);
     assert!(report.found.is_none(), "{:?}", report.found);
     assert_eq!(report.runs, 10);
@@ -90,6 +93,7 @@ fn a_short_campaign_on_real_vms_finds_nothing() {
 
 #[test]
 fn the_same_schedule_leaves_the_same_bytes() {
+    let _clean = one_planting_at_a_time();
     let steps = generate_vm(7, 3);
     let final_bytes = || {
         let mut world = VmWorld::new().unwrap();
@@ -102,6 +106,7 @@ fn the_same_schedule_leaves_the_same_bytes() {
 
 #[test]
 fn a_copy_reads_its_source_at_each_chunk_and_a_clone_copies_from_its_own_pages() {
+    let _clean = one_planting_at_a_time();
     let mut world = VmWorld::new().unwrap();
     run(&mut world, &[
         VmStep::HostWrite { vm: 0, page: 8, offset: 0, len: 4096, byte: 3 },
