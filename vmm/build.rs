@@ -19,6 +19,7 @@ const GUESTS: &[(&str, u64)] = &[
     ("dma", layout::GUEST_CODE_ADDR),
     ("sequence", layout::GUEST_CODE_ADDR),
     ("dirty16", layout::GUEST_CODE_ADDR),
+    ("mailbox", layout::GUEST_CODE_ADDR),
 ];
 
 fn symbols() -> Vec<(&'static str, u64)> {
@@ -53,6 +54,7 @@ fn symbols() -> Vec<(&'static str, u64)> {
         ("DMA_GUEST_BLK_LEN", layout::DMA_GUEST_BLK_LEN),
         ("DMA_GUEST_WRITE_ID", layout::DMA_GUEST_WRITE_ID),
         ("DMA_GUEST_WRITE_REQ_ADDR", layout::DMA_GUEST_WRITE_REQ_ADDR),
+        ("MAILBOX_ADDR", layout::MAILBOX_ADDR),
     ]
 }
 

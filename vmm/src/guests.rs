@@ -40,6 +40,11 @@ pub const TINY_GUESTS: &[TinyGuest] = &[
         about: "writes the TSC into 16 pages at layout::DIRTY_ADDR, counts the run, exits 0 (for reset loops)",
         code: guest_bin!("dirty16"),
     },
+    TinyGuest {
+        name: "mailbox",
+        about: "runs fill and DMA-start commands the VMM leaves at layout::MAILBOX_ADDR, one at a time, and writes nothing else (the fuzzer's guest)",
+        code: guest_bin!("mailbox"),
+    },
 ];
 
 /// Exception stubs every tiny guest gets at `layout::TRAPS_ADDR` (see `resources/guests/traps.s`).

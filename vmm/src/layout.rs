@@ -114,6 +114,9 @@ pub const DMA_GUEST_WRITE_REQ_ADDR: u64 = 0x15_5000;
 /// RAM the `dma` guest needs.
 pub const DMA_GUEST_MIN_RAM: u64 = DMA_GUEST_BLK_BUF + DMA_GUEST_BLK_LEN;
 
+/// The `mailbox` guest's command mailbox (one page; see resources/guests/mailbox.s).
+pub const MAILBOX_ADDR: u64 = 0x15_8000;
+
 /// 16550 UART (COM1).
 pub const SERIAL_PORT: u16 = 0x3f8;
 /// The guest writes one byte here: its exit code; the VM stops with it.

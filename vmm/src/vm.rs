@@ -53,12 +53,24 @@ impl std::fmt::Debug for Vm {
     }
 }
 
+/// KVM_CREATE_VM, retried while it returns EINTR: a signal can interrupt it before it did
+/// anything (found by `zygote fuzz --mode vm`: 4 of 6 campaigns of 200 runs, about 340 clones
+/// each, had one clone fail here; 6.18 nested PVM). cloud-hypervisor retries it the same way.
+fn create_vm(kvm: &Kvm) -> Result<VmFd, VmError> {
+    loop {
+        match kvm.create_vm() {
+            Err(e) if e.errno() == libc::EINTR => continue,
+            result => return result.map_err(VmError::CreateVm),
+        }
+    }
+}
+
 impl Vm {
     /// Creates a KVM VM, registers every RAM region as a dirty-logged memslot and makes the
     /// RAM's `take_dirty` see vCPU writes through KVM's dirty log.
     pub fn new(ram: Arc<GuestRam>) -> Result<Vm, VmError> {
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
-        let fd = Arc::new(kvm.create_vm().map_err(VmError::CreateVm)?);
+        let fd = Arc::new(create_vm(&kvm)?);
         fd.set_tss_address(KVM_TSS_ADDR).map_err(|source| VmError::TssAddr { addr: KVM_TSS_ADDR, source })?;
         for region in ram.kvm_regions() {
             let slot = kvm_userspace_memory_region {

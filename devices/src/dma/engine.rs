@@ -28,6 +28,7 @@ pub struct DmaEngine {
     progress: u64,
     completed: bool,
     error: u32,
+    host_stepped: bool,
 }
 
 impl std::fmt::Debug for DmaEngine {
@@ -43,7 +44,7 @@ fn set_half(value: &mut u64, data: u32, high: bool) {
 impl DmaEngine {
     pub fn new(ram: Arc<GuestRam>, interrupt: Arc<DeviceInterrupt>) -> DmaEngine {
         let programmed = TransferSpec { source: DmaSource::Pattern(0), dst: 0, len: 0, chunk: 0, pacing_us: 0 };
-        DmaEngine { ram, interrupt, programmed, transfer: None, progress: 0, completed: false, error: 0 }
+        DmaEngine { ram, interrupt, programmed, transfer: None, progress: 0, completed: false, error: 0, host_stepped: false }
     }
 
     /// A clone's engine: registers as captured, and the transfer that was in flight started
@@ -63,6 +64,7 @@ impl DmaEngine {
         self.progress = state.progress;
         self.completed = state.completed;
         self.error = state.error;
+        self.host_stepped = state.host_stepped;
         self.interrupt.set_status(state.interrupt_status);
         if let Some(spec) = state.in_flight {
             self.start(spec)?;
@@ -79,6 +81,7 @@ impl DmaEngine {
             completed: self.completed,
             error: self.error,
             interrupt_status: self.interrupt.status(),
+            host_stepped: self.host_stepped,
         }
     }
 
@@ -94,6 +97,16 @@ impl DmaEngine {
     /// Bytes of the current (or last) transfer done.
     pub fn progress(&self) -> u64 {
         self.progress
+    }
+
+    /// With `true`, the background runner leaves transfers alone: only `step` and
+    /// `run_to_completion` move them (the fuzzer chooses the instant of every chunk).
+    pub fn set_host_stepped(&mut self, host_stepped: bool) {
+        self.host_stepped = host_stepped;
+    }
+
+    pub fn host_stepped(&self) -> bool {
+        self.host_stepped
     }
 
     /// Pause the background runner takes between chunks of the current transfer.

@@ -105,3 +105,29 @@ fn the_runner_finishes_transfers_in_the_background() {
     }
     assert_eq!(ram.read_obj::<u64>(GuestAddress(0x4000 + 8184)).unwrap(), u64::MAX);
 }
+
+#[test]
+fn a_host_stepped_engine_moves_only_when_stepped_and_its_clone_inherits_that() {
+    let ram = ram();
+    let engine = Arc::new(Mutex::new(DmaEngine::new(Arc::clone(&ram), DeviceInterrupt::polled())));
+    let _runner = DmaRunner::spawn(Arc::clone(&engine)).unwrap();
+    let spec = TransferSpec { source: DmaSource::Pattern(u64::MAX), dst: 0x4000, len: 8192, chunk: 1024, pacing_us: 0 };
+    {
+        let mut e = engine.lock().unwrap();
+        e.set_host_stepped(true);
+        e.start(spec).unwrap();
+    }
+    // The runner polls every millisecond: give it many chances to (wrongly) step.
+    std::thread::sleep(Duration::from_millis(30));
+    assert_eq!(engine.lock().unwrap().progress(), 0, "the runner stepped a host-stepped transfer");
+    assert!(engine.lock().unwrap().step());
+    assert_eq!(engine.lock().unwrap().progress(), 1024);
+    let state = engine.lock().unwrap().state();
+    assert!(state.host_stepped);
+    let clone_ram = Arc::new(ram.clone_cow().unwrap());
+    let clone = Arc::new(Mutex::new(DmaEngine::restore(clone_ram, DeviceInterrupt::polled(), &state).unwrap()));
+    let _clone_runner = DmaRunner::spawn(Arc::clone(&clone)).unwrap();
+    std::thread::sleep(Duration::from_millis(30));
+    assert_eq!(clone.lock().unwrap().progress(), 0, "the clone's runner stepped its restarted transfer");
+    assert!(clone.lock().unwrap().busy());
+}

@@ -1,7 +1,9 @@
 //! The DMA test engine: an MMIO device that writes guest memory asynchronously, chunk by chunk,
 //! through a `PinGuard`, the way a real device's DMA would. A guest, a test or the fuzzer
 //! programs it (source pattern or guest address, destination, length, chunk size, pacing);
-//! tests step it deterministically, running VMs drive it from a background thread.
+//! tests step it deterministically, running VMs drive it from a background thread (unless it
+//! is host-stepped: then only explicit `step` calls move a transfer, so the fuzzer decides
+//! every chunk's instant).
 //!
 //! Its state, including the transfer in flight, is plain data with guest physical addresses;
 //! a clone restarts the transfer from the beginning against its own RAM (the clone has the
@@ -52,6 +54,9 @@ pub struct DmaState {
     pub completed: bool,
     pub error: u32,
     pub interrupt_status: u32,
+    /// Transfers move only when `DmaEngine::step` is called (the fuzzer), never from the
+    /// background runner; a clone's engine inherits it.
+    pub host_stepped: bool,
 }
 
 /// Why a transfer could not start or go on.

@@ -24,7 +24,10 @@ impl DmaRunner {
             while !thread_stop.load(Ordering::Acquire) {
                 let (more, pacing) = {
                     let mut engine = engine.lock().unwrap_or_else(|e| e.into_inner());
-                    (engine.step(), engine.pacing_us())
+                    match engine.host_stepped() {
+                        true => (false, 0),
+                        false => (engine.step(), engine.pacing_us()),
+                    }
                 };
                 // The lock is not held while pacing, so the guest and the clone path get in.
                 std::thread::sleep(if more { Duration::from_micros(pacing) } else { IDLE_POLL });

@@ -3,11 +3,11 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use vmm::fuzz::{execute, memory_mode::PAGES, schedule::from_bytes};
+use vmm::fuzz::{execute, memory_mode::PAGES, schedule::from_bytes, MemoryWorld};
 
 fuzz_target!(|data: &[u8]| {
     let steps = from_bytes(data, PAGES);
-    if let Err((step, violation)) = execute(&steps) {
+    if let Err((step, violation)) = execute::<MemoryWorld>(&steps) {
         panic!("step {step} ({:?}) broke a rule: {}", steps[step], violation.0);
     }
 });

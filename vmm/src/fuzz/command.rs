@@ -2,7 +2,9 @@
 
 use std::path::PathBuf;
 
-use super::{campaign, execute, load, save, FuzzError, Reproducer};
+use serde::Serialize;
+
+use super::{campaign, execute, load, save, AnyReproducer, FuzzError, MemoryWorld, Reproducer, VmWorld, World};
 
 /// Which world schedules drive.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -31,28 +33,26 @@ pub fn run(opts: &FuzzOptions) -> i32 {
         eprintln!("zygote: {msg}");
         return 2;
     }
-    if opts.mode == FuzzMode::Vm {
-        eprintln!("zygote: --mode vm needs whole-VM clones with devices, which this build does not have yet; use --mode memory");
-        return 2;
-    }
-    match &opts.replay {
-        Some(path) => replay(path, opts),
-        None => fuzz(opts),
+    match (&opts.replay, opts.mode) {
+        (Some(path), _) => match load(path) {
+            // The file's mode wins over --mode.
+            Ok(AnyReproducer::Memory(repro)) => replay::<MemoryWorld>(&repro, opts),
+            Ok(AnyReproducer::Vm(repro)) => replay::<VmWorld>(&repro, opts),
+            Err(e) => bad(&e),
+        },
+        (None, FuzzMode::Memory) => fuzz::<MemoryWorld>(opts),
+        (None, FuzzMode::Vm) => fuzz::<VmWorld>(opts),
     }
 }
 
-fn replay(path: &std::path::Path, opts: &FuzzOptions) -> i32 {
-    let repro = match load(path) {
-        Ok(r) => r,
-        Err(e) => return bad(&e),
-    };
+fn replay<W: World>(repro: &Reproducer<W::Step>, opts: &FuzzOptions) -> i32 {
     if opts.plant_bug.is_none() {
         if let Err(msg) = plant(repro.planted_bug.as_deref()) {
             eprintln!("zygote: {msg}");
             return 2;
         }
     }
-    match execute(&repro.steps) {
+    match execute::<W>(&repro.steps) {
         Err((step, violation)) => {
             println!("reproduced at step {step} ({:?}): {}", repro.steps[step], violation.0);
             1
@@ -64,11 +64,12 @@ fn replay(path: &std::path::Path, opts: &FuzzOptions) -> i32 {
     }
 }
 
-fn fuzz(opts: &FuzzOptions) -> i32 {
-    let report = campaign(opts.seed, opts.runs, opts.jobs, opts.plant_bug.as_deref());
+fn fuzz<W: World>(opts: &FuzzOptions) -> i32 {
+    let report = campaign::<W>(opts.seed, opts.runs, opts.jobs, opts.plant_bug.as_deref());
     let secs = report.elapsed.as_secs_f64();
     println!(
-        "{} runs, {} steps in {:.1} s ({:.0} runs/s), seed {}, {} violation(s)",
+        "{} mode: {} runs, {} steps in {:.1} s ({:.1} runs/s), seed {}, {} violation(s)",
+        W::MODE,
         report.runs,
         report.steps,
         secs,
@@ -86,7 +87,7 @@ fn fuzz(opts: &FuzzOptions) -> i32 {
     1
 }
 
-fn print_reproducer(repro: &Reproducer) {
+fn print_reproducer<S: Serialize>(repro: &Reproducer<S>) {
     println!("VIOLATION (seed {}, run {}): {}", repro.seed, repro.run, repro.violation);
     println!("minimal schedule ({} steps):", repro.steps.len());
     for (i, step) in repro.steps.iter().enumerate() {

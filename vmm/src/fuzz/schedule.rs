@@ -115,9 +115,14 @@ pub fn draw_step(e: &mut impl Entropy, pages: u16) -> Step {
     }
 }
 
+/// The generator of run `run` of a campaign seeded with `seed` (every mode draws from it).
+pub fn run_rng(seed: u64, run: u64) -> SplitMix {
+    SplitMix::new(seed ^ run.wrapping_mul(0xd134_2543_de82_ef95))
+}
+
 /// The schedule of run `run` of a campaign seeded with `seed`.
 pub fn generate(seed: u64, run: u64, pages: u16) -> Vec<Step> {
-    let mut rng = SplitMix::new(seed ^ run.wrapping_mul(0xd134_2543_de82_ef95));
+    let mut rng = run_rng(seed, run);
     let len = 16 + rng.below(64) as usize;
     (0..len).map(|_| draw_step(&mut rng, pages)).collect()
 }
