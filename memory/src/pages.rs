@@ -50,6 +50,18 @@ impl PageSet {
         self.or_words(&other.words);
     }
 
+    /// Removes every bit of `words` (same layout as [`PageSet::or_words`]).
+    pub fn subtract_words(&mut self, words: &[u64]) {
+        for (mine, theirs) in self.words.iter_mut().zip(words) {
+            *mine &= !theirs;
+        }
+    }
+
+    /// Removes every page of `other`.
+    pub fn subtract(&mut self, other: &PageSet) {
+        self.subtract_words(&other.words);
+    }
+
     pub fn clear(&mut self) {
         self.words.iter_mut().for_each(|w| *w = 0);
     }
@@ -111,5 +123,17 @@ mod tests {
         assert_eq!(set.len(), 10);
         set.insert(1000);
         assert!(!set.contains(1000));
+    }
+
+    #[test]
+    fn subtract_removes_only_the_given_pages() {
+        let mut set = PageSet::new(70);
+        set.insert_range(0, 70);
+        let mut other = PageSet::new(70);
+        other.insert_range(3, 63);
+        set.subtract(&other);
+        assert_eq!(set.runs(), vec![(0, 3), (66, 4)]);
+        set.subtract_words(&[0b11]);
+        assert_eq!(set.runs(), vec![(2, 1), (66, 4)]);
     }
 }
