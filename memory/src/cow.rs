@@ -179,27 +179,29 @@ impl GuestRam {
     ) -> Result<(), MemoryError> {
         let capacity = region.pages();
         let fold = st.stack.exclusive_from();
-        let precopy = st.precopy.take();
+        let (target, clean) = match st.precopy.take() {
+            Some(precopy) if precopy.matches(fold, &st.stack) => (Some(precopy.target), Some(precopy.clean)),
+            _ => (None, None),
+        };
         // Pre-copied pages still clean need no write, unless pinned: DMA may write those
         // behind every bitmap, so they are copied at this instant (rule 2).
-        let mut reusable = precopy.as_ref().and_then(|p| p.clean_for(fold, &st.stack)).cloned();
-        if let (Some(reusable), Some(pinned)) = (reusable.as_mut(), pinned) {
-            reusable.subtract(pinned);
-        }
+        let clean = clean.as_ref();
         let mut write = |image: &Image, pages: &PageSet| {
-            let mut pages = pages.clone();
-            let wanted = pages.len();
-            if let Some(reusable) = &reusable {
-                pages.subtract(reusable);
-            }
-            report.precopied_pages += wanted - pages.len();
-            report.written_pages += pages.len();
-            write_runs(region, image, &pages)
+            let (runs, skipped) = pages.runs_skipping(clean, pinned);
+            report.precopied_pages += skipped;
+            report.written_pages += runs.iter().map(|r| r.1).sum::<usize>();
+            write_runs(region, image, &runs)
         };
         if let Some(index) = fold {
             // Sole owner of the top of the stack: write in place, no new image.
-            let mut pages = st.stack.pages_above(index + 1, capacity);
-            pages.union_with(&changed);
+            let mut pages = match st.stack.layers().len() > index + 1 {
+                true => {
+                    let mut pages = st.stack.pages_above(index + 1, capacity);
+                    pages.union_with(&changed);
+                    pages
+                }
+                false => changed,
+            };
             if !pages.is_empty() {
                 let target = &st.stack.layers()[index];
                 write(&target.image, &pages)?;
@@ -210,8 +212,8 @@ impl GuestRam {
                 self.counters.folds.fetch_add(1, Ordering::Relaxed);
             }
         } else if !changed.is_empty() {
-            let image = match precopy.map(|p| p.target) {
-                Some(PrecopyTarget::Layer(image)) if reusable.is_some() => image,
+            let image = match target {
+                Some(PrecopyTarget::Layer(image)) => image,
                 _ => Image::new(capacity * PAGE_SIZE)?,
             };
             write(&image, &changed)?;
@@ -220,8 +222,7 @@ impl GuestRam {
         }
         if st.stack.run_count() > MAX_LAYER_RUNS {
             let image = Image::new(capacity * PAGE_SIZE)?;
-            let mut all = PageSet::new(capacity);
-            all.insert_range(0, capacity);
+            let all = vec![(0, capacity)];
             write_runs(region, &image, &all)?;
             report.written_pages += capacity;
             st.stack = ImageStack::with_base(image);
@@ -232,9 +233,10 @@ impl GuestRam {
     }
 }
 
-/// Copies this region's current bytes of `pages` into `image` at the same offsets.
-pub(crate) fn write_runs(region: &RamRegion, image: &Image, pages: &PageSet) -> Result<(), MemoryError> {
-    for (first, count) in pages.runs() {
+/// Copies this region's current bytes of `runs` (first page, page count) into `image` at the
+/// same offsets.
+pub(crate) fn write_runs(region: &RamRegion, image: &Image, runs: &[(usize, usize)]) -> Result<(), MemoryError> {
+    for &(first, count) in runs {
         let off = first * PAGE_SIZE;
         // SAFETY: the run lies inside the region's live mapping; a device writing a pinned page
         // meanwhile gives a torn copy, which is the clone-instant state rule 2 allows.

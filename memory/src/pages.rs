@@ -91,14 +91,29 @@ impl PageSet {
 
     /// Maximal runs of consecutive pages, as (first page, page count).
     pub fn runs(&self) -> Vec<(usize, usize)> {
+        self.runs_skipping(None, None).0
+    }
+
+    /// Maximal runs of the pages of this set that are not in `skip`, unless also in `keep`;
+    /// and how many pages were skipped. One pass, no set allocated (freezes run in a pause).
+    pub fn runs_skipping(&self, skip: Option<&PageSet>, keep: Option<&PageSet>) -> (Vec<(usize, usize)>, usize) {
+        let word = |set: Option<&PageSet>, i: usize| set.and_then(|s| s.words.get(i)).copied().unwrap_or(0);
         let mut runs: Vec<(usize, usize)> = Vec::new();
-        for page in self.iter() {
-            match runs.last_mut() {
-                Some((first, count)) if *first + *count == page => *count += 1,
-                _ => runs.push((page, 1)),
+        let mut skipped = 0;
+        for (i, &w) in self.words.iter().enumerate() {
+            let drop = word(skip, i) & !word(keep, i);
+            skipped += (w & drop).count_ones() as usize;
+            let mut bits = w & !drop;
+            while bits != 0 {
+                let page = i * 64 + bits.trailing_zeros() as usize;
+                bits &= bits - 1;
+                match runs.last_mut() {
+                    Some((first, count)) if *first + *count == page => *count += 1,
+                    _ => runs.push((page, 1)),
+                }
             }
         }
-        runs
+        (runs, skipped)
     }
 
     fn trim_tail(&mut self) {
@@ -135,5 +150,19 @@ mod tests {
         assert_eq!(set.runs(), vec![(0, 3), (66, 4)]);
         set.subtract_words(&[0b11]);
         assert_eq!(set.runs(), vec![(2, 1), (66, 4)]);
+    }
+
+    #[test]
+    fn runs_skipping_keeps_what_keep_says_and_counts_the_rest() {
+        let mut set = PageSet::new(70);
+        set.insert_range(0, 10);
+        set.insert(65);
+        let mut skip = PageSet::new(70);
+        skip.insert_range(2, 6);
+        skip.insert(65);
+        let mut keep = PageSet::new(70);
+        keep.insert(4);
+        assert_eq!(set.runs_skipping(Some(&skip), Some(&keep)), (vec![(0, 2), (4, 1), (8, 2)], 6));
+        assert_eq!(set.runs_skipping(None, Some(&keep)), (set.runs(), 0));
     }
 }

@@ -44,17 +44,16 @@ pub(crate) struct Precopy {
 }
 
 impl Precopy {
-    /// The clean pages, if this pre-copy went where a freeze of `stack` writes now (`fold`:
+    /// Whether this pre-copy went where a freeze of `stack` writes now (`fold`:
     /// `stack.exclusive_from()`, the layer to fold into, or `None` for a new layer).
-    pub(crate) fn clean_for(&self, fold: Option<usize>, stack: &ImageStack) -> Option<&PageSet> {
-        let matches = match (&self.target, fold) {
+    pub(crate) fn matches(&self, fold: Option<usize>, stack: &ImageStack) -> bool {
+        match (&self.target, fold) {
             (PrecopyTarget::Fold { index, image }, Some(fold)) => {
                 *index == fold && std::ptr::eq(image.as_ptr(), Arc::as_ptr(&stack.layers()[fold].image))
             }
             (PrecopyTarget::Layer(_), None) => true,
             _ => false,
-        };
-        matches.then_some(&self.clean)
+        }
     }
 }
 
@@ -90,7 +89,7 @@ impl GuestRam {
             if let Some(pinned) = self.pinned_pages(index) {
                 wanted.subtract(&pinned);
             }
-            if st.precopy.as_ref().and_then(|p| p.clean_for(fold, &st.stack)).is_none() {
+            if !st.precopy.as_ref().is_some_and(|p| p.matches(fold, &st.stack)) {
                 if wanted.is_empty() {
                     st.precopy = None;
                     continue;
@@ -108,7 +107,7 @@ impl GuestRam {
                 PrecopyTarget::Fold { index, .. } => &st.stack.layers()[*index].image,
                 PrecopyTarget::Layer(image) => image,
             };
-            write_runs(region, image, &wanted)?;
+            write_runs(region, image, &wanted.runs())?;
             report.written_pages += wanted.len();
             precopy.clean.union_with(&wanted);
         }
