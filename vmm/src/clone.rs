@@ -70,8 +70,8 @@ pub struct CloneReport {
     pub source_id: u64,
     pub clone_id: u64,
     pub path: ClonePath,
-    /// How long the source did not run: from the pause request until its vCPUs were told to
-    /// resume, in µs.
+    /// How long the source did not run: from the pause request until its last vCPU was told
+    /// to resume (`Vmm::resume`), in µs.
     pub pause_us: u64,
     /// Within the pause: telling every vCPU to leave KVM_RUN and waiting for all of them.
     pub pause_wait_us: u64,
@@ -89,7 +89,7 @@ pub struct CloneReport {
     pub freeze_precopied_pages: u64,
     /// Mapping the clone's RAM: inside the pause on the `InPause` path, after it otherwise.
     pub map_us: u64,
-    /// Within the pause: telling the vCPUs to run again.
+    /// Within the pause: telling all vCPUs but the last to run again.
     pub resume_us: u64,
     /// Before the pause, the source running: pre-copy rounds (CPU time, not pause time).
     pub precopy_us: u64,
@@ -275,9 +275,9 @@ pub fn clone_vm_by(
         ClonePath::Precopy => frozen.map(Err),
     };
     let resume_start = Instant::now();
-    source.resume(token);
-    let resume_us = micros(resume_start.elapsed());
-    let pause_us = micros(start.elapsed());
+    let told = source.resume(token);
+    let resume_us = micros(told.saturating_duration_since(resume_start));
+    let pause_us = micros(told.saturating_duration_since(start));
     let image = match frozen? {
         Ok(image) => image,
         Err(frozen) => frozen.map(source)?,

@@ -108,7 +108,9 @@ impl Controller {
         let entry = self.entry(id)?;
         match (paused, entry.paused.take()) {
             (true, None) => entry.paused = Some(entry.vmm.pause().map_err(|e| ApiError::Vm(id, e.to_string()))?),
-            (false, Some(token)) => entry.vmm.resume(token),
+            (false, Some(token)) => {
+                entry.vmm.resume(token);
+            }
             (_, token) => entry.paused = token,
         }
         Ok(())
