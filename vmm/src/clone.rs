@@ -58,10 +58,11 @@ pub enum ClonePath {
     InPause,
 }
 
-/// Pre-copy rounds before the pause stop after this many...
+/// Pre-copy rounds before the pause stop after this many (a guest that rewrites its working
+/// set faster than a round copies it never gets below the threshold)...
 pub const PRECOPY_MAX_ROUNDS: u64 = 4;
-/// ...or once a round had no more than this many pages left to write: the guest writes pages
-/// faster than a round copies them only if it rewrites its whole working set that fast.
+/// ...or once a round had no more than this many pages to write: what is left is the freeze's,
+/// tens of µs.
 pub const PRECOPY_ENOUGH_PAGES: usize = 64;
 
 /// What one clone cost.
@@ -239,6 +240,12 @@ fn precopy_rounds(ram: &GuestRam) -> Result<(u64, u64), MemoryError> {
     Ok((PRECOPY_MAX_ROUNDS, pages))
 }
 
+/// What the pause produced: the clone's RAM mapped already (`InPause`), or still to map.
+enum Captured {
+    Mapped(CloneImage),
+    Frozen(FrozenClone),
+}
+
 /// Clones running (or paused-by-nobody) `source` into a new paused VM `clone_id`, writing the
 /// new id into the guest's mailbox if given. The source runs again before the clone is built.
 pub fn clone_vm(
@@ -268,19 +275,18 @@ pub fn clone_vm_by(
     let start = Instant::now();
     let token = source.pause().map_err(|e| CloneError::Pause { vm, source: e })?;
     let pause_wait_us = micros(start.elapsed());
-    let frozen = freeze_clone(source, &token);
-    let frozen = match path {
-        // The same work as `clone_cow` in the pause, split only to time its parts.
-        ClonePath::InPause => frozen.and_then(|f| f.map(source)).map(Ok),
-        ClonePath::Precopy => frozen.map(Err),
-    };
+    let captured = freeze_clone(source, &token).and_then(|frozen| match path {
+        // The same work as `clone_cow`, in the pause; split only to time its parts.
+        ClonePath::InPause => frozen.map(source).map(Captured::Mapped),
+        ClonePath::Precopy => Ok(Captured::Frozen(frozen)),
+    });
     let resume_start = Instant::now();
     let told = source.resume(token);
     let resume_us = micros(told.saturating_duration_since(resume_start));
     let pause_us = micros(told.saturating_duration_since(start));
-    let image = match frozen? {
-        Ok(image) => image,
-        Err(frozen) => frozen.map(source)?,
+    let image = match captured? {
+        Captured::Mapped(image) => image,
+        Captured::Frozen(frozen) => frozen.map(source)?,
     };
     if let Some(mailbox) = id_mailbox {
         image.tell_guest_id(mailbox, clone_id)?;
