@@ -203,15 +203,16 @@ impl CloneImage {
         build_from_state(self.ram, &self.state, id, console, self.disk).map_err(|source| CloneError::State { vm: id, source })
     }
 
-    /// The report of a clone `clone_id` made from this image, without the pause and build
-    /// figures (the caller's).
+    /// The report of a clone `clone_id` made from this image along `path` (whether the map
+    /// was in the pause), without the pause and build figures (the caller's).
     pub fn report(&self, clone_id: u64, path: ClonePath) -> CloneReport {
+        let map_in_pause = if path == ClonePath::InPause { self.map_us } else { 0 };
         CloneReport {
             source_id: self.source_id,
             clone_id,
             path,
             capture_us: self.capture_us,
-            ram_clone_us: self.ram_clone_us,
+            ram_clone_us: self.ram_clone_us - self.map_us + map_in_pause,
             dirty_log_us: micros(self.freeze.harvest),
             freeze_write_us: micros(self.freeze.write),
             freeze_pages: self.freeze.written_pages as u64,
