@@ -103,12 +103,12 @@ impl GuestRam {
             let region = &self.arcs[index];
             let mut changed = st.private.clone();
             // Rule 4: a RAM that never pinned skips every per-page pin step.
-            let pinned = self.pinned_pages(index);
-            if let Some(pinned) = &pinned {
-                changed.union_with(pinned);
-                self.counters.eager_copied_pages.fetch_add(pinned.len() as u64, Ordering::Relaxed);
+            let pinned = self.pinned_pages(index).unwrap_or_default();
+            for &page in &pinned {
+                changed.insert(page);
             }
-            self.freeze_region(region, st, changed, pinned.as_ref(), &mut report)?;
+            self.counters.eager_copied_pages.fetch_add(pinned.len() as u64, Ordering::Relaxed);
+            self.freeze_region(region, st, changed, &pinned, &mut report)?;
             stacks.push(st.stack.clone());
         }
         report.write = harvested.elapsed();
@@ -174,20 +174,25 @@ impl GuestRam {
         region: &RamRegion,
         st: &mut RegionState,
         changed: PageSet,
-        pinned: Option<&PageSet>,
+        pinned: &[usize],
         report: &mut FreezeReport,
     ) -> Result<(), MemoryError> {
         let capacity = region.pages();
         let fold = st.stack.exclusive_from();
-        let (target, clean) = match st.precopy.take() {
+        let (target, mut clean) = match st.precopy.take() {
             Some(precopy) if precopy.matches(fold, &st.stack) => (Some(precopy.target), Some(precopy.clean)),
             _ => (None, None),
         };
         // Pre-copied pages still clean need no write, unless pinned: DMA may write those
         // behind every bitmap, so they are copied at this instant (rule 2).
+        if let Some(clean) = clean.as_mut() {
+            for &page in pinned {
+                clean.remove(page);
+            }
+        }
         let clean = clean.as_ref();
         let mut write = |image: &Image, pages: &PageSet| {
-            let (runs, skipped) = pages.runs_skipping(clean, pinned);
+            let (runs, skipped) = pages.runs_skipping(clean);
             report.precopied_pages += skipped;
             report.written_pages += runs.iter().map(|r| r.1).sum::<usize>();
             write_runs(region, image, &runs)

@@ -86,8 +86,8 @@ impl GuestRam {
                 None => PageSet::new(capacity),
             };
             wanted.union_with(&st.private);
-            if let Some(pinned) = self.pinned_pages(index) {
-                wanted.subtract(&pinned);
+            for page in self.pinned_pages(index).unwrap_or_default() {
+                wanted.remove(page);
             }
             if !st.precopy.as_ref().is_some_and(|p| p.matches(fold, &st.stack)) {
                 if wanted.is_empty() {

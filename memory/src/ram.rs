@@ -218,18 +218,14 @@ impl GuestRam {
         }
     }
 
-    /// The pages pinned now in region `index`, or `None` if this RAM never pinned (rule 4: no
-    /// per-page pin work then).
-    pub(crate) fn pinned_pages(&self, index: usize) -> Option<PageSet> {
+    /// The pages pinned now in region `index`, read at one instant, or `None` if this RAM
+    /// never pinned (rule 4: no per-page pin work then). A list, not a set: pins are few and
+    /// a set costs O(RAM) to allocate.
+    pub(crate) fn pinned_pages(&self, index: usize) -> Option<Vec<usize>> {
         if !self.has_pinned() {
             return None;
         }
-        let region = &self.arcs[index];
-        let mut set = PageSet::new(region.pages());
-        for page in region.pins.lock().unwrap_or_else(|e| e.into_inner()).pages() {
-            set.insert(page);
-        }
-        Some(set)
+        Some(self.arcs[index].pins.lock().unwrap_or_else(|e| e.into_inner()).pages().collect())
     }
 }
 
