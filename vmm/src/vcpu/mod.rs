@@ -4,8 +4,8 @@
 //! `Idle` (parked by the guest or stopped for good: never runs again, still answers commands),
 //! `Finished` (thread exits). Every `Pause` command is answered with exactly one
 //! `VcpuEvent::Paused` by a thread that is out of KVM_RUN, whatever its state, so the VMM can
-//! count acknowledgements without races. `Pause` and `Finish`, the commands a thread in KVM_RUN must act on, are followed by a kick
-//! (see `kick`).
+//! count acknowledgements without races. `Pause` and `Finish`, the commands a thread in
+//! KVM_RUN must act on, are followed by a kick (see `kick`).
 
 mod kick;
 mod report;
