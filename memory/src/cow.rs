@@ -7,11 +7,13 @@
 //! the source, so DMA in flight lands there, complete; the clone maps the frozen copy.
 
 use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use vm_memory::GuestAddress;
 
 use crate::image::{Image, ImageStack};
 use crate::pages::{PageSet, PAGE_SIZE};
+use crate::precopy::PrecopyTarget;
 use crate::ram::{GuestRam, RegionState};
 use crate::region::RamRegion;
 use crate::MemoryError;
@@ -53,11 +55,31 @@ impl Snapshot {
     }
 }
 
+/// What one freeze did, for seeing where a clone's pause goes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FreezeReport {
+    /// Harvesting the host-write bitmap and the vCPU dirty log (KVM's, through `VcpuDirtyLog`).
+    pub harvest: Duration,
+    /// Writing pages into images (fold or new layer).
+    pub write: Duration,
+    /// Pages written by this freeze (changed since the last pre-copy round, and pinned ones).
+    pub written_pages: usize,
+    /// Pages a pre-copy round had already written and nobody wrote since.
+    pub precopied_pages: usize,
+}
+
 impl GuestRam {
     /// fork(): a new RAM with this one's exact bytes; both go on independently.
     pub fn clone_cow(&self) -> Result<GuestRam, MemoryError> {
-        let snapshot = self.snapshot()?;
-        let clone = GuestRam::from_stacks(&snapshot.layout, snapshot.stacks)?;
+        let (frozen, _) = self.freeze()?;
+        self.clone_from_frozen(&frozen)
+    }
+
+    /// The second half of `clone_cow`, which needs no pause: maps `frozen`, a snapshot this RAM
+    /// just took with `freeze`, as a new RAM (its clone). The first half runs with the vCPUs
+    /// paused, this one once they run again: a frozen image never changes.
+    pub fn clone_from_frozen(&self, frozen: &Snapshot) -> Result<GuestRam, MemoryError> {
+        let clone = GuestRam::from_snapshot(frozen)?;
         #[cfg(feature = "planted-bugs")]
         crate::planted::after_clone(&self.arcs, &clone.arcs);
         Ok(clone)
@@ -65,24 +87,32 @@ impl GuestRam {
 
     /// A frozen image of this instant.
     pub fn snapshot(&self) -> Result<Snapshot, MemoryError> {
+        self.freeze().map(|(snapshot, _)| snapshot)
+    }
+
+    /// `snapshot`, saying where the time went. Pages a `precopy` round wrote and nobody wrote
+    /// since are not written again.
+    pub fn freeze(&self) -> Result<(Snapshot, FreezeReport), MemoryError> {
         let mut state = self.lock();
+        let start = Instant::now();
         self.harvest(&mut state);
-        let pinned_ever = self.has_pinned();
+        let harvested = Instant::now();
+        let mut report = FreezeReport { harvest: harvested - start, ..FreezeReport::default() };
         let mut stacks = Vec::with_capacity(state.len());
-        for (region, st) in self.arcs.iter().zip(state.iter_mut()) {
+        for (index, st) in state.iter_mut().enumerate() {
+            let region = &self.arcs[index];
             let mut changed = st.private.clone();
             // Rule 4: a RAM that never pinned skips every per-page pin step.
-            if pinned_ever {
-                let pins = region.pins.lock().unwrap_or_else(|e| e.into_inner());
-                for page in pins.pages() {
-                    changed.insert(page);
-                }
-                self.counters.eager_copied_pages.fetch_add(pins.count() as u64, Ordering::Relaxed);
+            let pinned = self.pinned_pages(index).unwrap_or_default();
+            for &page in &pinned {
+                changed.insert(page);
             }
-            self.freeze_region(region, st, changed)?;
+            self.counters.eager_copied_pages.fetch_add(pinned.len() as u64, Ordering::Relaxed);
+            self.freeze_region(region, st, changed, &pinned, &mut report)?;
             stacks.push(st.stack.clone());
         }
-        Ok(Snapshot { layout: self.layout(), stacks })
+        report.write = harvested.elapsed();
+        Ok((Snapshot { layout: self.layout(), stacks }, report))
     }
 
     /// A new RAM showing a snapshot's bytes; it starts unpinned and clean.
@@ -116,6 +146,7 @@ impl GuestRam {
             st.stack = target.clone();
             st.private.clear();
             st.dirty.clear();
+            st.precopy = None;
         }
         Ok(())
     }
@@ -136,16 +167,49 @@ impl GuestRam {
         }
     }
 
-    /// Makes `st.stack` hold this region's current bytes, given the pages that may differ.
-    fn freeze_region(&self, region: &RamRegion, st: &mut RegionState, changed: PageSet) -> Result<(), MemoryError> {
+    /// Makes `st.stack` hold this region's current bytes, given the pages that may differ
+    /// (`changed`, pinned ones included) and the pinned pages, which are always written.
+    fn freeze_region(
+        &self,
+        region: &RamRegion,
+        st: &mut RegionState,
+        changed: PageSet,
+        pinned: &[usize],
+        report: &mut FreezeReport,
+    ) -> Result<(), MemoryError> {
         let capacity = region.pages();
-        if let Some(index) = st.stack.exclusive_from() {
+        let fold = st.stack.exclusive_from();
+        let (target, mut clean) = match st.precopy.take() {
+            Some(precopy) if precopy.matches(fold, &st.stack) => (Some(precopy.target), Some(precopy.clean)),
+            _ => (None, None),
+        };
+        // Pre-copied pages still clean need no write, unless pinned: DMA may write those
+        // behind every bitmap, so they are copied at this instant (rule 2).
+        if let Some(clean) = clean.as_mut() {
+            for &page in pinned {
+                clean.remove(page);
+            }
+        }
+        let clean = clean.as_ref();
+        let mut write = |image: &Image, pages: &PageSet| {
+            let (runs, skipped) = pages.runs_skipping(clean);
+            report.precopied_pages += skipped;
+            report.written_pages += runs.iter().map(|r| r.1).sum::<usize>();
+            write_runs(region, image, &runs)
+        };
+        if let Some(index) = fold {
             // Sole owner of the top of the stack: write in place, no new image.
-            let mut pages = st.stack.pages_above(index + 1, capacity);
-            pages.union_with(&changed);
+            let mut pages = match st.stack.layers().len() > index + 1 {
+                true => {
+                    let mut pages = st.stack.pages_above(index + 1, capacity);
+                    pages.union_with(&changed);
+                    pages
+                }
+                false => changed,
+            };
             if !pages.is_empty() {
                 let target = &st.stack.layers()[index];
-                write_runs(region, &target.image, &pages)?;
+                write(&target.image, &pages)?;
                 if let Some(own) = &target.pages {
                     pages.union_with(own);
                 }
@@ -153,16 +217,19 @@ impl GuestRam {
                 self.counters.folds.fetch_add(1, Ordering::Relaxed);
             }
         } else if !changed.is_empty() {
-            let image = Image::new(capacity * PAGE_SIZE)?;
-            write_runs(region, &image, &changed)?;
+            let image = match target {
+                Some(PrecopyTarget::Layer(image)) => image,
+                _ => Image::new(capacity * PAGE_SIZE)?,
+            };
+            write(&image, &changed)?;
             st.stack.push(image, changed);
             self.counters.layers.fetch_add(1, Ordering::Relaxed);
         }
         if st.stack.run_count() > MAX_LAYER_RUNS {
             let image = Image::new(capacity * PAGE_SIZE)?;
-            let mut all = PageSet::new(capacity);
-            all.insert_range(0, capacity);
+            let all = vec![(0, capacity)];
             write_runs(region, &image, &all)?;
+            report.written_pages += capacity;
             st.stack = ImageStack::with_base(image);
             self.counters.flattens.fetch_add(1, Ordering::Relaxed);
         }
@@ -171,9 +238,10 @@ impl GuestRam {
     }
 }
 
-/// Copies this region's current bytes of `pages` into `image` at the same offsets.
-fn write_runs(region: &RamRegion, image: &Image, pages: &PageSet) -> Result<(), MemoryError> {
-    for (first, count) in pages.runs() {
+/// Copies this region's current bytes of `runs` (first page, page count) into `image` at the
+/// same offsets.
+pub(crate) fn write_runs(region: &RamRegion, image: &Image, runs: &[(usize, usize)]) -> Result<(), MemoryError> {
+    for &(first, count) in runs {
         let off = first * PAGE_SIZE;
         // SAFETY: the run lies inside the region's live mapping; a device writing a pinned page
         // meanwhile gives a torn copy, which is the clone-instant state rule 2 allows.

@@ -13,17 +13,19 @@ mod image;
 mod mapping;
 mod pages;
 mod pin;
+mod precopy;
 #[cfg(feature = "planted-bugs")]
 pub mod planted;
 mod ram;
 mod region;
 mod stats;
 
-pub use cow::{Snapshot, MAX_LAYER_RUNS};
+pub use cow::{FreezeReport, Snapshot, MAX_LAYER_RUNS};
 pub use error::MemoryError;
 pub use image::{Image, ImageStack, Layer};
 pub use pages::{PageSet, PAGE_SIZE};
 pub use pin::{Access, PinGuard};
+pub use precopy::PrecopyReport;
 pub use ram::{GuestRam, KvmRegion, VcpuDirtyLog};
 pub use region::{GuestRegions, RamRegion};
 pub use stats::MemoryStats;

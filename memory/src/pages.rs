@@ -33,6 +33,12 @@ impl PageSet {
         }
     }
 
+    pub fn remove(&mut self, page: usize) {
+        if page < self.pages {
+            self.words[page / 64] &= !(1 << (page % 64));
+        }
+    }
+
     pub fn contains(&self, page: usize) -> bool {
         page < self.pages && self.words[page / 64] & (1 << (page % 64)) != 0
     }
@@ -48,6 +54,18 @@ impl PageSet {
 
     pub fn union_with(&mut self, other: &PageSet) {
         self.or_words(&other.words);
+    }
+
+    /// Removes every bit of `words` (same layout as [`PageSet::or_words`]).
+    pub fn subtract_words(&mut self, words: &[u64]) {
+        for (mine, theirs) in self.words.iter_mut().zip(words) {
+            *mine &= !theirs;
+        }
+    }
+
+    /// Removes every page of `other`.
+    pub fn subtract(&mut self, other: &PageSet) {
+        self.subtract_words(&other.words);
     }
 
     pub fn clear(&mut self) {
@@ -79,14 +97,28 @@ impl PageSet {
 
     /// Maximal runs of consecutive pages, as (first page, page count).
     pub fn runs(&self) -> Vec<(usize, usize)> {
+        self.runs_skipping(None).0
+    }
+
+    /// Maximal runs of the pages of this set that are not in `skip`, and how many pages were
+    /// skipped. One pass, no set allocated (freezes run in a pause).
+    pub fn runs_skipping(&self, skip: Option<&PageSet>) -> (Vec<(usize, usize)>, usize) {
         let mut runs: Vec<(usize, usize)> = Vec::new();
-        for page in self.iter() {
-            match runs.last_mut() {
-                Some((first, count)) if *first + *count == page => *count += 1,
-                _ => runs.push((page, 1)),
+        let mut skipped = 0;
+        for (i, &w) in self.words.iter().enumerate() {
+            let drop = skip.and_then(|s| s.words.get(i)).copied().unwrap_or(0);
+            skipped += (w & drop).count_ones() as usize;
+            let mut bits = w & !drop;
+            while bits != 0 {
+                let page = i * 64 + bits.trailing_zeros() as usize;
+                bits &= bits - 1;
+                match runs.last_mut() {
+                    Some((first, count)) if *first + *count == page => *count += 1,
+                    _ => runs.push((page, 1)),
+                }
             }
         }
-        runs
+        (runs, skipped)
     }
 
     fn trim_tail(&mut self) {
@@ -111,5 +143,30 @@ mod tests {
         assert_eq!(set.len(), 10);
         set.insert(1000);
         assert!(!set.contains(1000));
+    }
+
+    #[test]
+    fn subtract_removes_only_the_given_pages() {
+        let mut set = PageSet::new(70);
+        set.insert_range(0, 70);
+        let mut other = PageSet::new(70);
+        other.insert_range(3, 63);
+        set.subtract(&other);
+        assert_eq!(set.runs(), vec![(0, 3), (66, 4)]);
+        set.subtract_words(&[0b11]);
+        assert_eq!(set.runs(), vec![(2, 1), (66, 4)]);
+    }
+
+    #[test]
+    fn runs_skipping_skips_and_counts() {
+        let mut set = PageSet::new(70);
+        set.insert_range(0, 10);
+        set.insert(65);
+        let mut skip = PageSet::new(70);
+        skip.insert_range(2, 6);
+        skip.insert(65);
+        skip.remove(4);
+        assert_eq!(set.runs_skipping(Some(&skip)), (vec![(0, 2), (4, 1), (8, 2)], 6));
+        assert_eq!(set.runs_skipping(None), (set.runs(), 0));
     }
 }

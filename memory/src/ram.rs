@@ -9,6 +9,7 @@ use crate::image::{Image, ImageStack};
 use crate::mapping::HostRange;
 use crate::pages::{PageSet, PAGE_SIZE};
 use crate::pin::{Access, PinGuard};
+use crate::precopy::Precopy;
 use crate::region::{GuestRegions, RamRegion};
 use crate::MemoryError;
 
@@ -37,6 +38,28 @@ pub(crate) struct RegionState {
     pub private: PageSet,
     /// Pages written since the last `take_dirty` (or new / from_snapshot / reset_to).
     pub dirty: PageSet,
+    /// Pages already written into the next freeze's target while the VM ran (see `precopy`).
+    pub precopy: Option<Precopy>,
+}
+
+impl RegionState {
+    /// Records that the pages of `words` (bit i = page i) were written by someone.
+    fn mark_written(&mut self, words: &[u64]) {
+        self.dirty.or_words(words);
+        self.private.or_words(words);
+        // A pre-copied page written since is stale in its target: the freeze writes it again.
+        if let Some(precopy) = &mut self.precopy {
+            precopy.clean.subtract_words(words);
+        }
+    }
+
+    /// Records that any page may have been written (a dirty log could not be read).
+    fn mark_all_written(&mut self) {
+        let pages = self.private.capacity();
+        self.dirty.insert_range(0, pages);
+        self.private.insert_range(0, pages);
+        self.precopy = None;
+    }
 }
 
 #[derive(Debug, Default)]
@@ -83,7 +106,7 @@ impl GuestRam {
             host.map_stack(&stack)?;
             arcs.push(Arc::new(RamRegion::new(start, host)?));
             let pages = size / PAGE_SIZE;
-            state.push(RegionState { stack, private: PageSet::new(pages), dirty: PageSet::new(pages) });
+            state.push(RegionState { stack, private: PageSet::new(pages), dirty: PageSet::new(pages), precopy: None });
         }
         let regions = GuestRegions::from_arc_regions(arcs.clone())
             .map_err(|e| MemoryError::Os { op: "region collection", len: 0, source: std::io::Error::other(e) })?;
@@ -179,27 +202,30 @@ impl GuestRam {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Moves host-bitmap and vCPU-log bits into each region's dirty and private sets.
+    /// Moves host-bitmap and vCPU-log bits into each region's dirty and private sets (and out
+    /// of its pre-copied set). Anything written after a region's harvest shows up in the next.
     pub(crate) fn harvest(&self, state: &mut [RegionState]) {
         let log = self.vcpu_log.read().unwrap_or_else(|e| e.into_inner()).clone();
         for (index, (region, st)) in self.arcs.iter().zip(state.iter_mut()).enumerate() {
-            let host = region.host_dirty().get_and_reset();
-            st.dirty.or_words(&host);
-            st.private.or_words(&host);
+            st.mark_written(&region.host_dirty().get_and_reset());
             if let Some(log) = &log {
                 match log.fetch(index, region.pages()) {
-                    Ok(words) => {
-                        st.dirty.or_words(&words);
-                        st.private.or_words(&words);
-                    }
+                    Ok(words) => st.mark_written(&words),
                     // Missing a page is never allowed; over-reporting is.
-                    Err(_) => {
-                        st.dirty.insert_range(0, region.pages());
-                        st.private.insert_range(0, region.pages());
-                    }
+                    Err(_) => st.mark_all_written(),
                 }
             }
         }
+    }
+
+    /// The pages pinned now in region `index`, read at one instant, or `None` if this RAM
+    /// never pinned (rule 4: no per-page pin work then). A list, not a set: pins are few and
+    /// a set costs O(RAM) to allocate.
+    pub(crate) fn pinned_pages(&self, index: usize) -> Option<Vec<usize>> {
+        if !self.has_pinned() {
+            return None;
+        }
+        Some(self.arcs[index].pins.lock().unwrap_or_else(|e| e.into_inner()).pages().collect())
     }
 }
 

@@ -1,4 +1,5 @@
-//! A device thread DMA-ing through a guard while the main thread clones over and over.
+//! A device thread DMA-ing through a guard while the main thread pre-copies and clones over
+//! and over.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -34,9 +35,18 @@ fn clones_taken_during_dma_hold_a_prefix_and_the_source_gets_it_all() {
         })
     };
     let mut clones = Vec::new();
+    let mut tick = 0u8;
     while progress.load(Ordering::Acquire) < CHUNKS {
+        // The guest keeps writing its side of the RAM, pre-copied and then written again.
+        tick = tick.wrapping_add(1);
+        src.write_slice(&[tick; 2 * PAGE_SIZE], GuestAddress(0)).unwrap();
+        src.precopy().unwrap();
+        src.write_slice(&[tick; 8], GuestAddress(PAGE_SIZE as u64)).unwrap();
         let done_before = progress.load(Ordering::Acquire);
         let clone = src.clone_cow().unwrap();
+        let mut page = vec![0; 2 * PAGE_SIZE];
+        clone.read_slice(&mut page, GuestAddress(0)).unwrap();
+        assert!(page.iter().all(|&b| b == tick), "a clone missed a write made after its pre-copy");
         clones.push((done_before, clone));
         clones_made.fetch_add(1, Ordering::Release);
         std::thread::sleep(std::time::Duration::from_micros(300));

@@ -1,8 +1,16 @@
 //! Model-based test: random sequences of RAM operations checked, step by step, against a plain
 //! reference model (a byte vector per VM and per snapshot, a set of dirty pages per VM).
+//!
+//! Writers: the host (`Bytes`, marks vm-memory's bitmap), devices through guards, the kernel
+//! into pinned buffers (no bitmap), and vCPUs (raw writes reported only through a
+//! `VcpuDirtyLog`, as KVM's dirty log does). Pre-copy rounds run between any of them.
+
+mod common;
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
+use common::FakeVcpuLog;
 use memory::{Access, Bytes, GuestAddress, GuestRam, PinGuard, Snapshot, PAGE_SIZE};
 use proptest::prelude::*;
 
@@ -31,12 +39,18 @@ fn addr_page(addr: u64) -> usize {
 #[derive(Clone, Debug)]
 enum Op {
     Write { vm: usize, page: usize, off: usize, len: usize, byte: u8 },
+    /// A guest write: only the VM's vCPU dirty log learns of it.
+    VcpuWrite { vm: usize, page: usize, off: usize, len: usize, byte: u8 },
+    /// A pre-copy round while the VM "runs".
+    Precopy { vm: usize },
     Pin { vm: usize, page: usize, pages: usize, write: bool },
     GuardWrite { guard: usize, off: usize, len: usize, byte: u8 },
     /// A write the kernel makes into a pinned buffer behind the VMM's back (io_uring, O_DIRECT).
     KernelDma { guard: usize, off: usize, len: usize, byte: u8 },
     Unpin { guard: usize },
     Clone { vm: usize },
+    /// A clone in two steps, the source writing `page` in between (as it does once resumed).
+    CloneSplit { vm: usize, page: usize, byte: u8 },
     Snapshot { vm: usize },
     FromSnapshot { snap: usize },
     Reset { vm: usize, snap: usize },
@@ -50,11 +64,15 @@ fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         6 => (idx.clone(), 0..PAGES, 0..PAGE_SIZE, 1..6000usize, any::<u8>())
             .prop_map(|(vm, page, off, len, byte)| Op::Write { vm, page, off, len, byte }),
+        4 => (idx.clone(), 0..PAGES, 0..PAGE_SIZE, 1..6000usize, any::<u8>())
+            .prop_map(|(vm, page, off, len, byte)| Op::VcpuWrite { vm, page, off, len, byte }),
+        4 => idx.clone().prop_map(|vm| Op::Precopy { vm }),
         2 => (idx.clone(), 0..PAGES, 1..3usize, any::<bool>()).prop_map(|(vm, page, pages, write)| Op::Pin { vm, page, pages, write }),
         4 => (idx.clone(), 0..8192usize, 1..3000usize, any::<u8>()).prop_map(|(guard, off, len, byte)| Op::GuardWrite { guard, off, len, byte }),
         2 => (idx.clone(), 0..8192usize, 1..3000usize, any::<u8>()).prop_map(|(guard, off, len, byte)| Op::KernelDma { guard, off, len, byte }),
         2 => idx.clone().prop_map(|guard| Op::Unpin { guard }),
         2 => idx.clone().prop_map(|vm| Op::Clone { vm }),
+        2 => (idx.clone(), 0..PAGES, any::<u8>()).prop_map(|(vm, page, byte)| Op::CloneSplit { vm, page, byte }),
         2 => idx.clone().prop_map(|vm| Op::Snapshot { vm }),
         1 => idx.clone().prop_map(|snap| Op::FromSnapshot { snap }),
         2 => (idx.clone(), idx.clone()).prop_map(|(vm, snap)| Op::Reset { vm, snap }),
@@ -66,6 +84,7 @@ fn op() -> impl Strategy<Value = Op> {
 
 struct Vm {
     ram: GuestRam,
+    vcpu_log: Arc<FakeVcpuLog>,
     bytes: Vec<u8>,
     /// Pages written since the last take_dirty (model of the must-report set).
     dirty: BTreeSet<usize>,
@@ -93,7 +112,9 @@ struct World {
 }
 
 fn new_vm(ram: GuestRam, bytes: Vec<u8>) -> Vm {
-    Vm { ram, bytes, dirty: BTreeSet::new(), unpinned: BTreeSet::new(), ever_pinned: false }
+    let vcpu_log = Arc::new(FakeVcpuLog::new(REGIONS.len()));
+    ram.set_vcpu_dirty_log(vcpu_log.clone());
+    Vm { ram, vcpu_log, bytes, dirty: BTreeSet::new(), unpinned: BTreeSet::new(), ever_pinned: false }
 }
 
 fn layout() -> Vec<(GuestAddress, usize)> {
@@ -127,6 +148,28 @@ fn step(world: &mut World, op: &Op) {
             v.ram.write_slice(&vec![byte; len], GuestAddress(page_addr(start / PAGE_SIZE) + (start % PAGE_SIZE) as u64)).unwrap();
             v.bytes[start..start + len].fill(byte);
             v.dirty.extend(start / PAGE_SIZE..(start + len).div_ceil(PAGE_SIZE));
+        }
+        Op::VcpuWrite { vm, page, off, len, byte } => {
+            let Some(vm) = live(world, vm) else { return };
+            let (start, len) = clip(page, off, len);
+            let v = world.vms[vm].as_mut().unwrap();
+            let (region, region_page) = if page < 12 { (0, 0) } else { (1, 12) };
+            let host = v.ram.kvm_regions()[region].userspace_addr as *mut u8;
+            // SAFETY: the range lies inside region `region` (clipped above), which the RAM keeps
+            // mapped read-write at this host address; nothing else accesses it concurrently.
+            unsafe { std::ptr::write_bytes(host.add(start - region_page * PAGE_SIZE), byte, len) };
+            for p in start / PAGE_SIZE..(start + len).div_ceil(PAGE_SIZE) {
+                v.vcpu_log.mark(region, p - region_page);
+            }
+            v.bytes[start..start + len].fill(byte);
+            v.dirty.extend(start / PAGE_SIZE..(start + len).div_ceil(PAGE_SIZE));
+        }
+        Op::Precopy { vm } => {
+            let Some(vm) = live(world, vm) else { return };
+            let v = world.vms[vm].as_ref().unwrap();
+            let before = v.ram.eager_copied_pages();
+            v.ram.precopy().unwrap();
+            assert_eq!(v.ram.eager_copied_pages(), before, "pre-copy counted pinned pages as copied");
         }
         Op::Pin { vm, page, pages, write } => {
             let Some(vm) = live(world, vm) else { return };
@@ -196,6 +239,21 @@ fn step(world: &mut World, op: &Op) {
             assert!(!clone.has_pinned());
             assert!(clone.take_dirty().is_empty(), "a clone starts clean");
             let bytes = v.bytes.clone();
+            world.vms.push(Some(new_vm(clone, bytes)));
+        }
+        Op::CloneSplit { vm, page, byte } => {
+            let Some(vm) = live(world, vm) else { return };
+            if world.vms.iter().flatten().count() >= MAX_VMS {
+                return;
+            }
+            let v = world.vms[vm].as_mut().unwrap();
+            let (frozen, _) = v.ram.freeze().unwrap();
+            let bytes = v.bytes.clone();
+            v.ram.write_slice(&[byte; 8], GuestAddress(page_addr(page))).unwrap();
+            v.bytes[page * PAGE_SIZE..page * PAGE_SIZE + 8].fill(byte);
+            v.dirty.insert(page);
+            let clone = v.ram.clone_from_frozen(&frozen).unwrap();
+            assert!(clone.take_dirty().is_empty(), "a clone starts clean");
             world.vms.push(Some(new_vm(clone, bytes)));
         }
         Op::Snapshot { vm } => {

@@ -2,10 +2,10 @@
 //! VM ever sees another's writes afterwards; clones of clones to depth 3.
 
 use memory::GuestAddress;
-use vmm::clone::{capture_clone, clone_vm};
+use vmm::clone::{capture_clone, clone_vm, clone_vm_by, ClonePath};
 use vmm::layout::VM_ID_ADDR;
 use vmm::{Console, Paused, Vmm};
-use zygote_tests::{first_difference, foreign_pattern_ids, spin_counters, spin_vm, wait_for_progress};
+use zygote_tests::{captured, first_difference, foreign_pattern_ids, spin_counters, spin_vm, wait_for_progress};
 
 /// Clones `source` (running) into a started VM `id`, checking the clone instant: the clone's
 /// RAM equals the source's, and both go on from there.
@@ -92,4 +92,35 @@ fn a_two_vcpu_clone_reports_its_pause() {
     wait_for_progress(&clone, &before);
     assert_own_pattern(&mut clone, 8);
     assert_own_pattern(&mut source, 7);
+}
+
+#[test]
+fn pre_copied_clones_of_a_guest_rewriting_its_pages_hold_the_clone_instant_bytes() {
+    // 512 pages rewritten round robin: KVM's dirty log sees them written again after every
+    // pre-copy round, so each freeze must write them again from the log.
+    let (config, _) = captured(2);
+    let mut source = vmm::build_tiny_vm(&config, vmm::guests::find("spin").unwrap(), 512).unwrap();
+    source.start();
+    wait_for_progress(&source, &[0, 0]);
+    for round in 0..5 {
+        let before = spin_counters(&source);
+        wait_for_progress(&source, &before.iter().map(|c| c + 600).collect::<Vec<_>>());
+        let first = source.ram().precopy().unwrap();
+        assert!(first.written_pages > 0, "round {round}: nothing to pre-copy: {first:?}");
+        source.ram().precopy().unwrap();
+        // The guest goes on writing pre-copied pages; only KVM's dirty log says which.
+        wait_for_progress(&source, &spin_counters(&source));
+        let token = source.pause().unwrap();
+        let image = capture_clone(&source, &token).unwrap();
+        assert_eq!(first_difference(source.ram(), &image.ram), None, "round {round}: the clone differs at its instant");
+        source.resume(token);
+    }
+    for path in [ClonePath::Precopy, ClonePath::InPause] {
+        let (clone, report) = clone_vm_by(&mut source, 9, &Console::capture().0, None, path).unwrap();
+        assert_eq!(report.path, path);
+        assert_eq!(report.precopy_pages > 0, path == ClonePath::Precopy, "{report:?}");
+        let in_pause = report.pause_wait_us + report.capture_us + report.ram_clone_us;
+        assert!(report.pause_us >= in_pause, "{report:?}");
+        drop(clone);
+    }
 }

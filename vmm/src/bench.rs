@@ -10,7 +10,7 @@ use memory::{Bytes, GuestAddress, PAGE_SIZE};
 use serde::Serialize;
 
 use crate::builder::{build_tiny_vm, create_ram, BuildError, VmConfig};
-use crate::clone::{clone_vm, CloneError};
+use crate::clone::{clone_vm_by, CloneError, ClonePath, CloneReport};
 use crate::devices::Console;
 use crate::guests;
 use crate::layout::{COUNTERS_ADDR, GUEST_CODE_ADDR, TOUCH_ADDR, VM_ID_ADDR};
@@ -70,14 +70,62 @@ pub struct ResetBench {
 #[derive(Clone, Debug, Serialize)]
 pub struct CloneBench {
     pub mem_mib: u64,
+    /// Clones per path.
     pub clones: usize,
     /// Pages the source guest rewrites between two clones.
     pub dirty_pages: u64,
+    /// One entry per path measured; the clones alternate between them, so each sees the same
+    /// host load.
+    pub paths: Vec<PathBench>,
+    /// Pause p50 of the pre-copy path ÷ that of the in-pause reference, if both ran.
+    pub pause_p50_ratio: Option<f64>,
+}
+
+/// Medians (and the pause's p99) of one clone path's `CloneReport`s.
+#[derive(Clone, Debug, Serialize)]
+pub struct PathBench {
+    pub path: ClonePath,
     pub pause_us_p50: u64,
     pub pause_us_p99: u64,
+    pub pause_wait_us_p50: u64,
     pub capture_us_p50: u64,
-    pub ram_clone_us_p50: u64,
+    pub dirty_log_us_p50: u64,
+    pub freeze_write_us_p50: u64,
+    pub freeze_pages_p50: u64,
+    pub map_us_p50: u64,
+    pub resume_us_p50: u64,
+    pub precopy_us_p50: u64,
+    pub precopy_rounds_p50: u64,
+    pub precopy_pages_p50: u64,
     pub build_us_p50: u64,
+}
+
+impl PathBench {
+    fn from_reports(path: ClonePath, reports: &[CloneReport]) -> PathBench {
+        let p50 = |f: fn(&CloneReport) -> u64| percentile(&sorted(reports, f), 50);
+        PathBench {
+            path,
+            pause_us_p50: p50(|r| r.pause_us),
+            pause_us_p99: percentile(&sorted(reports, |r| r.pause_us), 99),
+            pause_wait_us_p50: p50(|r| r.pause_wait_us),
+            capture_us_p50: p50(|r| r.capture_us),
+            dirty_log_us_p50: p50(|r| r.dirty_log_us),
+            freeze_write_us_p50: p50(|r| r.freeze_write_us),
+            freeze_pages_p50: p50(|r| r.freeze_pages),
+            map_us_p50: p50(|r| r.map_us),
+            resume_us_p50: p50(|r| r.resume_us),
+            precopy_us_p50: p50(|r| r.precopy_us),
+            precopy_rounds_p50: p50(|r| r.precopy_rounds),
+            precopy_pages_p50: p50(|r| r.precopy_pages),
+            build_us_p50: p50(|r| r.build_us),
+        }
+    }
+}
+
+fn sorted(reports: &[CloneReport], f: fn(&CloneReport) -> u64) -> Vec<u64> {
+    let mut v: Vec<u64> = reports.iter().map(f).collect();
+    v.sort_unstable();
+    v
 }
 
 fn percentile<T: Copy + Ord>(sorted: &[T], pct: usize) -> T {
@@ -193,10 +241,11 @@ fn kvm_run_round_trip(samples: usize) -> Result<Duration, BenchError> {
     Ok(percentile(&times, 50))
 }
 
-/// Clones a running `spin` VM of `mem_mib` MiB `clones` times, the guest rewriting
-/// `dirty_percent` % of its RAM between clones.
-pub fn bench_clone(mem_mib: u64, clones: usize, dirty_percent: u64) -> Result<CloneBench, BenchError> {
+/// Clones a running `spin` VM of `mem_mib` MiB `clones` times along each of `paths` (taking
+/// turns), the guest rewriting `dirty_percent` % of its RAM between clones.
+pub fn bench_clone(mem_mib: u64, clones: usize, dirty_percent: u64, paths: &[ClonePath]) -> Result<CloneBench, BenchError> {
     let clones = clones.max(1);
+    let paths = if paths.is_empty() { &[ClonePath::Precopy][..] } else { paths };
     let pages = (mem_mib << 20) / PAGE_SIZE as u64 * dirty_percent / 100;
     if TOUCH_ADDR + pages * PAGE_SIZE as u64 > mem_mib << 20 {
         return Err(BenchError::TooSmall { mem_mib, pages });
@@ -204,9 +253,10 @@ pub fn bench_clone(mem_mib: u64, clones: usize, dirty_percent: u64) -> Result<Cl
     let config = VmConfig { mem_mib, vm_id: 1, console: Console::capture().0, ..VmConfig::default() };
     let mut vm = build_tiny_vm(&config, guests::find("spin").expect("spin is bundled"), pages)?;
     vm.start();
-    let mut reports = Vec::with_capacity(clones);
+    let mut reports: Vec<Vec<CloneReport>> = vec![Vec::with_capacity(clones); paths.len()];
     let mut last = 0;
-    for i in 0..=clones {
+    // One warm-up clone per path first (the first probes the MSR list), then `clones` each.
+    for i in 0..(clones + 1) * paths.len() {
         // Let the guest go once through its working set: `pages` pages dirty since the last clone.
         let deadline = Instant::now() + Duration::from_secs(30);
         while vm.ram().read_obj::<u64>(GuestAddress(COUNTERS_ADDR)).unwrap_or(0) < last + pages.max(1) {
@@ -215,27 +265,17 @@ pub fn bench_clone(mem_mib: u64, clones: usize, dirty_percent: u64) -> Result<Cl
             }
             std::thread::sleep(Duration::from_micros(200));
         }
-        let (clone, report) = clone_vm(&mut vm, 1000 + i as u64, &Console::capture().0, Some(GuestAddress(VM_ID_ADDR)))?;
+        let path = paths[i % paths.len()];
+        let console = Console::capture().0;
+        let (clone, report) = clone_vm_by(&mut vm, 1000 + i as u64, &console, Some(GuestAddress(VM_ID_ADDR)), path)?;
         drop(clone);
         last = vm.ram().read_obj::<u64>(GuestAddress(COUNTERS_ADDR)).unwrap_or(0);
-        if i > 0 {
-            reports.push(report); // clone 0 is warm-up (it probes the MSR list)
+        if i >= paths.len() {
+            reports[i % paths.len()].push(report);
         }
     }
-    let sorted = |f: fn(&crate::clone::CloneReport) -> u64| {
-        let mut v: Vec<u64> = reports.iter().map(f).collect();
-        v.sort_unstable();
-        v
-    };
-    let pause = sorted(|r| r.pause_us);
-    Ok(CloneBench {
-        mem_mib,
-        clones,
-        dirty_pages: pages,
-        pause_us_p50: percentile(&pause, 50),
-        pause_us_p99: percentile(&pause, 99),
-        capture_us_p50: percentile(&sorted(|r| r.capture_us), 50),
-        ram_clone_us_p50: percentile(&sorted(|r| r.ram_clone_us), 50),
-        build_us_p50: percentile(&sorted(|r| r.build_us), 50),
-    })
+    let paths: Vec<PathBench> = paths.iter().zip(&reports).map(|(&path, r)| PathBench::from_reports(path, r)).collect();
+    let p50 = |path| paths.iter().find(|p| p.path == path).map(|p| p.pause_us_p50 as f64);
+    let pause_p50_ratio = p50(ClonePath::Precopy).zip(p50(ClonePath::InPause)).map(|(new, old)| new / old);
+    Ok(CloneBench { mem_mib, clones, dirty_pages: pages, paths, pause_p50_ratio })
 }

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 use vmm::builder::{DEFAULT_MEM_MIB, MAX_MEM_MIB, MAX_VCPUS, MIN_MEM_MIB};
+use vmm::clone::ClonePath;
 use vmm::{boot_linux, run_tiny_guest, Console, LinuxConfig, VmConfig, VmOutcome};
 
 /// Exit code for bad input (bad flags, values, files).
@@ -211,6 +212,10 @@ enum BenchCommand {
         clones: usize,
         #[arg(long, default_value_t = 1)]
         dirty_percent: u64,
+        /// Only the reference path (everything in the pause, no pre-copy). By default the
+        /// clones alternate between it and the pre-copy path.
+        #[arg(long)]
+        no_precopy: bool,
     },
 }
 
@@ -233,14 +238,37 @@ fn bench(command: BenchCommand) -> i32 {
             );
             serde_json::to_string(&r)
         }),
-        BenchCommand::Clone { mem, clones, dirty_percent } => vmm::bench::bench_clone(mem, clones, dirty_percent).map(|r| {
-            println!(
-                "clone: {} MiB, {} clones, {} pages dirty per clone: source pause p50 {} us p99 {} us \
-                 (capture p50 {} us, RAM clone p50 {} us); clone build p50 {} us (source running)",
-                r.mem_mib, r.clones, r.dirty_pages, r.pause_us_p50, r.pause_us_p99, r.capture_us_p50, r.ram_clone_us_p50, r.build_us_p50
-            );
-            serde_json::to_string(&r)
-        }),
+        BenchCommand::Clone { mem, clones, dirty_percent, no_precopy } => {
+            let paths: &[ClonePath] = if no_precopy { &[ClonePath::InPause] } else { &[ClonePath::InPause, ClonePath::Precopy] };
+            vmm::bench::bench_clone(mem, clones, dirty_percent, paths).map(|r| {
+                println!("clone: {} MiB, {} clones per path, {} pages dirty per clone", r.mem_mib, r.clones, r.dirty_pages);
+                for p in &r.paths {
+                    println!(
+                        "  {:?}: source pause p50 {} us p99 {} us = wait {} + state {} + dirty log {} + freeze write {} ({} pages) \
+                         + map {} (in pause on InPause only) + resume {}; pre-copy {} us ({} rounds, {} pages) before the pause; \
+                         clone build {} us after it (all p50)",
+                        p.path,
+                        p.pause_us_p50,
+                        p.pause_us_p99,
+                        p.pause_wait_us_p50,
+                        p.capture_us_p50,
+                        p.dirty_log_us_p50,
+                        p.freeze_write_us_p50,
+                        p.freeze_pages_p50,
+                        p.map_us_p50,
+                        p.resume_us_p50,
+                        p.precopy_us_p50,
+                        p.precopy_rounds_p50,
+                        p.precopy_pages_p50,
+                        p.build_us_p50
+                    );
+                }
+                if let Some(ratio) = r.pause_p50_ratio {
+                    println!("  pause p50 Precopy / InPause = {ratio:.3}");
+                }
+                serde_json::to_string(&r)
+            })
+        }
     };
     match result {
         Ok(json) => {

@@ -200,10 +200,17 @@ impl Vmm {
         Ok(Paused { vm_id: self.id })
     }
 
-    /// Lets the vCPUs paused by `token` run again.
-    pub fn resume(&mut self, token: Paused) {
+    /// Lets the vCPUs paused by `token` run again. Returns the instant the last vCPU was told
+    /// (just before its command went out): the end of the pause. Waking a vCPU thread may let
+    /// it take this thread's CPU at once, and that time is the guest's, not the pause's.
+    pub fn resume(&mut self, token: Paused) -> Instant {
         debug_assert_eq!(token.vm_id, self.id, "resume with another VM's pause token");
-        self.broadcast(VcpuCommand::Resume);
+        let mut told = Instant::now();
+        for vcpu in &self.vcpus {
+            told = Instant::now();
+            vcpu.send(VcpuCommand::Resume);
+        }
+        told
     }
 
     /// Waits up to `timeout` for the guest to end the VM; returns whether it has.

@@ -10,7 +10,7 @@ use memory::{GuestAddress, PAGE_SIZE};
 use serde::Serialize;
 
 use super::ApiError;
-use crate::clone::{capture_clone, clone_vm, CloneReport};
+use crate::clone::{capture_clone, clone_vm, ClonePath, CloneReport};
 use crate::devices::Console;
 use crate::machine::{Paused, Vmm};
 use crate::snapshot::file::{load_snapshot, write_snapshot, SnapshotKind, SnapshotOnDisk};
@@ -108,7 +108,9 @@ impl Controller {
         let entry = self.entry(id)?;
         match (paused, entry.paused.take()) {
             (true, None) => entry.paused = Some(entry.vmm.pause().map_err(|e| ApiError::Vm(id, e.to_string()))?),
-            (false, Some(token)) => entry.vmm.resume(token),
+            (false, Some(token)) => {
+                entry.vmm.resume(token);
+            }
             (_, token) => entry.paused = token,
         }
         Ok(())
@@ -129,14 +131,7 @@ impl Controller {
                 if let Some(mailbox) = id_mailbox {
                     image.tell_guest_id(mailbox, new_id).map_err(fail)?;
                 }
-                let report = CloneReport {
-                    source_id: id,
-                    clone_id: new_id,
-                    capture_us: image.capture_us,
-                    ram_clone_us: image.ram_clone_us,
-                    eager_copied_pages: image.eager_copied_pages,
-                    ..CloneReport::default()
-                };
+                let report = image.report(new_id, ClonePath::InPause);
                 (image.build(new_id, &console).map_err(fail)?, report)
             }
         };

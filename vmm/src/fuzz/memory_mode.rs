@@ -145,6 +145,13 @@ impl MemoryWorld {
                 let bytes = v.bytes.clone();
                 self.vms.push(Some(Vm::new(clone, bytes)));
             }
+            Step::Precopy { vm } => {
+                let Some(vm) = pick(&self.vms, vm) else { return Ok(()) };
+                let v = self.vms[vm].as_ref().expect("picked a live VM");
+                let before = v.ram.eager_copied_pages();
+                v.ram.precopy().map_err(|e| err("pre-copy", e))?;
+                ensure!(v.ram.eager_copied_pages() == before, "a pre-copy round counted pinned pages as copied");
+            }
             Step::Snapshot { vm } => {
                 let Some(vm) = pick(&self.vms, vm) else { return Ok(()) };
                 let v = self.vms[vm].as_ref().expect("picked a live VM");

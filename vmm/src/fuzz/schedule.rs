@@ -28,6 +28,8 @@ pub enum Step {
     DropVm { vm: u8 },
     DropSnapshot { snap: u8 },
     TakeDirty { vm: u8 },
+    /// A pre-copy round of a VM, which then goes on being written (and DMA'd into).
+    Precopy { vm: u8 },
 }
 
 /// A deterministic generator (splitmix64): the same seed gives the same schedule everywhere.
@@ -77,8 +79,8 @@ impl Entropy for ByteEntropy<'_> {
 }
 
 /// Relative weights of the step kinds: DMA and clones dominate, since their timing is the point.
-const WEIGHTS: [(u8, u64); 12] =
-    [(0, 8), (1, 4), (2, 10), (3, 3), (4, 3), (5, 5), (6, 2), (7, 1), (8, 2), (9, 1), (10, 1), (11, 3)];
+const WEIGHTS: [(u8, u64); 13] =
+    [(0, 8), (1, 4), (2, 10), (3, 3), (4, 3), (5, 5), (6, 2), (7, 1), (8, 2), (9, 1), (10, 1), (11, 3), (12, 4)];
 
 /// Draws one step for a RAM of `pages` pages.
 pub fn draw_step(e: &mut impl Entropy, pages: u16) -> Step {
@@ -111,7 +113,8 @@ pub fn draw_step(e: &mut impl Entropy, pages: u16) -> Step {
         8 => Step::Reset { vm: b(8) as u8, snap: b(8) as u8 },
         9 => Step::DropVm { vm: b(8) as u8 },
         10 => Step::DropSnapshot { snap: b(8) as u8 },
-        _ => Step::TakeDirty { vm: b(8) as u8 },
+        11 => Step::TakeDirty { vm: b(8) as u8 },
+        _ => Step::Precopy { vm: b(8) as u8 },
     }
 }
 

@@ -4,7 +4,8 @@
 //! `Idle` (parked by the guest or stopped for good: never runs again, still answers commands),
 //! `Finished` (thread exits). Every `Pause` command is answered with exactly one
 //! `VcpuEvent::Paused` by a thread that is out of KVM_RUN, whatever its state, so the VMM can
-//! count acknowledgements without races. Commands are followed by a kick (see `kick`).
+//! count acknowledgements without races. `Pause` and `Finish`, the commands a thread in
+//! KVM_RUN must act on, are followed by a kick (see `kick`).
 
 mod kick;
 mod report;
@@ -86,10 +87,11 @@ pub struct VcpuHandle {
 }
 
 impl VcpuHandle {
-    /// Sends `command` and kicks the thread out of KVM_RUN. A thread that has already gone
-    /// needs neither, so failures to deliver are not errors.
+    /// Sends `command` and, if a running thread must act on it, kicks the thread out of
+    /// KVM_RUN. A thread that has already gone needs neither, so failures to deliver are not
+    /// errors.
     pub fn send(&self, command: VcpuCommand) {
-        if self.commands.send(command).is_ok() {
+        if self.commands.send(command).is_ok() && needs_kick(command) {
             if let Some(thread) = &self.thread {
                 // ESRCH if the thread just exited: nothing to kick.
                 let _ = kick::kick(thread);
@@ -116,6 +118,14 @@ impl VcpuHandle {
     pub fn fd(&self) -> &SharedVcpuFd {
         &self.fd
     }
+}
+
+/// Whether a thread in KVM_RUN must leave it to act on `command`. `Resume` and `Rearm` find
+/// their thread blocked on the channel (a running vCPU ignores `Resume`; `Rearm` is sent only
+/// under a pause), and a kick would only cost a signal in the pause and make the resumed vCPU's
+/// first KVM_RUN return at once (the handler sets immediate_exit).
+fn needs_kick(command: VcpuCommand) -> bool {
+    matches!(command, VcpuCommand::Pause | VcpuCommand::Finish)
 }
 
 impl Drop for VcpuHandle {
