@@ -2,7 +2,8 @@
 # Runs Zygote's test suite, installing binutils and Rust first if this machine lacks them.
 #   scripts/test.sh           the default run (a few minutes): every test but the slow ones
 #   scripts/test.sh --slow    also builds the Linux guest (resources/linux/build.sh, cached
-#                             outside the repo) and boots it: the ignored slow tests
+#                             outside the repo) and boots it: the ignored slow tests; and
+#                             runs the fuzzer against the memory layer's planted bugs
 # Other arguments go to `cargo test` (e.g. scripts/test.sh -- --nocapture).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,6 +18,9 @@ if [ "${1:-}" = "--slow" ]; then
     export ZYGOTE_INITRD=$(sed -n 's/^INITRAMFS=//p' <<<"$paths")
     export ZYGOTE_BZIMAGE=$(sed -n 's/^BZIMAGE=//p' <<<"$paths")
     cargo build -j1 --release -p zygote-vmm --bin zygote
+    # The fuzzer must find the bugs planted in the memory layer (both modes): a build of the
+    # VMM with the feature, never a release artifact.
+    cargo test -j1 -p zygote-vmm --features planted-bugs --lib fuzz
     # The real binary boots the vmlinux to its init's marker (~30-60 s here). The loader's own
     # boots (bzImage, two vCPUs: minutes under nested PVM) run by hand:
     #   cargo test --release -p zygote-vmm --test linux_boot -- --ignored --test-threads=1
