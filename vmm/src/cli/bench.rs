@@ -1,0 +1,94 @@
+//! `zygote bench`: the benchmarks, each a ratio against a reference measured in the same run.
+
+use clap::Subcommand;
+use vmm::clone::ClonePath;
+
+use super::{report, EXIT_FAILURE};
+
+#[derive(Debug, Subcommand)]
+pub(super) enum BenchCommand {
+    /// Reset a guest that dirties 16 pages per run back to its snapshot, ROUNDS times.
+    Reset {
+        #[arg(long, default_value_t = 10_000)]
+        rounds: usize,
+        /// Give the VM virtio-blk on a 1 MiB scratch disk, reset with the rest every round.
+        #[arg(long)]
+        disk: bool,
+    },
+    /// Clone a running VM of MEM MiB with DIRTY_PERCENT % of its RAM rewritten between clones.
+    Clone {
+        #[arg(long, value_name = "MiB", default_value_t = 1024)]
+        mem: u64,
+        #[arg(long, default_value_t = 100)]
+        clones: usize,
+        #[arg(long, default_value_t = 1)]
+        dirty_percent: u64,
+        /// Only the reference path (everything in the pause, no pre-copy). By default the
+        /// clones alternate between it and the pre-copy path.
+        #[arg(long)]
+        no_precopy: bool,
+    },
+}
+
+pub(super) fn bench(command: BenchCommand) -> i32 {
+    let result = match command {
+        BenchCommand::Reset { rounds, disk } => vmm::bench::bench_reset(rounds, disk).map(|r| {
+            println!(
+                "reset: {} rounds, {:.0} loops/s (run + pause + reset), reset p50 {:.1} us p99 {:.1} us \
+                 (RAM {:.1} us + state {:.1} us), {} dirty pages: memcpy {:.2} us + KVM_RUN {:.1} us, ratio {:.2}",
+                r.rounds,
+                r.loops_per_s,
+                r.reset_us_p50,
+                r.reset_us_p99,
+                r.reset_ram_us_p50,
+                r.reset_state_us_p50,
+                r.dirty_pages,
+                r.memcpy_us,
+                r.kvm_run_us,
+                r.ratio
+            );
+            serde_json::to_string(&r)
+        }),
+        BenchCommand::Clone { mem, clones, dirty_percent, no_precopy } => {
+            let paths: &[ClonePath] = if no_precopy { &[ClonePath::InPause] } else { &[ClonePath::InPause, ClonePath::Precopy] };
+            vmm::bench::bench_clone(mem, clones, dirty_percent, paths).map(|r| {
+                println!("clone: {} MiB, {} clones per path, {} pages dirty per clone", r.mem_mib, r.clones, r.dirty_pages);
+                for p in &r.paths {
+                    println!(
+                        "  {:?}: source pause p50 {} us p99 {} us = wait {} + state {} + dirty log {} + freeze write {} ({} pages) \
+                         + map {} (in pause on InPause only) + resume {}; pre-copy {} us ({} rounds, {} pages) before the pause; \
+                         clone build {} us after it (all p50)",
+                        p.path,
+                        p.pause_us_p50,
+                        p.pause_us_p99,
+                        p.pause_wait_us_p50,
+                        p.capture_us_p50,
+                        p.dirty_log_us_p50,
+                        p.freeze_write_us_p50,
+                        p.freeze_pages_p50,
+                        p.map_us_p50,
+                        p.resume_us_p50,
+                        p.precopy_us_p50,
+                        p.precopy_rounds_p50,
+                        p.precopy_pages_p50,
+                        p.build_us_p50
+                    );
+                }
+                if let Some(ratio) = r.pause_p50_ratio {
+                    println!("  pause p50 Precopy / InPause = {ratio:.3}");
+                }
+                serde_json::to_string(&r)
+            })
+        }
+    };
+    match result {
+        Ok(json) => {
+            println!("{}", json.unwrap_or_default());
+            0
+        }
+        Err(e) => {
+            eprintln!("{}", report(&e));
+            EXIT_FAILURE
+        }
+    }
+}
