@@ -117,6 +117,35 @@ fn a_clone_of_a_vm_with_an_irqchip_gets_the_same_irqfds_and_ioeventfd() {
     assert!(matches!(clone.stop(), VmOutcome::Exited(0)), "{}", text(&out));
 }
 
+/// COM1's ISA interrupt as a bit of the master PIC's request register.
+const SERIAL_IRQ_BIT: u8 = 1 << 4;
+
+/// Enables the UART's transmit-holding-register-empty interrupt through the VM's port bus, as
+/// a guest's 8250 driver does before sending: the transmitter is empty, so it fires at once.
+fn enable_serial_tx_interrupt(vmm: &Vmm) {
+    vmm.buses().0.write(u64::from(vmm::layout::SERIAL_PORT) + 1, &[0x02]).expect("COM1 on the port bus");
+}
+
+#[test]
+fn the_serial_interrupt_is_an_irqfd_on_gsi_4_in_a_vm_with_an_irqchip_and_in_its_clone() {
+    let (source, _) = dma_vm_with_irqchip(disk("irqchip-serial"));
+    assert_eq!(pic_irr(&source) & SERIAL_IRQ_BIT, 0, "no serial interrupt yet");
+    enable_serial_tx_interrupt(&source);
+    assert_eq!(wait_for_pic_irr(&source, SERIAL_IRQ_BIT), SERIAL_IRQ_BIT, "the source's UART interrupted through KVM");
+    // A clone taken before its UART's interrupt is enabled: a Linux clone's init needs this to
+    // write anything (its 8250 driver sends from the transmit interrupt).
+    let (mut other, _) = dma_vm_with_irqchip(disk("irqchip-serial-2"));
+    let token = other.pause().unwrap();
+    let image = capture_clone(&other, &token).unwrap();
+    let (console, _out) = Console::capture();
+    let clone = image.build(1, &console).unwrap();
+    drop(other);
+    drop(source);
+    assert_eq!(pic_irr(&clone) & SERIAL_IRQ_BIT, 0, "no serial interrupt in the clone yet");
+    enable_serial_tx_interrupt(&clone);
+    assert_eq!(wait_for_pic_irr(&clone, SERIAL_IRQ_BIT), SERIAL_IRQ_BIT, "the clone's UART interrupted through KVM");
+}
+
 #[test]
 fn a_vm_without_an_irqchip_keeps_polled_devices() {
     let (config, _) = captured(1);

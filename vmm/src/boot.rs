@@ -16,9 +16,6 @@ use crate::machine::{VmOutcome, Vmm};
 use crate::vcpu::{spawn_vcpu, VcpuContext, VcpuError};
 use crate::vm::{Vm, VmError};
 
-/// The ISA interrupt of COM1.
-const SERIAL_IRQ: u32 = 4;
-
 /// What `zygote run --kernel` asks for.
 #[derive(Clone, Debug)]
 pub struct LinuxConfig {
@@ -42,8 +39,8 @@ pub enum BootError {
     Vm(#[from] VmError),
     #[error("cannot attach devices")]
     Devices(#[from] DeviceError),
-    #[error("cannot wire the serial interrupt (irqfd on GSI {SERIAL_IRQ})")]
-    SerialIrq(#[source] kvm_ioctls::Error),
+    #[error("cannot wire the serial interrupt")]
+    SerialIrq(#[source] DeviceError),
     #[error("cannot set up a vCPU")]
     Vcpu(#[from] VcpuError),
 }
@@ -83,10 +80,7 @@ pub fn build_linux_vm(config: &LinuxConfig) -> Result<Vmm, BootError> {
     }
     devices.mmio = Some(mmio_devices);
     let entry = linux::load_kernel(&ram, &config.kernel, config.initrd.as_deref(), &cmdline, vcpus)?;
-    {
-        let serial = devices.serial.lock().unwrap_or_else(|e| e.into_inner());
-        vm.fd().register_irqfd(&serial.irq().0, SERIAL_IRQ).map_err(BootError::SerialIrq)?;
-    }
+    devices.wire_serial_irqfd(vm.fd()).map_err(BootError::SerialIrq)?;
     let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
     let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
     let (events_tx, events) = mpsc::channel();

@@ -143,6 +143,9 @@ pub fn build_tiny_vm(config: &VmConfig, guest: &TinyGuest, arg: u64) -> Result<V
     };
     let mut pio = Bus::new();
     let mut devices = attach_legacy_devices(&mut pio, &config.console)?;
+    if let Wiring::Irqchip(fd) = wiring {
+        devices.wire_serial_irqfd(fd)?;
+    }
     let mut mmio = Bus::new();
     devices.mmio = Some(attach_mmio_devices(&mut mmio, &ram, config.disk.as_deref(), wiring)?);
     let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));

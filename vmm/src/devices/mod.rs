@@ -71,6 +71,22 @@ pub struct LegacyDevices {
     pub mmio: Option<MmioDevices>,
 }
 
+/// COM1's ISA interrupt: GSI 4 on a VM with an in-kernel irqchip.
+pub const SERIAL_GSI: u32 = 4;
+
+impl LegacyDevices {
+    /// For a VM with an in-kernel irqchip: COM1's interrupt as an irqfd on GSI 4. A Linux
+    /// guest's 8250 driver sends user-space output from its transmit interrupt, so without it
+    /// the first write of a user process blocks forever (kernel messages are polled and still
+    /// appear). A restored UART with an interrupt pending signals it once: the edge may have
+    /// been in flight to the source's irqchip at the capture instant.
+    pub fn wire_serial_irqfd(&self, vm: &kvm_ioctls::VmFd) -> Result<(), DeviceError> {
+        let serial = self.serial.lock().unwrap_or_else(|e| e.into_inner());
+        vm.register_irqfd(&serial.irq().0, SERIAL_GSI).map_err(|source| DeviceError::Irqfd { gsi: SERIAL_GSI, source })?;
+        serial.resend_if_pending().map_err(DeviceError::IrqLine)
+    }
+}
+
 /// Puts COM1, the control ports and the i8042 on `pio`.
 pub fn attach_legacy_devices(pio: &mut Bus, console: &Console) -> Result<LegacyDevices, DeviceError> {
     let serial = Arc::new(Mutex::new(SerialDevice::new(console, IrqLine::new().map_err(DeviceError::IrqLine)?)));

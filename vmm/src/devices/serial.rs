@@ -53,6 +53,14 @@ impl SerialDevice {
     pub fn irq(&self) -> &IrqLine {
         self.uart.interrupt_evt()
     }
+
+    /// Signals the interrupt line again if the UART has an interrupt pending (IIR bit 0 clear).
+    pub fn resend_if_pending(&self) -> std::io::Result<()> {
+        match self.uart.state().interrupt_identification & 1 {
+            0 => self.uart.interrupt_evt().trigger(),
+            _ => Ok(()),
+        }
+    }
 }
 
 impl BusDevice for SerialDevice {

@@ -221,7 +221,10 @@ pub fn build_from_state(
     let mut mmio = Bus::new();
     // A VM with an irqchip had its devices on irqfds and ioeventfds; the clone gets the same.
     let wiring = match state.irqchip {
-        Some(_) => Wiring::Irqchip(vm.fd()),
+        Some(_) => {
+            devices.wire_serial_irqfd(vm.fd())?;
+            Wiring::Irqchip(vm.fd())
+        }
         None => Wiring::Polled,
     };
     devices.mmio = Some(match &state.mmio {
