@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use memory::{Access, Bytes, GuestAddress, GuestRam, PinGuard, Snapshot, PAGE_SIZE};
 
 use super::schedule::Step;
-use super::Violation;
+use super::{ensure, pick, Violation};
 
 /// Two regions with a hole between them; small, so a run takes microseconds.
 pub const REGIONS: [(u64, usize); 2] = [(0, 32 * PAGE_SIZE), (0x20_0000, 8 * PAGE_SIZE)];
@@ -60,19 +60,6 @@ fn room(page: usize) -> usize {
 
 fn layout() -> Vec<(GuestAddress, usize)> {
     REGIONS.iter().map(|&(a, s)| (GuestAddress(a), s)).collect()
-}
-
-fn pick<T>(items: &[Option<T>], i: u8) -> Option<usize> {
-    let live: Vec<usize> = (0..items.len()).filter(|&j| items[j].is_some()).collect();
-    (!live.is_empty()).then(|| live[usize::from(i) % live.len()])
-}
-
-macro_rules! ensure {
-    ($cond:expr, $($msg:tt)+) => {
-        if !$cond {
-            return Err(Violation(format!($($msg)+)));
-        }
-    };
 }
 
 impl MemoryWorld {

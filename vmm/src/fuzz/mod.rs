@@ -26,6 +26,23 @@ pub use vm_mode::{VmStep, VmWorld};
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Violation(pub String);
 
+/// Fails the step with a `Violation` saying what went wrong unless `$cond` holds.
+macro_rules! ensure {
+    ($cond:expr, $($msg:tt)+) => {
+        if !$cond {
+            return Err(Violation(format!($($msg)+)));
+        }
+    };
+}
+pub(crate) use ensure;
+
+/// The live item (VM or snapshot) a step's small index `i` names: the `i`-th of them, modulo
+/// their number; None when none is live.
+pub(crate) fn pick<T>(items: &[Option<T>], i: u8) -> Option<usize> {
+    let live: Vec<usize> = (0..items.len()).filter(|&j| items[j].is_some()).collect();
+    (!live.is_empty()).then(|| live[usize::from(i) % live.len()])
+}
+
 /// What a fuzz mode drives: a fresh world per run, one step at a time, every rule checked
 /// after each step.
 pub trait World: Sized {

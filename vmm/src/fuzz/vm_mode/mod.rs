@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use memory::{Bytes, GuestAddress, PAGE_SIZE};
 
-use super::{Violation, World};
+use super::{pick, Violation, World};
 use crate::builder::{build_tiny_vm, VmConfig};
 use crate::devices::Console;
 use crate::machine::{Paused, Vmm};
@@ -140,19 +140,7 @@ fn complete_blk(vmm: &Vmm) {
     }
 }
 
-fn pick<T>(items: &[Option<T>], i: u8) -> Option<usize> {
-    let live: Vec<usize> = (0..items.len()).filter(|&j| items[j].is_some()).collect();
-    (!live.is_empty()).then(|| live[usize::from(i) % live.len()])
-}
-
-macro_rules! ensure {
-    ($cond:expr, $($msg:tt)+) => {
-        if !$cond {
-            return Err(Violation(format!($($msg)+)));
-        }
-    };
-}
-pub(crate) use ensure;
+pub(crate) use super::ensure;
 
 impl VmWorld {
     fn live(&self) -> usize {
