@@ -69,7 +69,6 @@ fn run(cmd: &mut Command) {
 fn assemble(src_dir: &Path, out_dir: &Path, name: &str, addr: u64) {
     let src = src_dir.join(format!("{name}.s"));
     println!("cargo:rerun-if-changed={}", src.display());
-    println!("cargo:rerun-if-changed={}", src_dir.join("common.inc").display());
     let obj = out_dir.join(format!("{name}.o"));
     let elf = out_dir.join(format!("{name}.elf"));
     let bin = out_dir.join(format!("{name}.bin"));
@@ -95,6 +94,11 @@ fn main() {
     let out_dir = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
     let src_dir = manifest.join("../resources/guests");
     println!("cargo:rerun-if-changed=src/layout.rs");
+    // The include files every guest may pull in (`.include "common.inc"`, ...).
+    let includes = std::fs::read_dir(&src_dir).expect("resources/guests is readable");
+    for entry in includes.flatten().filter(|e| e.path().extension().is_some_and(|x| x == "inc")) {
+        println!("cargo:rerun-if-changed={}", entry.path().display());
+    }
     for &(name, addr) in GUESTS {
         assemble(&src_dir, &out_dir, name, addr);
     }

@@ -20,25 +20,7 @@
 # MMIO is accessed only with plain 32-bit mov loads and stores (what KVM emulates best).
     .include "common.inc"
 
-# DMA engine registers (devices/src/dma/registers.rs).
-    .set R_DMA_MAGIC,        0x00
-    .set R_DMA_PATTERN_LOW,  0x10
-    .set R_DMA_PATTERN_HIGH, 0x14
-    .set R_DMA_DST_LOW,      0x18
-    .set R_DMA_DST_HIGH,     0x1c
-    .set R_DMA_LEN,          0x20
-    .set R_DMA_CHUNK,        0x24
-    .set R_DMA_PACING_US,    0x28
-    .set R_DMA_MODE,         0x2c
-    .set R_DMA_CONTROL,      0x30
-    .set R_DMA_STATUS,       0x34
-    .set R_DMA_INT_STATUS,   0x3c
-    .set R_DMA_INT_ACK,      0x40
-    .set R_DMA_ERROR,        0x44
-    .set DMA_MAGIC,          0x45414d44     # "DMAE"
-    .set DMA_BUSY, 1
-    .set DMA_DONE, 2
-    .set DMA_ERROR, 4
+    .include "dma_regs.inc"
 
 # virtio-mmio version 2 registers (virtio 1.2, 4.2.2; devices/src/virtio/mmio.rs).
     .set R_VIO_MAGIC,        0x000

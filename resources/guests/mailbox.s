@@ -22,18 +22,7 @@
     .set OP_DMA, 2
     .set OP_COPY, 3
 
-# DMA engine registers (devices/src/dma/registers.rs).
-    .set R_DMA_SRC_LOW,      0x08
-    .set R_DMA_SRC_HIGH,     0x0c
-    .set R_DMA_PATTERN_LOW,  0x10
-    .set R_DMA_PATTERN_HIGH, 0x14
-    .set R_DMA_DST_LOW,      0x18
-    .set R_DMA_DST_HIGH,     0x1c
-    .set R_DMA_LEN,          0x20
-    .set R_DMA_CHUNK,        0x24
-    .set R_DMA_PACING_US,    0x28
-    .set R_DMA_MODE,         0x2c
-    .set R_DMA_CONTROL,      0x30
+    .include "dma_regs.inc"
 
 # r15: the last sequence number done; rbx: the mailbox; r12: the DMA engine's registers.
     vcpu0_program
