@@ -106,7 +106,11 @@ impl BlockDevice {
 
     /// The device state as plain data. Take it with the vCPUs paused.
     pub fn state(&self) -> BlockState {
-        let core = self.lock();
+        self.state_locked(&self.lock())
+    }
+
+    /// The state, read under the device lock `core` the caller holds.
+    fn state_locked(&self, core: &BlockCore) -> BlockState {
         BlockState { features: self.features, queue: core.queue.as_ref().map(Queue::state), in_flight: core.in_flight() }
     }
 
@@ -115,7 +119,7 @@ impl BlockDevice {
     /// `clone_ram` (e.g. `|| ram.clone_cow()`). Call it with the vCPUs paused.
     pub fn capture_and_clone<R>(&self, clone_ram: impl FnOnce() -> R) -> Result<(BlockState, CowDisk, R), BlockError> {
         let mut core = self.lock();
-        let state = BlockState { features: self.features, queue: core.queue.as_ref().map(Queue::state), in_flight: core.in_flight() };
+        let state = self.state_locked(&core);
         let disk = core.disk.clone_cow()?;
         let ram = clone_ram();
         Ok((state, disk, ram))
@@ -126,7 +130,7 @@ impl BlockDevice {
     /// freeze: they may land after it, and a reset re-executes them.
     pub fn capture_and_freeze<R>(&self, freeze_ram: impl FnOnce() -> R) -> Result<(BlockState, FrozenDisk, R), BlockError> {
         let mut core = self.lock();
-        let state = BlockState { features: self.features, queue: core.queue.as_ref().map(Queue::state), in_flight: core.in_flight() };
+        let state = self.state_locked(&core);
         let frozen = core.disk.freeze()?;
         for write in state.in_flight.iter().filter(|r| r.kind == RequestKind::Out) {
             core.disk.mark_changed_since_freeze(write.sector, write.data_len() / SECTOR_SIZE);
@@ -150,7 +154,7 @@ impl BlockDevice {
             return Err(BlockError::DiskMismatch { sectors: disk.sectors(), disk_sectors: self.sectors }.into());
         }
         let queue = state.check(self.sectors)?;
-        let mut core = self.core.lock().unwrap_or_else(|e| e.into_inner());
+        let mut core = self.lock();
         reset_ram()?;
         core.drain(false);
         core.disk.reset_to(disk)?;
@@ -172,7 +176,7 @@ impl BlockDevice {
     /// captures the state and runs `freeze_ram` with the device locked.
     pub fn capture_with<R>(&self, freeze_ram: impl FnOnce() -> R) -> (BlockState, R) {
         let core = self.lock();
-        let state = BlockState { features: self.features, queue: core.queue.as_ref().map(Queue::state), in_flight: core.in_flight() };
+        let state = self.state_locked(&core);
         (state, freeze_ram())
     }
 

@@ -82,10 +82,7 @@ impl VmWorld {
             }
             VmStep::BlkComplete { vm } => {
                 let Some(i) = pick_vm(vm) else { return Ok(()) };
-                let v = self.vm(i);
-                complete_blk(&v.vmm);
-                let done = v.model.complete_blk();
-                check_completed(v, &done)?;
+                complete_held(self.vm(i))?;
             }
             VmStep::Clone { vm } => {
                 let Some(i) = pick_vm(vm) else { return Ok(()) };
@@ -111,10 +108,8 @@ impl VmWorld {
                 let mut vmm = s.snap.restore(id, &quiet_console()).map_err(|e| failed("restore", id, e))?;
                 // The restored VM has its own disk as of the snapshot and re-executed the
                 // requests in flight then; settle them now, deterministically, as for a clone.
-                complete_blk(&vmm);
                 let mut restored = FuzzVm { token: Some(pause(&mut vmm)?), vmm, model: s.model.cloned() };
-                let done = restored.model.complete_blk();
-                check_completed(&restored, &done)?;
+                complete_held(&mut restored)?;
                 self.vms.push(Some(restored));
             }
             VmStep::Reset { vm, snap } => {
@@ -246,10 +241,8 @@ impl VmWorld {
         let model = source.model.cloned();
         let mut vmm = image.build(id, &quiet_console()).map_err(|e| failed("building the clone", id, e))?;
         // The clone re-executed the requests in flight; settle them now, deterministically.
-        complete_blk(&vmm);
         let mut clone = FuzzVm { token: Some(pause(&mut vmm)?), vmm, model };
-        let done = clone.model.complete_blk();
-        check_completed(&clone, &done)?;
+        complete_held(&mut clone)?;
         self.vms.push(Some(clone));
         Ok(())
     }
@@ -264,10 +257,8 @@ impl VmWorld {
                 ensure!(!pinned, "VM {id}: reset went ahead while a device buffer was pinned");
                 // RAM, virtio-blk (queue, disk) and the DMA engine are back at the snapshot;
                 // the requests in flight then were re-executed: settle them, as for a clone.
-                complete_blk(&v.vmm);
                 v.model = s.model.cloned();
-                let done = v.model.complete_blk();
-                check_completed(v, &done)?;
+                complete_held(v)?;
             }
             Err(ResetError::Memory { source: MemoryError::Pinned { .. }, .. }) => {
                 ensure!(pinned, "VM {id}: reset refused with nothing pinned");
@@ -276,6 +267,14 @@ impl VmWorld {
         }
         Ok(())
     }
+}
+
+/// Completes every held request of `vm`, in the VM (to the kernel, then into the used ring)
+/// and in its model, and checks them.
+fn complete_held(vm: &mut FuzzVm) -> Result<(), Violation> {
+    complete_blk(&vm.vmm);
+    let done = vm.model.complete_blk();
+    check_completed(vm, &done)
 }
 
 /// After the requests `done` completed in `vm`: each has status OK and all are in the used ring.
