@@ -153,7 +153,7 @@ fn ctl_speaks_for_the_cli() {
     let out = ctl(&["vms"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("\"parent\":0"));
     let out = ctl(&["pause", "--vm", "7"]);
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(2), "an unknown VM id is bad input");
     assert!(String::from_utf8_lossy(&out.stderr).contains("HTTP 404"), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(ctl(&["shutdown"]).status.success());
     let gone = run_zygote(&["ctl", "--api-sock", Path::new(&sock).to_str().unwrap(), "vms"]);

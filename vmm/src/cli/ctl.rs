@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
 
-use super::{report, EXIT_FAILURE};
+use super::{report, EXIT_BAD_INPUT, EXIT_FAILURE};
 
 #[derive(Debug, Args)]
 pub(super) struct CtlArgs {
@@ -119,7 +119,13 @@ pub(super) fn ctl(args: CtlArgs) -> i32 {
         }
         Ok(response) => {
             eprintln!("zygote: HTTP {}: {}", response.status, response.body);
-            EXIT_FAILURE
+            // A 4xx is the request's fault (bad JSON, unknown VM id, refused snapshot): the same
+            // exit code as bad input on the command line. A 5xx is the VMM's failure.
+            if (400..500).contains(&response.status) {
+                EXIT_BAD_INPUT
+            } else {
+                EXIT_FAILURE
+            }
         }
         Err(e) => {
             eprintln!("{}", report(&e));
