@@ -90,8 +90,8 @@ fn truncated_corrupted_and_wrong_version_snapshots_are_refused() {
     flipped[last] ^= 0x01;
     assert!(matches!(refused(&flipped), SnapshotError::Corrupted { .. }));
     let text = String::from_utf8(good.clone()).unwrap();
-    let v1 = text.replacen("\"format_version\":2", "\"format_version\":1", 1);
-    assert!(matches!(refused(v1.as_bytes()), SnapshotError::Version { found: 1, .. }));
+    let v2 = text.replacen("\"format_version\":3", "\"format_version\":2", 1);
+    assert!(matches!(refused(v2.as_bytes()), SnapshotError::Version { found: 2, .. }));
     assert!(matches!(refused(b"hello\n"), SnapshotError::NotASnapshot { .. }));
 
     // A truncated or corrupted RAM file.

@@ -5,6 +5,7 @@
 //! Missing, truncated and corrupted disk files, and saved devices that do not match, are
 //! refused with an error naming the file (HTTP 400 through the API), no VM created.
 
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -135,6 +136,13 @@ fn disk_writes_before_a_snapshot_are_in_its_file_and_later_ones_are_not() {
     let diff = VmSnapshot::take(&vm, &token).unwrap();
     write_snapshot(&diff, &dir.join("diff.json"), &dir, SnapshotKind::Diff, Some(&full)).unwrap();
     vm.resume(token);
+    // The diff's disk file holds only the sectors written since the full one (and those the
+    // full one held privately), sparse elsewhere.
+    let diff_disk = &body_of(&dir.join("diff.json"))["disk"];
+    assert_eq!(diff_disk["diff_runs"], serde_json::json!([[10, 1], [20, 2]]), "{diff_disk}");
+    let allocated = |file: &serde_json::Value| std::fs::metadata(file.as_str().unwrap()).unwrap().blocks() * 512;
+    assert!(allocated(&diff_disk["file"]) <= 16 << 10, "diff disk file allocates {} bytes", allocated(&diff_disk["file"]));
+    assert!(allocated(&body_of(&dir.join("full.json"))["disk"]["file"]) >= 256 << 10, "the full one holds the disk");
     let at_diff = driver;
     driver.write(&vm, 10, &[b'D'; 2048]);
     assert_eq!(driver.read(&vm, 10, 512), vec![b'D'; 512]);
@@ -154,6 +162,13 @@ fn disk_writes_before_a_snapshot_are_in_its_file_and_later_ones_are_not() {
     assert!(std::fs::read(&disk).unwrap() == frozen_file, "the file holds the writes before the clone froze it");
     drop((vm_full.stop(), vm_diff.stop(), vm.stop()));
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The JSON body of the state file at `path`.
+fn body_of(path: &Path) -> serde_json::Value {
+    let bytes = std::fs::read(path).unwrap();
+    let newline = bytes.iter().position(|&b| b == b'\n').unwrap();
+    serde_json::from_slice(&bytes[newline + 1..]).unwrap()
 }
 
 /// Rewrites the body of the state file at `path` with `edit`, with a valid header (length and
@@ -217,6 +232,11 @@ fn bad_disk_files_and_mismatched_devices_are_refused() {
     let err = refused();
     assert!(matches!(&err, SnapshotError::DeviceMismatch { .. }), "{err:?}");
     assert!(err.to_string().contains("s.json"), "{err}");
+    // A full snapshot whose disk file claims to be a diff.
+    std::fs::write(&path, &good_state).unwrap();
+    rewrite_body(&path, |body| body["disk"]["diff_runs"] = serde_json::json!([[0, 1]]));
+    let err = refused();
+    assert!(matches!(&err, SnapshotError::DeviceMismatch { reason, .. } if reason.contains("no parent disk")), "{err:?}");
     // A request in flight past the disk's end.
     std::fs::write(&path, &good_state).unwrap();
     rewrite_body(&path, |body| {

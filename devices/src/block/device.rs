@@ -131,9 +131,10 @@ impl BlockDevice {
     pub fn capture_and_freeze<R>(&self, freeze_ram: impl FnOnce() -> R) -> Result<(BlockState, FrozenDisk, R), BlockError> {
         let mut core = self.lock();
         let state = self.state_locked(&core);
-        let frozen = core.disk.freeze()?;
+        let mut frozen = core.disk.freeze()?;
         for write in state.in_flight.iter().filter(|r| r.kind == RequestKind::Out) {
             core.disk.mark_changed_since_freeze(write.sector, write.data_len() / SECTOR_SIZE);
+            frozen.mark_unsettled(write.sector, write.data_len() / SECTOR_SIZE);
         }
         let ram = freeze_ram();
         Ok((state, frozen, ram))

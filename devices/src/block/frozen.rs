@@ -23,9 +23,13 @@ static NEXT_FREEZE_ID: AtomicU64 = AtomicU64::new(1);
 /// A disk's bytes as of one instant; never written again. See the module documentation.
 #[derive(Debug)]
 pub struct FrozenDisk {
-    id: u64,
+    pub(super) id: u64,
     /// Always has a base.
-    disk: CowDisk,
+    pub(super) disk: CowDisk,
+    /// Sectors a write in flight at the freeze may still change in the base (when the freeze
+    /// made the VM's file the base, the file takes those writes): a diff against this freeze
+    /// must carry them.
+    pub(super) unsettled: PageSet,
 }
 
 impl CowDisk {
@@ -37,7 +41,8 @@ impl CowDisk {
         let id = NEXT_FREEZE_ID.fetch_add(1, Ordering::Relaxed);
         self.frozen_from = Some(id);
         self.since_freeze.clear();
-        Ok(FrozenDisk { id, disk })
+        let unsettled = PageSet::new(self.sectors as usize);
+        Ok(FrozenDisk { id, disk, unsettled })
     }
 
     /// Counts `count` sectors at `sector` as changed since the last freeze (a write that was in
@@ -78,7 +83,7 @@ impl CowDisk {
 
 /// Splits the run (`first`, `count`) into maximal pieces inside or outside `set`:
 /// (inside, first, count).
-fn split_by(set: &PageSet, first: usize, count: usize) -> Vec<(bool, usize, usize)> {
+pub(super) fn split_by(set: &PageSet, first: usize, count: usize) -> Vec<(bool, usize, usize)> {
     let mut pieces: Vec<(bool, usize, usize)> = Vec::new();
     for s in first..first + count {
         let inside = set.contains(s);
@@ -91,6 +96,17 @@ fn split_by(set: &PageSet, first: usize, count: usize) -> Vec<(bool, usize, usiz
 }
 
 impl FrozenDisk {
+    /// `disk`'s bytes as a new freeze, settled (nothing in flight can change them).
+    pub(super) fn new(disk: CowDisk) -> FrozenDisk {
+        let unsettled = PageSet::new(disk.sectors as usize);
+        FrozenDisk { id: NEXT_FREEZE_ID.fetch_add(1, Ordering::Relaxed), disk, unsettled }
+    }
+
+    /// Counts `count` sectors at `sector` as being written at the freeze (see `unsettled`).
+    pub fn mark_unsettled(&mut self, sector: u64, count: u64) {
+        self.unsettled.insert_range(sector as usize, count as usize);
+    }
+
     /// A saved disk file as a frozen disk, opened read-only (it must never change: VMs
     /// started from it write their own overlays in `overlay_dir`).
     pub fn open(path: &Path, overlay_dir: &Path) -> Result<FrozenDisk, BlockError> {
@@ -110,7 +126,7 @@ impl FrozenDisk {
             frozen_from: None,
             since_freeze: PageSet::new(sectors as usize),
         };
-        Ok(FrozenDisk { id: NEXT_FREEZE_ID.fetch_add(1, Ordering::Relaxed), disk })
+        Ok(FrozenDisk::new(disk))
     }
 
     /// Disk size in sectors.
@@ -123,7 +139,7 @@ impl FrozenDisk {
         self.disk.written.len()
     }
 
-    fn base(&self) -> &LayerFile {
+    pub(super) fn base(&self) -> &LayerFile {
         self.disk.base().expect("a frozen disk always has a base")
     }
 

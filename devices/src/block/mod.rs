@@ -11,6 +11,7 @@ mod core;
 mod device;
 pub mod disk;
 mod frozen;
+mod frozen_diff;
 pub mod request;
 mod uring;
 

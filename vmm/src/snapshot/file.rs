@@ -8,8 +8,9 @@
 //!   VM's disk as of the snapshot instant (`FrozenDisk::write_to`), sparse where the disk's
 //!   base is sparse. The disk was frozen at the instant, with the device lock held, by copying
 //!   the VM's overlay sectors (O(written)); the bytes are written here, after the VM resumed.
-//!   A diff snapshot writes a full disk file too: the disk keeps no per-snapshot record of
-//!   which sectors changed since the parent's file (see docs/DESIGN.md).
+//!   A diff snapshot's disk file holds only the sectors that may have changed since the
+//!   parent's (`FrozenDisk::changed_since`, listed in the body), sparse elsewhere; it is a
+//!   full one only when the two disks share no base (a VM restored from another file).
 //! - The state file is one JSON header line (magic, format version, body length and CRC32)
 //!   followed by the JSON body (RAM files and their CRC32s, the parent for a diff, `VmState`).
 //!   It is written last, to a temporary file that is fsynced and renamed over the old one, so a
@@ -35,8 +36,8 @@ use crate::vstate::VmState;
 /// The first bytes of every state file.
 pub const MAGIC: &str = "zygote-snapshot";
 /// The one format version this build reads and writes (the whole file, not per struct).
-/// Version 2: the MMIO devices' state and the disk file.
-pub const FORMAT_VERSION: u32 = 2;
+/// Version 2: the MMIO devices' state and the disk file. Version 3: diff disk files.
+pub const FORMAT_VERSION: u32 = 3;
 
 /// Full: every RAM byte. Diff: the pages changed since the parent snapshot.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -117,6 +118,8 @@ struct DiskFile {
     file: PathBuf,
     sectors: u64,
     crc32: u32,
+    /// For a diff over the parent's disk: the (first sector, count) runs the file provides.
+    diff_runs: Option<Vec<(usize, usize)>>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -173,8 +176,14 @@ pub fn write_snapshot(
         Some(frozen) => {
             let path = mem_dir.join(format!("{stem}-disk-{nonce}.raw"));
             let file = File::create_new(&path).map_err(io(&path))?;
-            frozen.write_to(&file).map_err(io(&path))?;
-            Some(DiskFile { crc32: file_crc32(&path)?, file: path, sectors: frozen.sectors() })
+            let changed = parent.and_then(|p| p.snapshot.disk.as_deref()).and_then(|p| frozen.changed_since(p));
+            match &changed {
+                Some(sectors) => frozen.write_sectors_to(&file, sectors),
+                None => frozen.write_to(&file),
+            }
+            .map_err(io(&path))?;
+            let diff_runs = changed.map(|sectors| sectors.runs());
+            Some(DiskFile { crc32: file_crc32(&path)?, file: path, sectors: frozen.sectors(), diff_runs })
         }
         None => None,
     };
@@ -236,13 +245,20 @@ pub fn load_snapshot(state_path: &Path) -> Result<SnapshotOnDisk, SnapshotError>
         }
         files.push(file);
     }
-    let disk = load_disk(&path, &body)?;
-    let ram = match (&body.parent, header.kind) {
+    let parent = match (&body.parent, header.kind) {
         (Some((parent_path, parent_crc)), SnapshotKind::Diff) => {
             let parent = load_snapshot(parent_path)?;
             if parent.body_crc32 != *parent_crc {
                 return Err(SnapshotError::ParentChanged { path, parent: parent_path.clone() });
             }
+            Some(parent)
+        }
+        (None, SnapshotKind::Full) => None,
+        _ => return Err(SnapshotError::NotASnapshot { path }),
+    };
+    let disk = load_disk(&path, &body, parent.as_ref())?;
+    let ram = match &parent {
+        Some(parent) => {
             let diffs = files.into_iter().zip(&body.regions).map(|(file, region)| {
                 let mut pages = PageSet::new(region.size / PAGE_SIZE);
                 for &(first, count) in region.diff_runs.as_deref().unwrap_or_default() {
@@ -252,8 +268,7 @@ pub fn load_snapshot(state_path: &Path) -> Result<SnapshotOnDisk, SnapshotError>
             });
             Snapshot::from_diff_files(&parent.snapshot.ram, diffs.collect()).map_err(SnapshotError::Memory)?
         }
-        (None, SnapshotKind::Full) => Snapshot::from_files(&body.vm.regions(), files).map_err(SnapshotError::Memory)?,
-        _ => return Err(SnapshotError::NotASnapshot { path }),
+        None => Snapshot::from_files(&body.vm.regions(), files).map_err(SnapshotError::Memory)?,
     };
     if body.vm.regions() != ram.layout() {
         return Err(SnapshotError::NotASnapshot { path });
@@ -266,8 +281,9 @@ pub fn load_snapshot(state_path: &Path) -> Result<SnapshotOnDisk, SnapshotError>
 }
 
 /// Checks the disk file against the body (present exactly with virtio-blk state, length,
-/// CRC32, the saved requests fit it) and opens it read-only as a frozen disk.
-fn load_disk(path: &Path, body: &Body) -> Result<Option<FrozenDisk>, SnapshotError> {
+/// CRC32, the saved requests fit it) and opens it read-only as a frozen disk, or a diff one
+/// over `parent`'s disk.
+fn load_disk(path: &Path, body: &Body, parent: Option<&SnapshotOnDisk>) -> Result<Option<FrozenDisk>, SnapshotError> {
     let blk = body.vm.mmio.as_ref().and_then(|m| m.block.as_ref());
     let mismatch = |reason: String| SnapshotError::DeviceMismatch { path: path.to_path_buf(), reason };
     let (saved, disk) = match (blk, &body.disk) {
@@ -288,9 +304,19 @@ fn load_disk(path: &Path, body: &Body) -> Result<Option<FrozenDisk>, SnapshotErr
     if crc != disk.crc32 {
         return Err(SnapshotError::Corrupted { path: disk.file.clone(), expected: disk.crc32, actual: crc });
     }
-    FrozenDisk::open(&disk.file, &std::env::temp_dir())
-        .map(Some)
-        .map_err(|source| SnapshotError::Disk { path: disk.file.clone(), source })
+    let overlay_dir = std::env::temp_dir();
+    let opened = match (&disk.diff_runs, parent.and_then(|p| p.snapshot.disk.as_deref())) {
+        (None, _) => FrozenDisk::open(&disk.file, &overlay_dir),
+        (Some(runs), Some(parent_disk)) => {
+            let mut sectors = PageSet::new(disk.sectors as usize);
+            for &(first, count) in runs {
+                sectors.insert_range(first, count);
+            }
+            FrozenDisk::open_diff(parent_disk, &disk.file, &sectors)
+        }
+        (Some(_), None) => return Err(mismatch("a diff disk file with no parent disk under it".into())),
+    };
+    opened.map(Some).map_err(|source| SnapshotError::Disk { path: disk.file.clone(), source })
 }
 
 /// `VmState` is not `Clone` (kvm_xsave is not); a JSON round trip copies it exactly.
