@@ -22,10 +22,11 @@ if [ "${1:-}" = "--slow" ]; then
     # VMM with the feature, never a release artifact.
     cargo test -j1 -p zygote-vmm --features planted-bugs --lib fuzz
     # The real binary boots the vmlinux to its init's marker and reads a disk, boots the bzImage
-    # on two vCPUs (~75 s: its decompressor is emulated), and a booting Linux VM is cloned and
-    # both run to their init (~25-60 s each here, two at a time). The loader's own boots (no
+    # on two vCPUs (~75 s: its decompressor is emulated), a booting Linux VM is cloned and both
+    # run to their init, and one is cloned, snapshotted and restored through the control API
+    # (~25-60 s each here, two at a time). The loader's own boots (no
     # VMM around them) run by hand:
     #   cargo test --release -p zygote-vmm --test linux_boot -- --ignored --test-threads=1
-    exec cargo test -j1 --release -p zygote-tests --test linux_cli --test linux_clone "$@" -- --ignored
+    exec cargo test -j1 --release -p zygote-tests --test linux_cli --test linux_clone --test linux_api "$@" -- --ignored
 fi
 exec cargo test --workspace -j1 "$@"

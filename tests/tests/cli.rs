@@ -52,6 +52,20 @@ fn bad_input_exits_2_with_one_line() {
         assert!(err.contains(expect), "{args:?}: {err}");
         assert!(!err.contains("panicked"), "{args:?}: {err}");
     }
+    // The same through --api-sock: no VM, no server, no socket left behind.
+    let socket = zygote_tests::scratch_dir("cli-bad-api").join("api.sock");
+    for (args, expect) in [
+        (&["run", "--kernel", "README.md"][..], "README.md is not a kernel"),
+        (&["run", "--guest", "nope"], "unknown guest \"nope\""),
+    ] {
+        let mut all = args.to_vec();
+        all.extend_from_slice(&["--api-sock", socket.to_str().unwrap()]);
+        let out = run_zygote(&all);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{all:?}: {err}");
+        assert!(err.contains(expect), "{all:?}: {err}");
+        assert!(!socket.exists(), "{all:?} left its socket");
+    }
 }
 
 #[test]

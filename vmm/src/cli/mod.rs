@@ -11,7 +11,7 @@ mod ctl;
 use bench::{bench, BenchCommand};
 use ctl::{ctl, CtlArgs};
 use vmm::builder::{DEFAULT_MEM_MIB, MAX_MEM_MIB, MAX_VCPUS, MIN_MEM_MIB};
-use vmm::{boot_linux, run_tiny_guest, Console, LinuxConfig, VmConfig, VmOutcome};
+use vmm::{boot_linux, build_linux_vm, run_tiny_guest, Console, LinuxConfig, VmConfig, VmOutcome, Vmm};
 
 /// Exit code for bad input (bad flags, values, files).
 pub const EXIT_BAD_INPUT: i32 = 2;
@@ -108,7 +108,7 @@ struct RunArgs {
           value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_VCPUS)))]
     vcpus: u32,
     /// Serve the control API (HTTP/JSON) on this Unix socket; VM output lines get a [vmN] prefix.
-    #[arg(long, value_name = "PATH", requires = "guest")]
+    #[arg(long, value_name = "PATH")]
     api_sock: Option<PathBuf>,
 }
 
@@ -147,20 +147,45 @@ fn finish(outcome: VmOutcome) -> i32 {
 
 fn run(args: RunArgs) -> i32 {
     let vm = VmConfig { mem_mib: args.mem, vcpus: args.vcpus, vm_id: 0, console: Console::Stdout, disk: args.disk, irqchip: false };
-    if let Some(kernel) = args.kernel {
-        let config = LinuxConfig { vm, kernel, initrd: args.initrd, cmdline: args.cmdline };
-        return match boot_linux(&config) {
-            Ok(outcome) => finish(outcome),
-            Err(e) => fail(&e, e.is_bad_input()),
-        };
-    }
-    let name = args.guest.unwrap_or_default();
+    let root = match args.kernel {
+        Some(kernel) => Root::Linux(LinuxConfig { vm, kernel, initrd: args.initrd, cmdline: args.cmdline }),
+        None => Root::Tiny { vm, name: args.guest.unwrap_or_default(), arg: args.arg },
+    };
     if let Some(socket) = args.api_sock {
-        return serve(vm, &name, args.arg, &socket);
+        return serve(root, &socket);
     }
-    match run_tiny_guest(&vm, &name, args.arg) {
-        Ok(outcome) => finish(outcome),
-        Err(e) => fail(&e, e.is_bad_input()),
+    let outcome = match root {
+        Root::Linux(config) => boot_linux(&config).map_err(|e| fail(&e, e.is_bad_input())),
+        Root::Tiny { vm, name, arg } => run_tiny_guest(&vm, &name, arg).map_err(|e| fail(&e, e.is_bad_input())),
+    };
+    outcome.map_or_else(|code| code, finish)
+}
+
+/// What `zygote run` starts as VM 0.
+enum Root {
+    Tiny { vm: VmConfig, name: String, arg: u64 },
+    Linux(LinuxConfig),
+}
+
+impl Root {
+    /// Builds VM 0 (paused, not started) with a `[vm0] ` console prefix, and the address where
+    /// its guest reads its VM id, if it does; on failure, the exit code after saying why.
+    fn build(self) -> Result<(Vmm, Option<memory::GuestAddress>), i32> {
+        let prefixed = |vm: VmConfig| VmConfig { console: Console::Prefixed(format!("[vm{}] ", vm.vm_id)), ..vm };
+        match self {
+            Root::Tiny { vm, name, arg } => {
+                let Some(guest) = vmm::guests::find(&name) else {
+                    eprintln!("zygote: unknown guest {name:?}: the bundled guests are {}", vmm::guests::names());
+                    return Err(EXIT_BAD_INPUT);
+                };
+                let root = vmm::build_tiny_vm(&prefixed(vm), guest, arg).map_err(|e| fail(&e, e.is_bad_input()))?;
+                Ok((root, Some(memory::GuestAddress(vmm::layout::VM_ID_ADDR))))
+            }
+            Root::Linux(config) => {
+                let config = LinuxConfig { vm: prefixed(config.vm), ..config };
+                Ok((build_linux_vm(&config).map_err(|e| fail(&e, e.is_bad_input()))?, None))
+            }
+        }
     }
 }
 
@@ -174,31 +199,22 @@ fn fail(err: &dyn std::error::Error, bad_input: bool) -> i32 {
     }
 }
 
-/// Runs tiny guest `name` as VM 0 and serves the control API on `socket` until a Shutdown
-/// request or until the guest ends VM 0.
-fn serve(mut config: VmConfig, name: &str, arg: u64, socket: &std::path::Path) -> i32 {
-    config.console = Console::Prefixed(format!("[vm{}] ", config.vm_id));
-    let Some(guest) = vmm::guests::find(name) else {
-        eprintln!("zygote: unknown guest {name:?}: the bundled guests are {}", vmm::guests::names());
-        return EXIT_BAD_INPUT;
-    };
+/// Runs `root` as VM 0 and serves the control API on `socket` until a Shutdown request or
+/// until the guest ends VM 0.
+fn serve(root: Root, socket: &std::path::Path) -> i32 {
     let server = match vmm::api::server::ApiServer::bind(socket) {
         Ok(server) => server,
-        Err(e) => {
-            eprintln!("{}", report(&e));
-            return EXIT_BAD_INPUT;
-        }
+        Err(e) => return fail(&e, true),
     };
-    let mut root = match vmm::build_tiny_vm(&config, guest, arg) {
-        Ok(vm) => vm,
-        Err(e) => {
-            eprintln!("{}", report(&e));
-            return if e.is_bad_input() { EXIT_BAD_INPUT } else { EXIT_FAILURE };
+    let (mut root, id_mailbox) = match root.build() {
+        Ok(built) => built,
+        Err(code) => {
+            let _ = std::fs::remove_file(socket);
+            return code;
         }
     };
     root.start();
-    let mailbox = Some(memory::GuestAddress(vmm::layout::VM_ID_ADDR));
-    let mut controller = vmm::api::Controller::new(root, mailbox);
+    let mut controller = vmm::api::Controller::new(root, id_mailbox);
     let code = server.serve(&mut controller);
     drop(controller);
     let _ = std::fs::remove_file(socket);
