@@ -104,8 +104,9 @@ fn linux_through_the_api_clones_snapshots_and_restores_mid_boot() {
         std::thread::sleep(Duration::from_millis(20));
     };
     eprintln!(
-        "clone pause {} µs; all three VMs read their disks in {:.1} s",
+        "clone pause {} µs ({}); all three VMs read their disks in {:.1} s",
         cloned["report"]["pause_us"],
+        cloned["report"],
         start.elapsed().as_secs_f64()
     );
     assert_eq!(status.code(), Some(0), "VM 0's reset ends the process with 0");
