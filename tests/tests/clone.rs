@@ -104,7 +104,9 @@ fn pre_copied_clones_of_a_guest_rewriting_its_pages_hold_the_clone_instant_bytes
     wait_for_progress(&source, &[0, 0]);
     for round in 0..5 {
         let before = spin_counters(&source);
-        wait_for_progress(&source, &before.iter().map(|c| c + 600).collect::<Vec<_>>());
+        let target: Vec<u64> = before.iter().map(|c| c + 600).collect();
+        let now = wait_for_progress(&source, &target);
+        assert!(now.iter().zip(&target).all(|(a, b)| a > b), "round {round}: the guest stalled: {before:?} -> {now:?}");
         let first = source.ram().precopy().unwrap();
         assert!(first.written_pages > 0, "round {round}: nothing to pre-copy: {first:?}");
         source.ram().precopy().unwrap();

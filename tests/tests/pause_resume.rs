@@ -2,34 +2,12 @@
 //! `GuestRam::take_dirty`.
 
 use std::thread::sleep;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use memory::{GuestAddress, PAGE_SIZE};
 use vmm::layout::{COUNTERS_ADDR, PATTERN_ADDR};
-use vmm::{build_tiny_vm, guests, VmConfig, VmOutcome};
-use zygote_tests::{captured, read_u64};
-
-fn spin_vm(vcpus: u32, vm_id: u64) -> vmm::Vmm {
-    let (config, _) = captured(vcpus);
-    let config = VmConfig { vm_id, ..config };
-    build_tiny_vm(&config, guests::find("spin").unwrap(), 0).unwrap()
-}
-
-/// Polls until every counter is past `before` (the host may be busy: no fixed sleeps).
-fn wait_for_progress(vmm: &vmm::Vmm, before: &[u64]) -> Vec<u64> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let now = counters(vmm);
-        if now.iter().zip(before).all(|(a, b)| a > b) || Instant::now() > deadline {
-            return now;
-        }
-        sleep(Duration::from_millis(5));
-    }
-}
-
-fn counters(vmm: &vmm::Vmm) -> Vec<u64> {
-    (0..vmm.vcpu_count() as u64).map(|i| read_u64(vmm.ram(), COUNTERS_ADDR + 8 * i)).collect()
-}
+use vmm::{build_tiny_vm, guests, VmOutcome};
+use zygote_tests::{captured, read_u64, spin_counters as counters, spin_vm, wait_for_progress};
 
 #[test]
 fn pause_stops_every_counter_and_resume_restarts_them() {
