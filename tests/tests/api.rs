@@ -201,3 +201,55 @@ fn a_vm_with_a_disk_clones_over_the_socket() {
     assert_eq!(std::fs::read(&disk).unwrap(), bytes, "the disk, frozen as the clones' base, is unchanged");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Pauses VM 0 of `api`, snapshots it to `name` in its directory and shuts the server down;
+/// returns the state file and what VM 0 printed before (its whole lines, prefix stripped).
+fn snapshot_and_shut_down(mut api: Served, name: &str) -> (PathBuf, String) {
+    let path = api.dir.join(name);
+    api.json("PATCH", "/vm", Some(r#"{"state":"Paused"}"#));
+    let body = serde_json::json!({ "snapshot_path": path }).to_string();
+    api.json("PUT", "/snapshot/create", Some(&body));
+    let stdout = api.child.stdout.take();
+    api.shutdown();
+    let mut out = String::new();
+    if let Some(mut stdout) = stdout {
+        std::io::Read::read_to_string(&mut stdout, &mut out).unwrap();
+    }
+    let printed = out.lines().filter_map(|l| l.strip_prefix("[vm0] ")).map(|l| format!("{l}\n")).collect();
+    (path, printed)
+}
+
+#[test]
+fn run_restore_goes_on_from_a_snapshot_file_and_serves_it_with_reset() {
+    // A deterministic guest snapshotted mid-run: `zygote run --restore` prints the rest.
+    let whole = run_zygote(&["run", "--guest", "sequence", "--arg", "24"]);
+    let whole = String::from_utf8(whole.stdout).unwrap();
+    let api = Served::start_guest("api-restore", &["--guest", "sequence", "--arg", "24"], Stdio::piped());
+    std::thread::sleep(Duration::from_millis(100));
+    let (sequence, before) = snapshot_and_shut_down(api, "sequence.json");
+    let restored = run_zygote(&["run", "--restore", sequence.to_str().unwrap()]);
+    assert_eq!(restored.status.code(), Some(0), "{}", String::from_utf8_lossy(&restored.stderr));
+    let after = String::from_utf8(restored.stdout).unwrap();
+    assert!(!after.is_empty() && after.len() < whole.len(), "the restore starts mid-run:\n{after}");
+    assert!(whole.ends_with(&after), "the restored VM goes on exactly from the snapshot:\n{after}\nwhole:\n{whole}");
+    assert!(whole[..whole.len() - after.len()].starts_with(&before), "printed before:\n{before}\nwhole:\n{whole}");
+
+    // Served: VM 0 is the restored one, and a reset brings it back to the file's snapshot.
+    let (spin, _) = snapshot_and_shut_down(Served::start("api-restore-spin"), "spin.json");
+    let api = Served::start_guest("api-restored", &["--restore", spin.to_str().unwrap()], Stdio::null());
+    let vms = api.json("GET", "/vms", None);
+    assert_eq!(states(&vms), vec![(0, None, "Running".to_string())]);
+    assert!(api.json("PUT", "/reset", None)["reset_us"].as_u64().is_some());
+    assert_eq!(api.json("PUT", "/clone", None)["vm_id"], 1);
+    api.shutdown();
+
+    for (args, expect) in [
+        (&["run", "--restore", "README.md"][..], "not a Zygote snapshot"),
+        (&["run", "--restore", spin.to_str().unwrap(), "--mem", "64"], "cannot be used with"),
+    ] {
+        let out = run_zygote(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(expect) && err.lines().count() == 1, "{args:?}: {err}");
+    }
+}

@@ -58,6 +58,18 @@ impl Controller {
         Controller { vms, next_id, id_mailbox }
     }
 
+    /// A tree holding `root`, already started, restored from `loaded`: resetting it goes back
+    /// to that snapshot, and its first diff snapshot is relative to it.
+    pub fn restored(root: Vmm, loaded: SnapshotOnDisk) -> Controller {
+        let mut controller = Controller::new(root, None);
+        let root = controller.root_id();
+        if let Some(entry) = controller.vms.get_mut(&root) {
+            entry.base = Some(loaded.snapshot.clone());
+            entry.last_on_disk = Some(loaded);
+        }
+        controller
+    }
+
     /// The root VM's id (the lowest).
     pub fn root_id(&self) -> u64 {
         self.vms.keys().next().copied().unwrap_or(0)

@@ -11,6 +11,8 @@ mod ctl;
 use bench::{bench, BenchCommand};
 use ctl::{ctl, CtlArgs};
 use vmm::builder::{DEFAULT_MEM_MIB, MAX_MEM_MIB, MAX_VCPUS, MIN_MEM_MIB};
+use vmm::api::Controller;
+use vmm::snapshot::file::{load_snapshot, SnapshotOnDisk};
 use vmm::{boot_linux, build_linux_vm, run_tiny_guest, Console, LinuxConfig, VmConfig, VmOutcome, Vmm};
 
 /// Exit code for bad input (bad flags, values, files).
@@ -79,9 +81,9 @@ struct FuzzArgs {
 
 
 #[derive(Debug, Args)]
-#[command(group(clap::ArgGroup::new("what").required(true).args(["guest", "kernel"])))]
+#[command(group(clap::ArgGroup::new("what").required(true).args(["guest", "kernel", "restore"])))]
 struct RunArgs {
-    /// Bundled guest: hello, fault, exitcode, spin.
+    /// Bundled guest (see the README: hello, spin, sequence, dma, ...).
     #[arg(long, value_name = "NAME")]
     guest: Option<String>,
     /// Argument for the tiny guest (RDX; `exitcode` exits with its low byte).
@@ -96,6 +98,10 @@ struct RunArgs {
     /// Kernel command line.
     #[arg(long, value_name = "S", requires = "kernel")]
     cmdline: Option<String>,
+    /// Start from a snapshot's state file (written by `PUT /snapshot/create`) instead: RAM,
+    /// vCPUs, devices and disk come from it, and `PUT /reset` of VM 0 goes back to it.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["mem", "vcpus", "disk"])]
+    restore: Option<PathBuf>,
     /// Guest RAM in MiB.
     #[arg(long, value_name = "MiB", default_value_t = DEFAULT_MEM_MIB,
           value_parser = clap::value_parser!(u64).range(MIN_MEM_MIB..=MAX_MEM_MIB))]
@@ -147,9 +153,10 @@ fn finish(outcome: VmOutcome) -> i32 {
 
 fn run(args: RunArgs) -> i32 {
     let vm = VmConfig { mem_mib: args.mem, vcpus: args.vcpus, vm_id: 0, console: Console::Stdout, disk: args.disk, irqchip: false };
-    let root = match args.kernel {
-        Some(kernel) => Root::Linux(LinuxConfig { vm, kernel, initrd: args.initrd, cmdline: args.cmdline }),
-        None => Root::Tiny { vm, name: args.guest.unwrap_or_default(), arg: args.arg },
+    let root = match (args.kernel, args.restore) {
+        (Some(kernel), _) => Root::Linux(LinuxConfig { vm, kernel, initrd: args.initrd, cmdline: args.cmdline }),
+        (None, Some(path)) => Root::Restore(path),
+        (None, None) => Root::Tiny { vm, name: args.guest.unwrap_or_default(), arg: args.arg },
     };
     if let Some(socket) = args.api_sock {
         return serve(root, &socket);
@@ -157,6 +164,7 @@ fn run(args: RunArgs) -> i32 {
     let outcome = match root {
         Root::Linux(config) => boot_linux(&config).map_err(|e| fail(&e, e.is_bad_input())),
         Root::Tiny { vm, name, arg } => run_tiny_guest(&vm, &name, arg).map_err(|e| fail(&e, e.is_bad_input())),
+        Root::Restore(path) => restore(&path, &Console::Stdout).map(|(vmm, _)| vmm.run()),
     };
     outcome.map_or_else(|code| code, finish)
 }
@@ -165,12 +173,22 @@ fn run(args: RunArgs) -> i32 {
 enum Root {
     Tiny { vm: VmConfig, name: String, arg: u64 },
     Linux(LinuxConfig),
+    /// A snapshot's state file.
+    Restore(PathBuf),
+}
+
+/// VM 0 built from the snapshot at `path`, and the loaded snapshot; on failure, the exit code
+/// after saying why (whatever is wrong comes from the file: bad input).
+fn restore(path: &std::path::Path, console: &Console) -> Result<(Vmm, SnapshotOnDisk), i32> {
+    let loaded = load_snapshot(path).map_err(|e| fail(&e, true))?;
+    let vmm = loaded.snapshot.restore(0, console).map_err(|e| fail(&e, true))?;
+    Ok((vmm, loaded))
 }
 
 impl Root {
-    /// Builds VM 0 (paused, not started) with a `[vm0] ` console prefix, and the address where
-    /// its guest reads its VM id, if it does; on failure, the exit code after saying why.
-    fn build(self) -> Result<(Vmm, Option<memory::GuestAddress>), i32> {
+    /// The API's VMs with VM 0 built and started, its console lines prefixed `[vm0] `; on
+    /// failure, the exit code after saying why.
+    fn build(self) -> Result<Controller, i32> {
         let prefixed = |vm: VmConfig| VmConfig { console: Console::Prefixed(format!("[vm{}] ", vm.vm_id)), ..vm };
         match self {
             Root::Tiny { vm, name, arg } => {
@@ -178,12 +196,20 @@ impl Root {
                     eprintln!("zygote: unknown guest {name:?}: the bundled guests are {}", vmm::guests::names());
                     return Err(EXIT_BAD_INPUT);
                 };
-                let root = vmm::build_tiny_vm(&prefixed(vm), guest, arg).map_err(|e| fail(&e, e.is_bad_input()))?;
-                Ok((root, Some(memory::GuestAddress(vmm::layout::VM_ID_ADDR))))
+                let mut root = vmm::build_tiny_vm(&prefixed(vm), guest, arg).map_err(|e| fail(&e, e.is_bad_input()))?;
+                root.start();
+                Ok(Controller::new(root, Some(memory::GuestAddress(vmm::layout::VM_ID_ADDR))))
             }
             Root::Linux(config) => {
                 let config = LinuxConfig { vm: prefixed(config.vm), ..config };
-                Ok((build_linux_vm(&config).map_err(|e| fail(&e, e.is_bad_input()))?, None))
+                let mut root = build_linux_vm(&config).map_err(|e| fail(&e, e.is_bad_input()))?;
+                root.start();
+                Ok(Controller::new(root, None))
+            }
+            Root::Restore(path) => {
+                let (mut root, loaded) = restore(&path, &Console::Prefixed("[vm0] ".into()))?;
+                root.start();
+                Ok(Controller::restored(root, loaded))
             }
         }
     }
@@ -206,15 +232,13 @@ fn serve(root: Root, socket: &std::path::Path) -> i32 {
         Ok(server) => server,
         Err(e) => return fail(&e, true),
     };
-    let (mut root, id_mailbox) = match root.build() {
-        Ok(built) => built,
+    let mut controller = match root.build() {
+        Ok(controller) => controller,
         Err(code) => {
             let _ = std::fs::remove_file(socket);
             return code;
         }
     };
-    root.start();
-    let mut controller = vmm::api::Controller::new(root, id_mailbox);
     let code = server.serve(&mut controller);
     drop(controller);
     let _ = std::fs::remove_file(socket);
