@@ -5,9 +5,13 @@
 //! - every harvest (the host-write bitmap, KVM's dirty log) takes the pages it reports out of
 //!   the clean set, and a harvest always runs before the copy it guards, so a write racing the
 //!   copy is reported by the next harvest, the freeze's;
-//! - pinned pages are never pre-copied and never trusted: a device may DMA into them behind
-//!   every bitmap, so the freeze copies whatever is pinned at its instant (rule 2); an unpin of
-//!   a write pin reports its pages written;
+//! - pinned pages are never trusted: a device may DMA into them behind every bitmap, so the
+//!   freeze copies whatever is pinned at its instant (rule 2); an unpin of a write pin reports
+//!   its pages written. A round still copies them into the target, never marking them clean,
+//!   so that the freeze's copy lands on pages the image already has: a first write into a
+//!   memfd page faults it in (2-5 µs a page on these hosts), which for a 1 MiB DMA buffer was
+//!   most of the pause. Pinned pages are private in the RAM's mapping (the pin populated them),
+//!   so writing them into the fold target shows no VM anything;
 //! - the dirty and private sets are left as they are: `take_dirty` and `reset_to` still see
 //!   every page written since their last reference point.
 //!
@@ -64,12 +68,15 @@ pub struct PrecopyReport {
     pub written_pages: usize,
     /// Pages written by earlier rounds and not written since (not written again).
     pub clean_pages: usize,
+    /// Pinned pages copied into freeze targets ahead of the freeze, which copies them again.
+    pub pinned_pages: usize,
 }
 
 impl GuestRam {
     /// One pre-copy round, with the VM running: harvests who wrote what, then writes every
     /// changed, unpinned page not already pre-copied into the image the next freeze of its
-    /// region will write. The next `clone_cow`, `snapshot` or `freeze` then writes only the
+    /// region will write (and the pinned pages, untrusted, so that the freeze's copy of them
+    /// faults nothing in). The next `clone_cow`, `snapshot` or `freeze` then writes only the
     /// pages written since, plus the pinned ones. Call it again to shrink that remainder.
     ///
     /// Costs CPU, not pause. Pins wait for it (it holds the RAM lock); DMA does not.
@@ -86,11 +93,13 @@ impl GuestRam {
                 None => PageSet::new(capacity),
             };
             wanted.union_with(&st.private);
+            let mut pinned = PageSet::new(capacity);
             for page in self.pinned_pages(index).unwrap_or_default() {
                 wanted.remove(page);
+                pinned.insert(page);
             }
             if !st.precopy.as_ref().is_some_and(|p| p.matches(fold, &st.stack)) {
-                if wanted.is_empty() {
+                if wanted.is_empty() && pinned.is_empty() {
                     st.precopy = None;
                     continue;
                 }
@@ -110,6 +119,9 @@ impl GuestRam {
             write_runs(region, image, &wanted.runs())?;
             report.written_pages += wanted.len();
             precopy.clean.union_with(&wanted);
+            pinned.subtract(&precopy.clean);
+            write_runs(region, image, &pinned.runs())?;
+            report.pinned_pages += pinned.len();
         }
         Ok(report)
     }

@@ -100,14 +100,21 @@ fn a_write_pin_that_ended_after_the_precopy_counts_its_pages_written() {
 }
 
 #[test]
-fn pinned_pages_are_never_precopied() {
+fn pinned_pages_are_copied_ahead_but_never_trusted() {
     let src = ram();
     fill(&src, 1, 1);
     fill(&src, 2, 1);
-    let _dma = src.pin(GuestAddress(PAGE_SIZE as u64), PAGE_SIZE, Access::Read).unwrap();
-    assert_eq!(src.precopy().unwrap().written_pages, 1, "only the unpinned page");
-    let (_, report) = src.freeze().unwrap();
+    let dma = src.pin(GuestAddress(PAGE_SIZE as u64), PAGE_SIZE, Access::Write).unwrap();
+    let round = src.precopy().unwrap();
+    assert_eq!((round.written_pages, round.pinned_pages), (1, 1), "the pinned page is copied, not trusted");
+    // DMA after the round: the freeze copies the pinned page again, at its instant.
+    // SAFETY: the guard pins one page at host_ptr and keeps it mapped.
+    unsafe { std::ptr::write_bytes(dma.host_ptr(), 3, PAGE_SIZE) };
+    assert_eq!(read(&src, 1), vec![3; PAGE_SIZE], "the source sees its DMA, not the round's copy");
+    let (frozen, report) = src.freeze().unwrap();
     assert_eq!((report.written_pages, report.precopied_pages), (1, 1));
+    let clone = src.clone_from_frozen(&frozen).unwrap();
+    assert_eq!(read(&clone, 1), vec![3; PAGE_SIZE], "the clone has the bytes of the freeze instant");
 }
 
 #[test]
