@@ -75,6 +75,38 @@ fn full_and_diff_files_restore_the_same_bytes() {
 }
 
 #[test]
+fn restores_of_one_snapshot_file_share_its_page_cache() {
+    const RESTORES: u64 = 4;
+    let dir = tempdir();
+    let size = 8 * MIB;
+    let layout = vec![(GuestAddress(0), size)];
+    let ram = GuestRam::new(&layout).unwrap();
+    let bytes: Vec<u8> = (0..size).map(|i| (i / PAGE_SIZE) as u8 ^ (i % 251) as u8).collect();
+    ram.write_slice(&bytes, GuestAddress(0)).unwrap();
+    let path = dir.join("shared.0");
+    ram.snapshot().unwrap().write_region(0, &File::create(&path).unwrap()).unwrap();
+    drop(ram);
+    let snap = Snapshot::from_files(&layout, vec![File::open(&path).unwrap()]).unwrap();
+    let restored: Vec<GuestRam> = (0..RESTORES).map(|_| GuestRam::from_snapshot(&snap).unwrap()).collect();
+    for ram in &restored {
+        assert!(read(ram, 0, size) == bytes, "every restore reads the file's bytes");
+    }
+    for (i, ram) in restored.iter().enumerate() {
+        let stats = ram.stats();
+        // Every page was read, none written: all of it is the file's page cache, mapped
+        // MAP_PRIVATE by each restore, so each is charged a quarter of it.
+        assert_eq!(stats.private_bytes, 0, "restore {i}: {stats:?}");
+        assert!(stats.pss_bytes <= stats.ram_bytes / RESTORES + 64 * PAGE_SIZE as u64, "restore {i}: {stats:?}");
+    }
+    // A write makes one page of one restore its own; the others still read the file.
+    restored[1].write_slice(&[0xee; 8], GuestAddress(0x3000)).unwrap();
+    assert_eq!(restored[1].stats().private_bytes, PAGE_SIZE as u64);
+    assert_eq!(read(&restored[2], 0x3000, 8), bytes[0x3000..0x3008].to_vec());
+    drop((restored, snap));
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
 fn files_of_the_wrong_shape_are_refused() {
     let dir = tempdir();
     let short = files(&dir, "short");
