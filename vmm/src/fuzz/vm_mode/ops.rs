@@ -142,6 +142,11 @@ impl VmWorld {
                 ensure!(missed.is_empty(), "VM {}: take_dirty missed written data pages {missed:?}", v.vmm.id());
                 v.model.dirty.clear();
             }
+            VmStep::Precopy { vm } => {
+                let Some(i) = pick_vm(vm) else { return Ok(()) };
+                let v = self.vm(i);
+                v.vmm.ram().precopy().map_err(|e| failed("precopy", v.vmm.id(), e))?;
+            }
         }
         Ok(())
     }

@@ -44,10 +44,13 @@ pub enum VmStep {
     DropSnapshot { snap: u8 },
     /// `GuestRam::take_dirty`: every page written since the last call must be in it.
     TakeDirty { vm: u8 },
+    /// A pre-copy round (`GuestRam::precopy`), as a live clone does before its pause: copies
+    /// changed pages ahead, and pinned ones untrusted; no VM may see a byte of it.
+    Precopy { vm: u8 },
 }
 
 /// Relative weights: DMA steps and clones dominate, since their timing is the point.
-const WEIGHTS: [u64; 16] = [6, 3, 5, 10, 3, 4, 3, 4, 6, 3, 1, 3, 1, 1, 3, 3];
+const WEIGHTS: [u64; 17] = [6, 3, 5, 10, 3, 4, 3, 4, 6, 3, 1, 3, 1, 1, 3, 3, 3];
 
 /// Draws one step.
 pub fn draw_vm_step(e: &mut impl Entropy) -> VmStep {
@@ -91,6 +94,7 @@ pub fn draw_vm_step(e: &mut impl Entropy) -> VmStep {
         12 => VmStep::DropVm { vm: b(8) as u8 },
         13 => VmStep::DropSnapshot { snap: b(8) as u8 },
         14 => VmStep::TakeDirty { vm: b(8) as u8 },
+        16 => VmStep::Precopy { vm: b(8) as u8 },
         _ => VmStep::DmaCopy {
             vm: b(8) as u8,
             page: b(pages) as u8,
