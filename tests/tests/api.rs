@@ -253,3 +253,42 @@ fn run_restore_goes_on_from_a_snapshot_file_and_serves_it_with_reset() {
         assert!(err.contains(expect) && err.lines().count() == 1, "{args:?}: {err}");
     }
 }
+
+#[test]
+fn an_empty_server_is_configured_like_firecracker_and_refuses_bad_configurations() {
+    let (spin, _) = snapshot_and_shut_down(Served::start("api-empty-spin"), "spin.json");
+    let api = Served::start_guest("api-empty", &[], Stdio::null());
+    let junk = api.dir.join("junk.bin");
+    std::fs::write(&junk, [0x5a; 4096]).unwrap();
+    let junk_source = serde_json::json!({ "kernel_image_path": junk }).to_string();
+    assert_eq!(api.json("GET", "/", None)["state"], "Not started");
+    assert_eq!(api.json("GET", "/vms", None), serde_json::json!([]));
+    for (method, path, body, status, needle) in [
+        ("PUT", "/machine-config", r#"{"vcpu_count":0,"mem_size_mib":64}"#, 400, "vcpu_count 0"),
+        ("PUT", "/machine-config", r#"{"vcpu_count":1,"mem_size_mib":1}"#, 400, "mem_size_mib 1"),
+        ("PUT", "/machine-config", r#"{"vcpu_count":1,"mem_size_mib":64,"smt":true}"#, 400, "unknown field"),
+        ("PUT", "/drives/rootfs", r#"{"drive_id":"data","path_on_host":"/tmp/x"}"#, 400, "in the path"),
+        ("PUT", "/drives/rootfs", r#"{"drive_id":"rootfs","path_on_host":"/tmp/x","is_read_only":true}"#, 400, "is_read_only"),
+        ("PUT", "/actions", r#"{"action_type":"InstanceStart"}"#, 400, "PUT /boot-source first"),
+        ("PUT", "/boot-source", junk_source.as_str(), 200, ""),
+        ("PUT", "/actions", r#"{"action_type":"InstanceStart"}"#, 400, "not a kernel"),
+        ("PUT", "/boot-source", r#"{"kernel_image_path":"/nonexistent/vmlinux"}"#, 200, ""),
+        ("PUT", "/actions", r#"{"action_type":"InstanceStart"}"#, 400, "/nonexistent/vmlinux"),
+        ("PUT", "/clone", "", 404, "no VM with id 0"),
+    ] {
+        let response = api.call(method, path, Some(body));
+        assert_eq!(response.status, status, "{method} {path} {body}: {response:?}");
+        assert!(response.body.contains(needle), "{method} {path} {body}: {}", response.body);
+    }
+    assert_eq!(api.json("GET", "/vms", None), serde_json::json!([]), "no failed start left a VM");
+
+    // A snapshot loaded into the empty server is VM 0, and its reset goes back to the file.
+    let load = serde_json::json!({ "snapshot_path": spin, "resume_vm": true }).to_string();
+    assert_eq!(api.json("PUT", "/snapshot/load", Some(&load))["vm_id"], 0);
+    assert_eq!(api.json("GET", "/", None)["state"], "Running");
+    assert!(api.json("PUT", "/reset", None)["reset_us"].as_u64().is_some());
+    let closed = api.call("PUT", "/machine-config", Some(r#"{"vcpu_count":1,"mem_size_mib":64}"#));
+    assert_eq!(closed.status, 400, "{closed:?}");
+    assert!(closed.body.contains("closed"), "{}", closed.body);
+    api.shutdown();
+}

@@ -1,7 +1,8 @@
-//! Slow (`scripts/test.sh --slow`; three real Linux VMs, ~40 s here): `zygote run --kernel
-//! ... --api-sock` boots Linux with a disk as VM 0; `zygote ctl` clones it mid-boot (before its
-//! virtio-blk probe), pauses it, snapshots it to files and loads the snapshot as a new running
-//! VM. The clone and the restored VM each probe their own disk and print the disk's checksum
+//! Slow (`scripts/test.sh --slow`; three real Linux VMs, ~25-40 s here): `zygote run
+//! --api-sock` alone is configured as Firecracker is (`PUT /machine-config`, `/boot-source`,
+//! `/drives/rootfs`, then `PUT /actions` InstanceStart) and boots Linux with a disk as VM 0;
+//! `zygote ctl` clones it mid-boot (before its virtio-blk probe), pauses it, snapshots it to
+//! files and loads the snapshot as a new running VM. The clone and the restored VM each probe their own disk and print the disk's checksum
 //! with their own `[vmN] ` prefix; then VM 0 resumes and does the same, and its reset ends the
 //! process with code 0.
 //!
@@ -14,6 +15,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use serde_json::json;
+use vmm::api::client::call;
 use vmm::linux::DEFAULT_CMDLINE;
 use zygote_tests::linux::{kernel_and_initrd, write_checksum_disk};
 use zygote_tests::{run_zygote, scratch_dir, zygote_bin};
@@ -64,8 +67,7 @@ fn linux_through_the_api_clones_snapshots_and_restores_mid_boot() {
     // Without `quiet`: the test clones on a kernel line.
     let cmdline = format!("{} zygote_blk=1", DEFAULT_CMDLINE.replace(" quiet", ""));
     let mut child = Command::new(zygote_bin())
-        .args(["run", "--kernel", kernel.to_str().unwrap(), "--initrd", initrd.to_str().unwrap(), "--mem", "256"])
-        .args(["--disk", disk.to_str().unwrap(), "--cmdline", &cmdline, "--api-sock", socket.to_str().unwrap()])
+        .args(["run", "--api-sock", socket.to_str().unwrap()])
         .stdout(Stdio::piped())
         .spawn()
         .expect("spawning zygote");
@@ -74,6 +76,20 @@ fn linux_through_the_api_clones_snapshots_and_restores_mid_boot() {
     let sink = Arc::clone(&lines);
     std::thread::spawn(move || BufReader::new(stdout).lines().map_while(Result::ok).for_each(|l| sink.lock().unwrap().push(l)));
     let mut served = Served { child, lines };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+        assert!(Instant::now() < deadline, "the API socket never came up");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    for (path, body) in [
+        ("/machine-config", json!({ "vcpu_count": 1, "mem_size_mib": 256 })),
+        ("/boot-source", json!({ "kernel_image_path": kernel, "initrd_path": initrd, "boot_args": cmdline })),
+        ("/drives/rootfs", json!({ "drive_id": "rootfs", "path_on_host": disk, "is_root_device": false })),
+        ("/actions", json!({ "action_type": "InstanceStart" })),
+    ] {
+        let response = call(&socket, "PUT", path, Some(&body.to_string())).expect("API call");
+        assert!(response.is_success(), "PUT {path}: {response:?}");
+    }
     let start = Instant::now();
 
     served.wait_for(|l| l.starts_with("[vm0] ") && l.contains(BEFORE_VIRTIO), BEFORE_VIRTIO);

@@ -9,6 +9,7 @@ use std::time::Duration;
 use memory::{GuestAddress, PAGE_SIZE};
 use serde::Serialize;
 
+use super::preboot::PendingBoot;
 use super::ApiError;
 use crate::clone::{capture_clone, clone_vm, ClonePath, CloneReport};
 use crate::devices::Console;
@@ -47,6 +48,8 @@ pub struct Controller {
     next_id: u64,
     /// Where the guests read their VM id (the tiny guests' mailbox), if they do.
     id_mailbox: Option<GuestAddress>,
+    /// VM 0's configuration while it is still to be started over the API (`Controller::empty`).
+    pending: Option<PendingBoot>,
 }
 
 impl Controller {
@@ -55,7 +58,35 @@ impl Controller {
         let next_id = root.id() + 1;
         let mut vms = BTreeMap::new();
         vms.insert(root.id(), VmEntry { vmm: root, parent: None, paused: None, base: None, last_on_disk: None });
-        Controller { vms, next_id, id_mailbox }
+        Controller { vms, next_id, id_mailbox, pending: None }
+    }
+
+    /// No VM yet: VM 0 is configured and started over the API, or loaded from a snapshot.
+    pub fn empty() -> Controller {
+        Controller { vms: BTreeMap::new(), next_id: 0, id_mailbox: None, pending: Some(PendingBoot::default()) }
+    }
+
+    /// VM 0's configuration, while it can still change.
+    pub fn preboot(&mut self) -> Result<&mut PendingBoot, ApiError> {
+        match self.pending.as_mut() {
+            Some(pending) if self.vms.is_empty() => Ok(pending),
+            _ => Err(ApiError::BadRequest("VM 0 exists already: pre-boot configuration is closed".into())),
+        }
+    }
+
+    /// Boots VM 0 from the pre-boot configuration (`PUT /actions` InstanceStart).
+    pub fn instance_start(&mut self) -> Result<(), ApiError> {
+        let mut root = self.preboot()?.build()?;
+        root.start();
+        self.pending = None;
+        self.vms.insert(0, VmEntry { vmm: root, parent: None, paused: None, base: None, last_on_disk: None });
+        self.next_id = 1;
+        Ok(())
+    }
+
+    /// Whether VM 0 has not been started yet.
+    pub fn is_empty(&self) -> bool {
+        self.vms.is_empty()
     }
 
     /// A tree holding `root`, already started, restored from `loaded`: resetting it goes back
@@ -209,6 +240,8 @@ impl Controller {
         let base = Some(loaded.snapshot.clone());
         self.vms.insert(new_id, VmEntry { vmm, parent: None, paused, base, last_on_disk: Some(loaded) });
         self.next_id += 1;
+        // Loaded into an empty server, it is VM 0: nothing is left to configure.
+        self.pending = None;
         Ok(new_id)
     }
 

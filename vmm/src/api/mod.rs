@@ -3,6 +3,7 @@
 
 pub mod client;
 pub mod controller;
+pub mod preboot;
 pub mod server;
 
 use memory::MemoryError;

@@ -7,7 +7,10 @@
 //! - `PUT /snapshot/create` `{"snapshot_path", "mem_dir"?, "snapshot_type"?: "Full" | "Diff", "vm_id"?}`
 //! - `PUT /snapshot/load` `{"snapshot_path", "resume_vm"?: bool}` — a new VM: `{"vm_id"}`
 //! - `PUT /reset` `{"vm_id"?, "wait_for_pins_ms"?}` — back to the VM's base snapshot
-//! - `PUT /actions` `{"action_type": "Shutdown"}`
+//! - `PUT /actions` `{"action_type": "Shutdown" | "InstanceStart"}`
+//! - before VM 0 exists (`zygote run --api-sock` alone, see `preboot`): `PUT /boot-source`
+//!   `{"kernel_image_path", "initrd_path"?, "boot_args"?}`, `PUT /machine-config`
+//!   `{"vcpu_count", "mem_size_mib"}`, `PUT /drives/{id}` `{"drive_id", "path_on_host", ...}`
 //!
 //! Errors answer 4xx (the request's fault) or 5xx with `{"fault_message": "..."}`, and leave the
 //! VMs as they were.
@@ -20,6 +23,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tiny_http::{Header, Method, Response, Server};
 
+use super::preboot::{BootSource, Drive, MachineConfig};
 use super::{ApiError, Controller};
 use crate::snapshot::file::SnapshotKind;
 
@@ -72,6 +76,7 @@ struct Reset {
 #[derive(Debug, Deserialize)]
 enum ActionType {
     Shutdown,
+    InstanceStart,
 }
 
 #[derive(Debug, Deserialize)]
@@ -164,9 +169,25 @@ fn route(controller: &mut Controller, method: &Method, url: &str, body: &[u8]) -
     let root = controller.root_id();
     let ok = |value: Value| Ok((value, Next::Continue));
     match (method, path) {
-        (Method::Get, "/") => {
-            let id = query_vm_id(query)?.unwrap_or(root);
-            ok(serde_json::to_value(controller.info(id)?).expect("VmInfo serializes"))
+        (Method::Get, "/") => match query_vm_id(query)? {
+            None if controller.is_empty() => ok(json!({ "id": 0, "state": "Not started" })),
+            id => ok(serde_json::to_value(controller.info(id.unwrap_or(root))?).expect("VmInfo serializes")),
+        },
+        (Method::Put, "/boot-source") => {
+            let source: BootSource = parse(body)?;
+            controller.preboot()?.set_boot_source(source);
+            ok(json!({}))
+        }
+        (Method::Put, "/machine-config") => {
+            let machine: MachineConfig = parse(body)?;
+            controller.preboot()?.set_machine(machine)?;
+            ok(json!({}))
+        }
+        (Method::Put, drive) if drive.starts_with("/drives/") => {
+            let drive_id = &drive["/drives/".len()..];
+            let drive: Drive = parse(body)?;
+            controller.preboot()?.set_drive(drive_id, drive)?;
+            ok(json!({}))
         }
         (Method::Get, "/vms") => ok(serde_json::to_value(controller.list()).expect("VmInfo serializes")),
         (Method::Patch, "/vm") => {
@@ -197,10 +218,13 @@ fn route(controller: &mut Controller, method: &Method, url: &str, body: &[u8]) -
             let wait = req.wait_for_pins_ms.map(Duration::from_millis);
             ok(json!({ "reset_us": controller.reset(req.vm_id.unwrap_or(root), wait)? }))
         }
-        (Method::Put, "/actions") => {
-            let Action { action_type: ActionType::Shutdown } = parse(body)?;
-            Ok((json!({}), Next::Shutdown))
-        }
+        (Method::Put, "/actions") => match parse::<Action>(body)?.action_type {
+            ActionType::Shutdown => Ok((json!({}), Next::Shutdown)),
+            ActionType::InstanceStart => {
+                controller.instance_start()?;
+                ok(json!({}))
+            }
+        },
         _ => Err(ApiError::NoRoute { method: method.to_string(), path: path.to_string() }),
     }
 }

@@ -81,7 +81,7 @@ struct FuzzArgs {
 
 
 #[derive(Debug, Args)]
-#[command(group(clap::ArgGroup::new("what").required(true).args(["guest", "kernel", "restore"])))]
+#[command(group(clap::ArgGroup::new("what").args(["guest", "kernel", "restore"])))]
 struct RunArgs {
     /// Bundled guest (see the README: hello, spin, sequence, dma, ...).
     #[arg(long, value_name = "NAME")]
@@ -153,10 +153,17 @@ fn finish(outcome: VmOutcome) -> i32 {
 
 fn run(args: RunArgs) -> i32 {
     let vm = VmConfig { mem_mib: args.mem, vcpus: args.vcpus, vm_id: 0, console: Console::Stdout, disk: args.disk, irqchip: false };
-    let root = match (args.kernel, args.restore) {
-        (Some(kernel), _) => Root::Linux(LinuxConfig { vm, kernel, initrd: args.initrd, cmdline: args.cmdline }),
-        (None, Some(path)) => Root::Restore(path),
-        (None, None) => Root::Tiny { vm, name: args.guest.unwrap_or_default(), arg: args.arg },
+    let root = match (args.guest, args.kernel, args.restore) {
+        (_, Some(kernel), _) => Root::Linux(LinuxConfig { vm, kernel, initrd: args.initrd, cmdline: args.cmdline }),
+        (_, None, Some(path)) => Root::Restore(path),
+        (Some(name), None, None) => Root::Tiny { vm, name, arg: args.arg },
+        (None, None, None) if args.api_sock.is_some() => Root::Api,
+        (None, None, None) => {
+            eprintln!(
+                "zygote: one of --guest, --kernel or --restore is required (or --api-sock alone, to configure VM 0 over the API) (see zygote --help)"
+            );
+            return EXIT_BAD_INPUT;
+        }
     };
     if let Some(socket) = args.api_sock {
         return serve(root, &socket);
@@ -165,6 +172,8 @@ fn run(args: RunArgs) -> i32 {
         Root::Linux(config) => boot_linux(&config).map_err(|e| fail(&e, e.is_bad_input())),
         Root::Tiny { vm, name, arg } => run_tiny_guest(&vm, &name, arg).map_err(|e| fail(&e, e.is_bad_input())),
         Root::Restore(path) => restore(&path, &Console::Stdout).map(|(vmm, _)| vmm.run()),
+        // Made only with --api-sock, served above.
+        Root::Api => Err(EXIT_BAD_INPUT),
     };
     outcome.map_or_else(|code| code, finish)
 }
@@ -175,6 +184,8 @@ enum Root {
     Linux(LinuxConfig),
     /// A snapshot's state file.
     Restore(PathBuf),
+    /// Nothing yet: VM 0 is configured and started over the API (Firecracker's way).
+    Api,
 }
 
 /// VM 0 built from the snapshot at `path`, and the loaded snapshot; on failure, the exit code
@@ -211,6 +222,7 @@ impl Root {
                 root.start();
                 Ok(Controller::restored(root, loaded))
             }
+            Root::Api => Ok(Controller::empty()),
         }
     }
 }
@@ -299,7 +311,7 @@ mod tests {
             &["run", "--guest", "hello", "--mem", "0"][..],
             &["run", "--guest", "hello", "--vcpus", "33"],
             &["run", "--guest", "hello", "--bogus"],
-            &["run"],
+            &["run", "--restore", "s.json", "--vcpus", "2"],
             &["run", "--guest", "hello", "--kernel", "x"],
         ] {
             let msg = parse_err(args);
