@@ -196,15 +196,15 @@ fn data_extents(file: &File, size: u64) -> std::io::Result<Vec<(u64, u64)>> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use std::os::unix::fs::{FileExt, MetadataExt};
 
     use super::super::disk::Layer;
     use super::*;
 
-    const SECTORS: u64 = 64;
+    pub(crate) const SECTORS: u64 = 64;
 
-    fn scratch(name: &str) -> std::path::PathBuf {
+    pub(crate) fn scratch(name: &str) -> std::path::PathBuf {
         let dir = std::env::temp_dir().join(format!("zygote-frozen-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
@@ -212,7 +212,7 @@ mod tests {
     }
 
     /// A disk file `name` whose sector `s` is filled with byte `s`.
-    fn disk_file(dir: &Path, name: &str) -> std::path::PathBuf {
+    pub(crate) fn disk_file(dir: &Path, name: &str) -> std::path::PathBuf {
         let path = dir.join(name);
         let bytes: Vec<u8> = (0..SECTORS * SECTOR_SIZE).map(|i| (i / SECTOR_SIZE) as u8).collect();
         std::fs::write(&path, bytes).unwrap();
@@ -233,7 +233,7 @@ mod tests {
         out
     }
 
-    fn write(disk: &mut CowDisk, sector: u64, byte: u8, count: u64) {
+    pub(crate) fn write(disk: &mut CowDisk, sector: u64, byte: u8, count: u64) {
         disk.mark_written(sector, count);
         disk.top.file().write_all_at(&vec![byte; (count * SECTOR_SIZE) as usize], sector * SECTOR_SIZE).unwrap();
     }

@@ -69,30 +69,13 @@ impl FrozenDisk {
 
 #[cfg(test)]
 mod tests {
-    use std::os::unix::fs::FileExt;
-
     use super::*;
+    use crate::block::frozen::tests::{disk_file, scratch, write, SECTORS};
     use crate::block::CowDisk;
-
-    const SECTORS: u64 = 64;
-
-    fn scratch(name: &str) -> std::path::PathBuf {
-        let dir = std::env::temp_dir().join(format!("zygote-frozen-diff-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        dir
-    }
 
     /// A disk whose sector `s` is filled with byte `s`.
     fn disk(dir: &Path) -> CowDisk {
-        let path = dir.join("disk.img");
-        std::fs::write(&path, (0..SECTORS * SECTOR_SIZE).map(|i| (i / SECTOR_SIZE) as u8).collect::<Vec<u8>>()).unwrap();
-        CowDisk::open(&path, dir).unwrap()
-    }
-
-    fn write(disk: &mut CowDisk, sector: u64, byte: u8, count: u64) {
-        disk.mark_written(sector, count);
-        disk.top().file().write_all_at(&vec![byte; (count * SECTOR_SIZE) as usize], sector * SECTOR_SIZE).unwrap();
+        CowDisk::open(&disk_file(dir, "disk.img"), dir).unwrap()
     }
 
     /// Every byte of a frozen disk, through the saved-file path that is known to be exact.
