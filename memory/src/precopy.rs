@@ -93,10 +93,9 @@ impl GuestRam {
                 None => PageSet::new(capacity),
             };
             wanted.union_with(&st.private);
-            let mut pinned = PageSet::new(capacity);
-            for page in self.pinned_pages(index).unwrap_or_default() {
+            let pinned = self.pinned_pages(index).unwrap_or_default();
+            for &page in &pinned {
                 wanted.remove(page);
-                pinned.insert(page);
             }
             if !st.precopy.as_ref().is_some_and(|p| p.matches(fold, &st.stack)) {
                 if wanted.is_empty() && pinned.is_empty() {
@@ -119,8 +118,9 @@ impl GuestRam {
             write_runs(region, image, &wanted.runs())?;
             report.written_pages += wanted.len();
             precopy.clean.union_with(&wanted);
-            pinned.subtract(&precopy.clean);
-            write_runs(region, image, &pinned.runs())?;
+            // One page per run: pins are few, and a set of them costs O(RAM) (see `pinned_pages`).
+            let pinned: Vec<(usize, usize)> = pinned.into_iter().filter(|&p| !precopy.clean.contains(p)).map(|p| (p, 1)).collect();
+            write_runs(region, image, &pinned)?;
             report.pinned_pages += pinned.len();
         }
         Ok(report)
