@@ -37,12 +37,18 @@ impl CowDisk {
     /// base, as `clone_cow` does). Writes in flight land in this disk only; the device marks
     /// their sectors (`mark_changed_since_freeze`) because a snapshot re-executes them.
     pub fn freeze(&mut self) -> Result<FrozenDisk, BlockError> {
-        let disk = self.clone_cow()?;
-        let id = NEXT_FREEZE_ID.fetch_add(1, Ordering::Relaxed);
-        self.frozen_from = Some(id);
+        let frozen = FrozenDisk::new(self.clone_cow()?);
+        self.frozen_from = Some(frozen.id);
         self.since_freeze.clear();
-        let unsettled = PageSet::new(self.sectors as usize);
-        Ok(FrozenDisk { id, disk, unsettled })
+        Ok(frozen)
+    }
+
+    /// Whether this disk and `other` read unwritten sectors from the same base file.
+    pub(super) fn shares_base(&self, other: &CowDisk) -> bool {
+        match (&self.base, &other.base) {
+            (Some(mine), Some(theirs)) => Arc::ptr_eq(mine, theirs),
+            _ => false,
+        }
     }
 
     /// Counts `count` sectors at `sector` as changed since the last freeze (a write that was in
@@ -60,21 +66,13 @@ impl CowDisk {
         if frozen.disk.sectors != self.sectors {
             return Err(BlockError::DiskMismatch { sectors: frozen.disk.sectors, disk_sectors: self.sectors });
         }
-        let same_base = match (&self.base, &frozen.disk.base) {
-            (Some(mine), Some(theirs)) => Arc::ptr_eq(mine, theirs),
-            _ => false,
-        };
-        if self.frozen_from != Some(frozen.id) || !same_base {
+        if self.frozen_from != Some(frozen.id) || !self.shares_base(&frozen.disk) {
             *self = frozen.instantiate()?;
             return Ok(());
         }
-        let overlay_error = |source| BlockError::Overlay { dir: self.overlay_dir.clone(), source };
-        for (first, count) in self.since_freeze.runs() {
-            for (from_top, start, n) in split_by(&frozen.disk.written, first, count) {
-                let from = if from_top { frozen.disk.top.file() } else { frozen.base().file() };
-                copy_range(from, self.top.file(), start as u64 * SECTOR_SIZE, n as u64 * SECTOR_SIZE).map_err(overlay_error)?;
-            }
-        }
+        frozen
+            .copy_sectors(&self.since_freeze, self.top.file())
+            .map_err(|source| BlockError::Overlay { dir: self.overlay_dir.clone(), source })?;
         // The copied-back sectors stay in `written`: the overlay now holds the frozen bytes.
         self.since_freeze.clear();
         Ok(())
@@ -83,7 +81,7 @@ impl CowDisk {
 
 /// Splits the run (`first`, `count`) into maximal pieces inside or outside `set`:
 /// (inside, first, count).
-pub(super) fn split_by(set: &PageSet, first: usize, count: usize) -> Vec<(bool, usize, usize)> {
+fn split_by(set: &PageSet, first: usize, count: usize) -> Vec<(bool, usize, usize)> {
     let mut pieces: Vec<(bool, usize, usize)> = Vec::new();
     for s in first..first + count {
         let inside = set.contains(s);
@@ -139,8 +137,20 @@ impl FrozenDisk {
         self.disk.written.len()
     }
 
-    pub(super) fn base(&self) -> &LayerFile {
+    fn base(&self) -> &LayerFile {
         self.disk.base().expect("a frozen disk always has a base")
+    }
+
+    /// Copies this freeze's bytes of `sectors` into `out` at the same offsets: each run from
+    /// the private overlay where the freeze holds it, else from the base.
+    pub(super) fn copy_sectors(&self, sectors: &PageSet, out: &File) -> std::io::Result<()> {
+        for (first, count) in sectors.runs() {
+            for (from_top, start, n) in split_by(&self.disk.written, first, count) {
+                let from = if from_top { self.disk.top.file() } else { self.base().file() };
+                copy_range(from, out, start as u64 * SECTOR_SIZE, n as u64 * SECTOR_SIZE)?;
+            }
+        }
+        Ok(())
     }
 
     /// A new VM disk with these bytes: same base, its own copy of the overlay sectors.
@@ -161,9 +171,7 @@ impl FrozenDisk {
         for (start, len) in data_extents(base, size)? {
             copy_range(base, out, start, len)?;
         }
-        for (first, count) in self.disk.written.runs() {
-            copy_range(self.disk.top.file(), out, first as u64 * SECTOR_SIZE, count as u64 * SECTOR_SIZE)?;
-        }
+        self.copy_sectors(&self.disk.written, out)?;
         out.sync_all()
     }
 }

@@ -8,12 +8,9 @@
 
 use std::fs::{File, OpenOptions};
 use std::path::Path;
-use std::sync::Arc;
-
 use memory::PageSet;
 
 use super::disk::{copy_range, SECTOR_SIZE};
-use super::frozen::split_by;
 use super::{BlockError, FrozenDisk};
 
 impl FrozenDisk {
@@ -21,11 +18,7 @@ impl FrozenDisk {
     /// the two share no base (a disk restored from another file): then only a full copy says
     /// what this disk holds.
     pub fn changed_since(&self, parent: &FrozenDisk) -> Option<PageSet> {
-        let same_base = match (&self.disk.base, &parent.disk.base) {
-            (Some(mine), Some(theirs)) => Arc::ptr_eq(mine, theirs),
-            _ => false,
-        };
-        if !same_base || self.disk.sectors != parent.disk.sectors {
+        if !self.disk.shares_base(&parent.disk) || self.disk.sectors != parent.disk.sectors {
             return None;
         }
         let mut changed = self.disk.written.clone();
@@ -38,12 +31,7 @@ impl FrozenDisk {
     /// everywhere else, and syncs it.
     pub fn write_sectors_to(&self, out: &File, sectors: &PageSet) -> std::io::Result<()> {
         out.set_len(self.disk.sectors * SECTOR_SIZE)?;
-        for (first, count) in sectors.runs() {
-            for (from_top, start, n) in split_by(&self.disk.written, first, count) {
-                let from = if from_top { self.disk.top.file() } else { self.base().file() };
-                copy_range(from, out, start as u64 * SECTOR_SIZE, n as u64 * SECTOR_SIZE)?;
-            }
-        }
+        self.copy_sectors(sectors, out)?;
         out.sync_all()
     }
 
