@@ -264,8 +264,8 @@ fn an_empty_server_is_configured_like_firecracker_and_refuses_bad_configurations
     assert_eq!(api.json("GET", "/", None)["state"], "Not started");
     assert_eq!(api.json("GET", "/vms", None), serde_json::json!([]));
     for (method, path, body, status, needle) in [
-        ("PUT", "/machine-config", r#"{"vcpu_count":0,"mem_size_mib":64}"#, 400, "vcpu_count 0"),
-        ("PUT", "/machine-config", r#"{"vcpu_count":1,"mem_size_mib":1}"#, 400, "mem_size_mib 1"),
+        ("PUT", "/machine-config", r#"{"vcpu_count":0,"mem_size_mib":64}"#, 400, "vcpu_count: vCPU count 0"),
+        ("PUT", "/machine-config", r#"{"vcpu_count":1,"mem_size_mib":1}"#, 400, "mem_size_mib: memory size 1 MiB"),
         ("PUT", "/machine-config", r#"{"vcpu_count":1,"mem_size_mib":64,"smt":true}"#, 400, "unknown field"),
         ("PUT", "/drives/rootfs", r#"{"drive_id":"data","path_on_host":"/tmp/x"}"#, 400, "in the path"),
         ("PUT", "/drives/rootfs", r#"{"drive_id":"rootfs","path_on_host":"/tmp/x","is_read_only":true}"#, 400, "is_read_only"),

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use serde::Deserialize;
 
 use super::ApiError;
-use crate::builder::{DEFAULT_MEM_MIB, MAX_MEM_MIB, MAX_VCPUS, MIN_MEM_MIB};
+use crate::builder::{ConfigError, DEFAULT_MEM_MIB};
 use crate::devices::Console;
 use crate::{build_linux_vm, LinuxConfig, VmConfig, Vmm};
 
@@ -61,17 +61,18 @@ impl PendingBoot {
         self.boot_source = Some(source);
     }
 
-    /// Checks the sizes now, so a bad value is refused by the request that set it.
+    /// Checks the sizes now (as `VmConfig::validate` does for every VM), so a bad value is
+    /// refused by the request that set it, named by its field.
     pub fn set_machine(&mut self, machine: MachineConfig) -> Result<(), ApiError> {
-        if !(1..=MAX_VCPUS).contains(&machine.vcpu_count) {
-            return Err(ApiError::BadRequest(format!("vcpu_count {} is outside 1..={MAX_VCPUS}", machine.vcpu_count)));
-        }
-        if !(MIN_MEM_MIB..=MAX_MEM_MIB).contains(&machine.mem_size_mib) {
-            return Err(ApiError::BadRequest(format!(
-                "mem_size_mib {} is outside {MIN_MEM_MIB}..={MAX_MEM_MIB}",
-                machine.mem_size_mib
-            )));
-        }
+        let config = VmConfig { mem_mib: machine.mem_size_mib, vcpus: machine.vcpu_count, ..VmConfig::default() };
+        config.validate().map_err(|e| {
+            let field = match e {
+                ConfigError::MemSize { .. } => "mem_size_mib",
+                ConfigError::VcpuCount { .. } => "vcpu_count",
+                ConfigError::UnknownGuest { .. } => "machine-config",
+            };
+            ApiError::BadRequest(format!("{field}: {e}"))
+        })?;
         self.machine = machine;
         Ok(())
     }
