@@ -150,3 +150,12 @@ pub fn scratch_dir(name: &str) -> PathBuf {
     std::fs::create_dir_all(&dir).expect("creating a scratch dir");
     dir
 }
+
+/// Waits until a `zygote run --api-sock` serves `socket` (panics after 20 s).
+pub fn wait_for_api_socket(socket: &Path) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while std::os::unix::net::UnixStream::connect(socket).is_err() {
+        assert!(std::time::Instant::now() < deadline, "the API socket {} never came up", socket.display());
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}

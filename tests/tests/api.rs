@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use vmm::api::client::{call, ApiResponse};
-use zygote_tests::{run_zygote, scratch_dir, zygote_bin};
+use zygote_tests::{run_zygote, scratch_dir, wait_for_api_socket, zygote_bin};
 
 /// A `zygote run` serving the API; killed if the test did not shut it down.
 struct Served {
@@ -32,11 +32,7 @@ impl Served {
             .stdout(stdout)
             .spawn()
             .expect("spawning zygote run");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
-            assert!(Instant::now() < deadline, "the API socket never came up");
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        wait_for_api_socket(&socket);
         Served { child, socket, dir }
     }
 

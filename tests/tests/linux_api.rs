@@ -19,7 +19,7 @@ use serde_json::json;
 use vmm::api::client::call;
 use vmm::linux::DEFAULT_CMDLINE;
 use zygote_tests::linux::{kernel_and_initrd, write_checksum_disk};
-use zygote_tests::{run_zygote, scratch_dir, zygote_bin};
+use zygote_tests::{run_zygote, scratch_dir, wait_for_api_socket, zygote_bin};
 
 /// A kernel line printed before virtio-mmio registers its device (initcall order).
 const BEFORE_VIRTIO: &str = "devtmpfs: initialized";
@@ -76,11 +76,7 @@ fn linux_through_the_api_clones_snapshots_and_restores_mid_boot() {
     let sink = Arc::clone(&lines);
     std::thread::spawn(move || BufReader::new(stdout).lines().map_while(Result::ok).for_each(|l| sink.lock().unwrap().push(l)));
     let mut served = Served { child, lines };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
-        assert!(Instant::now() < deadline, "the API socket never came up");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for_api_socket(&socket);
     for (path, body) in [
         ("/machine-config", json!({ "vcpu_count": 1, "mem_size_mib": 256 })),
         ("/boot-source", json!({ "kernel_image_path": kernel, "initrd_path": initrd, "boot_args": cmdline })),
