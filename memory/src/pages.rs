@@ -16,6 +16,16 @@ impl PageSet {
         PageSet { words: vec![0; pages.div_ceil(64)], pages }
     }
 
+    /// A set for a region of `pages` pages holding `runs` (first page, page count), as
+    /// `runs` returns them (a saved diff's list); pages past the end are ignored.
+    pub fn from_runs(pages: usize, runs: &[(usize, usize)]) -> Self {
+        let mut set = PageSet::new(pages);
+        for &(first, count) in runs {
+            set.insert_range(first, count);
+        }
+        set
+    }
+
     /// Number of pages the set can hold.
     pub fn capacity(&self) -> usize {
         self.pages
@@ -168,5 +178,12 @@ mod tests {
         skip.remove(4);
         assert_eq!(set.runs_skipping(Some(&skip)), (vec![(0, 2), (4, 1), (8, 2)], 6));
         assert_eq!(set.runs_skipping(None), (set.runs(), 0));
+    }
+
+    #[test]
+    fn from_runs_inverts_runs_and_ignores_pages_past_the_end() {
+        let runs = vec![(0, 2), (63, 3), (69, 1)];
+        assert_eq!(PageSet::from_runs(70, &runs).runs(), runs);
+        assert_eq!(PageSet::from_runs(70, &[(68, 10), (usize::MAX, 5)]).runs(), vec![(68, 2)]);
     }
 }

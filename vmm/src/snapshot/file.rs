@@ -260,11 +260,7 @@ pub fn load_snapshot(state_path: &Path) -> Result<SnapshotOnDisk, SnapshotError>
     let ram = match &parent {
         Some(parent) => {
             let diffs = files.into_iter().zip(&body.regions).map(|(file, region)| {
-                let mut pages = PageSet::new(region.size / PAGE_SIZE);
-                for &(first, count) in region.diff_runs.as_deref().unwrap_or_default() {
-                    pages.insert_range(first, count);
-                }
-                (file, pages)
+                (file, PageSet::from_runs(region.size / PAGE_SIZE, region.diff_runs.as_deref().unwrap_or_default()))
             });
             Snapshot::from_diff_files(&parent.snapshot.ram, diffs.collect()).map_err(SnapshotError::Memory)?
         }
@@ -308,11 +304,7 @@ fn load_disk(path: &Path, body: &Body, parent: Option<&SnapshotOnDisk>) -> Resul
     let opened = match (&disk.diff_runs, parent.and_then(|p| p.snapshot.disk.as_deref())) {
         (None, _) => FrozenDisk::open(&disk.file, &overlay_dir),
         (Some(runs), Some(parent_disk)) => {
-            let mut sectors = PageSet::new(disk.sectors as usize);
-            for &(first, count) in runs {
-                sectors.insert_range(first, count);
-            }
-            FrozenDisk::open_diff(parent_disk, &disk.file, &sectors)
+            FrozenDisk::open_diff(parent_disk, &disk.file, &PageSet::from_runs(disk.sectors as usize, runs))
         }
         (Some(_), None) => return Err(mismatch("a diff disk file with no parent disk under it".into())),
     };
