@@ -13,7 +13,7 @@ use ctl::{ctl, CtlArgs};
 use vmm::builder::{DEFAULT_MEM_MIB, MAX_MEM_MIB, MAX_VCPUS, MIN_MEM_MIB};
 use vmm::api::Controller;
 use vmm::snapshot::file::{load_snapshot, SnapshotOnDisk};
-use vmm::{boot_linux, build_linux_vm, run_tiny_guest, Console, LinuxConfig, VmConfig, VmOutcome, Vmm};
+use vmm::{boot_linux, build_linux_vm, run_tiny_guest, ConfigError, Console, LinuxConfig, VmConfig, VmOutcome, Vmm};
 
 /// Exit code for bad input (bad flags, values, files).
 pub const EXIT_BAD_INPUT: i32 = 2;
@@ -154,28 +154,21 @@ fn finish(outcome: VmOutcome) -> i32 {
 fn run(args: RunArgs) -> i32 {
     let vm = VmConfig { mem_mib: args.mem, vcpus: args.vcpus, vm_id: 0, console: Console::Stdout, disk: args.disk, irqchip: false };
     let root = match (args.guest, args.kernel, args.restore) {
-        (_, Some(kernel), _) => Root::Linux(LinuxConfig { vm, kernel, initrd: args.initrd, cmdline: args.cmdline }),
-        (_, None, Some(path)) => Root::Restore(path),
-        (Some(name), None, None) => Root::Tiny { vm, name, arg: args.arg },
-        (None, None, None) if args.api_sock.is_some() => Root::Api,
-        (None, None, None) => {
+        (_, Some(kernel), _) => Some(Root::Linux(LinuxConfig { vm, kernel, initrd: args.initrd, cmdline: args.cmdline })),
+        (_, None, Some(path)) => Some(Root::Restore(path)),
+        (Some(name), None, None) => Some(Root::Tiny { vm, name, arg: args.arg }),
+        (None, None, None) => None,
+    };
+    match (root, args.api_sock) {
+        (root, Some(socket)) => serve(root, &socket),
+        (Some(root), None) => root.run(),
+        (None, None) => {
             eprintln!(
                 "zygote: one of --guest, --kernel or --restore is required (or --api-sock alone, to configure VM 0 over the API) (see zygote --help)"
             );
-            return EXIT_BAD_INPUT;
+            EXIT_BAD_INPUT
         }
-    };
-    if let Some(socket) = args.api_sock {
-        return serve(root, &socket);
     }
-    let outcome = match root {
-        Root::Linux(config) => boot_linux(&config).map_err(|e| fail(&e, e.is_bad_input())),
-        Root::Tiny { vm, name, arg } => run_tiny_guest(&vm, &name, arg).map_err(|e| fail(&e, e.is_bad_input())),
-        Root::Restore(path) => restore(&path, &Console::Stdout).map(|(vmm, _)| vmm.run()),
-        // Made only with --api-sock, served above.
-        Root::Api => Err(EXIT_BAD_INPUT),
-    };
-    outcome.map_or_else(|code| code, finish)
 }
 
 /// What `zygote run` starts as VM 0.
@@ -184,8 +177,6 @@ enum Root {
     Linux(LinuxConfig),
     /// A snapshot's state file.
     Restore(PathBuf),
-    /// Nothing yet: VM 0 is configured and started over the API (Firecracker's way).
-    Api,
 }
 
 /// VM 0 built from the snapshot at `path`, and the loaded snapshot; on failure, the exit code
@@ -197,16 +188,24 @@ fn restore(path: &std::path::Path, console: &Console) -> Result<(Vmm, SnapshotOn
 }
 
 impl Root {
+    /// Runs VM 0 until its guest ends it; returns the process exit code.
+    fn run(self) -> i32 {
+        let outcome = match self {
+            Root::Linux(config) => boot_linux(&config).map_err(|e| fail(&e, e.is_bad_input())),
+            Root::Tiny { vm, name, arg } => run_tiny_guest(&vm, &name, arg).map_err(|e| fail(&e, e.is_bad_input())),
+            Root::Restore(path) => restore(&path, &Console::Stdout).map(|(vmm, _)| vmm.run()),
+        };
+        outcome.map_or_else(|code| code, finish)
+    }
+
     /// The API's VMs with VM 0 built and started, its console lines prefixed `[vm0] `; on
     /// failure, the exit code after saying why.
     fn build(self) -> Result<Controller, i32> {
         let prefixed = |vm: VmConfig| VmConfig { console: Console::Prefixed(format!("[vm{}] ", vm.vm_id)), ..vm };
         match self {
             Root::Tiny { vm, name, arg } => {
-                let Some(guest) = vmm::guests::find(&name) else {
-                    eprintln!("zygote: unknown guest {name:?}: the bundled guests are {}", vmm::guests::names());
-                    return Err(EXIT_BAD_INPUT);
-                };
+                let guest = vmm::guests::find(&name)
+                    .ok_or_else(|| fail(&ConfigError::UnknownGuest { name, known: vmm::guests::names() }, true))?;
                 let mut root = vmm::build_tiny_vm(&prefixed(vm), guest, arg).map_err(|e| fail(&e, e.is_bad_input()))?;
                 root.start();
                 Ok(Controller::new(root, Some(memory::GuestAddress(vmm::layout::VM_ID_ADDR))))
@@ -222,7 +221,6 @@ impl Root {
                 root.start();
                 Ok(Controller::restored(root, loaded))
             }
-            Root::Api => Ok(Controller::empty()),
         }
     }
 }
@@ -237,14 +235,14 @@ fn fail(err: &dyn std::error::Error, bad_input: bool) -> i32 {
     }
 }
 
-/// Runs `root` as VM 0 and serves the control API on `socket` until a Shutdown request or
-/// until the guest ends VM 0.
-fn serve(root: Root, socket: &std::path::Path) -> i32 {
+/// Runs `root` as VM 0 (none: VM 0 comes over the API) and serves the control API on `socket`
+/// until a Shutdown request or until the guest ends VM 0.
+fn serve(root: Option<Root>, socket: &std::path::Path) -> i32 {
     let server = match vmm::api::server::ApiServer::bind(socket) {
         Ok(server) => server,
         Err(e) => return fail(&e, true),
     };
-    let mut controller = match root.build() {
+    let mut controller = match root.map_or_else(|| Ok(Controller::empty()), Root::build) {
         Ok(controller) => controller,
         Err(code) => {
             let _ = std::fs::remove_file(socket);
