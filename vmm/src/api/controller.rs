@@ -78,9 +78,7 @@ impl Controller {
     pub fn instance_start(&mut self) -> Result<(), ApiError> {
         let mut root = self.preboot()?.build()?;
         root.start();
-        self.pending = None;
-        self.vms.insert(0, VmEntry { vmm: root, parent: None, paused: None, base: None, last_on_disk: None });
-        self.next_id = 1;
+        *self = Controller::new(root, None);
         Ok(())
     }
 
