@@ -269,19 +269,26 @@ mod planted_tests {
     use super::*;
     use memory::planted::{plant, PlantedBug};
 
-    /// The fuzzer earns its keep only if it finds each bug class it exists for.
-    #[test]
-    fn every_planted_bug_is_found_and_its_reproducer_replays() {
+    /// Plants each bug in turn and runs a campaign of `runs` in mode `W`: the bug must be found,
+    /// its shrunk schedule must fail with the bug and pass without it.
+    fn finds_every_planted_bug<W: World>(runs: u64) {
         let _one_at_a_time = one_planting_at_a_time();
         for bug in PlantedBug::ALL {
             plant(Some(bug));
-            let report = campaign::<MemoryWorld>(1, 10_000, 1, Some(bug.name()));
-            let repro = report.found.unwrap_or_else(|| panic!("{} not found in 10 000 runs", bug.name()));
-            assert!(execute::<MemoryWorld>(&repro.steps).is_err(), "{}: the shrunk schedule does not reproduce", bug.name());
-            eprintln!("{}: found after {} runs, {} steps: {}", bug.name(), report.runs, repro.steps.len(), repro.violation);
+            let report = campaign::<W>(1, runs, 1, Some(bug.name()));
+            let repro = report.found.unwrap_or_else(|| panic!("{} not found in {runs} {} runs", bug.name(), W::MODE));
+            assert_eq!(repro.mode, W::MODE);
+            assert!(execute::<W>(&repro.steps).is_err(), "{}: the shrunk schedule does not reproduce", bug.name());
+            eprintln!("{}: found after {} {} runs, {} steps: {}", bug.name(), report.runs, W::MODE, repro.steps.len(), repro.violation);
             plant(None);
-            assert!(execute::<MemoryWorld>(&repro.steps).is_ok(), "{}: the schedule fails without the bug", bug.name());
+            assert!(execute::<W>(&repro.steps).is_ok(), "{}: the schedule fails without the bug", bug.name());
         }
+    }
+
+    /// The fuzzer earns its keep only if it finds each bug class it exists for.
+    #[test]
+    fn every_planted_bug_is_found_and_its_reproducer_replays() {
+        finds_every_planted_bug::<MemoryWorld>(10_000);
     }
 
     /// On real VMs, within the 200 runs of the acceptance campaign: every planted bug is
@@ -289,16 +296,6 @@ mod planted_tests {
     /// tracking they feed (lost-dirty).
     #[test]
     fn vm_mode_finds_every_planted_bug_and_its_reproducer_replays() {
-        let _one_at_a_time = one_planting_at_a_time();
-        for bug in PlantedBug::ALL {
-            plant(Some(bug));
-            let report = campaign::<VmWorld>(1, 200, 1, Some(bug.name()));
-            let repro = report.found.unwrap_or_else(|| panic!("{} not found in 200 VM runs", bug.name()));
-            assert_eq!(repro.mode, "vm");
-            assert!(execute::<VmWorld>(&repro.steps).is_err(), "{}: the shrunk schedule does not reproduce", bug.name());
-            eprintln!("{}: found after {} VM runs, {} steps: {}", bug.name(), report.runs, repro.steps.len(), repro.violation);
-            plant(None);
-            assert!(execute::<VmWorld>(&repro.steps).is_ok(), "{}: the schedule fails without the bug", bug.name());
-        }
+        finds_every_planted_bug::<VmWorld>(200);
     }
 }
