@@ -5,8 +5,10 @@ pub mod block;
 mod bus_device;
 pub mod dma;
 pub mod interrupt;
+pub mod persist;
 pub mod subscriber;
 pub mod virtio;
 
 pub use bus_device::{BusDevice, VmRequest};
 pub use interrupt::{DeviceInterrupt, IrqTrigger};
+pub use persist::Persist;
