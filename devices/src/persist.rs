@@ -10,10 +10,14 @@
 //! error naming the field, never a panic.
 //!
 //! Devices that write guest RAM on threads of their own (virtio-blk completions, the DMA engine,
-//! network and vsock receive) make no guest-RAM access and publish no used-ring entry while
-//! their lock is held, so a capture made under that lock sees the device and RAM at one
-//! instant. The device manager holds every such lock across the whole capture and the RAM
-//! freeze.
+//! network and vsock receive) hold their lock around every guest-RAM access they make
+//! themselves and around every used-ring publication. DMA the kernel does on their behalf
+//! (io_uring, a `readv` from a TAP into guest buffers) goes only into pinned pages, and its
+//! request stays in the device's in-flight state until its used entry is published. A capture
+//! made under that lock therefore sees the device and RAM at one instant: every page the kernel
+//! may still write is pinned (so a clone copies it eagerly and the DMA lands in the source),
+//! and every request not yet published is in the saved state (so a clone re-executes it). The
+//! device manager holds every such lock across the whole capture and the RAM freeze.
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
