@@ -10,6 +10,7 @@ pub mod host_events;
 pub mod interrupt;
 pub mod persist;
 pub mod rng;
+pub mod vsock;
 pub mod subscriber;
 pub mod virtio;
 
