@@ -381,15 +381,16 @@ impl Muxer {
     /// Serves what the host side has ready (without blocking), then the timeouts.
     pub fn process_host(&mut self) {
         let mut events = [EpollEvent::default(); 32];
-        // A few rounds at most: level-triggered sources the device cannot clear (accept
-        // failing for want of fds) come back on the next wake-up instead of spinning here.
+        // Again while something was ready (a stream accepted in one round is read in the
+        // next), but a few rounds at most: level-triggered sources the device cannot clear
+        // (accept failing for want of fds) come back on the next wake-up instead of spinning.
         for _ in 0..4 {
             let n = self.epoll.wait(0, &mut events).unwrap_or(0);
+            if n == 0 {
+                break;
+            }
             for event in &events[..n] {
                 self.handle_event(event.data(), event.event_set());
-            }
-            if n < events.len() {
-                break;
             }
         }
         self.expire();
