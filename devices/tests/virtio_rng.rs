@@ -174,7 +174,7 @@ fn a_restored_device_keeps_its_queue_and_budget_and_draws_fresh_bytes() {
     let clone_clock = ManualClock::new();
     let device = RngDevice::restore(args(&clone_ram, clone_clock.clone()), &state).unwrap();
     let transport = MmioTransport::restore(device, &transport_state).unwrap();
-    let mut clone = GuestDriver::resume(Arc::clone(&clone_ram), transport, &d);
+    let mut clone = GuestDriver::resume(Arc::clone(&clone_ram), transport, &d.driver_state());
     // Resume: the VMM notifies every queue; the budget came with the state.
     clone.notify(0);
     assert_eq!(clone.take_used(0), vec![], "the clone's bucket is as low as the source's");

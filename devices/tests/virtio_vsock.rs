@@ -11,6 +11,8 @@ mod virtq;
 mod vsock_guest;
 
 use std::io::{Read, Write};
+
+use memory::Bytes;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -282,4 +284,82 @@ fn the_event_loop_serves_host_streams_without_spinning_when_the_guest_has_no_rx_
     assert_eq!(manager.run_with_timeout(0).unwrap(), 0, "nothing left to wake the loop");
     drop(host);
     assert_eq!(manager.run_with_timeout(0).unwrap(), 0, "a hung-up stream it does not watch stays quiet");
+}
+
+/// Writes `h` at a fresh heap address; returns the address.
+fn put_header(g: &mut GuestVsock, h: Header) -> u64 {
+    let at = g.d.alloc(PKT_HEADER_SIZE as u64);
+    g.d.ram.write_slice(&h.to_bytes(), memory::GuestAddress(at)).unwrap();
+    at
+}
+
+/// After a bad packet or buffer: the device still works (an RST for an unknown port comes).
+fn assert_still_serving(g: &mut GuestVsock, what: &str) {
+    assert_eq!(g.d.status(), 15, "{what}: no reset needed");
+    g.send(header(OP_RW, 3333, 4444, 0), &[]);
+    let got: Vec<_> = g.recv().iter().map(|p| p.header.op).collect();
+    assert_eq!(got, vec![OP_RST], "{what}: the device keeps serving");
+}
+
+#[test]
+fn malformed_tx_packets_are_returned_unread_and_the_device_keeps_serving() {
+    use virtq::{F_NEXT, F_WRITE, RAM_SIZE};
+    let ram_end = RAM_SIZE as u64;
+    type Case = (&'static str, Box<dyn Fn(&mut GuestVsock) -> Vec<virtq::RawDesc>>);
+    let hdr = |len| header(OP_RW, 1025, 5000, len);
+    let cases: Vec<Case> = vec![
+        ("header device-writable", Box::new(move |g| vec![(put_header(g, hdr(0)), 44, F_WRITE, 0)])),
+        ("header too short", Box::new(move |g| vec![(put_header(g, hdr(0)), 20, 0, 0)])),
+        ("header outside RAM", Box::new(move |_| vec![(ram_end - 20, 44, 0, 0)])),
+        ("header address wraps", Box::new(|_| vec![(u64::MAX - 10, 44, 0, 0)])),
+        ("payload over 64 KiB", Box::new(move |g| vec![(put_header(g, hdr(70_000)), 44, F_NEXT, 41), (virtq::HEAP, 70_000, 0, 0)])),
+        ("payload shorter than its header says", Box::new(move |g| vec![(put_header(g, hdr(100)), 44, F_NEXT, 41), (virtq::HEAP, 50, 0, 0)])),
+        ("payload missing", Box::new(move |g| vec![(put_header(g, hdr(100)), 44, 0, 0)])),
+        ("payload device-writable", Box::new(move |g| vec![(put_header(g, hdr(8)), 44, F_NEXT, 41), (virtq::HEAP, 8, F_WRITE, 0)])),
+        ("payload outside RAM", Box::new(move |g| vec![(put_header(g, hdr(64)), 44, F_NEXT, 41), (ram_end - 32, 64, 0, 0)])),
+        ("three descriptors", Box::new(move |g| vec![(put_header(g, hdr(8)), 44, F_NEXT, 41), (virtq::HEAP, 4, F_NEXT, 42), (virtq::HEAP + 4, 4, 0, 0)])),
+        ("a loop", Box::new(move |g| vec![(put_header(g, hdr(8)), 44, F_NEXT, 41), (virtq::HEAP, 8, F_NEXT, 40)])),
+        ("next past the table", Box::new(move |g| vec![(put_header(g, hdr(8)), 44, F_NEXT, 200)])),
+        ("from another CID", Box::new(|g| vec![(put_header(g, Header { src_cid: 9, ..header(OP_REQUEST, 1025, 5000, 0) }), 44, 0, 0)])),
+        ("to a CID other than the host", Box::new(|g| vec![(put_header(g, Header { dst_cid: 4, ..header(OP_REQUEST, 1025, 5000, 0) }), 44, 0, 0)])),
+    ];
+    for (what, build) in cases {
+        let dir = TempDir::new();
+        let mut g = GuestVsock::new(&dir.path("v.sock"));
+        let descs = build(&mut g);
+        g.d.offer_raw(TXQ, 40, &descs, 40);
+        g.d.kick(TXQ);
+        assert_eq!(g.tx_used(), vec![(40, 0)], "{what}: returned");
+        let device_stats = g.d.t().device().stats();
+        assert_eq!((device_stats.bad_buffers, device_stats.tx_packets), (1, 0), "{what}: {:?}", g.d.t().device().last_error());
+        assert!(g.recv().is_empty(), "{what}: nothing answered");
+        assert_still_serving(&mut g, what);
+        assert_eq!(g.d.ram.stats().pinned_pages, 0, "{what}: no pin left behind");
+        assert!(g.d.ram.read_obj::<u64>(memory::GuestAddress(ram_end - 8)).unwrap() == 0, "{what}: nothing written past RAM's end");
+    }
+}
+
+#[test]
+fn malformed_rx_buffers_are_returned_empty_and_the_next_one_is_used() {
+    use virtq::{F_NEXT, F_WRITE, RAM_SIZE};
+    let cases: Vec<(&str, Vec<virtq::RawDesc>)> = vec![
+        ("read-only header", vec![(virtq::HEAP, 44, F_NEXT, 41), (virtq::HEAP + 64, 4096, F_WRITE, 0)]),
+        ("short header", vec![(virtq::HEAP, 30, F_WRITE | F_NEXT, 41), (virtq::HEAP + 64, 4096, F_WRITE, 0)]),
+        ("read-only data", vec![(virtq::HEAP, 44, F_WRITE | F_NEXT, 41), (virtq::HEAP + 64, 4096, 0, 0)]),
+        ("data over 64 KiB", vec![(virtq::HEAP, 44, F_WRITE | F_NEXT, 41), (virtq::HEAP + 64, 70_000, F_WRITE, 0)]),
+        ("data outside RAM", vec![(virtq::HEAP, 44, F_WRITE | F_NEXT, 41), (RAM_SIZE as u64 - 100, 4096, F_WRITE, 0)]),
+        ("header only, no next", vec![(virtq::HEAP, 44, F_WRITE, 0)]),
+    ];
+    for (what, descs) in cases {
+        let dir = TempDir::new();
+        let mut g = GuestVsock::with_rx_buffers(&dir.path("v.sock"), 0);
+        g.d.offer_raw(RXQ, 40, &descs, 40);
+        let good = g.post_rx();
+        g.d.kick(RXQ);
+        g.send(header(OP_RW, 3333, 4444, 0), &[]);
+        let used = g.d.take_used(RXQ);
+        assert_eq!(used.iter().map(|&(h, l)| (h, l == 0)).collect::<Vec<_>>(), vec![(40, true), (good, false)], "{what}");
+        assert_eq!(g.d.t().device().stats().bad_buffers, 1, "{what}");
+        assert_eq!(g.d.ram.stats().pinned_pages, 0, "{what}");
+    }
 }

@@ -58,6 +58,14 @@ impl Ring {
     }
 }
 
+/// A driver's own state: its rings' indices and free lists, its features, its heap.
+#[derive(Clone, Debug)]
+pub struct DriverState {
+    rings: Vec<Ring>,
+    features: u64,
+    next_heap: u64,
+}
+
 /// The driver side of a device behind the MMIO transport. The transport is shared as a VM
 /// shares it (with an event loop's subscribers); `t()` locks it.
 pub struct GuestDriver<D: VirtioDevice> {
@@ -111,10 +119,16 @@ impl<D: VirtioDevice> GuestDriver<D> {
         GuestDriver { ram, transport: Arc::new(Mutex::new(t)), rings, features, next_heap: HEAP }
     }
 
+    /// Where this driver is in its rings (copy it at a clone instant).
+    pub fn driver_state(&self) -> DriverState {
+        DriverState { rings: self.rings.clone(), features: self.features, next_heap: self.next_heap }
+    }
+
     /// A driver for a transport restored elsewhere (a clone), with the rings where `at` left
     /// them. The clone's RAM holds the same rings.
-    pub fn resume(ram: Arc<GuestRam>, transport: MmioTransport<D>, at: &GuestDriver<D>) -> GuestDriver<D> {
-        GuestDriver { ram, transport: Arc::new(Mutex::new(transport)), rings: at.rings.clone(), features: at.features, next_heap: at.next_heap }
+    pub fn resume(ram: Arc<GuestRam>, transport: MmioTransport<D>, at: &DriverState) -> GuestDriver<D> {
+        let at = at.clone();
+        GuestDriver { ram, transport: Arc::new(Mutex::new(transport)), rings: at.rings, features: at.features, next_heap: at.next_heap }
     }
 
     /// The transport, locked.
@@ -202,6 +216,12 @@ impl<D: VirtioDevice> GuestDriver<D> {
             self.notify(q);
         }
         needed
+    }
+
+    /// Records a kick as sent without it reaching the device: a notification the source's
+    /// event loop had not served yet at a clone instant, lost with the source's eventfd.
+    pub fn lose_kick(&mut self, q: usize) {
+        self.rings[q].kicked_idx = self.rings[q].avail_idx;
     }
 
     /// Notifies queue `q` whatever EVENT_IDX says (a QueueNotify write).

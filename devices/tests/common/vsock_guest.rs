@@ -12,6 +12,7 @@ use std::sync::Arc;
 use devices::clock::ManualClock;
 use devices::host_events::HostEvents;
 use devices::vsock::{Header, VsockArgs, VsockDevice, EVQ, HOST_CID, PKT_HEADER_SIZE, RXQ, TXQ, TYPE_STREAM};
+use devices::virtio::MmioTransport;
 use devices::DeviceInterrupt;
 use memory::{Bytes, GuestAddress, GuestRam};
 
@@ -70,6 +71,14 @@ pub struct Packet {
     pub data: Vec<u8>,
 }
 
+/// A copy of the guest driver's state at a clone instant.
+#[derive(Clone)]
+pub struct GuestVsockState {
+    driver: DriverState,
+    rx: Vec<Option<(u64, u64)>>,
+    ev: Vec<Option<u64>>,
+}
+
 /// The guest's vsock driver.
 pub struct GuestVsock {
     pub d: GuestDriver<VsockDevice>,
@@ -88,12 +97,17 @@ pub fn device(ram: &Arc<GuestRam>, uds_path: &Path, clock: &Arc<ManualClock>) ->
 impl GuestVsock {
     /// A device on `uds_path`, brought up with EVENT_IDX, RX and event buffers posted.
     pub fn new(uds_path: &Path) -> GuestVsock {
+        Self::with_rx_buffers(uds_path, RX_BUFFERS)
+    }
+
+    /// Like `new`, with `rx_buffers` RX buffers posted.
+    pub fn with_rx_buffers(uds_path: &Path, rx_buffers: usize) -> GuestVsock {
         let ram = new_ram();
         let clock = ManualClock::new();
         let d = GuestDriver::new(Arc::clone(&ram), device(&ram, uds_path, &clock), EVENT_IDX, 64);
         assert_ne!(d.features & EVENT_IDX, 0);
         let mut g = GuestVsock { d, clock, rx: vec![None; 64], ev: vec![None; 64] };
-        for _ in 0..RX_BUFFERS {
+        for _ in 0..rx_buffers {
             g.post_rx();
         }
         g.d.kick(RXQ);
@@ -104,9 +118,15 @@ impl GuestVsock {
         g
     }
 
-    /// The same guest (a copy of its driver state) on a restored device.
-    pub fn resume(&self, d: GuestDriver<VsockDevice>, clock: Arc<ManualClock>) -> GuestVsock {
-        GuestVsock { d, clock, rx: self.rx.clone(), ev: self.ev.clone() }
+    /// The guest driver's state, to resume from on a clone.
+    pub fn snapshot(&self) -> GuestVsockState {
+        GuestVsockState { driver: self.d.driver_state(), rx: self.rx.clone(), ev: self.ev.clone() }
+    }
+
+    /// The guest as `at` was, on a restored device.
+    pub fn resume(at: &GuestVsockState, ram: Arc<GuestRam>, transport: MmioTransport<VsockDevice>, clock: Arc<ManualClock>) -> GuestVsock {
+        let d = GuestDriver::resume(ram, transport, &at.driver);
+        GuestVsock { d, clock, rx: at.rx.clone(), ev: at.ev.clone() }
     }
 
     /// Posts one RX buffer (header and data in two descriptors), without kicking.
