@@ -218,7 +218,8 @@ fn restore_refuses_bad_states_before_building_anything() {
         let args = VsockArgs { ram: Arc::clone(&ram), interrupt: DeviceInterrupt::polled(), uds_path: dir.path("r.sock"), clock: ManualClock::new() };
         VsockDevice::restore(args, state).err()
     };
-    let cases: Vec<(&str, Box<dyn Fn(&mut VsockState)>)> = vec![
+    type Spoil = Box<dyn Fn(&mut VsockState)>;
+    let cases: Vec<(&str, Spoil)> = vec![
         ("reserved cid", Box::new(|s| s.cid = 2)),
         ("two queues", Box::new(|s| s.queues.truncate(2))),
         ("another queue size", Box::new(|s| s.queues[1].max_size = 128)),
