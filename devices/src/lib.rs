@@ -1,11 +1,16 @@
-//! Zygote devices: the virtio-mmio transport, virtio-blk on io_uring, and the DMA test engine.
+//! Zygote devices: the virtio-mmio transport, virtio-blk on io_uring, virtio-vsock (Firecracker's
+//! hybrid model over Unix sockets), virtio-rng, and the DMA test engine.
 //! Depend on `memory`, never on `vmm`.
 
 pub mod block;
 mod bus_device;
+pub mod clock;
 pub mod dma;
+pub mod host_events;
 pub mod interrupt;
 pub mod persist;
+pub mod rng;
+pub mod vsock;
 pub mod subscriber;
 pub mod virtio;
 
