@@ -5,6 +5,7 @@ pub mod block;
 mod bus_device;
 pub mod dma;
 pub mod interrupt;
+pub mod net;
 pub mod persist;
 pub mod subscriber;
 pub mod virtio;
