@@ -70,6 +70,9 @@ impl NetState {
             if !self.rx_in_flight.is_empty() || self.rx_filled.is_some() || self.tx_in_flight.is_some() || self.tx_sent {
                 return Err(NetError::bad_state("queues", "chains in flight without live queues"));
             }
+            if self.features != 0 {
+                return Err(NetError::bad_state("queues", format!("features {:#x} accepted without live queues", self.features)));
+            }
             return Ok(None);
         }
         if self.features & VIRTIO_F_VERSION_1 == 0 {
