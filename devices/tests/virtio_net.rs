@@ -10,20 +10,12 @@ mod net;
 
 use std::sync::{Arc, Mutex};
 
-use devices::net::{MacAddr, NetDevice, NetError, NetTapEvents, Tap, TapError};
+use devices::net::{NetDevice, NetError, NetTapEvents, Tap, TapError};
 use devices::{BusDevice, DeviceInterrupt};
 use event_manager::{EventManager, SubscriberOps};
 use memory::{Bytes, GuestAddress};
 use net::*;
 
-const VERSION_1: u64 = 1 << 32;
-const MAC_F: u64 = 1 << 5;
-const MRG_RXBUF: u64 = 1 << 15;
-const STATUS: u64 = 1 << 16;
-const BASE: u64 = VERSION_1 | MAC_F | STATUS;
-const MAC: MacAddr = MacAddr([0x06, 0, 0xac, 0x10, 0, 0x02]);
-const INT_USED: u32 = 1;
-const INT_CONFIG: u32 = 2;
 
 /// A namespace with TAP `ztap0`, its peer, and a driver for a device on it.
 fn setup(features: u64) -> (NetNs, Peer, NetDriver) {
@@ -33,12 +25,6 @@ fn setup(features: u64) -> (NetNs, Peer, NetDriver) {
     let ram = new_ram();
     let device = NetDevice::new(Arc::clone(&ram), DeviceInterrupt::polled(), Some(ns.open_tap("ztap0")), Some(MAC));
     (ns, peer, NetDriver::new(ram, device, features))
-}
-
-/// The frame and `num_buffers` the device put in a buffer at `addr` of `len` used bytes.
-fn received(d: &NetDriver, addr: u64, len: u32) -> (u16, Vec<u8>) {
-    let header = d.bytes(addr, HDR);
-    (u16::from_le_bytes([header[10], header[11]]), d.bytes(addr + HDR as u64, len as usize - HDR))
 }
 
 #[test]
@@ -69,7 +55,7 @@ fn a_frame_each_way_through_the_tap() {
     peer.send(&inbound);
     assert!(events.run_with_timeout(20_000).unwrap() > 0, "the TAP event within 20 s");
     assert_eq!(d.take_used(RX), vec![(u32::from(head), 1000 + HDR as u32)]);
-    assert_eq!(received(&d, buf, 1012), (1, inbound));
+    assert_eq!(d.received(buf, 1012), (1, inbound));
     assert_eq!(d.take_interrupt(), INT_USED);
     let c = d.device().counters();
     assert_eq!((c.tx_frames, c.tx_bytes, c.rx_frames, c.rx_bytes, c.bad_chains), (1, 300, 1, 1000, 0));
@@ -90,8 +76,8 @@ fn a_frame_waiting_on_the_tap_is_received_when_buffers_come() {
     d.post_rx(b, 1526);
     d.notify(RX);
     assert_eq!(d.take_used(RX), vec![(0, 76), (1, 1526)]);
-    assert_eq!(received(&d, a, 76), (1, first));
-    assert_eq!(received(&d, b, 1526), (1, second));
+    assert_eq!(d.received(a, 76), (1, first));
+    assert_eq!(d.received(b, 1526), (1, second));
 }
 
 #[test]
@@ -122,7 +108,43 @@ fn mergeable_buffers_take_a_frame_across_chains_and_wait_for_enough() {
     d.post_rx(SCRATCH + 0x8000, 1024);
     d.notify(RX);
     assert_eq!(d.take_used(RX), vec![(3, 112)], "the buffer given back is used first");
-    assert_eq!(received(&d, bufs[3], 112), (1, small));
+    assert_eq!(d.received(bufs[3], 112), (1, small));
+}
+
+#[test]
+fn a_64k_frame_each_way_with_every_offered_feature() {
+    let features = NetDevice::offered_features(Some(MAC));
+    let (ns, peer, mut d) = setup(features);
+    assert!(d.device().take_error().is_none(), "the TAP took the offloads the guest negotiated");
+    // Above the 1500 MTU, so a frame this big needs no GSO to cross the TAP.
+    ns.ip(&["link", "set", "ztap0", "mtu", "65521"]);
+
+    // Receive: guest offloads mean any frame up to 64 KiB, so the device claims 64 KiB of
+    // mergeable buffers before it reads; the frame then spans 64 of them.
+    for i in 0..100u64 {
+        d.post_rx(SCRATCH + 1024 * i, 1024);
+    }
+    let inbound = frame(11, 65_000);
+    peer.send(&inbound);
+    d.notify(RX);
+    let used = d.take_used(RX);
+    assert_eq!(used.len(), 64);
+    assert!(used.iter().enumerate().all(|(i, &(head, len))| head == i as u32 && (len == 1024 || i == 63)));
+    let got = d.bytes(SCRATCH, 65_000 + HDR);
+    assert_eq!(u16::from_le_bytes([got[10], got[11]]), 64);
+    assert_eq!(&got[HDR..], &inbound[..]);
+    assert_eq!(d.device().in_flight(), (0, 0), "the unused claims went back");
+
+    // Transmit: one frame in two descriptors.
+    let out = frame(12, 65_000);
+    let at = SCRATCH + 0x20_000;
+    d.ram.write_slice(&[0u8; HDR], GuestAddress(at)).unwrap();
+    d.ram.write_slice(&out, GuestAddress(at + HDR as u64)).unwrap();
+    d.offer(TX, &[(at, 30_000), (at + 30_000, 35_000 + HDR as u32)]);
+    d.notify(TX);
+    assert_eq!(d.take_used(TX), vec![(0, 0)]);
+    assert_eq!(peer.recv(), out);
+    assert!(d.device().take_error().is_none());
 }
 
 #[test]

@@ -10,19 +10,12 @@ mod net;
 
 use std::sync::Arc;
 
-use devices::net::{MacAddr, NetArgs, NetDevice, NetError, NetState, NetStep, Tap};
+use devices::net::{NetArgs, NetDevice, NetError, NetState, NetStep, Tap};
 use devices::virtio::MmioTransport;
 use devices::{DeviceInterrupt, Persist};
 use memory::{Bytes, GuestAddress, MemoryError};
 use net::*;
 
-const VERSION_1: u64 = 1 << 32;
-const MAC_F: u64 = 1 << 5;
-const MRG_RXBUF: u64 = 1 << 15;
-const STATUS: u64 = 1 << 16;
-const BASE: u64 = VERSION_1 | MAC_F | STATUS;
-const MAC: MacAddr = MacAddr([0x06, 0, 0xac, 0x10, 0, 0x02]);
-const INT_CONFIG: u32 = 2;
 
 /// A host-stepped device on `tap` (or none) with `features` negotiated.
 fn stepped_vm(tap: Option<Tap>, features: u64) -> NetDriver {
@@ -78,12 +71,6 @@ fn transmit_stepped(d: &NetDriver) {
     }
 }
 
-/// The header's num_buffers and the frame in a buffer at `addr` with `len` used bytes.
-fn received(d: &NetDriver, addr: u64, len: u32) -> (u16, Vec<u8>) {
-    let header = d.bytes(addr, HDR);
-    (u16::from_le_bytes([header[10], header[11]]), d.bytes(addr + HDR as u64, len as usize - HDR))
-}
-
 #[test]
 fn a_receive_held_mid_copy_lands_whole_in_the_source_and_the_clone_gets_its_buffer_back() {
     let ns = NetNs::new();
@@ -121,7 +108,7 @@ fn a_receive_held_mid_copy_lands_whole_in_the_source_and_the_clone_gets_its_buff
         let expected = if copied { vec![NetStep::Published { chains: 1 }] } else { vec![NetStep::Copied { bytes: 1412 }, NetStep::Published { chains: 1 }] };
         assert_eq!(receive_stepped(&source), expected, "{what}");
         assert_eq!(source.take_used(RX), vec![(u32::from(head), 1412)], "{what}");
-        assert_eq!(received(&source, buf, 1412), (1, inbound.clone()), "{what}");
+        assert_eq!(source.received(buf, 1412), (1, inbound.clone()), "{what}");
         assert_eq!(source.ram.stats().pinned_pages, 0, "{what}");
 
         // The clone fills the same buffer again, from its own TAP only.
@@ -129,9 +116,9 @@ fn a_receive_held_mid_copy_lands_whole_in_the_source_and_the_clone_gets_its_buff
         cln_peer.send(&own);
         receive_stepped(&clone);
         assert_eq!(clone.take_used(RX), vec![(u32::from(head), 512)], "{what}");
-        assert_eq!(received(&clone, buf, 512), (1, own), "{what}");
+        assert_eq!(clone.received(buf, 512), (1, own), "{what}");
         assert_eq!(clone.device().step_rx(), NetStep::Idle, "{what}: nothing else reached the clone");
-        assert_eq!(received(&source, buf, 1412).1, inbound, "{what}: the source's RAM is its own");
+        assert_eq!(source.received(buf, 1412).1, inbound, "{what}: the source's RAM is its own");
     }
 }
 
@@ -247,7 +234,7 @@ fn ten_clones_with_receive_buffers_posted_and_frames_arriving() {
         receive_stepped(&source);
         let used = source.take_used(RX);
         assert_eq!(used, vec![(i as u32, inbound.len() as u32 + HDR as u32)], "frame {i}");
-        assert_eq!(received(&source, buf(i), used[0].1), (1, inbound), "frame {i} whole in the source");
+        assert_eq!(source.received(buf(i), used[0].1), (1, inbound), "frame {i} whole in the source");
         source.post_rx(buf(i), 2048);
     }
     assert_eq!(source.device().step_rx(), NetStep::Claimed { chains: 1, bytes: 2048 });
@@ -267,7 +254,7 @@ fn ten_clones_with_receive_buffers_posted_and_frames_arriving() {
         }
         let used = clone.take_used(RX);
         assert_eq!(used, vec![(i as u32, 212)], "{name}");
-        assert_eq!(received(clone, buf(i), 212), (1, own), "{name}");
+        assert_eq!(clone.received(buf(i), 212), (1, own), "{name}");
         let out = frame(200 + i as u8, 90);
         clone.post_tx(SCRATCH + 0x10_000, &out);
         clone.notify(TX);
@@ -406,5 +393,5 @@ fn a_reset_brings_the_rings_back_and_is_refused_while_buffers_are_pinned() {
     peer.send(&again);
     receive_stepped(&vm);
     assert_eq!(vm.take_used(RX), vec![(0, 412)]);
-    assert_eq!(received(&vm, SCRATCH, 412), (1, again));
+    assert_eq!(vm.received(SCRATCH, 412), (1, again));
 }

@@ -15,7 +15,7 @@ use std::sync::mpsc::{channel, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use devices::net::{NetDevice, Tap};
+use devices::net::{MacAddr, NetDevice, Tap};
 use devices::virtio::MmioTransport;
 use devices::BusDevice;
 use memory::{Bytes, GuestAddress, GuestRam};
@@ -30,6 +30,16 @@ pub const RX: u16 = 0;
 pub const TX: u16 = 1;
 /// virtio_net_hdr_v1.
 pub const HDR: usize = 12;
+pub const VERSION_1: u64 = 1 << 32;
+pub const MAC_F: u64 = 1 << 5;
+pub const MRG_RXBUF: u64 = 1 << 15;
+pub const STATUS: u64 = 1 << 16;
+/// What the tests' driver negotiates unless it says otherwise.
+pub const BASE: u64 = VERSION_1 | MAC_F | STATUS;
+pub const MAC: MacAddr = MacAddr([0x06, 0, 0xac, 0x10, 0, 0x02]);
+/// Interrupt status bits.
+pub const INT_USED: u32 = 1;
+pub const INT_CONFIG: u32 = 2;
 /// An EtherType for local experiments (IEEE 802): the kernel ignores it.
 pub const ETHERTYPE: u16 = 0x88b5;
 
@@ -123,6 +133,8 @@ impl Drop for NetNs {
 /// the TAP's reader, the device), what the interface receives (the device's writes) it reads.
 pub struct Peer {
     fd: OwnedFd,
+    /// Reused for every receive (a fresh 70 kB buffer per frame would cost more than the frame).
+    buf: std::cell::RefCell<Vec<u8>>,
 }
 
 fn check(rc: libc::c_int, what: &str) {
@@ -155,7 +167,7 @@ impl Peer {
         let timeout = libc::timeval { tv_sec: 20, tv_usec: 0 };
         Self::set(&fd, libc::SOL_SOCKET, libc::SO_RCVTIMEO, &timeout);
         Self::set(&fd, libc::SOL_SOCKET, libc::SO_RCVBUF, &(4i32 << 20));
-        Peer { fd }
+        Peer { fd, buf: std::cell::RefCell::new(vec![0u8; 70_000]) }
     }
 
     fn set<T>(fd: &OwnedFd, level: libc::c_int, name: libc::c_int, value: &T) {
@@ -172,7 +184,7 @@ impl Peer {
     }
 
     fn recv_with(&self, flags: libc::c_int) -> Option<Vec<u8>> {
-        let mut buf = vec![0u8; 70_000];
+        let mut buf = self.buf.borrow_mut();
         loop {
             // SAFETY: as above, plain data.
             let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
@@ -374,6 +386,12 @@ impl NetDriver {
         let status = reg_read(&mut self.transport, 0x60);
         reg_write(&mut self.transport, 0x64, status);
         status
+    }
+
+    /// `num_buffers` and the frame the device put in a buffer at `addr` of `len` used bytes.
+    pub fn received(&self, addr: u64, len: u32) -> (u16, Vec<u8>) {
+        let header = self.bytes(addr, HDR);
+        (u16::from_le_bytes([header[10], header[11]]), self.bytes(addr + HDR as u64, len as usize - HDR))
     }
 
     /// The config space's status field (VIRTIO_NET_S_LINK_UP = 1).
