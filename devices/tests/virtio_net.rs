@@ -11,10 +11,13 @@ mod net;
 use std::sync::{Arc, Mutex};
 
 use devices::net::{NetDevice, NetError, NetTapEvents, Tap, TapError};
+use devices::subscriber::MutEventSubscriber;
+use devices::virtio::QueueNotifier;
 use devices::{BusDevice, DeviceInterrupt};
 use event_manager::{EventManager, SubscriberOps};
 use memory::{Bytes, GuestAddress};
 use net::*;
+use vmm_sys_util::eventfd::EventFd;
 
 
 /// A namespace with TAP `ztap0`, its peer, and a driver for a device on it.
@@ -60,6 +63,40 @@ fn a_frame_each_way_through_the_tap() {
     let c = d.device().counters();
     assert_eq!((c.tx_frames, c.tx_bytes, c.rx_frames, c.rx_bytes, c.bad_chains), (1, 300, 1, 1000, 0));
     assert_eq!(d.ram.stats().pinned_pages, 0, "nothing stays pinned");
+}
+
+#[test]
+fn queue_notifications_and_frames_through_an_event_loop_as_a_vm_wires_them() {
+    let (_ns, peer, mut d) = setup(BASE);
+    let out = frame(13, 400);
+    let tx_head = d.post_tx(SCRATCH, &out);
+    let rx_head = d.post_rx(SCRATCH + 0x1000, 2048);
+    // The VMM's wiring: the transport shared with the queue notifier (one ioeventfd per
+    // queue, datamatch = queue index), and the TAP subscriber, on one event loop.
+    let NetDriver { ram, transport, pos } = d;
+    let tap_events = transport.device().tap_events().unwrap();
+    let transport = Arc::new(Mutex::new(transport));
+    let notifier = QueueNotifier::new(Arc::clone(&transport)).unwrap();
+    let kicks: Vec<EventFd> = notifier.eventfds().map(|(_, fd)| fd.try_clone().unwrap()).collect();
+    assert_eq!(kicks.len(), 2);
+    let mut events = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new().unwrap();
+    events.add_subscriber(Arc::new(Mutex::new(notifier)));
+    events.add_subscriber(Arc::new(Mutex::new(tap_events)));
+
+    // The guest's QueueNotify write to the transmit queue, as KVM signals it.
+    kicks[usize::from(TX)].write(1).unwrap();
+    assert!(events.run_with_timeout(20_000).unwrap() > 0);
+    assert_eq!(peer.recv(), out);
+    let inbound = frame(14, 400);
+    peer.send(&inbound);
+    assert!(events.run_with_timeout(20_000).unwrap() > 0);
+
+    drop(events);
+    let transport = Arc::try_unwrap(transport).unwrap().into_inner().unwrap();
+    let mut d = NetDriver::resume(ram, transport, pos);
+    assert_eq!(d.take_used(TX), vec![(u32::from(tx_head), 0)]);
+    assert_eq!(d.take_used(RX), vec![(u32::from(rx_head), 412)]);
+    assert_eq!(d.received(SCRATCH + 0x1000, 412), (1, inbound));
 }
 
 #[test]
