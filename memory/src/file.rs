@@ -9,9 +9,12 @@ use std::os::unix::fs::FileExt;
 
 use vm_memory::GuestAddress;
 
-use crate::cow::Snapshot;
-use crate::image::{Image, ImageStack};
-use crate::pages::{PageSet, PAGE_SIZE};
+use crate::blockset::BlockSet;
+use crate::image::Image;
+use crate::pages::PAGE_SIZE;
+use crate::region::validate_layout;
+use crate::snapshot::Snapshot;
+use crate::stack::ImageStack;
 use crate::MemoryError;
 
 const COPY_CHUNK: usize = 1 << 20;
@@ -37,7 +40,7 @@ impl Snapshot {
 
     /// Writes only the pages of region `region` that changed since `parent` (which this
     /// snapshot must descend from, parent kept alive meanwhile) and returns them.
-    pub fn write_region_diff(&self, parent: &Snapshot, region: usize, out: &File) -> Result<PageSet, MemoryError> {
+    pub fn write_region_diff(&self, parent: &Snapshot, region: usize, out: &File) -> Result<BlockSet, MemoryError> {
         let stack = self.stack(region)?;
         let base = parent.stack(region)?;
         if !stack.starts_with(base) || self.layout != parent.layout {
@@ -57,23 +60,23 @@ impl Snapshot {
 
     /// A snapshot from full region files (one per region, in layout order).
     pub fn from_files(layout: &[(GuestAddress, usize)], files: Vec<File>) -> Result<Snapshot, MemoryError> {
-        let layout = crate::ram::validate_layout(layout)?;
+        let layout = validate_layout(layout)?;
+        check_count(&layout, files.len())?;
         let stacks = layout
             .iter()
             .zip(files)
             .map(|(&(_, len), file)| Image::from_file(file, len).map(ImageStack::with_base))
             .collect::<Result<Vec<_>, _>>()?;
-        check_count(&layout, stacks.len())?;
         Ok(Snapshot { layout, stacks })
     }
 
     /// A snapshot from diff files laid over `parent`: each region's file provides `pages`.
-    pub fn from_diff_files(parent: &Snapshot, files: Vec<(File, PageSet)>) -> Result<Snapshot, MemoryError> {
+    pub fn from_diff_files(parent: &Snapshot, files: Vec<(File, BlockSet)>) -> Result<Snapshot, MemoryError> {
         check_count(&parent.layout, files.len())?;
         let mut stacks = parent.stacks.clone();
         for ((stack, &(_, len)), (file, pages)) in stacks.iter_mut().zip(&parent.layout).zip(files) {
             if pages.capacity() != len / PAGE_SIZE {
-                return Err(MemoryError::FileSize { expected: (len / PAGE_SIZE) as u64, actual: pages.capacity() as u64 });
+                return Err(MemoryError::DiffShape { pages: pages.capacity(), region_pages: len / PAGE_SIZE });
             }
             if !pages.is_empty() {
                 stack.push(Image::from_file(file, len)?, pages);
@@ -81,15 +84,11 @@ impl Snapshot {
         }
         Ok(Snapshot { layout: parent.layout.clone(), stacks })
     }
-
-    fn stack(&self, region: usize) -> Result<&ImageStack, MemoryError> {
-        self.stacks.get(region).ok_or(MemoryError::OutOfRange { addr: region as u64, len: 0 })
-    }
 }
 
 fn check_count(layout: &[(GuestAddress, usize)], files: usize) -> Result<(), MemoryError> {
     if files != layout.len() {
-        return Err(MemoryError::FileSize { expected: layout.len() as u64, actual: files as u64 });
+        return Err(MemoryError::FileCount { expected: layout.len(), actual: files });
     }
     Ok(())
 }

@@ -1,11 +1,6 @@
 //! Memory and cost accounting. Sizes come from /proc/self/smaps (Pss, not RSS: fault-around
 //! maps 16 pages per read fault, so RSS overstates what a VM costs).
 
-use std::sync::atomic::Ordering;
-
-use crate::pages::PAGE_SIZE;
-use crate::ram::GuestRam;
-
 /// What one RAM costs and what its clones have cost.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct MemoryStats {
@@ -31,35 +26,8 @@ pub struct MemoryStats {
     pub mappings: u64,
 }
 
-impl GuestRam {
-    /// `stats().eager_copied_pages` without reading /proc (cheap enough for every clone).
-    pub fn eager_copied_pages(&self) -> u64 {
-        self.counters.eager_copied_pages.load(Ordering::Relaxed)
-    }
-
-    pub fn stats(&self) -> MemoryStats {
-        let mut stats = MemoryStats {
-            ram_bytes: self.layout().iter().map(|r| r.1 as u64).sum(),
-            eager_copied_pages: self.counters.eager_copied_pages.load(Ordering::Relaxed),
-            folds: self.counters.folds.load(Ordering::Relaxed),
-            layers: self.counters.layers.load(Ordering::Relaxed),
-            flattens: self.counters.flattens.load(Ordering::Relaxed),
-            ..MemoryStats::default()
-        };
-        for region in &self.arcs {
-            stats.pinned_pages += region.pins.lock().unwrap_or_else(|e| e.into_inner()).count() as u64;
-        }
-        let ranges: Vec<(u64, u64)> =
-            self.arcs.iter().map(|r| (r.host_addr(), r.host_addr() + (r.pages() * PAGE_SIZE) as u64)).collect();
-        if let Ok(smaps) = std::fs::read_to_string("/proc/self/smaps") {
-            add_smaps(&smaps, &ranges, &mut stats);
-        }
-        stats
-    }
-}
-
 /// Sums the smaps fields of every VMA inside one of `ranges`.
-fn add_smaps(smaps: &str, ranges: &[(u64, u64)], stats: &mut MemoryStats) {
+pub(crate) fn add_smaps(smaps: &str, ranges: &[(u64, u64)], stats: &mut MemoryStats) {
     let mut inside = false;
     for line in smaps.lines() {
         if let Some((start, end)) = vma_bounds(line) {

@@ -113,7 +113,7 @@ fn files_of_the_wrong_shape_are_refused() {
     short[0].set_len(4096).unwrap();
     short[1].set_len(2 * PAGE_SIZE as u64).unwrap();
     assert!(matches!(Snapshot::from_files(&layout(), short), Err(MemoryError::FileSize { .. })));
-    assert!(matches!(Snapshot::from_files(&layout(), Vec::new()), Err(MemoryError::FileSize { .. })));
+    assert!(matches!(Snapshot::from_files(&layout(), Vec::new()), Err(MemoryError::FileCount { expected: 2, actual: 0 })));
     let a = GuestRam::new(&layout()).unwrap().snapshot().unwrap();
     let b = GuestRam::new(&layout()).unwrap().snapshot().unwrap();
     assert!(matches!(b.write_region_diff(&a, 0, &files(&dir, "x")[0]), Err(MemoryError::NotADescendant { region: 0 })));

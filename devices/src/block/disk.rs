@@ -18,12 +18,14 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use memory::PageSet;
+use memory::BlockSet;
 
 use super::BlockError;
 
 /// Bytes per virtio-blk sector.
 pub const SECTOR_SIZE: u64 = 512;
+/// A set of a disk's sectors (bit i = sector i).
+pub type SectorSet = BlockSet;
 /// Alignment of offset, length and memory an O_DIRECT transfer needs (conservative: the page).
 pub const DIRECT_IO_ALIGN: u64 = 4096;
 
@@ -88,13 +90,13 @@ pub struct CowDisk {
     pub(super) base: Option<Arc<LayerFile>>,
     pub(super) top: LayerFile,
     /// Sectors in `top` (meaningful only with a base: without one, `top` holds everything).
-    pub(super) written: PageSet,
+    pub(super) written: SectorSet,
     pub(super) overlay_dir: PathBuf,
     /// The freeze (`FrozenDisk::id`) whose bytes plus `since_freeze` are this disk's bytes,
     /// if any: a reset to it copies back only `since_freeze`.
     pub(super) frozen_from: Option<u64>,
     /// Sectors written (or being written) since that freeze.
-    pub(super) since_freeze: PageSet,
+    pub(super) since_freeze: SectorSet,
 }
 
 impl CowDisk {
@@ -115,10 +117,10 @@ impl CowDisk {
             sectors,
             base: None,
             top: LayerFile::new(file),
-            written: PageSet::new(0),
+            written: SectorSet::new(0),
             overlay_dir: overlay_dir.to_path_buf(),
             frozen_from: None,
-            since_freeze: PageSet::new(0),
+            since_freeze: SectorSet::new(0),
         })
     }
 
@@ -175,8 +177,8 @@ impl CowDisk {
         if self.base.is_none() {
             let overlay = self.new_overlay()?;
             self.base = Some(Arc::new(std::mem::replace(&mut self.top, overlay)));
-            self.written = PageSet::new(self.sectors as usize);
-            self.since_freeze = PageSet::new(self.sectors as usize);
+            self.written = SectorSet::new(self.sectors as usize);
+            self.since_freeze = SectorSet::new(self.sectors as usize);
         }
         self.fork()
     }
@@ -196,7 +198,7 @@ impl CowDisk {
             written: self.written.clone(),
             overlay_dir: self.overlay_dir.clone(),
             frozen_from: None,
-            since_freeze: PageSet::new(self.sectors as usize),
+            since_freeze: SectorSet::new(self.sectors as usize),
         })
     }
 }

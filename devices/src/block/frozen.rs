@@ -12,9 +12,8 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use memory::PageSet;
 
-use super::disk::{copy_range, new_overlay, CowDisk, LayerFile, SECTOR_SIZE};
+use super::disk::{copy_range, new_overlay, CowDisk, LayerFile, SectorSet, SECTOR_SIZE};
 use super::BlockError;
 
 /// Ids of freezes, unique in the process: a disk knows which freeze it last came from.
@@ -29,7 +28,7 @@ pub struct FrozenDisk {
     /// Sectors a write in flight at the freeze may still change in the base (when the freeze
     /// made the VM's file the base, the file takes those writes): a diff against this freeze
     /// must carry them.
-    pub(super) unsettled: PageSet,
+    pub(super) unsettled: SectorSet,
 }
 
 impl CowDisk {
@@ -81,7 +80,7 @@ impl CowDisk {
 
 /// Splits the run (`first`, `count`) into maximal pieces inside or outside `set`:
 /// (inside, first, count).
-fn split_by(set: &PageSet, first: usize, count: usize) -> Vec<(bool, usize, usize)> {
+fn split_by(set: &SectorSet, first: usize, count: usize) -> Vec<(bool, usize, usize)> {
     let mut pieces: Vec<(bool, usize, usize)> = Vec::new();
     for s in first..first + count {
         let inside = set.contains(s);
@@ -96,7 +95,7 @@ fn split_by(set: &PageSet, first: usize, count: usize) -> Vec<(bool, usize, usiz
 impl FrozenDisk {
     /// `disk`'s bytes as a new freeze, settled (nothing in flight can change them).
     pub(super) fn new(disk: CowDisk) -> FrozenDisk {
-        let unsettled = PageSet::new(disk.sectors as usize);
+        let unsettled = SectorSet::new(disk.sectors as usize);
         FrozenDisk { id: NEXT_FREEZE_ID.fetch_add(1, Ordering::Relaxed), disk, unsettled }
     }
 
@@ -119,10 +118,10 @@ impl FrozenDisk {
             sectors,
             base: Some(Arc::new(LayerFile::read_only(file))),
             top: new_overlay(overlay_dir, sectors)?,
-            written: PageSet::new(sectors as usize),
+            written: SectorSet::new(sectors as usize),
             overlay_dir: overlay_dir.to_path_buf(),
             frozen_from: None,
-            since_freeze: PageSet::new(sectors as usize),
+            since_freeze: SectorSet::new(sectors as usize),
         };
         Ok(FrozenDisk::new(disk))
     }
@@ -143,7 +142,7 @@ impl FrozenDisk {
 
     /// Copies this freeze's bytes of `sectors` into `out` at the same offsets: each run from
     /// the private overlay where the freeze holds it, else from the base.
-    pub(super) fn copy_sectors(&self, sectors: &PageSet, out: &File) -> std::io::Result<()> {
+    pub(super) fn copy_sectors(&self, sectors: &SectorSet, out: &File) -> std::io::Result<()> {
         for (first, count) in sectors.runs() {
             for (from_top, start, n) in split_by(&self.disk.written, first, count) {
                 let from = if from_top { self.disk.top.file() } else { self.base().file() };
