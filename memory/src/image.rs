@@ -157,3 +157,36 @@ impl Image {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pages::PAGE_SIZE;
+
+    #[test]
+    fn copies_outside_the_image_or_the_host_range_are_refused() {
+        let image = Image::new(2 * PAGE_SIZE).unwrap();
+        let host = HostRange::reserve(4 * PAGE_SIZE).unwrap();
+        host.map_stack(&crate::stack::ImageStack::with_base(Image::new(4 * PAGE_SIZE).unwrap())).unwrap();
+        for (offset, len) in [(2 * PAGE_SIZE, 1), (PAGE_SIZE, PAGE_SIZE + 1), (1, usize::MAX)] {
+            assert!(matches!(image.write_from_host(&host, offset, len), Err(MemoryError::OutOfBounds { .. })));
+            assert!(matches!(image.read_to_host(&host, offset, len), Err(MemoryError::OutOfBounds { .. })));
+        }
+        let mut buf = [0u8; 8];
+        assert!(matches!(image.read_to_slice(2 * PAGE_SIZE - 4, &mut buf), Err(MemoryError::OutOfBounds { .. })));
+        image.write_from_host(&host, PAGE_SIZE, PAGE_SIZE).unwrap();
+        image.read_to_slice(2 * PAGE_SIZE - 8, &mut buf).unwrap();
+
+        let file = tempfile(2 * PAGE_SIZE);
+        let frozen = Image::from_file(file, 2 * PAGE_SIZE).unwrap();
+        assert!(matches!(frozen.write_from_host(&host, 0, PAGE_SIZE), Err(MemoryError::ReadOnlyImage { .. })));
+    }
+
+    fn tempfile(len: usize) -> File {
+        let path = std::env::temp_dir().join(format!("zygote-image-test-{}", std::process::id()));
+        let file = File::options().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
+        file.set_len(len as u64).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        file
+    }
+}

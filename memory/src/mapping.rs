@@ -125,3 +125,24 @@ impl Drop for HostRange {
         unsafe { libc::munmap(self.addr.cast(), self.len) };
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::image::Image;
+
+    #[test]
+    fn ranges_outside_the_reservation_are_refused_not_mapped() {
+        let host = HostRange::reserve(4 * PAGE_SIZE).unwrap();
+        let image = Image::new(4 * PAGE_SIZE).unwrap();
+        for (offset, len) in [(4 * PAGE_SIZE, PAGE_SIZE), (3 * PAGE_SIZE, 2 * PAGE_SIZE), (PAGE_SIZE, usize::MAX)] {
+            assert!(matches!(host.map_file(offset, len, image.fd()), Err(MemoryError::OutOfBounds { .. })), "{offset:#x}+{len:#x}");
+            assert!(matches!(host.populate_write(offset, len), Err(MemoryError::OutOfBounds { .. })), "{offset:#x}+{len:#x}");
+        }
+        assert!(matches!(host.map_file(100, PAGE_SIZE, image.fd()), Err(MemoryError::OutOfBounds { .. })), "unaligned");
+        let other = crate::stack::ImageStack::with_base(Image::new(8 * PAGE_SIZE).unwrap());
+        assert!(matches!(host.map_stack(&other), Err(MemoryError::OutOfBounds { .. })), "a stack of another size");
+        host.map_file(0, 4 * PAGE_SIZE, image.fd()).unwrap();
+        host.populate_write(PAGE_SIZE + 1, PAGE_SIZE).unwrap();
+    }
+}
