@@ -18,7 +18,7 @@ use crate::pin::{Access, PinGuard};
 use crate::region::{validate_layout, GuestRegions, RamRegion};
 use crate::snapshot::{reset_region, Snapshot};
 use crate::stack::ImageStack;
-use crate::stats::{add_smaps, MemoryStats};
+use crate::stats::{count_pages, MemoryStats};
 use crate::MemoryError;
 
 /// Source of the pages vCPUs wrote: the VMM feeds KVM's dirty log through this.
@@ -228,7 +228,8 @@ impl GuestRam {
         Ok(())
     }
 
-    /// What this RAM costs and what its freezes did. Reads /proc/self/smaps.
+    /// What this RAM costs now and what its freezes did. O(this RAM's populated page tables):
+    /// cheap enough to call for every VM of a process on every request.
     pub fn stats(&self) -> MemoryStats {
         let mut stats = MemoryStats {
             ram_bytes: self.layout().iter().map(|r| r.1 as u64).sum(),
@@ -240,16 +241,17 @@ impl GuestRam {
         };
         for region in &self.arcs {
             stats.pinned_pages += region.pins.lock().unwrap_or_else(|e| e.into_inner()).count() as u64;
+            // A region the kernel cannot scan is reported with no pages rather than failing
+            // the whole request; it can only happen without /proc.
+            let counts = count_pages(region.host_addr(), region.pages() * PAGE_SIZE).unwrap_or_default();
+            stats.private_bytes += counts.private * PAGE_SIZE as u64;
+            stats.shared_bytes += counts.shared * PAGE_SIZE as u64;
         }
-        let ranges: Vec<(u64, u64)> =
-            self.arcs.iter().map(|r| (r.host_addr(), r.host_addr() + (r.pages() * PAGE_SIZE) as u64)).collect();
-        if let Ok(smaps) = std::fs::read_to_string("/proc/self/smaps") {
-            add_smaps(&smaps, &ranges, &mut stats);
-        }
+        stats.mappings = self.lock().iter().map(|st| st.stack.mapping_count() as u64).sum();
         stats
     }
 
-    /// `stats().eager_copied_pages` without reading /proc (cheap enough for every clone).
+    /// `stats().eager_copied_pages` alone.
     pub fn eager_copied_pages(&self) -> u64 {
         self.counters.eager_copied_pages.load(Ordering::Relaxed)
     }

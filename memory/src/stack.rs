@@ -95,6 +95,29 @@ impl ImageStack {
         self.layers.iter().filter_map(|l| l.pages.as_ref()).map(|p| p.runs().len()).sum()
     }
 
+    /// Maximal stretches of pages that come from one image: the mappings a VM on this stack
+    /// has (MAP_PRIVATE at file offset = region offset, so neighbours from one image merge).
+    /// O(runs × layers): the owner of a page can only change at a run boundary.
+    pub(crate) fn mapping_count(&self) -> usize {
+        let pages = self.len() / PAGE_SIZE;
+        let mut bounds: Vec<usize> = vec![0];
+        for runs in self.layers.iter().filter_map(|l| l.pages.as_ref()).map(|p| p.runs()) {
+            bounds.extend(runs.iter().flat_map(|&(first, count)| [first, first + count]).filter(|&b| b < pages));
+        }
+        bounds.sort_unstable();
+        bounds.dedup();
+        let mut count = 0;
+        let mut previous: Option<&Arc<Image>> = None;
+        for page in bounds {
+            let image = self.image_for(page);
+            if previous.is_none_or(|p| !Arc::ptr_eq(p, image)) {
+                count += 1;
+            }
+            previous = Some(image);
+        }
+        count
+    }
+
     /// The topmost layer holding `page`.
     pub(crate) fn image_for(&self, page: usize) -> &Arc<Image> {
         self.layers
