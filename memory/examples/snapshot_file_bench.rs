@@ -1,16 +1,22 @@
 //! Snapshot RAM file cost: `cargo run --release -p zygote-memory --example snapshot_file_bench`.
 //!
 //! A RAM of 256 MiB and one of 1 GiB, each with the same 16 MiB of data (what a small Linux
-//! guest holds), a full snapshot file, then ~170 KiB changed and a diff file. Each phase is
-//! timed the way the VMM's snapshot writer runs it today: the RAM file write (copy + fsync),
-//! then a CRC32 of the whole file read back.
+//! guest holds), a full snapshot file, then ~170 KiB changed and a diff file. Per file, medians
+//! of 5 rounds, µs:
+//! - `write`: `write_region` / `write_region_diff` (copy, CRC32 per written run, fsync);
+//! - `verify`: `Snapshot::verify_file` against those CRC32s (what a load checks);
+//! - `whole_file_crc`: the reference the snapshot writer paid before (and a load still pays
+//!   while it checks whole files): CRC32 of every byte read back, holes included;
+//! - `floor`: writing the same pages with plain pwrite into a fresh sparse file, plus fsync.
+//!
+//! Prints one JSON object per RAM size.
 
 use std::fs::File;
 use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
-use memory::{Bytes, GuestAddress, GuestRam, PAGE_SIZE};
+use memory::{Bytes, FileKind, FileRun, GuestAddress, GuestRam, Snapshot, PAGE_SIZE};
 
 const MIB: usize = 1 << 20;
 const DATA_PAGES: usize = 16 * MIB / PAGE_SIZE;
@@ -38,12 +44,7 @@ fn measure(size: usize, dir: &std::path::Path) {
     let mut parent = ram.snapshot().expect("snapshot");
     for round in 0..ROUNDS {
         let path = dir.join(format!("full-{round}"));
-        let file = File::create(&path).expect("full file");
-        let start = Instant::now();
-        parent.write_region(0, &file).expect("write full");
-        full.write.push(start.elapsed());
-        full.crc.push(time(|| whole_file_crc32(&path)));
-        std::fs::remove_file(&path).expect("remove");
+        full.measure(size, &path, FileKind::Full, |file| parent.write_region(0, file));
 
         for i in 0..CHANGED_PAGES {
             let page = spread(i * 7 + round, CHANGED_PAGES * 7 + ROUNDS, pages);
@@ -51,13 +52,7 @@ fn measure(size: usize, dir: &std::path::Path) {
         }
         let child = ram.snapshot().expect("snapshot");
         let path = dir.join(format!("diff-{round}"));
-        let file = File::create(&path).expect("diff file");
-        let start = Instant::now();
-        let written = child.write_region_diff(&parent, 0, &file).expect("write diff");
-        diff.write.push(start.elapsed());
-        diff.crc.push(time(|| whole_file_crc32(&path)));
-        diff.fsync.push(sparse_fsync(dir, size, written.len()));
-        std::fs::remove_file(&path).expect("remove");
+        diff.measure(size, &path, FileKind::Diff, |file| child.write_region_diff(&parent, 0, file));
         parent = child;
     }
     let mib = size / MIB;
@@ -69,21 +64,41 @@ fn measure(size: usize, dir: &std::path::Path) {
     );
 }
 
-/// Medians, in µs, of each phase over the rounds.
+/// Each phase's times over the rounds.
 #[derive(Default)]
 struct Phases {
     write: Vec<Duration>,
-    crc: Vec<Duration>,
-    fsync: Vec<Duration>,
+    verify: Vec<Duration>,
+    whole_file_crc: Vec<Duration>,
+    floor: Vec<Duration>,
+    pages: usize,
 }
 
 impl Phases {
+    /// Writes one file at `path` with `write`, then times its checks and its floor.
+    fn measure(&mut self, size: usize, path: &std::path::Path, kind: FileKind, write: impl FnOnce(&File) -> Result<Vec<FileRun>, memory::MemoryError>) {
+        let file = File::create(path).expect("RAM file");
+        let start = Instant::now();
+        let runs = write(&file).expect("write RAM file");
+        self.write.push(start.elapsed());
+        let file = File::open(path).expect("reopen");
+        self.verify.push(time(|| Snapshot::verify_file(&file, size, &runs, kind).expect("verify")));
+        self.whole_file_crc.push(time(|| whole_file_crc32(path)));
+        std::fs::remove_file(path).expect("remove");
+        self.floor.push(write_floor(path, size, &runs));
+        self.pages = runs.iter().map(|r| r.pages).sum();
+    }
+
+    /// Medians, µs.
     fn json(&mut self) -> String {
-        let mut fields = vec![format!("\"write_us\":{}", median(&mut self.write)), format!("\"crc_us\":{}", median(&mut self.crc))];
-        if !self.fsync.is_empty() {
-            fields.push(format!("\"of_which_fsync_us\":{}", median(&mut self.fsync)));
-        }
-        format!("{{{}}}", fields.join(","))
+        let (write, floor) = (median(&mut self.write), median(&mut self.floor));
+        format!(
+            "{{\"pages\":{},\"write_us\":{write},\"floor_us\":{floor},\"write_vs_floor\":{:.2},\"verify_us\":{},\"whole_file_crc_us\":{}}}",
+            self.pages,
+            write as f64 / floor as f64,
+            median(&mut self.verify),
+            median(&mut self.whole_file_crc)
+        )
     }
 }
 
@@ -98,16 +113,23 @@ fn time(f: impl FnOnce()) -> Duration {
     start.elapsed()
 }
 
-/// The fsync part of a diff write: a sparse file of `size` bytes with `pages` pages written.
-fn sparse_fsync(dir: &std::path::Path, size: usize, pages: usize) -> Duration {
-    let path = dir.join("fsync");
-    let file = File::create(&path).expect("fsync file");
-    file.set_len(size as u64).expect("size");
-    for i in 0..pages {
-        file.write_all_at(&[1; PAGE_SIZE], (spread(i, pages, size / PAGE_SIZE) * PAGE_SIZE) as u64).expect("write");
-    }
-    let took = time(|| file.sync_all().expect("fsync"));
-    std::fs::remove_file(&path).expect("remove");
+/// Writing `runs`' pages with plain pwrite into a fresh sparse file of `size` bytes, and fsync.
+fn write_floor(path: &std::path::Path, size: usize, runs: &[FileRun]) -> Duration {
+    let file = File::create(path).expect("floor file");
+    let buf = vec![1u8; 1 << 20];
+    let took = time(|| {
+        file.set_len(size as u64).expect("size");
+        for run in runs {
+            let (mut at, end) = (run.first_page * PAGE_SIZE, (run.first_page + run.pages) * PAGE_SIZE);
+            while at < end {
+                let n = (end - at).min(buf.len());
+                file.write_all_at(&buf[..n], at as u64).expect("write");
+                at += n;
+            }
+        }
+        file.sync_all().expect("fsync");
+    });
+    std::fs::remove_file(path).expect("remove");
     took
 }
 

@@ -37,6 +37,12 @@ pub enum MemoryError {
     FileCount { expected: usize, actual: usize },
     #[error("diff page set covers {pages} pages, its region has {region_pages}")]
     DiffShape { pages: usize, region_pages: usize },
+    #[error("RAM file run of {pages} page(s) at page {first_page} is empty, out of order, overlapping or past the region's {region_pages} pages")]
+    BadFileRun { first_page: usize, pages: usize, region_pages: usize },
+    #[error("RAM file pages {first_page}+{pages}: CRC32 {actual:#010x}, expected {expected:#010x}")]
+    FileChecksum { first_page: usize, pages: usize, expected: u32, actual: u32 },
+    #[error("RAM file holds data at page {page}, outside every checksummed run")]
+    DataOutsideRuns { page: usize },
     #[error("snapshot is not a descendant of the given parent in region {region}: take a full snapshot")]
     NotADescendant { region: usize },
     #[error("snapshot file I/O failed")]

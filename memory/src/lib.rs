@@ -23,11 +23,13 @@ pub mod planted;
 mod ram;
 mod region;
 mod snapshot;
+pub mod sparse;
 mod stack;
 mod stats;
 
 pub use blockset::BlockSet;
 pub use error::MemoryError;
+pub use file::{FileKind, FileRun};
 pub use freeze::{FreezeReport, PrecopyReport};
 pub use pages::PAGE_SIZE;
 pub use pin::{Access, PinGuard};

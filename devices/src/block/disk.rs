@@ -18,6 +18,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use memory::sparse::copy_extent;
 use memory::BlockSet;
 
 use super::BlockError;
@@ -188,7 +189,7 @@ impl CowDisk {
     pub(super) fn fork(&self) -> Result<CowDisk, BlockError> {
         let top = self.new_overlay()?;
         for (first, count) in self.written.runs() {
-            copy_range(&self.top.buffered, &top.buffered, first as u64 * SECTOR_SIZE, count as u64 * SECTOR_SIZE)
+            copy_extent(&self.top.buffered, &top.buffered, first as u64 * SECTOR_SIZE, count as u64 * SECTOR_SIZE, None)
                 .map_err(|source| BlockError::Overlay { dir: self.overlay_dir.clone(), source })?;
         }
         Ok(CowDisk {
@@ -213,22 +214,4 @@ pub(super) fn new_overlay(dir: &Path, sectors: u64) -> Result<LayerFile, BlockEr
         .and_then(|f| f.set_len(sectors * SECTOR_SIZE).map(|()| f))
         .map_err(|source| BlockError::Overlay { dir: dir.to_path_buf(), source })?;
     Ok(LayerFile::new(file))
-}
-
-/// Copies `len` bytes at `offset` from one file to the same offset of another.
-pub(super) fn copy_range(from: &File, to: &File, offset: u64, len: u64) -> std::io::Result<()> {
-    let (mut off_in, mut off_out) = (offset as i64, offset as i64);
-    let mut left = len as usize;
-    while left > 0 {
-        // SAFETY: both fds are open files owned by the caller; the offsets are our own locals.
-        let n = unsafe {
-            libc::copy_file_range(from.as_raw_fd(), &mut off_in, to.as_raw_fd(), &mut off_out, left, 0)
-        };
-        match n {
-            n if n > 0 => left -= n.unsigned_abs(),
-            0 => return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "copy_file_range hit EOF")),
-            _ => return Err(std::io::Error::last_os_error()),
-        }
-    }
-    Ok(())
 }

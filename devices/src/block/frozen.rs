@@ -7,13 +7,13 @@
 //! freeze the disk last came from copies back only the sectors written since (`since_freeze`).
 
 use std::fs::{File, OpenOptions};
-use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use memory::sparse::{copy_extent, data_extents};
 
-use super::disk::{copy_range, new_overlay, CowDisk, LayerFile, SectorSet, SECTOR_SIZE};
+use super::disk::{new_overlay, CowDisk, LayerFile, SectorSet, SECTOR_SIZE};
 use super::BlockError;
 
 /// Ids of freezes, unique in the process: a disk knows which freeze it last came from.
@@ -146,7 +146,7 @@ impl FrozenDisk {
         for (first, count) in sectors.runs() {
             for (from_top, start, n) in split_by(&self.disk.written, first, count) {
                 let from = if from_top { self.disk.top.file() } else { self.base().file() };
-                copy_range(from, out, start as u64 * SECTOR_SIZE, n as u64 * SECTOR_SIZE)?;
+                copy_extent(from, out, start as u64 * SECTOR_SIZE, n as u64 * SECTOR_SIZE, None)?;
             }
         }
         Ok(())
@@ -168,38 +168,11 @@ impl FrozenDisk {
         out.set_len(size)?;
         let base = self.base().file();
         for (start, len) in data_extents(base, size)? {
-            copy_range(base, out, start, len)?;
+            copy_extent(base, out, start, len, None)?;
         }
         self.copy_sectors(&self.disk.written, out)?;
         out.sync_all()
     }
-}
-
-/// The (offset, length) runs of `file` below `size` that hold data (holes read as zeros).
-fn data_extents(file: &File, size: u64) -> std::io::Result<Vec<(u64, u64)>> {
-    let seek = |offset: u64, whence| -> std::io::Result<Option<u64>> {
-        let offset = i64::try_from(offset).map_err(std::io::Error::other)?;
-        // SAFETY: lseek on a file we own; it only moves the (unused) file offset.
-        match unsafe { libc::lseek(file.as_raw_fd(), offset, whence) } {
-            n if n >= 0 => Ok(Some(n.unsigned_abs())),
-            _ => match std::io::Error::last_os_error() {
-                e if e.raw_os_error() == Some(libc::ENXIO) => Ok(None),
-                e => Err(e),
-            },
-        }
-    };
-    let mut extents = Vec::new();
-    let mut offset = 0;
-    while offset < size {
-        let Some(data) = seek(offset, libc::SEEK_DATA)? else { break };
-        if data >= size {
-            break;
-        }
-        let end = seek(data, libc::SEEK_HOLE)?.unwrap_or(size).min(size);
-        extents.push((data, end - data));
-        offset = end;
-    }
-    Ok(extents)
 }
 
 #[cfg(test)]

@@ -9,7 +9,9 @@
 use std::fs::{File, OpenOptions};
 use std::path::Path;
 
-use super::disk::{copy_range, SectorSet, SECTOR_SIZE};
+use memory::sparse::copy_extent;
+
+use super::disk::{SectorSet, SECTOR_SIZE};
 use super::{BlockError, FrozenDisk};
 
 impl FrozenDisk {
@@ -46,7 +48,7 @@ impl FrozenDisk {
         }
         let mut disk = parent.disk.fork()?;
         for (first, count) in sectors.runs() {
-            copy_range(&file, disk.top.file(), first as u64 * SECTOR_SIZE, count as u64 * SECTOR_SIZE)
+            copy_extent(&file, disk.top.file(), first as u64 * SECTOR_SIZE, count as u64 * SECTOR_SIZE, None)
                 .map_err(|source| BlockError::Overlay { dir: disk.overlay_dir.clone(), source })?;
             disk.written.insert_range(first, count);
         }

@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use devices::block::{FrozenDisk, SECTOR_SIZE};
-use memory::{BlockSet, MemoryError, Snapshot, PAGE_SIZE};
+use memory::{BlockSet, FileRun, MemoryError, Snapshot, PAGE_SIZE};
 use serde::{Deserialize, Serialize};
 
 use super::VmSnapshot;
@@ -168,7 +168,10 @@ pub fn write_snapshot(
                 snap.ram.write_region(index, &file).map_err(SnapshotError::Memory)?;
                 None
             }
-            Some(p) => Some(snap.ram.write_region_diff(&p.snapshot.ram, index, &file).map_err(SnapshotError::Memory)?.runs()),
+            Some(p) => {
+                let runs = snap.ram.write_region_diff(&p.snapshot.ram, index, &file).map_err(SnapshotError::Memory)?;
+                Some(runs.iter().map(FileRun::page_run).collect())
+            }
         };
         regions.push(RamFile { start: start.0, size, crc32: file_crc32(&path)?, file: path, diff_runs });
     }
