@@ -79,6 +79,27 @@ impl HostRange {
         Ok(())
     }
 
+    /// Maps the whole range private, anonymous and read-write: zeros, which the kernel
+    /// allocates on first write (a fresh RAM, whose base image is all holes).
+    pub(crate) fn map_zeroed(&self) -> Result<(), MemoryError> {
+        // SAFETY: `self.addr..self.addr+self.len` is exactly our own reservation, so MAP_FIXED
+        // replaces only memory this value owns.
+        let addr = unsafe {
+            libc::mmap(
+                self.addr.cast(),
+                self.len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return Err(MemoryError::os("mmap anonymous", self.len));
+        }
+        Ok(())
+    }
+
     /// MAP_PRIVATE of `fd` at file offset = range offset, so neighbouring runs merge.
     fn map_file(&self, offset: usize, len: usize, fd: i32) -> Result<(), MemoryError> {
         let target = self.checked_ptr(offset, len)?;

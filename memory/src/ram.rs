@@ -55,27 +55,38 @@ impl std::fmt::Debug for GuestRam {
 
 impl GuestRam {
     /// Fresh zeroed RAM with the given (start, size) regions.
+    ///
+    /// Each region's base image is an empty memfd, but the region is mapped anonymous, not
+    /// from it: both read as zeros, and a write fault on a memfd hole would fill a memfd page
+    /// with zeros and then copy it (two pages and 2.1-2.4x an anonymous fault here). The
+    /// pages this RAM writes are private either way; the first freeze writes them into the
+    /// image, as it does for a mapped one.
     pub fn new(regions: &[(GuestAddress, usize)]) -> Result<GuestRam, MemoryError> {
         let layout = validate_layout(regions)?;
         let stacks = layout
             .iter()
             .map(|&(_, size)| Image::new(size).map(ImageStack::with_base))
             .collect::<Result<Vec<_>, _>>()?;
-        GuestRam::from_stacks(&layout, stacks)
+        GuestRam::from_stacks(&layout, stacks, |host, _| host.map_zeroed())
     }
 
     /// A new RAM showing a snapshot's bytes; it starts unpinned and clean.
     pub fn from_snapshot(snap: &Snapshot) -> Result<GuestRam, MemoryError> {
-        GuestRam::from_stacks(&snap.layout, snap.stacks.clone())
+        GuestRam::from_stacks(&snap.layout, snap.stacks.clone(), HostRange::map_stack)
     }
 
-    /// Maps each region's stack at a newly reserved host range.
-    fn from_stacks(layout: &[(GuestAddress, usize)], stacks: Vec<ImageStack>) -> Result<GuestRam, MemoryError> {
+    /// Reserves a host range per region and maps it with `map`, which must make it show the
+    /// region's stack.
+    fn from_stacks(
+        layout: &[(GuestAddress, usize)],
+        stacks: Vec<ImageStack>,
+        map: impl Fn(&HostRange, &ImageStack) -> Result<(), MemoryError>,
+    ) -> Result<GuestRam, MemoryError> {
         let mut arcs = Vec::with_capacity(layout.len());
         let mut state = Vec::with_capacity(layout.len());
         for (&(start, size), stack) in layout.iter().zip(stacks) {
             let host = HostRange::reserve(size)?;
-            host.map_stack(&stack)?;
+            map(&host, &stack)?;
             arcs.push(Arc::new(RamRegion::new(start, host)?));
             state.push(RegionState::new(stack, size / PAGE_SIZE));
         }
@@ -330,5 +341,28 @@ impl GuestMemoryBackend for GuestRam {
 
     fn iter(&self) -> impl Iterator<Item = &RamRegion> {
         self.regions.iter()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::MetadataExt;
+
+    use vm_memory::Bytes;
+
+    use super::*;
+
+    #[test]
+    fn a_fresh_ram_allocates_image_pages_only_when_it_freezes() {
+        let ram = GuestRam::new(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        ram.write_slice(&[7; 16 * PAGE_SIZE], GuestAddress(0x4000)).unwrap();
+        let image_bytes = |ram: &GuestRam| ram.lock()[0].stack.base().file().metadata().unwrap().blocks() * 512;
+        assert_eq!(image_bytes(&ram), 0, "a first write fills no image page");
+        assert_eq!(ram.stats().private_bytes, 16 * PAGE_SIZE as u64);
+        let clone = ram.clone_cow().unwrap();
+        assert_eq!(image_bytes(&ram), 16 * PAGE_SIZE as u64, "the freeze wrote exactly the written pages");
+        let mut buf = [0u8; 8];
+        clone.read_slice(&mut buf, GuestAddress(0x13ff8)).unwrap();
+        assert_eq!(buf, [7; 8]);
     }
 }
