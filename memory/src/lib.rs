@@ -16,6 +16,8 @@ mod file;
 mod freeze;
 mod image;
 mod mapping;
+#[cfg(feature = "model")]
+pub mod model;
 mod pages;
 mod pin;
 #[cfg(feature = "planted-bugs")]

@@ -1,7 +1,5 @@
 //! Snapshot RAM files: full and diff round trips, files never written after the fact.
 
-mod common;
-
 use std::fs::File;
 
 use memory::{BlockSet, Bytes, FileKind, FileRun, GuestAddress, GuestRam, MemoryError, Snapshot, PAGE_SIZE};
@@ -114,7 +112,7 @@ fn restores_of_one_snapshot_file_share_its_page_cache() {
         // Every page was read, none written: all of it is the file's page cache, mapped
         // MAP_PRIVATE by each restore, so each is charged a quarter of it.
         assert_eq!(stats.private_bytes, 0, "restore {i}: {stats:?}");
-        let pss = common::pss_bytes(ram);
+        let pss = pss_bytes(ram);
         assert!(pss <= stats.ram_bytes / RESTORES + 64 * PAGE_SIZE as u64, "restore {i}: Pss {pss}, {stats:?}");
         assert!(stats.shared_bytes >= stats.ram_bytes - 64 * PAGE_SIZE as u64, "restore {i}: {stats:?}");
     }
@@ -197,4 +195,27 @@ fn verify_refuses_a_changed_byte_stray_data_and_bad_runs() {
     open().set_len(size as u64 - 1).unwrap();
     assert!(matches!(bad(&runs, FileKind::Diff), MemoryError::FileSize { .. }));
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// Pss of `ram`'s mappings from /proc/self/smaps (what `GuestRam::stats` no longer reads: it
+/// costs O(every mapping of the process)).
+pub fn pss_bytes(ram: &memory::GuestRam) -> u64 {
+    let ranges: Vec<(u64, u64)> = ram.kvm_regions().iter().map(|r| (r.userspace_addr, r.userspace_addr + r.memory_size)).collect();
+    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+    let mut inside = false;
+    let mut pss = 0;
+    for line in smaps.lines() {
+        let mut fields = line.split_whitespace();
+        let first = fields.next().unwrap_or_default();
+        if let Some((start, end)) = first.split_once('-') {
+            if let (Ok(start), Ok(end)) = (u64::from_str_radix(start, 16), u64::from_str_radix(end, 16)) {
+                inside = ranges.iter().any(|&(lo, hi)| start >= lo && end <= hi);
+                continue;
+            }
+        }
+        if inside && first == "Pss:" {
+            pss += fields.next().and_then(|kb| kb.parse::<u64>().ok()).unwrap_or(0) * 1024;
+        }
+    }
+    pss
 }
