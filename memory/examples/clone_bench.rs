@@ -48,13 +48,13 @@ fn main() {
         us(precopy[precopy.len() / 2])
     );
     println!(
-        "source stats: eager_copied_pages {} folds {} layers {} flattens {} private {} MiB pss {} MiB",
+        "source stats: eager_copied_pages {} folds {} layers {} flattens {} private {} MiB shared {} MiB",
         s.eager_copied_pages,
         s.folds,
         s.layers,
         s.flattens,
         s.private_bytes >> 20,
-        s.pss_bytes >> 20
+        s.shared_bytes >> 20
     );
     drop(ram);
 

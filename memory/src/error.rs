@@ -15,6 +15,12 @@ pub enum MemoryError {
     OverlappingRegions { first: u64, second: u64 },
     #[error("guest range {addr:#x}+{len:#x} is not inside one RAM region")]
     OutOfRange { addr: u64, len: usize },
+    #[error("region {region} does not exist: the snapshot has {regions}")]
+    NoSuchRegion { region: usize, regions: usize },
+    #[error("{what}: range {offset:#x}+{len:#x} is not inside its {size:#x} bytes")]
+    OutOfBounds { what: &'static str, offset: usize, len: usize, size: usize },
+    #[error("image range {offset:#x}+{len:#x}: a snapshot file's image is never written")]
+    ReadOnlyImage { offset: usize, len: usize },
     #[error("pin of zero bytes at {0:#x}")]
     EmptyPin(u64),
     #[error("guard access at offset {offset:#x}+{len:#x} is past the pinned length {pinned:#x}")]
@@ -27,16 +33,20 @@ pub enum MemoryError {
     LayoutMismatch { snapshot: Vec<(u64, usize)>, ram: Vec<(u64, usize)> },
     #[error("snapshot RAM file has {actual} bytes, its region needs {expected}")]
     FileSize { expected: u64, actual: u64 },
+    #[error("snapshot has {actual} RAM file(s) for {expected} region(s)")]
+    FileCount { expected: usize, actual: usize },
+    #[error("diff page set covers {pages} pages, its region has {region_pages}")]
+    DiffShape { pages: usize, region_pages: usize },
+    #[error("RAM file run of {pages} page(s) at page {first_page} is empty, out of order, overlapping or past the region's {region_pages} pages")]
+    BadFileRun { first_page: usize, pages: usize, region_pages: usize },
+    #[error("RAM file pages {first_page}+{pages}: CRC32 {actual:#010x}, expected {expected:#010x}")]
+    FileChecksum { first_page: usize, pages: usize, expected: u32, actual: u32 },
+    #[error("RAM file holds data at page {page}, outside every checksummed run")]
+    DataOutsideRuns { page: usize },
     #[error("snapshot is not a descendant of the given parent in region {region}: take a full snapshot")]
     NotADescendant { region: usize },
     #[error("snapshot file I/O failed")]
     FileIo(#[source] std::io::Error),
-    #[error("vCPU dirty log of region {region} could not be read")]
-    DirtyLog {
-        region: usize,
-        #[source]
-        source: std::io::Error,
-    },
     #[error("{op} failed on a {len:#x}-byte range")]
     Os {
         op: &'static str,
@@ -51,6 +61,11 @@ pub enum MemoryError {
 impl MemoryError {
     /// Wraps the last OS error of a failed system call.
     pub(crate) fn os(op: &'static str, len: usize) -> Self {
-        MemoryError::Os { op, len, source: std::io::Error::last_os_error() }
+        MemoryError::os_error(op, len, std::io::Error::last_os_error())
+    }
+
+    /// Wraps an OS error of `op` on `len` bytes.
+    pub(crate) fn os_error(op: &'static str, len: usize, source: std::io::Error) -> Self {
+        MemoryError::Os { op, len, source }
     }
 }

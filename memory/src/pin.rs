@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::pages::PAGE_SIZE;
+use crate::pages::{page_span, PAGE_SIZE};
 use crate::region::RamRegion;
 use crate::MemoryError;
 
@@ -57,8 +57,9 @@ impl PinGuard {
     /// Host address of the pinned bytes, for handing to the kernel (io_uring, O_DIRECT).
     /// Stable while the guard lives; writes through it are counted dirty at unpin.
     pub fn host_ptr(&self) -> *mut u8 {
-        // SAFETY: offset lies inside the region (checked when the pin was made).
-        unsafe { self.region.host().as_ptr().add(self.offset) }
+        // `GuestRam::pin` checked `offset..offset+len` against the region, which the guard
+        // keeps mapped: an error here is a broken invariant, not bad input.
+        self.region.host().checked_ptr(self.offset, self.len).expect("a pin lies inside its region")
     }
 
     /// A device's DMA write of `data` at `offset` into the pinned bytes.
@@ -87,8 +88,10 @@ impl PinGuard {
             return Ok(true);
         }
         if active(PlantedBug::LostDirty) {
-            // SAFETY: the range was checked against the pin, which keeps it mapped.
-            unsafe { libc::memcpy(self.host_ptr().add(offset).cast(), data.as_ptr().cast(), data.len()) };
+            let dst = self.region.host().checked_ptr(at, data.len())?;
+            // SAFETY: `dst..dst+len` lies in the region's mapping (checked by `checked_ptr`),
+            // which the guard keeps alive; `data` is our own slice.
+            unsafe { libc::memcpy(dst.cast(), data.as_ptr().cast(), data.len()) };
             return Ok(true);
         }
         Ok(false)
@@ -125,11 +128,4 @@ impl Drop for PinGuard {
         }
         self.region.pins.lock().unwrap_or_else(|e| e.into_inner()).remove(first, count, write);
     }
-}
-
-/// First page and page count covering `offset..offset+len`.
-pub(crate) fn page_span(offset: usize, len: usize) -> (usize, usize) {
-    let first = offset / PAGE_SIZE;
-    let end = (offset + len).div_ceil(PAGE_SIZE);
-    (first, end - first)
 }

@@ -1,16 +1,24 @@
-//! `GuestRam`: one VM's guest memory, its dirty and private page sets, and its pins.
+//! `GuestRam`: one VM's guest memory, and every operation on it.
+//!
+//! This is the memory layer's whole contract; each method takes the RAM lock (where it needs
+//! one) and hands the work to the module that holds the mechanism: `freeze` (freeze, pre-copy,
+//! the per-region private and dirty sets), `snapshot` (reset), `pin` (pin guards), `stats`.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::Instant;
 
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
-use crate::image::{Image, ImageStack};
+use crate::freeze::{FreezeCounters, FreezeReport, PrecopyReport, RegionState};
+use crate::image::Image;
 use crate::mapping::HostRange;
-use crate::pages::{PageSet, PAGE_SIZE};
+use crate::pages::PAGE_SIZE;
 use crate::pin::{Access, PinGuard};
-use crate::precopy::Precopy;
-use crate::region::{GuestRegions, RamRegion};
+use crate::region::{validate_layout, GuestRegions, RamRegion};
+use crate::snapshot::{reset_region, Snapshot};
+use crate::stack::ImageStack;
+use crate::stats::{count_pages, MemoryStats};
 use crate::MemoryError;
 
 /// Source of the pages vCPUs wrote: the VMM feeds KVM's dirty log through this.
@@ -29,54 +37,13 @@ pub struct KvmRegion {
     pub userspace_addr: u64,
 }
 
-/// Mutable per-region bookkeeping, behind the RAM's lock.
-#[derive(Debug)]
-pub(crate) struct RegionState {
-    /// The frozen content this region's non-private pages show.
-    pub stack: ImageStack,
-    /// Pages that may differ from `stack` (written since it was last frozen or mapped).
-    pub private: PageSet,
-    /// Pages written since the last `take_dirty` (or new / from_snapshot / reset_to).
-    pub dirty: PageSet,
-    /// Pages already written into the next freeze's target while the VM ran (see `precopy`).
-    pub precopy: Option<Precopy>,
-}
-
-impl RegionState {
-    /// Records that the pages of `words` (bit i = page i) were written by someone.
-    fn mark_written(&mut self, words: &[u64]) {
-        self.dirty.or_words(words);
-        self.private.or_words(words);
-        // A pre-copied page written since is stale in its target: the freeze writes it again.
-        if let Some(precopy) = &mut self.precopy {
-            precopy.clean.subtract_words(words);
-        }
-    }
-
-    /// Records that any page may have been written (a dirty log could not be read).
-    fn mark_all_written(&mut self) {
-        let pages = self.private.capacity();
-        self.dirty.insert_range(0, pages);
-        self.private.insert_range(0, pages);
-        self.precopy = None;
-    }
-}
-
-#[derive(Debug, Default)]
-pub(crate) struct Counters {
-    pub eager_copied_pages: AtomicU64,
-    pub folds: AtomicU64,
-    pub layers: AtomicU64,
-    pub flattens: AtomicU64,
-}
-
 /// One VM's guest memory. `Send + Sync`; clone, snapshot and reset need the vCPUs paused.
 pub struct GuestRam {
     pub(crate) arcs: Vec<Arc<RamRegion>>,
-    pub(crate) regions: GuestRegions,
-    pub(crate) state: Mutex<Vec<RegionState>>,
-    pub(crate) has_pinned: AtomicBool,
-    pub(crate) counters: Counters,
+    regions: GuestRegions,
+    state: Mutex<Vec<RegionState>>,
+    has_pinned: AtomicBool,
+    counters: FreezeCounters,
     vcpu_log: RwLock<Option<Arc<dyn VcpuDirtyLog>>>,
 }
 
@@ -88,25 +55,40 @@ impl std::fmt::Debug for GuestRam {
 
 impl GuestRam {
     /// Fresh zeroed RAM with the given (start, size) regions.
+    ///
+    /// Each region's base image is an empty memfd, but the region is mapped anonymous, not
+    /// from it: both read as zeros, and a write fault on a memfd hole would fill a memfd page
+    /// with zeros and then copy it (two pages and 2.1-2.4x an anonymous fault here). The
+    /// pages this RAM writes are private either way; the first freeze writes them into the
+    /// image, as it does for a mapped one.
     pub fn new(regions: &[(GuestAddress, usize)]) -> Result<GuestRam, MemoryError> {
         let layout = validate_layout(regions)?;
         let stacks = layout
             .iter()
             .map(|&(_, size)| Image::new(size).map(ImageStack::with_base))
             .collect::<Result<Vec<_>, _>>()?;
-        GuestRam::from_stacks(&layout, stacks)
+        GuestRam::from_stacks(&layout, stacks, |host, _| host.map_zeroed())
     }
 
-    /// Maps each region's stack at a newly reserved host range.
-    pub(crate) fn from_stacks(layout: &[(GuestAddress, usize)], stacks: Vec<ImageStack>) -> Result<GuestRam, MemoryError> {
+    /// A new RAM showing a snapshot's bytes; it starts unpinned and clean.
+    pub fn from_snapshot(snap: &Snapshot) -> Result<GuestRam, MemoryError> {
+        GuestRam::from_stacks(&snap.layout, snap.stacks.clone(), HostRange::map_stack)
+    }
+
+    /// Reserves a host range per region and maps it with `map`, which must make it show the
+    /// region's stack.
+    fn from_stacks(
+        layout: &[(GuestAddress, usize)],
+        stacks: Vec<ImageStack>,
+        map: impl Fn(&HostRange, &ImageStack) -> Result<(), MemoryError>,
+    ) -> Result<GuestRam, MemoryError> {
         let mut arcs = Vec::with_capacity(layout.len());
         let mut state = Vec::with_capacity(layout.len());
         for (&(start, size), stack) in layout.iter().zip(stacks) {
             let host = HostRange::reserve(size)?;
-            host.map_stack(&stack)?;
+            map(&host, &stack)?;
             arcs.push(Arc::new(RamRegion::new(start, host)?));
-            let pages = size / PAGE_SIZE;
-            state.push(RegionState { stack, private: PageSet::new(pages), dirty: PageSet::new(pages), precopy: None });
+            state.push(RegionState::new(stack, size / PAGE_SIZE));
         }
         let regions = GuestRegions::from_arc_regions(arcs.clone())
             .map_err(|e| MemoryError::Os { op: "region collection", len: 0, source: std::io::Error::other(e) })?;
@@ -115,7 +97,7 @@ impl GuestRam {
             regions,
             state: Mutex::new(state),
             has_pinned: AtomicBool::new(false),
-            counters: Counters::default(),
+            counters: FreezeCounters::default(),
             vcpu_log: RwLock::new(None),
         })
     }
@@ -123,11 +105,6 @@ impl GuestRam {
     /// The (start, size) of each region, in address order.
     pub fn layout(&self) -> Vec<(GuestAddress, usize)> {
         self.arcs.iter().map(|r| (r.start_addr(), r.pages() * PAGE_SIZE)).collect()
-    }
-
-    /// The vm-memory collection devices, linux-loader and virtio-queue take.
-    pub fn regions(&self) -> &GuestRegions {
-        &self.regions
     }
 
     /// One memslot per region, slot = region index.
@@ -175,21 +152,123 @@ impl GuestRam {
         let mut state = self.lock();
         self.harvest(&mut state);
         let mut out = Vec::new();
-        for (region, st) in self.arcs.iter().zip(state.iter_mut()) {
-            let mut pages = std::mem::replace(&mut st.dirty, PageSet::new(region.pages()));
-            if self.has_pinned() {
-                for page in region.pins.lock().unwrap_or_else(|e| e.into_inner()).pages() {
-                    pages.insert(page);
-                }
+        for (index, (region, st)) in self.arcs.iter().zip(state.iter_mut()).enumerate() {
+            let mut pages = std::mem::replace(&mut st.dirty, crate::pages::PageSet::new(region.pages()));
+            for page in self.pinned_pages(index).unwrap_or_default() {
+                pages.insert(page);
             }
-            let base = region.start_addr().0;
-            out.extend(pages.iter().map(|p| GuestAddress(base + (p * PAGE_SIZE) as u64)));
+            out.extend(pages.iter().map(|p| region_addr(region, p)));
         }
         out
     }
 
+    /// One pre-copy round, with the VM running: harvests who wrote what, then writes every
+    /// changed, unpinned page not already pre-copied into the image the next freeze of its
+    /// region will write (and the pinned pages, untrusted, so that the freeze's copy of them
+    /// faults nothing in). The next `clone_cow`, `snapshot` or `freeze` then writes only the
+    /// pages written since, plus the pinned ones. Call it again to shrink that remainder.
+    ///
+    /// Costs CPU, not pause. Pins wait for it (it holds the RAM lock); DMA does not.
+    pub fn precopy(&self) -> Result<PrecopyReport, MemoryError> {
+        let mut state = self.lock();
+        self.harvest(&mut state);
+        let mut report = PrecopyReport::default();
+        for (index, st) in state.iter_mut().enumerate() {
+            let pinned = self.pinned_pages(index).unwrap_or_default();
+            st.precopy(&self.arcs[index], &pinned, &mut report)?;
+        }
+        Ok(report)
+    }
+
+    /// A frozen image of this instant, saying where the time went. Pages a `precopy` round
+    /// wrote and nobody wrote since are not written again.
+    pub fn freeze(&self) -> Result<(Snapshot, FreezeReport), MemoryError> {
+        let mut state = self.lock();
+        let start = Instant::now();
+        self.harvest(&mut state);
+        let harvested = Instant::now();
+        let mut report = FreezeReport { harvest: harvested - start, ..FreezeReport::default() };
+        let mut stacks = Vec::with_capacity(state.len());
+        for (index, st) in state.iter_mut().enumerate() {
+            // Rule 4: a RAM that never pinned skips every per-page pin step.
+            let pinned = self.pinned_pages(index).unwrap_or_default();
+            st.freeze(&self.arcs[index], &pinned, &self.counters, &mut report)?;
+            stacks.push(st.stack.clone());
+        }
+        report.write = harvested.elapsed();
+        Ok((Snapshot { layout: self.layout(), stacks }, report))
+    }
+
+    /// A frozen image of this instant.
+    pub fn snapshot(&self) -> Result<Snapshot, MemoryError> {
+        self.freeze().map(|(snapshot, _)| snapshot)
+    }
+
+    /// fork(): a new RAM with this one's exact bytes; both go on independently.
+    pub fn clone_cow(&self) -> Result<GuestRam, MemoryError> {
+        let (frozen, _) = self.freeze()?;
+        self.clone_from_frozen(&frozen)
+    }
+
+    /// The second half of `clone_cow`, which needs no pause: maps `frozen`, a snapshot this RAM
+    /// just took with `freeze`, as a new RAM (its clone). The first half runs with the vCPUs
+    /// paused, this one once they run again: a frozen image never changes.
+    pub fn clone_from_frozen(&self, frozen: &Snapshot) -> Result<GuestRam, MemoryError> {
+        let clone = GuestRam::from_snapshot(frozen)?;
+        #[cfg(feature = "planted-bugs")]
+        crate::planted::after_clone(&self.arcs, &clone.arcs);
+        Ok(clone)
+    }
+
+    /// Brings this RAM back to `snap`'s bytes, copying back only what differs when `snap` is
+    /// where this RAM's stack came from. Refused, changing nothing, while any page is pinned.
+    pub fn reset_to(&self, snap: &Snapshot) -> Result<(), MemoryError> {
+        let layout = self.layout();
+        if layout != snap.layout {
+            return Err(MemoryError::LayoutMismatch {
+                snapshot: snap.layout.iter().map(|r| (r.0 .0, r.1)).collect(),
+                ram: layout.iter().map(|r| (r.0 .0, r.1)).collect(),
+            });
+        }
+        let mut state = self.lock();
+        self.refuse_if_pinned()?;
+        self.harvest(&mut state);
+        for ((region, st), target) in self.arcs.iter().zip(state.iter_mut()).zip(&snap.stacks) {
+            reset_region(region, st, target)?;
+        }
+        Ok(())
+    }
+
+    /// What this RAM costs now and what its freezes did. O(this RAM's populated page tables):
+    /// cheap enough to call for every VM of a process on every request.
+    pub fn stats(&self) -> MemoryStats {
+        let mut stats = MemoryStats {
+            ram_bytes: self.layout().iter().map(|r| r.1 as u64).sum(),
+            eager_copied_pages: self.eager_copied_pages(),
+            folds: self.counters.folds.load(Ordering::Relaxed),
+            layers: self.counters.layers.load(Ordering::Relaxed),
+            flattens: self.counters.flattens.load(Ordering::Relaxed),
+            ..MemoryStats::default()
+        };
+        for region in &self.arcs {
+            stats.pinned_pages += region.pins.lock().unwrap_or_else(|e| e.into_inner()).count() as u64;
+            // A region the kernel cannot scan is reported with no pages rather than failing
+            // the whole request; it can only happen without /proc.
+            let counts = count_pages(region.host_addr(), region.pages() * PAGE_SIZE).unwrap_or_default();
+            stats.private_bytes += counts.private * PAGE_SIZE as u64;
+            stats.shared_bytes += counts.shared * PAGE_SIZE as u64;
+        }
+        stats.mappings = self.lock().iter().map(|st| st.stack.mapping_count() as u64).sum();
+        stats
+    }
+
+    /// `stats().eager_copied_pages` alone.
+    pub fn eager_copied_pages(&self) -> u64 {
+        self.counters.eager_copied_pages.load(Ordering::Relaxed)
+    }
+
     /// Finds the region holding all of `addr..addr+len`; returns (index, offset in region).
-    pub(crate) fn locate(&self, addr: GuestAddress, len: usize) -> Result<(usize, usize), MemoryError> {
+    fn locate(&self, addr: GuestAddress, len: usize) -> Result<(usize, usize), MemoryError> {
         let index = addr
             .0
             .checked_add(len as u64)
@@ -198,13 +277,13 @@ impl GuestRam {
         Ok((index, (addr.0 - self.arcs[index].start_addr().0) as usize))
     }
 
-    pub(crate) fn lock(&self) -> MutexGuard<'_, Vec<RegionState>> {
+    fn lock(&self) -> MutexGuard<'_, Vec<RegionState>> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Moves host-bitmap and vCPU-log bits into each region's dirty and private sets (and out
     /// of its pre-copied set). Anything written after a region's harvest shows up in the next.
-    pub(crate) fn harvest(&self, state: &mut [RegionState]) {
+    fn harvest(&self, state: &mut [RegionState]) {
         let log = self.vcpu_log.read().unwrap_or_else(|e| e.into_inner()).clone();
         for (index, (region, st)) in self.arcs.iter().zip(state.iter_mut()).enumerate() {
             st.mark_written(&region.host_dirty().get_and_reset());
@@ -221,38 +300,32 @@ impl GuestRam {
     /// The pages pinned now in region `index`, read at one instant, or `None` if this RAM
     /// never pinned (rule 4: no per-page pin work then). A list, not a set: pins are few and
     /// a set costs O(RAM) to allocate.
-    pub(crate) fn pinned_pages(&self, index: usize) -> Option<Vec<usize>> {
+    fn pinned_pages(&self, index: usize) -> Option<Vec<usize>> {
         if !self.has_pinned() {
             return None;
         }
         Some(self.arcs[index].pins.lock().unwrap_or_else(|e| e.into_inner()).pages().collect())
     }
+
+    fn refuse_if_pinned(&self) -> Result<(), MemoryError> {
+        let mut pages = 0;
+        let mut first = None;
+        for region in &self.arcs {
+            let pins = region.pins.lock().unwrap_or_else(|e| e.into_inner());
+            pages += pins.count();
+            if first.is_none() {
+                first = pins.pages().next().map(|p| region_addr(region, p).0);
+            }
+        }
+        match first {
+            Some(first) => Err(MemoryError::Pinned { pages, first }),
+            None => Ok(()),
+        }
+    }
 }
 
-/// Checks and sorts a region list: non-empty, page-aligned, non-zero, no overflow, no overlap.
-pub(crate) fn validate_layout(regions: &[(GuestAddress, usize)]) -> Result<Vec<(GuestAddress, usize)>, MemoryError> {
-    if regions.is_empty() {
-        return Err(MemoryError::NoRegions);
-    }
-    let mut sorted = regions.to_vec();
-    sorted.sort_by_key(|r| r.0);
-    for &(start, size) in &sorted {
-        if size == 0 || size % PAGE_SIZE != 0 {
-            return Err(MemoryError::BadRegionSize { start: start.0, size });
-        }
-        if start.0 % PAGE_SIZE as u64 != 0 {
-            return Err(MemoryError::UnalignedRegion(start.0));
-        }
-        if start.0.checked_add(size as u64).is_none_or(|end| end > 1 << 52) {
-            return Err(MemoryError::RegionOverflow { start: start.0, size });
-        }
-    }
-    for pair in sorted.windows(2) {
-        if pair[0].0 .0 + pair[0].1 as u64 > pair[1].0 .0 {
-            return Err(MemoryError::OverlappingRegions { first: pair[0].0 .0, second: pair[1].0 .0 });
-        }
-    }
-    Ok(sorted)
+fn region_addr(region: &RamRegion, page: usize) -> GuestAddress {
+    GuestAddress(region.start_addr().0 + (page * PAGE_SIZE) as u64)
 }
 
 impl GuestMemoryBackend for GuestRam {
@@ -268,5 +341,28 @@ impl GuestMemoryBackend for GuestRam {
 
     fn iter(&self) -> impl Iterator<Item = &RamRegion> {
         self.regions.iter()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::MetadataExt;
+
+    use vm_memory::Bytes;
+
+    use super::*;
+
+    #[test]
+    fn a_fresh_ram_allocates_image_pages_only_when_it_freezes() {
+        let ram = GuestRam::new(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        ram.write_slice(&[7; 16 * PAGE_SIZE], GuestAddress(0x4000)).unwrap();
+        let image_bytes = |ram: &GuestRam| ram.lock()[0].stack.base().file().metadata().unwrap().blocks() * 512;
+        assert_eq!(image_bytes(&ram), 0, "a first write fills no image page");
+        assert_eq!(ram.stats().private_bytes, 16 * PAGE_SIZE as u64);
+        let clone = ram.clone_cow().unwrap();
+        assert_eq!(image_bytes(&ram), 16 * PAGE_SIZE as u64, "the freeze wrote exactly the written pages");
+        let mut buf = [0u8; 8];
+        clone.read_slice(&mut buf, GuestAddress(0x13ff8)).unwrap();
+        assert_eq!(buf, [7; 8]);
     }
 }

@@ -18,22 +18,22 @@ use crate::mapping::HostRange;
 use crate::pages::PAGE_SIZE;
 use crate::MemoryError;
 
-/// The guest memory type devices, linux-loader and virtio-queue take.
-pub type GuestRegions = GuestRegionCollection<RamRegion>;
+/// The vm-memory collection of a RAM's regions, which `GuestRam` looks addresses up in.
+pub(crate) type GuestRegions = GuestRegionCollection<RamRegion>;
 
 /// Per-page pin counts of one region, exact (rule 3).
 #[derive(Debug, Default)]
-pub struct PinTable {
+pub(crate) struct PinTable {
     /// page index → (read pins, write pins)
     pages: BTreeMap<usize, (u32, u32)>,
 }
 
 impl PinTable {
-    pub fn pages(&self) -> impl Iterator<Item = usize> + '_ {
+    pub(crate) fn pages(&self) -> impl Iterator<Item = usize> + '_ {
         self.pages.keys().copied()
     }
 
-    pub fn count(&self) -> usize {
+    pub(crate) fn count(&self) -> usize {
         self.pages.len()
     }
 
@@ -61,7 +61,8 @@ impl PinTable {
     }
 }
 
-/// One contiguous region of guest RAM at a fixed host address.
+/// One contiguous region of guest RAM at a fixed host address, as vm-memory sees it (the
+/// region type of `GuestRam`'s `GuestMemoryBackend`).
 #[derive(Debug)]
 pub struct RamRegion {
     guest_base: GuestAddress,
@@ -96,12 +97,12 @@ impl RamRegion {
     }
 
     /// Number of 4 KiB pages.
-    pub fn pages(&self) -> usize {
+    pub(crate) fn pages(&self) -> usize {
         self.host.len() / PAGE_SIZE
     }
 
     /// Host address of the region's first byte (stable for the region's life).
-    pub fn host_addr(&self) -> u64 {
+    pub(crate) fn host_addr(&self) -> u64 {
         self.host.as_ptr() as u64
     }
 
@@ -151,3 +152,29 @@ impl GuestMemoryRegion for RamRegion {
 }
 
 impl GuestMemoryRegionBytes for RamRegion {}
+
+/// Checks and sorts a region list: non-empty, page-aligned, non-zero, no overflow, no overlap.
+pub(crate) fn validate_layout(regions: &[(GuestAddress, usize)]) -> Result<Vec<(GuestAddress, usize)>, MemoryError> {
+    if regions.is_empty() {
+        return Err(MemoryError::NoRegions);
+    }
+    let mut sorted = regions.to_vec();
+    sorted.sort_by_key(|r| r.0);
+    for &(start, size) in &sorted {
+        if size == 0 || size % PAGE_SIZE != 0 {
+            return Err(MemoryError::BadRegionSize { start: start.0, size });
+        }
+        if start.0 % PAGE_SIZE as u64 != 0 {
+            return Err(MemoryError::UnalignedRegion(start.0));
+        }
+        if start.0.checked_add(size as u64).is_none_or(|end| end > 1 << 52) {
+            return Err(MemoryError::RegionOverflow { start: start.0, size });
+        }
+    }
+    for pair in sorted.windows(2) {
+        if pair[0].0 .0 + pair[0].1 as u64 > pair[1].0 .0 {
+            return Err(MemoryError::OverlappingRegions { first: pair[0].0 .0, second: pair[1].0 .0 });
+        }
+    }
+    Ok(sorted)
+}

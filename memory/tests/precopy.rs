@@ -3,11 +3,9 @@
 //! that nothing anyone else maps changed, and that the other consumers of the dirty sets
 //! (`take_dirty`, `reset_to`) still see everything.
 
-mod common;
-
 use std::sync::Arc;
 
-use common::FakeVcpuLog;
+use memory::model::ScriptedVcpuLog;
 use memory::{Access, Bytes, GuestAddress, GuestRam, PAGE_SIZE};
 
 const MIB: usize = 1 << 20;
@@ -55,7 +53,7 @@ fn the_freeze_writes_only_what_changed_since_the_precopy() {
 #[test]
 fn a_vcpu_write_after_the_precopy_reaches_the_clone_through_the_dirty_log() {
     let src = ram();
-    let log = Arc::new(FakeVcpuLog::new(1));
+    let log = Arc::new(ScriptedVcpuLog::default());
     src.set_vcpu_dirty_log(log.clone());
     fill(&src, 4, 1);
     src.precopy().unwrap();

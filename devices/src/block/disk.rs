@@ -18,12 +18,15 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use memory::PageSet;
+use memory::sparse::copy_extent;
+use memory::BlockSet;
 
 use super::BlockError;
 
 /// Bytes per virtio-blk sector.
 pub const SECTOR_SIZE: u64 = 512;
+/// A set of a disk's sectors (bit i = sector i).
+pub type SectorSet = BlockSet;
 /// Alignment of offset, length and memory an O_DIRECT transfer needs (conservative: the page).
 pub const DIRECT_IO_ALIGN: u64 = 4096;
 
@@ -88,13 +91,13 @@ pub struct CowDisk {
     pub(super) base: Option<Arc<LayerFile>>,
     pub(super) top: LayerFile,
     /// Sectors in `top` (meaningful only with a base: without one, `top` holds everything).
-    pub(super) written: PageSet,
+    pub(super) written: SectorSet,
     pub(super) overlay_dir: PathBuf,
     /// The freeze (`FrozenDisk::id`) whose bytes plus `since_freeze` are this disk's bytes,
     /// if any: a reset to it copies back only `since_freeze`.
     pub(super) frozen_from: Option<u64>,
     /// Sectors written (or being written) since that freeze.
-    pub(super) since_freeze: PageSet,
+    pub(super) since_freeze: SectorSet,
 }
 
 impl CowDisk {
@@ -115,10 +118,10 @@ impl CowDisk {
             sectors,
             base: None,
             top: LayerFile::new(file),
-            written: PageSet::new(0),
+            written: SectorSet::new(0),
             overlay_dir: overlay_dir.to_path_buf(),
             frozen_from: None,
-            since_freeze: PageSet::new(0),
+            since_freeze: SectorSet::new(0),
         })
     }
 
@@ -175,8 +178,8 @@ impl CowDisk {
         if self.base.is_none() {
             let overlay = self.new_overlay()?;
             self.base = Some(Arc::new(std::mem::replace(&mut self.top, overlay)));
-            self.written = PageSet::new(self.sectors as usize);
-            self.since_freeze = PageSet::new(self.sectors as usize);
+            self.written = SectorSet::new(self.sectors as usize);
+            self.since_freeze = SectorSet::new(self.sectors as usize);
         }
         self.fork()
     }
@@ -186,7 +189,7 @@ impl CowDisk {
     pub(super) fn fork(&self) -> Result<CowDisk, BlockError> {
         let top = self.new_overlay()?;
         for (first, count) in self.written.runs() {
-            copy_range(&self.top.buffered, &top.buffered, first as u64 * SECTOR_SIZE, count as u64 * SECTOR_SIZE)
+            copy_extent(&self.top.buffered, &top.buffered, first as u64 * SECTOR_SIZE, count as u64 * SECTOR_SIZE, None)
                 .map_err(|source| BlockError::Overlay { dir: self.overlay_dir.clone(), source })?;
         }
         Ok(CowDisk {
@@ -196,7 +199,7 @@ impl CowDisk {
             written: self.written.clone(),
             overlay_dir: self.overlay_dir.clone(),
             frozen_from: None,
-            since_freeze: PageSet::new(self.sectors as usize),
+            since_freeze: SectorSet::new(self.sectors as usize),
         })
     }
 }
@@ -211,22 +214,4 @@ pub(super) fn new_overlay(dir: &Path, sectors: u64) -> Result<LayerFile, BlockEr
         .and_then(|f| f.set_len(sectors * SECTOR_SIZE).map(|()| f))
         .map_err(|source| BlockError::Overlay { dir: dir.to_path_buf(), source })?;
     Ok(LayerFile::new(file))
-}
-
-/// Copies `len` bytes at `offset` from one file to the same offset of another.
-pub(super) fn copy_range(from: &File, to: &File, offset: u64, len: u64) -> std::io::Result<()> {
-    let (mut off_in, mut off_out) = (offset as i64, offset as i64);
-    let mut left = len as usize;
-    while left > 0 {
-        // SAFETY: both fds are open files owned by the caller; the offsets are our own locals.
-        let n = unsafe {
-            libc::copy_file_range(from.as_raw_fd(), &mut off_in, to.as_raw_fd(), &mut off_out, left, 0)
-        };
-        match n {
-            n if n > 0 => left -= n.unsigned_abs(),
-            0 => return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "copy_file_range hit EOF")),
-            _ => return Err(std::io::Error::last_os_error()),
-        }
-    }
-    Ok(())
 }

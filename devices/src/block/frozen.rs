@@ -7,14 +7,13 @@
 //! freeze the disk last came from copies back only the sectors written since (`since_freeze`).
 
 use std::fs::{File, OpenOptions};
-use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use memory::PageSet;
+use memory::sparse::{copy_extent, data_extents};
 
-use super::disk::{copy_range, new_overlay, CowDisk, LayerFile, SECTOR_SIZE};
+use super::disk::{new_overlay, CowDisk, LayerFile, SectorSet, SECTOR_SIZE};
 use super::BlockError;
 
 /// Ids of freezes, unique in the process: a disk knows which freeze it last came from.
@@ -29,7 +28,7 @@ pub struct FrozenDisk {
     /// Sectors a write in flight at the freeze may still change in the base (when the freeze
     /// made the VM's file the base, the file takes those writes): a diff against this freeze
     /// must carry them.
-    pub(super) unsettled: PageSet,
+    pub(super) unsettled: SectorSet,
 }
 
 impl CowDisk {
@@ -81,7 +80,7 @@ impl CowDisk {
 
 /// Splits the run (`first`, `count`) into maximal pieces inside or outside `set`:
 /// (inside, first, count).
-fn split_by(set: &PageSet, first: usize, count: usize) -> Vec<(bool, usize, usize)> {
+fn split_by(set: &SectorSet, first: usize, count: usize) -> Vec<(bool, usize, usize)> {
     let mut pieces: Vec<(bool, usize, usize)> = Vec::new();
     for s in first..first + count {
         let inside = set.contains(s);
@@ -96,7 +95,7 @@ fn split_by(set: &PageSet, first: usize, count: usize) -> Vec<(bool, usize, usiz
 impl FrozenDisk {
     /// `disk`'s bytes as a new freeze, settled (nothing in flight can change them).
     pub(super) fn new(disk: CowDisk) -> FrozenDisk {
-        let unsettled = PageSet::new(disk.sectors as usize);
+        let unsettled = SectorSet::new(disk.sectors as usize);
         FrozenDisk { id: NEXT_FREEZE_ID.fetch_add(1, Ordering::Relaxed), disk, unsettled }
     }
 
@@ -119,10 +118,10 @@ impl FrozenDisk {
             sectors,
             base: Some(Arc::new(LayerFile::read_only(file))),
             top: new_overlay(overlay_dir, sectors)?,
-            written: PageSet::new(sectors as usize),
+            written: SectorSet::new(sectors as usize),
             overlay_dir: overlay_dir.to_path_buf(),
             frozen_from: None,
-            since_freeze: PageSet::new(sectors as usize),
+            since_freeze: SectorSet::new(sectors as usize),
         };
         Ok(FrozenDisk::new(disk))
     }
@@ -143,11 +142,11 @@ impl FrozenDisk {
 
     /// Copies this freeze's bytes of `sectors` into `out` at the same offsets: each run from
     /// the private overlay where the freeze holds it, else from the base.
-    pub(super) fn copy_sectors(&self, sectors: &PageSet, out: &File) -> std::io::Result<()> {
+    pub(super) fn copy_sectors(&self, sectors: &SectorSet, out: &File) -> std::io::Result<()> {
         for (first, count) in sectors.runs() {
             for (from_top, start, n) in split_by(&self.disk.written, first, count) {
                 let from = if from_top { self.disk.top.file() } else { self.base().file() };
-                copy_range(from, out, start as u64 * SECTOR_SIZE, n as u64 * SECTOR_SIZE)?;
+                copy_extent(from, out, start as u64 * SECTOR_SIZE, n as u64 * SECTOR_SIZE, None)?;
             }
         }
         Ok(())
@@ -169,38 +168,11 @@ impl FrozenDisk {
         out.set_len(size)?;
         let base = self.base().file();
         for (start, len) in data_extents(base, size)? {
-            copy_range(base, out, start, len)?;
+            copy_extent(base, out, start, len, None)?;
         }
         self.copy_sectors(&self.disk.written, out)?;
         out.sync_all()
     }
-}
-
-/// The (offset, length) runs of `file` below `size` that hold data (holes read as zeros).
-fn data_extents(file: &File, size: u64) -> std::io::Result<Vec<(u64, u64)>> {
-    let seek = |offset: u64, whence| -> std::io::Result<Option<u64>> {
-        let offset = i64::try_from(offset).map_err(std::io::Error::other)?;
-        // SAFETY: lseek on a file we own; it only moves the (unused) file offset.
-        match unsafe { libc::lseek(file.as_raw_fd(), offset, whence) } {
-            n if n >= 0 => Ok(Some(n.unsigned_abs())),
-            _ => match std::io::Error::last_os_error() {
-                e if e.raw_os_error() == Some(libc::ENXIO) => Ok(None),
-                e => Err(e),
-            },
-        }
-    };
-    let mut extents = Vec::new();
-    let mut offset = 0;
-    while offset < size {
-        let Some(data) = seek(offset, libc::SEEK_DATA)? else { break };
-        if data >= size {
-            break;
-        }
-        let end = seek(data, libc::SEEK_HOLE)?.unwrap_or(size).min(size);
-        extents.push((data, end - data));
-        offset = end;
-    }
-    Ok(extents)
 }
 
 #[cfg(test)]

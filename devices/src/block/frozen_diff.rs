@@ -8,16 +8,17 @@
 
 use std::fs::{File, OpenOptions};
 use std::path::Path;
-use memory::PageSet;
 
-use super::disk::{copy_range, SECTOR_SIZE};
+use memory::sparse::copy_extent;
+
+use super::disk::{SectorSet, SECTOR_SIZE};
 use super::{BlockError, FrozenDisk};
 
 impl FrozenDisk {
     /// The sectors whose bytes may differ between this freeze and `parent`'s, or `None` when
     /// the two share no base (a disk restored from another file): then only a full copy says
     /// what this disk holds.
-    pub fn changed_since(&self, parent: &FrozenDisk) -> Option<PageSet> {
+    pub fn changed_since(&self, parent: &FrozenDisk) -> Option<SectorSet> {
         if !self.disk.shares_base(&parent.disk) || self.disk.sectors != parent.disk.sectors {
             return None;
         }
@@ -29,7 +30,7 @@ impl FrozenDisk {
 
     /// Writes this freeze's bytes of `sectors` into `out`, sized to the disk and sparse
     /// everywhere else, and syncs it.
-    pub fn write_sectors_to(&self, out: &File, sectors: &PageSet) -> std::io::Result<()> {
+    pub fn write_sectors_to(&self, out: &File, sectors: &SectorSet) -> std::io::Result<()> {
         out.set_len(self.disk.sectors * SECTOR_SIZE)?;
         self.copy_sectors(sectors, out)?;
         out.sync_all()
@@ -38,7 +39,7 @@ impl FrozenDisk {
     /// The disk a diff file describes: `parent`'s bytes with `sectors` read from the file at
     /// `path` (sized to the disk; `write_sectors_to` wrote it). The parent's private sectors
     /// and these go into a new overlay over the parent's base; no VM writes either.
-    pub fn open_diff(parent: &FrozenDisk, path: &Path, sectors: &PageSet) -> Result<FrozenDisk, BlockError> {
+    pub fn open_diff(parent: &FrozenDisk, path: &Path, sectors: &SectorSet) -> Result<FrozenDisk, BlockError> {
         let open_error = |source| BlockError::Open { path: path.to_path_buf(), source };
         let file = OpenOptions::new().read(true).open(path).map_err(open_error)?;
         let len = file.metadata().map_err(open_error)?.len();
@@ -47,7 +48,7 @@ impl FrozenDisk {
         }
         let mut disk = parent.disk.fork()?;
         for (first, count) in sectors.runs() {
-            copy_range(&file, disk.top.file(), first as u64 * SECTOR_SIZE, count as u64 * SECTOR_SIZE)
+            copy_extent(&file, disk.top.file(), first as u64 * SECTOR_SIZE, count as u64 * SECTOR_SIZE, None)
                 .map_err(|source| BlockError::Overlay { dir: disk.overlay_dir.clone(), source })?;
             disk.written.insert_range(first, count);
         }
@@ -132,7 +133,7 @@ mod tests {
         let parent = disk.freeze().unwrap();
         let short = dir.join("short.raw");
         std::fs::write(&short, vec![0u8; 512]).unwrap();
-        let err = FrozenDisk::open_diff(&parent, &short, &PageSet::new(SECTORS as usize)).unwrap_err();
+        let err = FrozenDisk::open_diff(&parent, &short, &SectorSet::new(SECTORS as usize)).unwrap_err();
         assert!(matches!(err, BlockError::DiskSize { len: 512, .. }), "{err}");
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use devices::block::{FrozenDisk, SECTOR_SIZE};
-use memory::{MemoryError, PageSet, Snapshot, PAGE_SIZE};
+use memory::{BlockSet, FileRun, MemoryError, Snapshot, PAGE_SIZE};
 use serde::{Deserialize, Serialize};
 
 use super::VmSnapshot;
@@ -168,7 +168,10 @@ pub fn write_snapshot(
                 snap.ram.write_region(index, &file).map_err(SnapshotError::Memory)?;
                 None
             }
-            Some(p) => Some(snap.ram.write_region_diff(&p.snapshot.ram, index, &file).map_err(SnapshotError::Memory)?.runs()),
+            Some(p) => {
+                let runs = snap.ram.write_region_diff(&p.snapshot.ram, index, &file).map_err(SnapshotError::Memory)?;
+                Some(runs.iter().map(FileRun::page_run).collect())
+            }
         };
         regions.push(RamFile { start: start.0, size, crc32: file_crc32(&path)?, file: path, diff_runs });
     }
@@ -260,7 +263,7 @@ pub fn load_snapshot(state_path: &Path) -> Result<SnapshotOnDisk, SnapshotError>
     let ram = match &parent {
         Some(parent) => {
             let diffs = files.into_iter().zip(&body.regions).map(|(file, region)| {
-                (file, PageSet::from_runs(region.size / PAGE_SIZE, region.diff_runs.as_deref().unwrap_or_default()))
+                (file, BlockSet::from_runs(region.size / PAGE_SIZE, region.diff_runs.as_deref().unwrap_or_default()))
             });
             Snapshot::from_diff_files(&parent.snapshot.ram, diffs.collect()).map_err(SnapshotError::Memory)?
         }
@@ -304,7 +307,7 @@ fn load_disk(path: &Path, body: &Body, parent: Option<&SnapshotOnDisk>) -> Resul
     let opened = match (&disk.diff_runs, parent.and_then(|p| p.snapshot.disk.as_deref())) {
         (None, _) => FrozenDisk::open(&disk.file, &overlay_dir),
         (Some(runs), Some(parent_disk)) => {
-            FrozenDisk::open_diff(parent_disk, &disk.file, &PageSet::from_runs(disk.sectors as usize, runs))
+            FrozenDisk::open_diff(parent_disk, &disk.file, &BlockSet::from_runs(disk.sectors as usize, runs))
         }
         (Some(_), None) => return Err(mismatch("a diff disk file with no parent disk under it".into())),
     };
