@@ -18,10 +18,9 @@ use vmm::layout::{
     DMA_GUEST_BLK_BUF, DMA_GUEST_BLK_LEN, DMA_GUEST_DMA_BUF, DMA_GUEST_DMA_CHUNK, DMA_GUEST_DMA_LEN,
     DMA_GUEST_RESULTS_ADDR, DMA_GUEST_WRITE_ID, VM_ID_ADDR,
 };
-use devices::dma::DmaEngine;
 use vmm::clone::{clone_vm, CloneReport};
 use vmm::{Console, VmOutcome, Vmm};
-use zygote_tests::blk_driver::BlkDriver;
+use zygote_tests::blk_driver::{dma_busy, hold_dma, step_dma, BlkDriver};
 use zygote_tests::dma_guest::{bytes, disk_bytes, dma_vm, expected_output, pattern_bytes, TempDisk};
 use zygote_tests::{read_u64, text};
 
@@ -45,19 +44,6 @@ fn clone_of(source: &mut GuestVm, id: u64) -> (GuestVm, CloneReport) {
     (GuestVm { id, vmm, out }, report)
 }
 
-fn dma_engine(vm: &GuestVm) -> Arc<Mutex<DmaEngine>> {
-    Arc::clone(&vm.vmm.devices().mmio.as_ref().expect("MMIO devices").dma)
-}
-
-/// Moves `vm`'s host-stepped transfer `chunks` chunks on; returns its progress then.
-fn step(vm: &GuestVm, chunks: u64) -> u64 {
-    let engine = dma_engine(vm);
-    let mut engine = engine.lock().unwrap();
-    for _ in 0..chunks {
-        assert!(engine.step(), "VM {}: the transfer ended early", vm.id);
-    }
-    engine.progress()
-}
 
 /// The sector every VM's guest ends with: its id, 64 times.
 fn id_sector(id: u64) -> Vec<u8> {
@@ -87,20 +73,19 @@ fn ten_guest_driven_clones_mid_transfer_end_complete_and_their_disks_diverge() {
     let mut source = GuestVm { id: 1, vmm, out };
     let mmio = source.vmm.devices().mmio.as_ref().expect("MMIO devices");
     let blk = Arc::clone(&mmio.block.as_ref().expect("virtio-blk with a disk").transport);
-    let dma = dma_engine(&source);
 
     // The transfer moves only when the test steps it (clones inherit that), and the disk read
     // is held back from the kernel (pinned and queued, not started; the hold outlasts the
     // guest's virtio reset): both are in flight at every clone instant.
-    dma.lock().unwrap().set_host_stepped(true);
+    hold_dma(&source.vmm, true);
     blk.lock().unwrap().device().hold_submissions(true);
     source.vmm.start();
     let deadline = Instant::now() + RUN_TIMEOUT;
-    while !(blk.lock().unwrap().device().in_flight() == 1 && dma.lock().unwrap().busy()) {
+    while !(blk.lock().unwrap().device().in_flight() == 1 && dma_busy(&source.vmm)) {
         assert!(Instant::now() < deadline, "the guest never got both devices going: {}", text(&source.out));
         std::thread::sleep(Duration::from_millis(1));
     }
-    step(&source, CHUNKS_BEFORE);
+    step_dma(&source.vmm, CHUNKS_BEFORE);
 
     let pinned_pages = (DMA_GUEST_DMA_LEN + DMA_GUEST_BLK_LEN) / PAGE_SIZE as u64;
     let mut vms = Vec::new();
@@ -109,18 +94,18 @@ fn ten_guest_driven_clones_mid_transfer_end_complete_and_their_disks_diverge() {
         let (mut clone, report) = clone_of(&mut source, id);
         assert_eq!(report.reexecuted_requests, 2, "clone {id}: the DMA transfer and the read were in flight: {report:?}");
         assert!(report.eager_copied_pages >= pinned_pages, "clone {id}: pinned pages copied eagerly: {report:?}");
-        progress_at_clone.push(dma.lock().unwrap().progress());
+        progress_at_clone.push(step_dma(&source.vmm, 0));
         clone.vmm.start();
         vms.push(clone);
-        step(&source, CHUNKS_BETWEEN);
+        step_dma(&source.vmm, CHUNKS_BETWEEN);
     }
     let expected: Vec<u64> = (0..10).map(|i| (CHUNKS_BEFORE + i * CHUNKS_BETWEEN) * DMA_GUEST_DMA_CHUNK).collect();
     assert_eq!(progress_at_clone, expected, "clones at spread-out instants");
     // A clone of a clone, mid-way through the first clone's re-executed transfer.
-    assert_eq!(step(&vms[0], CHUNKS_BETWEEN), CHUNKS_BETWEEN * DMA_GUEST_DMA_CHUNK, "clone 100 restarted its transfer");
+    assert_eq!(step_dma(&vms[0].vmm, CHUNKS_BETWEEN), CHUNKS_BETWEEN * DMA_GUEST_DMA_CHUNK, "clone 100 restarted its transfer");
     let (mut grandchild, report) = clone_of(&mut vms[0], 200);
     assert!(report.reexecuted_requests >= 1, "clone 200: its parent's transfer was in flight: {report:?}");
-    assert_eq!(dma_engine(&grandchild).lock().unwrap().progress(), 0, "clone 200 restarted it from byte 0");
+    assert_eq!(step_dma(&grandchild.vmm, 0), 0, "clone 200 restarted it from byte 0");
     grandchild.vmm.start();
     vms.push(grandchild);
 
@@ -128,7 +113,7 @@ fn ten_guest_driven_clones_mid_transfer_end_complete_and_their_disks_diverge() {
     blk.lock().unwrap().device().hold_submissions(false);
     vms.push(source);
     for vm in &vms {
-        dma_engine(vm).lock().unwrap().set_host_stepped(false);
+        hold_dma(&vm.vmm, false);
     }
     for vm in &mut vms {
         assert!(vm.vmm.wait_timeout(RUN_TIMEOUT), "VM {} did not finish: {}", vm.id, text(&vm.out));
