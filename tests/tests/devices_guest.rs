@@ -101,7 +101,8 @@ fn zygote_binary_runs_the_dma_guest_with_a_disk() {
     eprintln!("zygote run --guest dma --disk (128 KiB) took {took:?}");
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(String::from_utf8_lossy(&out.stdout), expected_output(DMA_GUEST_BLK_LEN as usize));
-    assert!(took < Duration::from_secs(10), "took {took:?}");
+    // A hang guard (shutdown waiting on a device thread), not a benchmark.
+    assert!(took < Duration::from_secs(30), "took {took:?}");
 }
 
 #[test]
