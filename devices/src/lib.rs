@@ -15,6 +15,11 @@ pub mod vsock;
 pub mod subscriber;
 pub mod virtio;
 
+// Unit tests that need test-only hooks reuse the integration tests' driver, which names this
+// crate `devices`.
+#[cfg(test)]
+extern crate self as devices;
+
 pub use bus_device::{BusDevice, VmRequest};
 pub use interrupt::{DeviceInterrupt, IrqTrigger};
 pub use persist::Persist;

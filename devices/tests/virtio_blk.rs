@@ -189,6 +189,23 @@ fn an_avail_index_jump_needs_reset() {
 }
 
 #[test]
+fn a_driver_offering_a_head_still_in_flight_past_the_queue_size_needs_reset() {
+    let (_disk, mut d) = driver();
+    d.transport.device().hold_submissions(true);
+    let (head, _) = d.request(SCRATCH, VIRTIO_BLK_T_IN, 2, &[(SCRATCH + 0x1000, 512, true)]);
+    d.notify();
+    // The same chain again and again, while the first is still in flight.
+    for _ in 0..QUEUE_SIZE {
+        d.offer_raw(head, &[], head);
+        d.notify();
+    }
+    assert_eq!(d.transport.device().in_flight(), usize::from(QUEUE_SIZE), "never more than the queue holds");
+    assert_eq!(reg_read(&mut d.transport, 0x70) & 0x40, 0x40);
+    reg_write(&mut d.transport, 0x70, 0);
+    assert_eq!(d.transport.device().in_flight(), 0, "the reset drained them");
+}
+
+#[test]
 fn a_hold_outlasts_a_device_reset_that_drains_the_held_requests() {
     let (_disk, mut d) = driver();
     d.transport.device().hold_submissions(true);

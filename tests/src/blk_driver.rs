@@ -210,3 +210,24 @@ pub fn blk_in_flight(vmm: &Vmm) -> usize {
     let block = mmio.block.as_ref().expect("a virtio-blk device");
     block.transport.lock().unwrap().device().in_flight()
 }
+
+/// With `true`, `vmm`'s DMA engine moves only when `step_dma` moves it (a clone, snapshot or
+/// reset keeps that); with `false` its runner takes the transfer over. A test that needs a
+/// transfer in flight at some instant holds it this way instead of racing the runner.
+pub fn hold_dma(vmm: &Vmm, held: bool) {
+    vmm.devices().mmio.as_ref().expect("MMIO devices").dma.lock().unwrap().set_host_stepped(held);
+}
+
+/// Moves `vmm`'s held DMA transfer `chunks` chunks on; returns its progress then.
+pub fn step_dma(vmm: &Vmm, chunks: u64) -> u64 {
+    let mut engine = vmm.devices().mmio.as_ref().expect("MMIO devices").dma.lock().unwrap();
+    for _ in 0..chunks {
+        assert!(engine.step(), "VM {}: the DMA transfer ended early", vmm.id());
+    }
+    engine.progress()
+}
+
+/// Whether `vmm`'s DMA engine has a transfer in flight.
+pub fn dma_busy(vmm: &Vmm) -> bool {
+    vmm.devices().mmio.as_ref().expect("MMIO devices").dma.lock().unwrap().busy()
+}

@@ -1,13 +1,50 @@
 //! The control API over a real Unix socket: `zygote run --guest spin --api-sock` in a child
 //! process, driven with the API client and with `zygote ctl`.
 
+use std::io::BufRead;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use vmm::api::client::{call, ApiResponse};
 use zygote_tests::{run_zygote, scratch_dir, wait_for_api_socket, zygote_bin};
+
+/// The lines a child prints, collected by a thread as they come.
+struct Lines {
+    lines: Arc<Mutex<Vec<String>>>,
+    reader: JoinHandle<()>,
+}
+
+impl Lines {
+    fn collect(stdout: ChildStdout) -> Lines {
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&lines);
+        let reader = std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        Lines { lines, reader }
+    }
+
+    /// Waits (however long the host takes, 60 s at most) until a line starts with `prefix`.
+    fn wait_for(&self, prefix: &str) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !self.lines.lock().unwrap().iter().any(|l| l.starts_with(prefix)) {
+            assert!(Instant::now() < deadline, "no line {prefix:?} in {:?}", self.lines.lock().unwrap());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Every line, once the child has closed its stdout.
+    fn finish(self) -> Vec<String> {
+        self.reader.join().unwrap();
+        Arc::try_unwrap(self.lines).unwrap().into_inner().unwrap()
+    }
+}
 
 /// A `zygote run` serving the API; killed if the test did not shut it down.
 struct Served {
@@ -19,6 +56,13 @@ struct Served {
 impl Served {
     fn start(name: &str) -> Served {
         Served::start_guest(name, &["--guest", "spin"], Stdio::null())
+    }
+
+    /// A served `guest` whose output the test reads: `Lines` collects it.
+    fn start_printing(name: &str, guest: &[&str]) -> (Served, Lines) {
+        let mut api = Served::start_guest(name, guest, Stdio::piped());
+        let lines = Lines::collect(api.child.stdout.take().expect("piped stdout"));
+        (api, lines)
     }
 
     fn start_guest(name: &str, guest: &[&str], stdout: Stdio) -> Served {
@@ -158,13 +202,16 @@ fn ctl_speaks_for_the_cli() {
 
 #[test]
 fn a_clone_prints_with_its_own_prefix_and_goes_on_from_the_instant() {
-    let api = Served::start_guest("api-prefix", &["--guest", "sequence", "--arg", "24"], Stdio::piped());
-    std::thread::sleep(Duration::from_millis(150));
+    // Every step waits for the guests, never for a time: the root is cloned paused after its
+    // first line, and runs on (to its end, which ends the process) once the clone has printed.
+    let (mut api, lines) = Served::start_printing("api-prefix", &["--guest", "sequence", "--arg", "24"]);
+    lines.wait_for("[vm0] ");
+    api.json("PATCH", "/vm", Some(r#"{"state":"Paused"}"#));
     assert_eq!(api.json("PUT", "/clone", None)["vm_id"], 1);
-    let mut api = api;
-    let mut stdout = api.child.stdout.take().unwrap();
-    let mut out = String::new();
-    std::io::Read::read_to_string(&mut stdout, &mut out).unwrap();
+    api.json("PATCH", "/vm", Some(r#"{"state":"Resumed","vm_id":1}"#));
+    lines.wait_for("[vm1] ");
+    api.json("PATCH", "/vm", Some(r#"{"state":"Resumed"}"#));
+    let out = lines.finish().join("\n");
     let status = api.child.wait().unwrap();
     assert!(status.success(), "the root guest ends the process with its code 0: {status}");
     let lines = |prefix: &str| -> Vec<String> {
@@ -200,18 +247,14 @@ fn a_vm_with_a_disk_clones_over_the_socket() {
 
 /// Pauses VM 0 of `api`, snapshots it to `name` in its directory and shuts the server down;
 /// returns the state file and what VM 0 printed before (its whole lines, prefix stripped).
-fn snapshot_and_shut_down(mut api: Served, name: &str) -> (PathBuf, String) {
+fn snapshot_and_shut_down(api: Served, lines: Option<Lines>, name: &str) -> (PathBuf, String) {
     let path = api.dir.join(name);
     api.json("PATCH", "/vm", Some(r#"{"state":"Paused"}"#));
     let body = serde_json::json!({ "snapshot_path": path }).to_string();
     api.json("PUT", "/snapshot/create", Some(&body));
-    let stdout = api.child.stdout.take();
     api.shutdown();
-    let mut out = String::new();
-    if let Some(mut stdout) = stdout {
-        std::io::Read::read_to_string(&mut stdout, &mut out).unwrap();
-    }
-    let printed = out.lines().filter_map(|l| l.strip_prefix("[vm0] ")).map(|l| format!("{l}\n")).collect();
+    let out = lines.map(Lines::finish).unwrap_or_default();
+    let printed = out.iter().filter_map(|l| l.strip_prefix("[vm0] ")).map(|l| format!("{l}\n")).collect();
     (path, printed)
 }
 
@@ -220,9 +263,11 @@ fn run_restore_goes_on_from_a_snapshot_file_and_serves_it_with_reset() {
     // A deterministic guest snapshotted mid-run: `zygote run --restore` prints the rest.
     let whole = run_zygote(&["run", "--guest", "sequence", "--arg", "24"]);
     let whole = String::from_utf8(whole.stdout).unwrap();
-    let api = Served::start_guest("api-restore", &["--guest", "sequence", "--arg", "24"], Stdio::piped());
-    std::thread::sleep(Duration::from_millis(100));
-    let (sequence, before) = snapshot_and_shut_down(api, "sequence.json");
+    // Snapshotted once it has printed (not after a fixed time, which a loaded host may spend
+    // before the guest's first line); 23 lines of guest work remain for the pause to land.
+    let (api, lines) = Served::start_printing("api-restore", &["--guest", "sequence", "--arg", "24"]);
+    lines.wait_for("[vm0] ");
+    let (sequence, before) = snapshot_and_shut_down(api, Some(lines), "sequence.json");
     let restored = run_zygote(&["run", "--restore", sequence.to_str().unwrap()]);
     assert_eq!(restored.status.code(), Some(0), "{}", String::from_utf8_lossy(&restored.stderr));
     let after = String::from_utf8(restored.stdout).unwrap();
@@ -231,7 +276,7 @@ fn run_restore_goes_on_from_a_snapshot_file_and_serves_it_with_reset() {
     assert!(whole[..whole.len() - after.len()].starts_with(&before), "printed before:\n{before}\nwhole:\n{whole}");
 
     // Served: VM 0 is the restored one, and a reset brings it back to the file's snapshot.
-    let (spin, _) = snapshot_and_shut_down(Served::start("api-restore-spin"), "spin.json");
+    let (spin, _) = snapshot_and_shut_down(Served::start("api-restore-spin"), None, "spin.json");
     let api = Served::start_guest("api-restored", &["--restore", spin.to_str().unwrap()], Stdio::null());
     let vms = api.json("GET", "/vms", None);
     assert_eq!(states(&vms), vec![(0, None, "Running".to_string())]);
@@ -252,7 +297,7 @@ fn run_restore_goes_on_from_a_snapshot_file_and_serves_it_with_reset() {
 
 #[test]
 fn an_empty_server_is_configured_like_firecracker_and_refuses_bad_configurations() {
-    let (spin, _) = snapshot_and_shut_down(Served::start("api-empty-spin"), "spin.json");
+    let (spin, _) = snapshot_and_shut_down(Served::start("api-empty-spin"), None, "spin.json");
     let api = Served::start_guest("api-empty", &[], Stdio::null());
     let junk = api.dir.join("junk.bin");
     std::fs::write(&junk, [0x5a; 4096]).unwrap();

@@ -16,7 +16,8 @@ fn run_hello_prints_and_exits_zero() {
     let took = start.elapsed();
     assert_eq!(String::from_utf8_lossy(&out.stdout), "Hello from a Zygote guest\n");
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    assert!(took < Duration::from_secs(1), "took {took:?}");
+    // A hang guard (a process that does not exit), not a benchmark: loaded hosts are slow.
+    assert!(took < Duration::from_secs(30), "took {took:?}");
     let demo = run_zygote(&["demo"]);
     let table = String::from_utf8_lossy(&demo.stdout);
     assert_eq!(demo.status.code(), Some(0), "{table}{}", stderr(&demo));

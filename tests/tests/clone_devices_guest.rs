@@ -3,6 +3,10 @@
 //! the read still in flight, and one clone is cloned again. The source and every clone end with
 //! exactly the full data (each clone after re-executing both requests), and after each guest
 //! writes its own id to its disk, every VM's disk holds its own write and nobody else's.
+//!
+//! Both requests are held in flight by the host, never raced: the DMA engines are host-stepped
+//! (the test moves every chunk until it lets the runners go) and the source's read is held
+//! from the kernel, so the outcome is the same on an idle or a loaded machine.
 
 #![allow(clippy::cast_possible_truncation)]
 
@@ -16,12 +20,15 @@ use vmm::layout::{
 };
 use vmm::clone::{clone_vm, CloneReport};
 use vmm::{Console, VmOutcome, Vmm};
-use zygote_tests::blk_driver::BlkDriver;
+use zygote_tests::blk_driver::{dma_busy, hold_dma, step_dma, BlkDriver};
 use zygote_tests::dma_guest::{bytes, disk_bytes, dma_vm, expected_output, pattern_bytes, TempDisk};
 use zygote_tests::{read_u64, text};
 
-/// 256 chunks 4 ms apart: the transfer runs for over a second, long enough for ten clones.
-const PACING_US: u64 = 4000;
+/// Once the runners take over, 256 chunks 1 ms apart.
+const PACING_US: u64 = 1000;
+/// Chunks the source's transfer moves before the first clone, and between two clones.
+const CHUNKS_BEFORE: u64 = 4;
+const CHUNKS_BETWEEN: u64 = 8;
 const DISK_SECTORS: u64 = 256;
 const RUN_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -36,6 +43,7 @@ fn clone_of(source: &mut GuestVm, id: u64) -> (GuestVm, CloneReport) {
     let (vmm, report) = clone_vm(&mut source.vmm, id, &console, Some(GuestAddress(VM_ID_ADDR))).unwrap();
     (GuestVm { id, vmm, out }, report)
 }
+
 
 /// The sector every VM's guest ends with: its id, 64 times.
 fn id_sector(id: u64) -> Vec<u8> {
@@ -65,41 +73,48 @@ fn ten_guest_driven_clones_mid_transfer_end_complete_and_their_disks_diverge() {
     let mut source = GuestVm { id: 1, vmm, out };
     let mmio = source.vmm.devices().mmio.as_ref().expect("MMIO devices");
     let blk = Arc::clone(&mmio.block.as_ref().expect("virtio-blk with a disk").transport);
-    let dma = Arc::clone(&mmio.dma);
 
-    // Hold the source's disk read back from the kernel (pinned and queued, not started): it is
-    // in flight at every clone instant. The hold outlasts the guest's virtio reset.
+    // The transfer moves only when the test steps it (clones inherit that), and the disk read
+    // is held back from the kernel (pinned and queued, not started; the hold outlasts the
+    // guest's virtio reset): both are in flight at every clone instant.
+    hold_dma(&source.vmm, true);
     blk.lock().unwrap().device().hold_submissions(true);
     source.vmm.start();
     let deadline = Instant::now() + RUN_TIMEOUT;
-    while !(blk.lock().unwrap().device().in_flight() == 1 && dma.lock().unwrap().progress() >= 4 * DMA_GUEST_DMA_CHUNK) {
+    while !(blk.lock().unwrap().device().in_flight() == 1 && dma_busy(&source.vmm)) {
         assert!(Instant::now() < deadline, "the guest never got both devices going: {}", text(&source.out));
         std::thread::sleep(Duration::from_millis(1));
     }
+    step_dma(&source.vmm, CHUNKS_BEFORE);
 
     let pinned_pages = (DMA_GUEST_DMA_LEN + DMA_GUEST_BLK_LEN) / PAGE_SIZE as u64;
     let mut vms = Vec::new();
     let mut progress_at_clone = Vec::new();
     for id in 100..110 {
-        let (clone, report) = clone_of(&mut source, id);
+        let (mut clone, report) = clone_of(&mut source, id);
         assert_eq!(report.reexecuted_requests, 2, "clone {id}: the DMA transfer and the read were in flight: {report:?}");
         assert!(report.eager_copied_pages >= pinned_pages, "clone {id}: pinned pages copied eagerly: {report:?}");
-        progress_at_clone.push(dma.lock().unwrap().progress());
-        let mut clone = clone;
+        progress_at_clone.push(step_dma(&source.vmm, 0));
         clone.vmm.start();
         vms.push(clone);
-        std::thread::sleep(Duration::from_millis(20));
+        step_dma(&source.vmm, CHUNKS_BETWEEN);
     }
-    assert!(progress_at_clone.windows(2).all(|w| w[0] < w[1]), "clones at spread-out instants: {progress_at_clone:x?}");
+    let expected: Vec<u64> = (0..10).map(|i| (CHUNKS_BEFORE + i * CHUNKS_BETWEEN) * DMA_GUEST_DMA_CHUNK).collect();
+    assert_eq!(progress_at_clone, expected, "clones at spread-out instants");
     // A clone of a clone, mid-way through the first clone's re-executed transfer.
-    let (grandchild, report) = clone_of(&mut vms[0], 200);
+    assert_eq!(step_dma(&vms[0].vmm, CHUNKS_BETWEEN), CHUNKS_BETWEEN * DMA_GUEST_DMA_CHUNK, "clone 100 restarted its transfer");
+    let (mut grandchild, report) = clone_of(&mut vms[0], 200);
     assert!(report.reexecuted_requests >= 1, "clone 200: its parent's transfer was in flight: {report:?}");
-    let mut grandchild = grandchild;
+    assert_eq!(step_dma(&grandchild.vmm, 0), 0, "clone 200 restarted it from byte 0");
     grandchild.vmm.start();
     vms.push(grandchild);
 
+    // Let every VM finish on its own: the runners take the transfers over, the read goes.
     blk.lock().unwrap().device().hold_submissions(false);
     vms.push(source);
+    for vm in &vms {
+        hold_dma(&vm.vmm, false);
+    }
     for vm in &mut vms {
         assert!(vm.vmm.wait_timeout(RUN_TIMEOUT), "VM {} did not finish: {}", vm.id, text(&vm.out));
         let outcome = vm.vmm.outcome();

@@ -6,20 +6,22 @@
 //! full data, and the disk reads back exactly the snapshot's bytes. A reset while the DMA
 //! engine holds pins is refused and changes nothing.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use memory::{Bytes, GuestAddress, MemoryError};
 use vmm::snapshot::{ResetError, VmSnapshot};
 use vmm::vstate::VmState;
-use zygote_tests::blk_driver::{dma_register, hold_blk_submissions, read_bytes, start_dma_pattern, wait_dma_idle, BlkDriver, DATA};
+use zygote_tests::blk_driver::{
+    hold_blk_submissions, hold_dma, read_bytes, start_dma_pattern, step_dma, wait_dma_idle, BlkDriver, DATA,
+};
 use zygote_tests::{scratch_dir, spin_vm_with_disk};
 
 const READ_BUF: u64 = DATA;
 const READ_LEN: usize = 4 * 512;
 const DMA_DST: u64 = DATA + 0x4_0000;
 const DMA_LEN: usize = 64 << 10;
-/// 16 chunks 15 ms apart: a transfer takes ≥ 225 ms.
-const DMA_PACING_US: u32 = 15_000;
+/// Once the runner has a transfer: 16 chunks 1 ms apart.
+const DMA_PACING_US: u32 = 1000;
 const PATTERN: u64 = 0x0123_4567_89ab_cdef;
 
 fn sector_bytes(sector: u64, count: u64) -> Vec<u8> {
@@ -30,12 +32,11 @@ fn pattern_bytes(len: usize) -> Vec<u8> {
     (0..len).map(|i| PATTERN.to_le_bytes()[i % 8]).collect()
 }
 
-fn wait_dma_progress(vmm: &vmm::Vmm) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while dma_register(vmm, 0x38) < 4096 {
-        assert!(Instant::now() < deadline, "the DMA transfer never started");
-        std::thread::sleep(Duration::from_millis(1));
-    }
+/// Starts a DMA transfer the test holds in flight (one chunk done) until `hold_dma(false)`.
+fn start_held_dma(vmm: &vmm::Vmm) {
+    hold_dma(vmm, true);
+    start_dma_pattern(vmm, PATTERN, DMA_DST, DMA_LEN as u32, 4096, DMA_PACING_US);
+    assert_eq!(step_dma(vmm, 1), 4096);
 }
 
 #[test]
@@ -53,8 +54,7 @@ fn reset_restores_devices_and_disk_and_reruns_what_was_in_flight() {
     vm.ram().write_slice(&vec![0x11; DMA_LEN], GuestAddress(DMA_DST)).unwrap();
     hold_blk_submissions(&vm, true);
     let read = driver.submit_read(&vm, 10, READ_BUF, READ_LEN as u32);
-    start_dma_pattern(&vm, PATTERN, DMA_DST, DMA_LEN as u32, 4096, DMA_PACING_US);
-    wait_dma_progress(&vm);
+    start_held_dma(&vm);
     let token = vm.pause().unwrap();
     let snap = VmSnapshot::take(&vm, &token).unwrap();
     vm.resume(token);
@@ -64,6 +64,7 @@ fn reset_restores_devices_and_disk_and_reruns_what_was_in_flight() {
     assert!(saved.dma.in_flight.is_some(), "the transfer is in flight at the snapshot");
     let expected_read = [vec![b'A'; 1024], sector_bytes(12, 2)].concat();
     hold_blk_submissions(&vm, false);
+    hold_dma(&vm, false);
     assert_eq!(BlkDriver::wait(&vm, read), 0);
     assert_eq!(wait_dma_idle(&vm), 2);
 
@@ -74,13 +75,13 @@ fn reset_restores_devices_and_disk_and_reruns_what_was_in_flight() {
         driver.write(&vm, 300, &[b'X'; 2048]);
         if round == 0 {
             // A transfer in flight pins its buffer: the reset is refused and changes nothing.
-            start_dma_pattern(&vm, PATTERN, DMA_DST, DMA_LEN as u32, 4096, DMA_PACING_US);
-            wait_dma_progress(&vm);
+            start_held_dma(&vm);
             let token = vm.pause().unwrap();
             let err = snap.reset(&mut vm, &token, None).unwrap_err();
             assert!(matches!(err, ResetError::Memory { source: MemoryError::Pinned { .. }, .. }), "{err:?}");
             assert_eq!(driver.read(&vm, 300, 512), vec![b'X'; 512], "a refused reset left the disk alone");
             vm.resume(token);
+            hold_dma(&vm, false);
         }
         let token = vm.pause().unwrap();
         // Keep the re-executed read in flight to compare the device state with the snapshot's.
@@ -97,6 +98,8 @@ fn reset_restores_devices_and_disk_and_reruns_what_was_in_flight() {
         );
         vm.resume(token);
         hold_blk_submissions(&vm, false);
+        // The snapshot's engine was held (the test stepped it): let the runner redo it.
+        hold_dma(&vm, false);
         driver = at_snapshot;
         assert_eq!(BlkDriver::wait(&vm, read), 0, "round {round}: the re-executed read");
         assert_eq!(read_bytes(&vm, READ_BUF, READ_LEN), expected_read, "round {round}: it read the snapshot's disk");

@@ -16,7 +16,7 @@ use vmm::layout::{DMA_GUEST_BLK_LEN, DMA_GUEST_DMA_LEN, DMA_GUEST_PATTERN};
 use vmm::snapshot::file::{load_snapshot, write_snapshot, SnapshotError, SnapshotKind};
 use vmm::snapshot::VmSnapshot;
 use vmm::{build_tiny_vm, guests, Console, VmConfig, VmOutcome, Vmm};
-use zygote_tests::blk_driver::{blk_in_flight, dma_register, hold_blk_submissions, BlkDriver};
+use zygote_tests::blk_driver::{blk_in_flight, dma_busy, hold_blk_submissions, hold_dma, step_dma, BlkDriver};
 use zygote_tests::{scratch_dir, spin_vm_with_disk, text};
 
 /// µs between the dma guest's 4 KiB chunks: its 1 MiB transfer takes about half a second.
@@ -69,14 +69,17 @@ fn a_snapshot_file_taken_mid_dma_and_mid_read_restores_both_with_the_saved_disk(
     std::fs::write(&disk, &initial).unwrap();
     let (mut vm, out) = dma_vm(&disk);
     // The guest's read would finish within milliseconds: hold it in flight (the guest's
-    // device reset at bring-up hands held requests over but leaves the hold on).
+    // device reset at bring-up hands held requests over but leaves the hold on). Its transfer
+    // moves only when the test steps it: one chunk.
     hold_blk_submissions(&vm, true);
+    hold_dma(&vm, true);
     vm.start();
     let deadline = Instant::now() + Duration::from_secs(10);
-    while blk_in_flight(&vm) == 0 || dma_register(&vm, 0x38) < 4096 {
+    while blk_in_flight(&vm) == 0 || !dma_busy(&vm) {
         assert!(Instant::now() < deadline, "the guest never had its read and its transfer in flight");
         std::thread::sleep(Duration::from_millis(1));
     }
+    step_dma(&vm, 1);
     let token = vm.pause().unwrap();
     let snap = VmSnapshot::take(&vm, &token).unwrap();
     let state = dir.join("mid-dma.json");
@@ -87,6 +90,7 @@ fn a_snapshot_file_taken_mid_dma_and_mid_read_restores_both_with_the_saved_disk(
     drop(snap);
     vm.resume(token);
     hold_blk_submissions(&vm, false);
+    hold_dma(&vm, false);
     assert!(finishes(vm), "the snapshotted VM goes on to the end");
     assert_eq!(text(&out), dma_guest_output(&initial), "the snapshotted VM");
 
@@ -100,6 +104,8 @@ fn a_snapshot_file_taken_mid_dma_and_mid_read_restores_both_with_the_saved_disk(
     for id in [7, 8] {
         let (console, out) = Console::capture();
         let restored = loaded.snapshot.restore(id, &console).unwrap();
+        // The snapshot keeps the test's hold on the engine: this VM runs its transfer freely.
+        hold_dma(&restored, false);
         assert!(finishes(restored), "restored VM {id} did not finish: {}", text(&out));
         assert_eq!(text(&out), dma_guest_output(&initial), "restored VM {id} re-ran its transfer and its read");
     }

@@ -31,11 +31,7 @@ impl BlockCompletions {
     /// Registers a fresh eventfd with `core`'s io_uring (once per device: io_uring takes one).
     pub(crate) fn new(core: Arc<Mutex<BlockCore>>) -> Result<Self, BlockError> {
         let event = EventFd::new(EFD_NONBLOCK).map_err(BlockError::Uring)?;
-        core.lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .uring()
-            .register_eventfd(event.as_raw_fd())
-            .map_err(BlockError::Uring)?;
+        core.lock().unwrap_or_else(|e| e.into_inner()).register_completion_event(&event).map_err(BlockError::Uring)?;
         Ok(BlockCompletions { core, event, init_error: None })
     }
 }

@@ -10,7 +10,7 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 
 use super::disk::{CowDisk, Layer, DIRECT_IO_ALIGN, SECTOR_SIZE};
 use super::request::{parse_request, BlockRequest, RequestKind};
-use super::uring::{IoVecs, Op, Uring};
+use super::uring::{IoVecs, Op, OpTag, Uring};
 use super::BlockError;
 use crate::interrupt::{DeviceInterrupt, INT_USED_RING};
 
@@ -24,8 +24,19 @@ struct InFlight {
     iovecs: Vec<IoVecs>,
     /// Held, never read: dropping them unpins (after the used-ring entry is written).
     _pins: Vec<PinGuard>,
+    /// Operations that will still complete: staged, or taken by the kernel and not reaped.
+    /// The pins go only when this is zero, so never while the kernel may touch the buffers.
     ops_left: usize,
     failed: bool,
+}
+
+/// Where one in-flight request lives. `generation` counts the requests the slot has held;
+/// the current one's operations carry it in their tag, so a completion for an earlier
+/// request can never finish the one in the slot now.
+#[derive(Default)]
+struct Slot {
+    generation: u32,
+    request: Option<InFlight>,
 }
 
 pub(crate) struct BlockCore {
@@ -39,7 +50,7 @@ pub(crate) struct BlockCore {
     /// While set, requests are queued for the kernel but not handed to it (`submit`).
     pub held: bool,
     uring: Uring,
-    slots: Vec<Option<InFlight>>,
+    slots: Vec<Slot>,
 }
 
 impl BlockCore {
@@ -47,17 +58,22 @@ impl BlockCore {
         Ok(BlockCore { ram, disk, queue: None, interrupt, id, broken: false, held: false, uring: Uring::new()?, slots: Vec::new() })
     }
 
-    pub fn uring(&self) -> &Uring {
-        &self.uring
+    /// Makes io_uring signal `event` on every completion (the event loop's subscriber).
+    pub fn register_completion_event(&mut self, event: &vmm_sys_util::eventfd::EventFd) -> std::io::Result<()> {
+        self.uring.register_eventfd(event)
+    }
+
+    fn requests(&self) -> impl Iterator<Item = &InFlight> {
+        self.slots.iter().filter_map(|s| s.request.as_ref())
     }
 
     /// The requests in flight, as plain data.
     pub fn in_flight(&self) -> Vec<BlockRequest> {
-        self.slots.iter().flatten().map(|f| f.request.clone()).collect()
+        self.requests().map(|f| f.request.clone()).collect()
     }
 
     pub fn in_flight_count(&self) -> usize {
-        self.slots.iter().flatten().count()
+        self.requests().count()
     }
 
     /// Guest ranges of the queue's rings, which no request buffer may overlap.
@@ -81,6 +97,11 @@ impl BlockCore {
                 }
             };
             let Some(chain) = chain else { break };
+            if self.in_flight_count() >= usize::from(queue.size()) {
+                // Each request in flight holds a descriptor: the driver offered one twice.
+                self.broken = true;
+                break;
+            }
             match parse_request(chain, &ram, self.disk.sectors(), &reserved) {
                 Ok(request) => self.start(&mut queue, request),
                 Err(bad) => self.complete_now(&mut queue, bad.head, bad.status, VIRTIO_BLK_S_IOERR, 0),
@@ -90,10 +111,16 @@ impl BlockCore {
         self.submit();
     }
 
-    /// Hands queued kernel operations over, unless held.
+    /// Hands queued kernel operations over, unless held. Operations the kernel did not take
+    /// fail their requests; a request with operations in the kernel still waits for them.
     pub fn submit(&mut self) {
-        if !self.held && self.uring.submit().is_err() {
-            self.fail_all_unsubmitted();
+        if self.held {
+            return;
+        }
+        if let Err(failure) = self.uring.submit() {
+            for tag in failure.dead {
+                self.op_done(tag, false, true);
+            }
         }
     }
 
@@ -146,17 +173,16 @@ impl BlockCore {
             }
             _ => {}
         }
-        let slot = self.slots.iter().position(Option::is_none).unwrap_or_else(|| {
-            self.slots.push(None);
-            self.slots.len() - 1
-        });
         let is_flush = request.kind == RequestKind::Flush;
         let is_read = request.kind == RequestKind::In;
         let ops_left = if is_flush { 1 } else { plan.len() };
+        if ops_left == 0 {
+            return Err(BlockError::Io { result: -libc::EINVAL });
+        }
+        let tag = self.take_slot();
         let mut entry = InFlight { request, iovecs: Vec::new(), _pins: pins, ops_left, failed: false };
         if is_flush {
-            let fd = self.disk.top().fd(false);
-            self.uring.push(&Op::Fsync { fd }, slot as u64).map_err(|_| BlockError::Io { result: -libc::EAGAIN })?;
+            self.uring.push(&Op::Fsync { fd: self.disk.top().fd(false) }, tag);
         }
         for (layer, disk_offset, iov) in plan {
             let file = match layer {
@@ -173,46 +199,72 @@ impl BlockCore {
             } else {
                 Op::Write { fd, offset: disk_offset, iovecs }
             };
-            if self.uring.push(&op, slot as u64).is_err() {
-                // Ops already pushed for this slot complete later; count the rest as failed.
-                entry.failed = true;
-                entry.ops_left -= 1;
-            }
+            self.uring.push(&op, tag);
         }
-        if entry.ops_left == 0 {
-            return Err(BlockError::Io { result: -libc::EAGAIN });
-        }
-        self.slots[slot] = Some(entry);
+        self.slots[tag.slot as usize].request = Some(entry);
         Ok(())
+    }
+
+    /// A free slot for a new request, in its next generation.
+    fn take_slot(&mut self) -> OpTag {
+        let index = self.slots.iter().position(|s| s.request.is_none()).unwrap_or_else(|| {
+            self.slots.push(Slot::default());
+            self.slots.len() - 1
+        });
+        let slot = &mut self.slots[index];
+        slot.generation = slot.generation.wrapping_add(1);
+        // `process_queue` keeps requests in flight at most the queue size (256): it fits.
+        OpTag { slot: index as u32, generation: slot.generation }
+    }
+
+    /// Counts one operation of `tag`'s request as over (`ok`: it succeeded); finishes the
+    /// request, delivering it if `deliver`, when it was the last. A tag of a request that is
+    /// gone is ignored. Returns whether a request finished.
+    fn op_done(&mut self, tag: OpTag, ok: bool, deliver: bool) -> bool {
+        let Some(slot) = self.slots.get_mut(tag.slot as usize) else { return false };
+        let Some(entry) = slot.request.as_mut().filter(|_| slot.generation == tag.generation) else { return false };
+        entry.failed |= !ok;
+        entry.ops_left = entry.ops_left.saturating_sub(1);
+        if entry.ops_left > 0 {
+            return false;
+        }
+        self.finish(tag.slot as usize, deliver);
+        true
+    }
+
+    /// Takes every completion the kernel has posted; returns how many requests finished.
+    fn reap_with(&mut self, deliver: bool) -> usize {
+        let completions = self.uring.reap();
+        completions.into_iter().filter(|&(tag, result)| self.op_done(tag, result >= 0, deliver)).count()
+    }
+
+    /// Blocks until the kernel posts a completion. Pins are never released on a guess, so a
+    /// wait that cannot block (an error other than a signal) falls back to polling.
+    fn wait_for_kernel(&mut self) {
+        match self.uring.wait() {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(1)),
+        }
     }
 
     /// Takes every available completion; finishes requests whose last operation ended.
     /// Returns how many requests completed.
     pub fn reap(&mut self) -> usize {
-        let mut done = 0;
-        for (tag, result) in self.uring.reap() {
-            let Some(Some(entry)) = self.slots.get_mut(tag as usize) else { continue };
-            if result < 0 {
-                entry.failed = true;
-            }
-            entry.ops_left = entry.ops_left.saturating_sub(1);
-            if entry.ops_left == 0 {
-                self.finish(tag as usize, true);
-                done += 1;
-            }
-        }
-        done
+        self.reap_with(true)
     }
 
-    /// Blocks until at least one completion arrives, then reaps. No-op with nothing in flight.
+    /// Submits what is queued (unless held), then blocks until at least one request completes
+    /// and reaps. Returns 0 at once if the kernel holds nothing to wait for.
     pub fn wait_and_reap(&mut self) -> usize {
-        if self.in_flight_count() == 0 {
-            return 0;
+        self.submit();
+        loop {
+            let done = self.reap();
+            if done > 0 || self.uring.in_kernel() == 0 {
+                return done;
+            }
+            self.wait_for_kernel();
         }
-        if self.uring.submit_and_wait().is_err() {
-            return 0;
-        }
-        self.reap()
     }
 
     /// Waits for every request in flight. With `deliver` false (reset) nothing is written
@@ -226,38 +278,19 @@ impl BlockCore {
     }
 
     fn drain_unheld(&mut self, deliver: bool) {
-        while self.in_flight_count() > 0 {
-            if self.uring.submit_and_wait().is_err() {
-                break;
-            }
-            for (tag, _) in self.uring.reap() {
-                if let Some(Some(entry)) = self.slots.get_mut(tag as usize) {
-                    entry.ops_left = entry.ops_left.saturating_sub(1);
-                    if entry.ops_left == 0 {
-                        self.finish(tag as usize, deliver);
-                    }
-                }
+        self.submit();
+        // After an unheld submit every operation left is in the kernel (the others failed).
+        while self.in_flight_count() > 0 && self.uring.in_kernel() > 0 {
+            if self.reap_with(deliver) == 0 {
+                self.wait_for_kernel();
             }
         }
-    }
-
-    fn fail_all_unsubmitted(&mut self) {
-        // A failed io_uring_enter leaves nothing submitted: complete every waiting request
-        // with an error rather than leave it pinned forever.
-        let pending: Vec<usize> = self.slots.iter().enumerate().filter(|(_, s)| s.is_some()).map(|(i, _)| i).collect();
-        if self.uring.pending() > 0 {
-            for slot in pending {
-                if let Some(entry) = self.slots[slot].as_mut() {
-                    entry.failed = true;
-                }
-                self.finish(slot, true);
-            }
-        }
+        self.reap_with(deliver);
     }
 
     /// Writes the status, returns the head to the used ring, then unpins and interrupts.
     fn finish(&mut self, slot: usize, deliver: bool) {
-        let Some(entry) = self.slots[slot].take() else { return };
+        let Some(entry) = self.slots[slot].request.take() else { return };
         if deliver {
             let code = if entry.failed { VIRTIO_BLK_S_IOERR } else { VIRTIO_BLK_S_OK };
             let written = if entry.request.kind == RequestKind::In && !entry.failed { entry.request.data_len() as u32 } else { 0 };
@@ -304,3 +337,7 @@ fn slice_buffers(buffers: &[(*mut u8, u64)], start: u64, len: u64) -> IoVecs {
     }
     IoVecs(out)
 }
+
+#[cfg(test)]
+#[path = "core_tests.rs"]
+mod tests;

@@ -100,7 +100,7 @@ impl BlockDevice {
         Ok(device)
     }
 
-    fn lock(&self) -> MutexGuard<'_, BlockCore> {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, BlockCore> {
         self.core.lock().unwrap_or_else(|e| e.into_inner())
     }
 

@@ -6,7 +6,8 @@ use std::sync::Arc;
 use memory::{Access, GuestAddress, GuestRam, PinGuard};
 
 use super::registers::*;
-use super::{DmaError, DmaSource, DmaState, TransferSpec};
+use super::runner::Doorbell;
+use super::{DmaError, DmaSource, DmaState, TransferSpec, MAX_PACING_US};
 use crate::bus_device::{BusDevice, VmRequest};
 use crate::interrupt::{DeviceInterrupt, INT_USED_RING};
 
@@ -29,11 +30,20 @@ pub struct DmaEngine {
     completed: bool,
     error: u32,
     host_stepped: bool,
+    /// Wakes the background runner when a transfer becomes runnable.
+    doorbell: Arc<Doorbell>,
 }
 
 impl std::fmt::Debug for DmaEngine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DmaEngine").field("programmed", &self.programmed).field("progress", &self.progress).finish_non_exhaustive()
+    }
+}
+
+fn check_pacing(pacing_us: u64) -> Result<(), DmaError> {
+    match pacing_us <= MAX_PACING_US {
+        true => Ok(()),
+        false => Err(DmaError::Pacing { pacing_us }),
     }
 }
 
@@ -44,7 +54,17 @@ fn set_half(value: &mut u64, data: u32, high: bool) {
 impl DmaEngine {
     pub fn new(ram: Arc<GuestRam>, interrupt: Arc<DeviceInterrupt>) -> DmaEngine {
         let programmed = TransferSpec { source: DmaSource::Pattern(0), dst: 0, len: 0, chunk: 0, pacing_us: 0 };
-        DmaEngine { ram, interrupt, programmed, transfer: None, progress: 0, completed: false, error: 0, host_stepped: false }
+        DmaEngine {
+            ram,
+            interrupt,
+            programmed,
+            transfer: None,
+            progress: 0,
+            completed: false,
+            error: 0,
+            host_stepped: false,
+            doorbell: Arc::default(),
+        }
     }
 
     /// A clone's engine: registers as captured, and the transfer that was in flight started
@@ -58,7 +78,12 @@ impl DmaEngine {
     /// Brings this engine back to `state` in place (a VM reset): registers as captured, and
     /// the transfer that was in flight started again from byte 0. A transfer in flight now is
     /// dropped first; the VM reset is refused while one holds pins, so there is none then.
+    /// A state is input (a snapshot file): a pacing above `MAX_PACING_US` is refused before
+    /// anything changes.
     pub fn reset_to(&mut self, state: &DmaState) -> Result<(), DmaError> {
+        for pacing_us in [Some(state.programmed.pacing_us), state.in_flight.map(|t| t.pacing_us)].into_iter().flatten() {
+            check_pacing(pacing_us)?;
+        }
         self.transfer = None;
         self.programmed = state.programmed;
         self.progress = state.progress;
@@ -103,6 +128,9 @@ impl DmaEngine {
     /// `run_to_completion` move them (the fuzzer chooses the instant of every chunk).
     pub fn set_host_stepped(&mut self, host_stepped: bool) {
         self.host_stepped = host_stepped;
+        if !host_stepped {
+            self.doorbell.ring();
+        }
     }
 
     pub fn host_stepped(&self) -> bool {
@@ -114,6 +142,11 @@ impl DmaEngine {
         self.transfer.as_ref().map_or(0, |t| t.spec.pacing_us)
     }
 
+    /// What the background runner waits on.
+    pub(crate) fn doorbell(&self) -> &Arc<Doorbell> {
+        &self.doorbell
+    }
+
     /// Validates `spec`, pins its buffers, and makes it the transfer in flight.
     pub fn start(&mut self, spec: TransferSpec) -> Result<(), DmaError> {
         if let Some(t) = &self.transfer {
@@ -122,6 +155,7 @@ impl DmaEngine {
         if spec.len == 0 || spec.chunk == 0 {
             return Err(DmaError::Empty { len: spec.len, chunk: spec.chunk });
         }
+        check_pacing(spec.pacing_us)?;
         let pin = |addr: u64, access| {
             self.ram
                 .pin(GuestAddress(addr), spec.len as usize, access)
@@ -140,6 +174,7 @@ impl DmaEngine {
         self.transfer = Some(Transfer { spec, done: 0, dst, src });
         self.progress = 0;
         self.completed = false;
+        self.doorbell.ring();
         Ok(())
     }
 
@@ -239,7 +274,8 @@ impl DmaEngine {
             (DMA_REG_DST_LOW | DMA_REG_DST_HIGH, _) => set_half(&mut p.dst, value, high),
             (DMA_REG_LEN, _) => p.len = u64::from(value),
             (DMA_REG_CHUNK, _) => p.chunk = u64::from(value),
-            (DMA_REG_PACING_US, _) => p.pacing_us = u64::from(value),
+            // The register saturates: a guest cannot make a chunk wait longer than the cap.
+            (DMA_REG_PACING_US, _) => p.pacing_us = u64::from(value).min(MAX_PACING_US),
             (DMA_REG_MODE, DmaSource::Guest(a)) if value == DMA_MODE_PATTERN => p.source = DmaSource::Pattern(*a),
             (DMA_REG_MODE, DmaSource::Pattern(v)) if value == DMA_MODE_COPY => p.source = DmaSource::Guest(*v),
             (DMA_REG_CONTROL, _) if value == 1 => {

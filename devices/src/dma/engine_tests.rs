@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use memory::Bytes;
 
 use super::*;
-use crate::dma::DmaRunner;
+use crate::dma::{DmaRunner, MAX_PACING_US};
 
 fn ram() -> Arc<GuestRam> {
     Arc::new(GuestRam::new(&[(GuestAddress(0), 1 << 20)]).unwrap())
@@ -117,7 +117,8 @@ fn a_host_stepped_engine_moves_only_when_stepped_and_its_clone_inherits_that() {
         e.set_host_stepped(true);
         e.start(spec).unwrap();
     }
-    // The runner polls every millisecond: give it many chances to (wrongly) step.
+    // The start rang the runner's doorbell: give it time to (wrongly) step. A negative check:
+    // a loaded host can only make it pass for the wrong reason, never fail.
     std::thread::sleep(Duration::from_millis(30));
     assert_eq!(engine.lock().unwrap().progress(), 0, "the runner stepped a host-stepped transfer");
     assert!(engine.lock().unwrap().step());
@@ -130,4 +131,49 @@ fn a_host_stepped_engine_moves_only_when_stepped_and_its_clone_inherits_that() {
     std::thread::sleep(Duration::from_millis(30));
     assert_eq!(clone.lock().unwrap().progress(), 0, "the clone's runner stepped its restarted transfer");
     assert!(clone.lock().unwrap().busy());
+}
+
+#[test]
+fn pacing_is_capped_in_the_register_at_start_and_at_restore() {
+    let ram = ram();
+    let mut engine = DmaEngine::new(Arc::clone(&ram), DeviceInterrupt::polled());
+    reg(&mut engine, DMA_REG_PACING_US, u32::MAX);
+    assert_eq!(u64::from(read(&mut engine, DMA_REG_PACING_US)), MAX_PACING_US, "the register saturates");
+    program(&mut engine, 0x8000, 64, 16);
+    reg(&mut engine, DMA_REG_CONTROL, 1);
+    assert_eq!((read(&mut engine, DMA_REG_ERROR), engine.pacing_us()), (0, MAX_PACING_US));
+    engine.run_to_completion();
+
+    let too_slow = TransferSpec { source: DmaSource::Pattern(1), dst: 0x8000, len: 64, chunk: 16, pacing_us: MAX_PACING_US + 1 };
+    let err = engine.start(too_slow).unwrap_err();
+    assert_eq!(err.code(), 5);
+    assert!(err.to_string().contains(&(MAX_PACING_US + 1).to_string()), "{err}");
+    assert!(!engine.busy() && ram.stats().pinned_pages == 0);
+
+    // A snapshot is input: a saved pacing above the cap, programmed or in flight, is refused
+    // before anything is restored (nothing pinned).
+    let good = engine.state();
+    for state in [
+        DmaState { programmed: TransferSpec { pacing_us: 1 << 40, ..good.programmed }, ..good.clone() },
+        DmaState { in_flight: Some(TransferSpec { pacing_us: u64::MAX, ..too_slow }), ..good.clone() },
+    ] {
+        let err = DmaEngine::restore(Arc::clone(&ram), DeviceInterrupt::polled(), &state).unwrap_err();
+        assert!(matches!(err, DmaError::Pacing { .. }), "{err}");
+        assert_eq!(ram.stats().pinned_pages, 0);
+    }
+    assert!(DmaEngine::restore(ram, DeviceInterrupt::polled(), &good).is_ok());
+}
+
+#[test]
+fn a_runner_dropped_mid_transfer_at_the_longest_pacing_leaves_the_rest_undone() {
+    let ram = ram();
+    let engine = Arc::new(Mutex::new(DmaEngine::new(Arc::clone(&ram), DeviceInterrupt::polled())));
+    let runner = DmaRunner::spawn(Arc::clone(&engine)).unwrap();
+    let spec = TransferSpec { source: DmaSource::Pattern(7), dst: 0x4000, len: 1 << 16, chunk: 1, pacing_us: MAX_PACING_US };
+    engine.lock().unwrap().start(spec).unwrap();
+    // Stopping wakes the runner's pause (doorbell tests prove it with an hour-long sleep); the
+    // transfer, 65536 chunks 100 ms apart, is still in flight and still pinned.
+    drop(runner);
+    let engine = engine.lock().unwrap();
+    assert!(engine.busy() && engine.progress() < spec.len && ram.stats().pinned_pages > 0);
 }

@@ -19,6 +19,12 @@ pub use engine::DmaEngine;
 pub use registers::*;
 pub use runner::DmaRunner;
 
+/// The longest pause between two chunks, in microseconds (100 ms). The PACING register
+/// saturates at it, `DmaEngine::start` and a restore refuse more: without a cap a guest could
+/// ask ~71 minutes per chunk (a u32 of µs) and a snapshot file any value, holding pins that
+/// long. The runner's pause is interruptible either way, so a stop never waits for it.
+pub const MAX_PACING_US: u64 = 100_000;
+
 /// Where a transfer's bytes come from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DmaSource {
@@ -38,7 +44,8 @@ pub struct TransferSpec {
     pub len: u64,
     /// Bytes written per step.
     pub chunk: u64,
-    /// Pause between steps when run by the background thread, in microseconds.
+    /// Pause between steps when run by the background thread, in microseconds; at most
+    /// `MAX_PACING_US`.
     pub pacing_us: u64,
 }
 
@@ -68,6 +75,8 @@ pub enum DmaError {
     Empty { len: u64, chunk: u64 },
     #[error("source {src:#x} and destination {dst:#x} overlap over {len:#x} bytes")]
     Overlap { src: u64, dst: u64, len: u64 },
+    #[error("pacing of {pacing_us} µs per chunk is above the maximum of {max} µs", max = MAX_PACING_US)]
+    Pacing { pacing_us: u64 },
     #[error("cannot pin {len:#x} bytes at {addr:#x}")]
     Pin {
         addr: u64,
@@ -85,6 +94,7 @@ impl DmaError {
             DmaError::Empty { .. } => 2,
             DmaError::Overlap { .. } => 3,
             DmaError::Pin { .. } => 4,
+            DmaError::Pacing { .. } => 5,
         }
     }
 }

@@ -14,6 +14,7 @@ pub const DMA_REG_DST_LOW: u64 = 0x18;
 pub const DMA_REG_DST_HIGH: u64 = 0x1c;
 pub const DMA_REG_LEN: u64 = 0x20;
 pub const DMA_REG_CHUNK: u64 = 0x24;
+/// Microseconds between chunks; saturates at `MAX_PACING_US` (reads back the cap).
 pub const DMA_REG_PACING_US: u64 = 0x28;
 /// 0: source is the pattern; 1: source is guest memory at SRC.
 pub const DMA_REG_MODE: u64 = 0x2c;
