@@ -9,8 +9,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use kvm_ioctls::Kvm;
 
 use crate::builder::{create_ram, BuildError, ConfigError, VmConfig};
-use crate::bus::Bus;
-use crate::devices::{attach_legacy_devices, attach_mmio_devices, DeviceError, Wiring};
+use crate::device_manager::{AttachConfig, DeviceError, DeviceHost, DeviceManager, Wiring};
 use crate::linux::{self, LinuxBootError};
 use crate::machine::{VmOutcome, Vmm};
 use crate::vcpu::{spawn_vcpu, VcpuContext, VcpuError};
@@ -39,8 +38,6 @@ pub enum BootError {
     Vm(#[from] VmError),
     #[error("cannot attach devices")]
     Devices(#[from] DeviceError),
-    #[error("cannot wire the serial interrupt")]
-    SerialIrq(#[source] DeviceError),
     #[error("cannot set up a vCPU")]
     Vcpu(#[from] VcpuError),
 }
@@ -56,7 +53,7 @@ impl BootError {
                 e,
                 LinuxBootError::Kvm { .. } | LinuxBootError::SetMsrs { .. } | LinuxBootError::GuestWrite { .. }
             ),
-            BootError::Vm(_) | BootError::SerialIrq(_) | BootError::Vcpu(_) => false,
+            BootError::Vm(_) | BootError::Vcpu(_) => false,
         }
     }
 }
@@ -68,21 +65,17 @@ pub fn build_linux_vm(config: &LinuxConfig) -> Result<Vmm, BootError> {
     let ram = create_ram(&config.vm)?;
     let vm = Vm::new(Arc::clone(&ram))?;
     linux::create_irqchip_and_pit(vm.fd())?;
-    let mut pio = Bus::new();
-    let mut devices = attach_legacy_devices(&mut pio, &config.vm.console)?;
-    let mut mmio = Bus::new();
-    let mmio_devices = attach_mmio_devices(&mut mmio, &ram, config.vm.disk.as_deref(), Wiring::Irqchip(vm.fd()))?;
+    let host = DeviceHost { ram: &ram, wiring: Wiring::Irqchip(vm.fd()), console: &config.vm.console };
+    let devices = DeviceManager::attach(&host, &AttachConfig { disk: config.vm.disk.clone() })?;
     let mut cmdline = config.cmdline.clone().unwrap_or_else(|| linux::DEFAULT_CMDLINE.to_string());
-    let fragment = mmio_devices.kernel_cmdline();
+    let fragment = devices.kernel_cmdline();
     if !fragment.is_empty() {
         cmdline.push(' ');
         cmdline.push_str(&fragment);
     }
-    devices.mmio = Some(mmio_devices);
     let entry = linux::load_kernel(&ram, &config.kernel, config.initrd.as_deref(), &cmdline, vcpus)?;
-    devices.wire_serial_irqfd(vm.fd()).map_err(BootError::SerialIrq)?;
     let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
-    let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
+    let (pio, mmio) = devices.buses();
     let (events_tx, events) = mpsc::channel();
     let mut handles = Vec::new();
     for index in 0..vcpus {
@@ -92,13 +85,13 @@ pub fn build_linux_vm(config: &LinuxConfig) -> Result<Vmm, BootError> {
         let ctx = VcpuContext {
             index: usize::from(index),
             fd,
-            pio: Arc::clone(&pio),
-            mmio: Arc::clone(&mmio),
+            pio: Arc::clone(pio),
+            mmio: Arc::clone(mmio),
             ram: Arc::clone(&ram),
         };
         handles.push(spawn_vcpu(ctx, events_tx.clone())?);
     }
-    Ok(Vmm::from_parts(config.vm.vm_id, vm, handles, events, (pio, mmio), devices))
+    Ok(Vmm::from_parts(config.vm.vm_id, vm, handles, events, devices))
 }
 
 /// Boots `config.kernel` and runs it until the guest resets (0xFE to port 0x64) or fails.

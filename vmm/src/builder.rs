@@ -5,8 +5,7 @@ use std::sync::{mpsc, Arc};
 
 use memory::{Bytes, GuestAddress, GuestRam, MemoryError};
 
-use crate::bus::Bus;
-use crate::devices::{attach_legacy_devices, attach_mmio_devices, Console, DeviceError, Wiring};
+use crate::device_manager::{AttachConfig, Console, DeviceError, DeviceHost, DeviceManager, Wiring};
 use crate::guests::{self, TinyGuest};
 use crate::layout::{GUEST_CODE_ADDR, HIGH_RAM_START, MIN_RAM, MMIO_GAP_START, VM_ID_ADDR};
 use crate::linux::{create_irqchip_and_pit, LinuxBootError};
@@ -141,14 +140,9 @@ pub fn build_tiny_vm(config: &VmConfig, guest: &TinyGuest, arg: u64) -> Result<V
         }
         false => Wiring::Polled,
     };
-    let mut pio = Bus::new();
-    let mut devices = attach_legacy_devices(&mut pio, &config.console)?;
-    if let Wiring::Irqchip(fd) = wiring {
-        devices.wire_serial_irqfd(fd)?;
-    }
-    let mut mmio = Bus::new();
-    devices.mmio = Some(attach_mmio_devices(&mut mmio, &ram, config.disk.as_deref(), wiring)?);
-    let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
+    let host = DeviceHost { ram: &ram, wiring, console: &config.console };
+    let devices = DeviceManager::attach(&host, &AttachConfig { disk: config.disk.clone() })?;
+    let (pio, mmio) = devices.buses();
     let (events_tx, events) = mpsc::channel();
     let mut vcpus = Vec::new();
     for index in 0..config.vcpus {
@@ -157,10 +151,10 @@ pub fn build_tiny_vm(config: &VmConfig, guest: &TinyGuest, arg: u64) -> Result<V
         let index = index as usize;
         setup_tiny_guest_vcpu(&fd, args).map_err(|source| VcpuError::Setup { vcpu: index, source })?;
         let fd = Arc::new(std::sync::Mutex::new(fd));
-        let ctx = VcpuContext { index, fd, pio: Arc::clone(&pio), mmio: Arc::clone(&mmio), ram: Arc::clone(&ram) };
+        let ctx = VcpuContext { index, fd, pio: Arc::clone(pio), mmio: Arc::clone(mmio), ram: Arc::clone(&ram) };
         vcpus.push(spawn_vcpu(ctx, events_tx.clone())?);
     }
-    Ok(Vmm::from_parts(config.vm_id, vm, vcpus, events, (pio, mmio), devices))
+    Ok(Vmm::from_parts(config.vm_id, vm, vcpus, events, devices))
 }
 
 /// Builds the bundled guest `name` and runs it to the end.

@@ -107,7 +107,7 @@ struct Body {
     regions: Vec<RamFile>,
     /// For a diff: the parent's state file and its body CRC32 (refused if it changed since).
     parent: Option<(PathBuf, u32)>,
-    /// The disk as of the snapshot, present exactly when `vm.mmio` has virtio-blk.
+    /// The disk as of the snapshot, present exactly when `vm.devices` has virtio-blk.
     disk: Option<DiskFile>,
     vm: VmState,
 }
@@ -283,7 +283,7 @@ pub fn load_snapshot(state_path: &Path) -> Result<SnapshotOnDisk, SnapshotError>
 /// CRC32, the saved requests fit it) and opens it read-only as a frozen disk, or a diff one
 /// over `parent`'s disk.
 fn load_disk(path: &Path, body: &Body, parent: Option<&SnapshotOnDisk>) -> Result<Option<FrozenDisk>, SnapshotError> {
-    let blk = body.vm.mmio.as_ref().and_then(|m| m.block.as_ref());
+    let blk = body.vm.devices.block.as_ref();
     let mismatch = |reason: String| SnapshotError::DeviceMismatch { path: path.to_path_buf(), reason };
     let (saved, disk) = match (blk, &body.disk) {
         (None, None) => return Ok(None),

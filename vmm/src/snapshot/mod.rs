@@ -10,7 +10,7 @@ use memory::{GuestRam, MemoryError, Snapshot};
 
 use devices::block::FrozenDisk;
 
-use crate::devices::{Console, DeviceError};
+use crate::device_manager::{Console, DeviceError, ResetArgs, RestoreReason};
 use crate::machine::{Paused, Vmm};
 use crate::vstate::{build_from_state, StateError, VmState};
 pub use file::{load_snapshot, write_snapshot, SnapshotError, SnapshotKind};
@@ -79,7 +79,7 @@ impl VmSnapshot {
             Some(frozen) => Some(frozen.instantiate().map_err(|e| state_error(StateError::Devices(DeviceError::Disk(e))))?),
             None => None,
         };
-        build_from_state(Arc::new(ram), &self.state, id, console, disk).map_err(state_error)
+        build_from_state(Arc::new(ram), &self.state, id, console, disk, RestoreReason::Snapshot).map_err(state_error)
     }
 
     /// Brings paused `vmm` back to this snapshot: RAM (copying back only its dirty pages when
@@ -94,15 +94,13 @@ impl VmSnapshot {
         self.state.check_shape(vmm.ram()).map_err(|source| ResetError::State { vm, source })?;
         let mut ram_done = start;
         loop {
-            let mut reset_ram = || {
+            let reset_ram = || {
                 let result = vmm.ram().reset_to(&self.ram);
                 ram_done = Instant::now();
                 result
             };
-            let result = match (&vmm.devices().mmio, &self.state.mmio) {
-                (Some(devices), Some(saved)) => devices.reset_with(saved, self.disk.as_deref(), reset_ram),
-                _ => reset_ram().map_err(DeviceError::Ram),
-            };
+            let args = ResetArgs { disk: self.disk.as_deref() };
+            let result = vmm.devices().reset(&self.state.devices, &args, reset_ram);
             match result {
                 Ok(()) => break,
                 Err(DeviceError::Ram(MemoryError::Pinned { .. })) if wait_for_pins.is_some_and(|limit| start.elapsed() < limit) => {

@@ -82,7 +82,7 @@ mod tests {
     use super::*;
     use crate::builder::{build_tiny_vm, VmConfig};
     use crate::clone::capture_clone;
-    use crate::devices::Console;
+    use crate::device_manager::Console;
     use crate::layout::COUNTERS_ADDR;
     use crate::machine::Vmm;
     use crate::vstate::VmState;
