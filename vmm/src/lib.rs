@@ -23,6 +23,6 @@ pub mod vm;
 pub mod vstate;
 
 pub use boot::{boot_linux, build_linux_vm, BootError, LinuxConfig};
-pub use builder::{build_tiny_vm, run_tiny_guest, BuildError, ConfigError, VmConfig};
+pub use builder::{build_restored, build_tiny_vm, build_vm, run_tiny_guest, BuildError, ConfigError, Filling, VmConfig};
 pub use device_manager::Console;
 pub use machine::{Paused, VmOutcome, Vmm, VmmError};

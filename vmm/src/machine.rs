@@ -96,10 +96,6 @@ impl Vmm {
         events: Receiver<VcpuEvent>,
         devices: DeviceManager,
     ) -> Vmm {
-        // Probe which MSRs to save now, while nothing is paused: the first probe builds a
-        // scratch VM (1.3 ms here) and would otherwise land in the first clone's pause. A
-        // failure is reported by the capture that needs the list.
-        let _ = crate::vstate::msrs::saved_msr_indices();
         Vmm { id, vcpus, events, devices, vm, outcome: None, parked: 0 }
     }
 

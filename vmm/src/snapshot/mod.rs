@@ -12,7 +12,8 @@ use devices::block::FrozenDisk;
 
 use crate::device_manager::{Console, DeviceError, ResetArgs, RestoreReason};
 use crate::machine::{Paused, Vmm};
-use crate::vstate::{build_from_state, StateError, VmState};
+use crate::builder::{build_restored, BuildError};
+use crate::vstate::{StateError, VmState};
 pub use file::{load_snapshot, write_snapshot, SnapshotError, SnapshotKind};
 
 /// A VM frozen at one instant: its RAM and disk (never change) and everything else. Cheap to
@@ -50,6 +51,12 @@ pub enum ResetError {
         #[source]
         source: StateError,
     },
+    #[error("VM {vm}: cannot build it from the snapshot")]
+    Build {
+        vm: u64,
+        #[source]
+        source: BuildError,
+    },
     #[error("VM {vm}: cannot freeze or reset its RAM")]
     Memory {
         vm: u64,
@@ -74,12 +81,12 @@ impl VmSnapshot {
     /// disk is a fresh overlay over the frozen disk, its devices re-execute what was in flight.
     pub fn restore(&self, id: u64, console: &Console) -> Result<Vmm, ResetError> {
         let ram = GuestRam::from_snapshot(&self.ram).map_err(|source| ResetError::Memory { vm: id, source })?;
-        let state_error = |source| ResetError::State { vm: id, source };
+        let build_error = |source| ResetError::Build { vm: id, source };
         let disk = match &self.disk {
-            Some(frozen) => Some(frozen.instantiate().map_err(|e| state_error(StateError::Devices(DeviceError::Disk(e))))?),
+            Some(frozen) => Some(frozen.instantiate().map_err(|e| build_error(BuildError::Devices(DeviceError::Disk(e))))?),
             None => None,
         };
-        build_from_state(Arc::new(ram), &self.state, id, console, disk, RestoreReason::Snapshot).map_err(state_error)
+        build_restored(id, Arc::new(ram), console, &self.state, disk, RestoreReason::Snapshot).map_err(build_error)
     }
 
     /// Brings paused `vmm` back to this snapshot: RAM (copying back only its dirty pages when

@@ -6,21 +6,17 @@ pub mod irqchip;
 pub mod msrs;
 pub mod vcpu;
 
-use std::sync::{mpsc, Arc};
-
 use kvm_bindings::{kvm_clock_data, KVM_CLOCK_TSC_STABLE};
+use kvm_ioctls::VmFd;
 use memory::{GuestAddress, GuestRam};
 use serde::{Deserialize, Serialize};
 
 use devices::block::{CowDisk, FrozenDisk};
 
-use crate::device_manager::{
-    CaptureMode, CapturedDisk, Console, DeviceError, DeviceHost, DeviceManager, DeviceOverrides, DevicesState, RestoreArgs,
-    RestoreReason, Wiring,
-};
+use crate::device_manager::{CaptureMode, CapturedDisk, DeviceError, DevicesState};
 use crate::machine::{Paused, Vmm};
-use crate::vcpu::{lock_vcpu, spawn_vcpu, VcpuContext, VcpuError};
-use crate::vm::{Vm, VmError};
+use crate::vcpu::{lock_vcpu, VcpuError};
+use crate::vm::VmError;
 pub use irqchip::IrqchipState;
 pub use vcpu::{VcpuState, VcpuStateError};
 
@@ -160,7 +156,7 @@ impl VmState {
         for (state, handle) in self.vcpus.iter().zip(vmm.vcpu_handles()) {
             state.restore(handle.index(), &lock_vcpu(handle.fd()), false)?;
         }
-        vm_ioctl("KVM_SET_CLOCK", vmm.vm().fd().set_clock(&self.clock))?;
+        restore_clock(vmm.vm().fd(), &self.clock)?;
         vmm.rearm(token);
         Ok(())
     }
@@ -180,45 +176,8 @@ impl VmState {
     }
 }
 
-/// Builds a new, paused VM with id `vm_id` on `ram` (a clone's or a restored snapshot's) in
-/// `state`: a KVM VM with the same memslots, devices and vCPUs. Start it with `Vmm::start`.
-/// `disk` is the VM's own copy-on-write disk (a clone's, from `capture_for_clone`, or one over a
-/// snapshot's frozen disk); the MMIO devices re-execute the requests and the DMA transfer in
-/// flight in `state` against `ram`.
-pub fn build_from_state(
-    ram: Arc<GuestRam>,
-    state: &VmState,
-    vm_id: u64,
-    console: &Console,
-    disk: Option<CowDisk>,
-    reason: RestoreReason,
-) -> Result<Vmm, StateError> {
-    state.check_shape(&ram)?;
-    let vm = Vm::new(Arc::clone(&ram))?;
-    if let Some(chip) = &state.irqchip {
-        chip.create_on(vm.fd())?;
-    }
-    let fds = (0..state.vcpus.len()).map(|index| vm.create_vcpu(index as u64)).collect::<Result<Vec<_>, _>>()?;
-    if let Some(chip) = &state.irqchip {
-        chip.restore(vm.fd())?;
-    }
-    vm_ioctl("KVM_SET_CLOCK", vm.fd().set_clock(&state.clock))?;
-    // A VM with an irqchip had its devices on irqfds and ioeventfds; the clone gets the same.
-    let wiring = match state.irqchip {
-        Some(_) => Wiring::Irqchip(vm.fd()),
-        None => Wiring::Polled,
-    };
-    let host = DeviceHost { ram: &ram, wiring, console };
-    let args = RestoreArgs { reason, overrides: DeviceOverrides::default(), host, disk };
-    let devices = DeviceManager::restore(&state.devices, args)?;
-    let (pio, mmio) = devices.buses();
-    let (events_tx, events) = mpsc::channel();
-    let mut vcpus = Vec::with_capacity(state.vcpus.len());
-    for (index, (vcpu_state, fd)) in state.vcpus.iter().zip(fds).enumerate() {
-        vcpu_state.restore(index, &fd, true)?;
-        let fd = Arc::new(std::sync::Mutex::new(fd));
-        let ctx = VcpuContext { index, fd, pio: Arc::clone(pio), mmio: Arc::clone(mmio), ram: Arc::clone(&ram) };
-        vcpus.push(spawn_vcpu(ctx, events_tx.clone())?);
-    }
-    Ok(Vmm::from_parts(vm_id, vm, vcpus, events, devices))
+/// Sets the KVM clock a VM was saved with: the last step of every restore (after the VM
+/// state, the devices and the vCPUs), one place to change if the clock needs more.
+pub fn restore_clock(vm: &VmFd, clock: &kvm_clock_data) -> Result<(), StateError> {
+    vm_ioctl("KVM_SET_CLOCK", vm.set_clock(clock))
 }
