@@ -2,20 +2,9 @@
 //! irqchip and PIT, the devices wired through irqfds and ioeventfds); this module says what a
 //! Linux boot asks for and loads the kernel, initrd and command line (`crate::linux`) into it.
 
-use std::path::PathBuf;
-
-use crate::builder::{build_vm, create_ram, BuildError, ConfigError, Filling, VmConfig};
+pub use crate::builder::LinuxConfig;
+use crate::builder::{build_vm, create_ram, BuildError, ConfigError, Filling};
 use crate::machine::{VmOutcome, Vmm};
-
-/// What `zygote run --kernel` asks for.
-#[derive(Clone, Debug)]
-pub struct LinuxConfig {
-    pub vm: VmConfig,
-    pub kernel: PathBuf,
-    pub initrd: Option<PathBuf>,
-    /// None: `linux::DEFAULT_CMDLINE`. Device fragments (virtio-mmio) are appended either way.
-    pub cmdline: Option<String>,
-}
 
 /// What failed booting Linux.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +40,7 @@ pub fn boot_linux(config: &LinuxConfig) -> Result<VmOutcome, BootError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::builder::VmConfig;
 
     fn config(kernel: &str) -> LinuxConfig {
         LinuxConfig { vm: VmConfig::default(), kernel: kernel.into(), initrd: None, cmdline: None }

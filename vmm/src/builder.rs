@@ -11,7 +11,6 @@ use devices::block::CowDisk;
 use kvm_ioctls::{Kvm, VcpuFd};
 use memory::{Bytes, GuestAddress, GuestRam, MemoryError};
 
-use crate::boot::LinuxConfig;
 use crate::device_manager::{
     AttachConfig, Console, DeviceError, DeviceHost, DeviceManager, DeviceOverrides, RestoreArgs, RestoreReason, Wiring,
 };
@@ -23,12 +22,13 @@ use crate::machine::{VmOutcome, Vmm};
 use crate::regs::{setup_tiny_guest_vcpu, EntryArgs};
 use crate::vcpu::{spawn_vcpu, VcpuContext, VcpuError};
 use crate::vm::{Vm, VmError};
+use crate::vstate::validate::validate;
 use crate::vstate::{restore_clock, StateError, VmState};
 
 /// Most vCPUs a VM may have.
-pub const MAX_VCPUS: u32 = 32;
+pub const MAX_VCPUS: u32 = crate::vstate::validate::MAX_VCPUS;
 /// Most guest RAM, in MiB (64 GiB).
-pub const MAX_MEM_MIB: u64 = 64 * 1024;
+pub const MAX_MEM_MIB: u64 = crate::vstate::validate::MAX_RAM_BYTES >> 20;
 /// Least guest RAM for a tiny guest, in MiB.
 pub const MIN_MEM_MIB: u64 = MIN_RAM >> 20;
 /// Guest RAM when none is asked for, in MiB.
@@ -54,6 +54,16 @@ impl Default for VmConfig {
     fn default() -> Self {
         VmConfig { mem_mib: DEFAULT_MEM_MIB, vcpus: 1, vm_id: 0, console: Console::Stdout, disk: None, irqchip: false }
     }
+}
+
+/// What `zygote run --kernel` asks for.
+#[derive(Clone, Debug)]
+pub struct LinuxConfig {
+    pub vm: VmConfig,
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    /// None: `linux::DEFAULT_CMDLINE`. Device fragments (virtio-mmio) are appended either way.
+    pub cmdline: Option<String>,
 }
 
 /// A configuration value that cannot work.
@@ -181,7 +191,13 @@ impl Filling<'_> {
 /// vCPU, restored after); the devices; the vCPUs (boot registers, or their saved state); the
 /// KVM clock last (restores only). Start the VM with `Vmm::start`.
 pub fn build_vm(id: u64, ram: Arc<GuestRam>, console: &Console, mut filling: Filling) -> Result<Vmm, BuildError> {
-    if let Filling::Restore { state, .. } = &filling {
+    if let Filling::Restore { state, reason, disk } = &mut filling {
+        // A saved state is input: refused, naming the bad value, before anything is built. The
+        // checks read values only, so the wiring (not known before the VM exists) is moot.
+        let host = DeviceHost { ram: &ram, wiring: Wiring::Polled, console };
+        let args = RestoreArgs { reason: *reason, overrides: DeviceOverrides::default(), host, disk: disk.take() };
+        validate(state, &args)?;
+        *disk = args.disk;
         state.check_shape(&ram)?;
     }
     let vm = Vm::new(Arc::clone(&ram))?;

@@ -57,6 +57,8 @@ pub enum SnapshotError {
     },
     #[error("{path}: not a Zygote snapshot state file (bad header)")]
     NotASnapshot { path: PathBuf },
+    #[error("{path}: the RAM files hold regions {files:?}, the state says {state:?}")]
+    RamLayoutMismatch { path: PathBuf, files: Vec<(u64, usize)>, state: Vec<(u64, usize)> },
     #[error("{path}: format version {found}, this build reads version {FORMAT_VERSION}")]
     Version { path: PathBuf, found: u32 },
     #[error("{path}: truncated: header says {expected} body bytes, file has {actual}")]
@@ -270,7 +272,8 @@ pub fn load_snapshot(state_path: &Path) -> Result<SnapshotOnDisk, SnapshotError>
         None => Snapshot::from_files(&body.vm.regions(), files).map_err(SnapshotError::Memory)?,
     };
     if body.vm.regions() != ram.layout() {
-        return Err(SnapshotError::NotASnapshot { path });
+        let shape = |regions: &[(memory::GuestAddress, usize)]| regions.iter().map(|&(a, s)| (a.0, s)).collect();
+        return Err(SnapshotError::RamLayoutMismatch { path, files: shape(ram.layout()), state: shape(&body.vm.regions()) });
     }
     Ok(SnapshotOnDisk {
         state_path: state_path.to_path_buf(),

@@ -4,6 +4,7 @@
 
 pub mod irqchip;
 pub mod msrs;
+pub mod validate;
 pub mod vcpu;
 
 use kvm_bindings::{kvm_clock_data, KVM_CLOCK_TSC_STABLE};
@@ -15,8 +16,7 @@ use devices::block::{CowDisk, FrozenDisk};
 
 use crate::device_manager::{CaptureMode, CapturedDisk, DeviceError, DevicesState};
 use crate::machine::{Paused, Vmm};
-use crate::vcpu::{lock_vcpu, VcpuError};
-use crate::vm::VmError;
+use crate::vcpu::lock_vcpu;
 pub use irqchip::IrqchipState;
 pub use vcpu::{VcpuState, VcpuStateError};
 
@@ -37,12 +37,12 @@ pub enum StateError {
     RamShape { state: Vec<(u64, usize)>, ram: Vec<(u64, usize)> },
     #[error("state has {state} vCPUs but the VM has {vm}")]
     VcpuCount { state: usize, vm: usize },
-    #[error("cannot create the KVM VM")]
-    Vm(#[from] VmError),
+    #[error("saved state has {count} vCPUs: a VM has 1..={max}")]
+    BadVcpuCount { count: usize, max: u32 },
+    #[error("saved RAM layout {layout:?} is invalid: {reason}")]
+    BadRamLayout { layout: Vec<(u64, usize)>, reason: String },
     #[error("cannot capture, restore or reset the devices")]
     Devices(#[from] DeviceError),
-    #[error("cannot start a vCPU")]
-    VcpuThread(#[from] VcpuError),
 }
 
 /// Everything but RAM bytes.
@@ -58,7 +58,8 @@ pub struct VmState {
     pub irqchip: Option<IrqchipState>,
 }
 
-fn vm_ioctl<T>(op: &'static str, result: Result<T, kvm_ioctls::Error>) -> Result<T, StateError> {
+/// A VM-level KVM call's result, its failure named by `op`.
+pub(crate) fn vm_ioctl<T>(op: &'static str, result: Result<T, kvm_ioctls::Error>) -> Result<T, StateError> {
     result.map_err(|source| StateError::VmIoctl { op, source })
 }
 
