@@ -32,8 +32,9 @@ pub trait Persist: Sized {
     type Error: std::error::Error;
 
     /// Saves the state. The caller holds the device's lock, so the device changes nothing
-    /// meanwhile.
-    fn save(&self) -> Self::State;
+    /// meanwhile. A device whose state cannot be read (a host resource failed) says why
+    /// instead of saving something partial.
+    fn save(&self) -> Result<Self::State, Self::Error>;
 
     /// A new instance from `args` in `state`, after checking every value of `state`.
     fn restore(args: Self::ConstructorArgs, state: &Self::State) -> Result<Self, Self::Error>;

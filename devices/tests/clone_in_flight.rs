@@ -9,10 +9,10 @@ mod common;
 use std::sync::Arc;
 
 use common::*;
-use devices::block::BlockDevice;
-use devices::dma::{DmaEngine, DmaSource, TransferSpec};
+use devices::block::{BlockArgs, BlockDevice};
+use devices::dma::{DmaArgs, DmaEngine, DmaSource, TransferSpec};
 use devices::virtio::MmioTransport;
-use devices::DeviceInterrupt;
+use devices::{DeviceInterrupt, Persist};
 use memory::{Bytes, GuestAddress};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
 
@@ -95,13 +95,13 @@ fn clone_during_blk_read_and_dma_reexecutes_both() {
     assert_eq!(read_at_clone, vec![0xaa; READ_LEN]);
 
     // ...and after re-executing its copies, the full data.
-    let device = BlockDevice::restore(Arc::clone(&clone_ram), clone_disk, DeviceInterrupt::polled(), &blk_state).unwrap();
+    let device = BlockDevice::restore(BlockArgs { ram: Arc::clone(&clone_ram), disk: clone_disk, interrupt: DeviceInterrupt::polled() }, &blk_state).unwrap();
     let transport = MmioTransport::restore(device, &transport_state).unwrap();
     let mut clone = Driver::resume(Arc::clone(&clone_ram), transport, driver_at_clone);
     clone.complete();
     assert_eq!(clone.take_used().len(), 1, "the clone completes its copy of the read");
     assert_eq!(clone.bytes(READ_BUF, READ_LEN), disk_bytes(READ_SECTOR, READ_LEN));
-    let mut clone_dma = DmaEngine::restore(Arc::clone(&clone_ram), DeviceInterrupt::polled(), &dma_state).unwrap();
+    let mut clone_dma = DmaEngine::restore(DmaArgs { ram: Arc::clone(&clone_ram), interrupt: DeviceInterrupt::polled() }, &dma_state).unwrap();
     assert_eq!(clone_dma.progress(), 0, "restarted from byte 0");
     clone_dma.run_to_completion();
     assert_eq!(clone.bytes(DMA_DST, DMA_LEN), pattern_bytes(DMA_LEN));
@@ -114,7 +114,7 @@ fn clone_during_blk_read_and_dma_reexecutes_both() {
     let clone2_disk = clone.transport.device().clone_disk().unwrap();
     let clone2_ram = Arc::new(clone_ram.clone_cow().unwrap());
     let state2 = clone.transport.device().state();
-    let device2 = BlockDevice::restore(Arc::clone(&clone2_ram), clone2_disk, DeviceInterrupt::polled(), &state2).unwrap();
+    let device2 = BlockDevice::restore(BlockArgs { ram: Arc::clone(&clone2_ram), disk: clone2_disk, interrupt: DeviceInterrupt::polled() }, &state2).unwrap();
     let transport2 = MmioTransport::restore(device2, &clone.transport.state()).unwrap();
     let mut clone2 = Driver::resume(clone2_ram, transport2, clone.indices());
     io(&mut clone2, SCRATCH + 0x5_0000, VIRTIO_BLK_T_OUT, 21, Some(&[b'E'; 512]), 512);

@@ -42,7 +42,7 @@ fn clone_vm(source: &NetDriver, tap: Option<Tap>, edit: impl FnOnce(&mut NetStat
 /// device's, chains popped and unused = the device's chains in flight, avail index = what
 /// the driver made available.
 fn assert_consistent(d: &NetDriver, what: &str) {
-    let state = d.device().save();
+    let state = d.device().save().unwrap();
     let (rx_in_flight, tx_in_flight) = d.device().in_flight();
     for (q, in_flight) in [(RX, rx_in_flight), (TX, tx_in_flight)] {
         let queue = state.queues[usize::from(q)];
@@ -304,7 +304,7 @@ fn saved_state_round_trips_and_bad_states_are_refused() {
     source.post_tx(SCRATCH + 0x1000, &frame(6, 100));
     assert!(matches!(source.device().step_rx(), NetStep::Claimed { .. }));
     assert!(matches!(source.device().step_tx(), NetStep::Claimed { .. }));
-    let state = source.device().save();
+    let state = source.device().save().unwrap();
     assert_eq!((state.rx_in_flight.len(), state.tx_in_flight.is_some()), (1, true));
     let json = serde_json::to_string(&state).unwrap();
     let back: NetState = serde_json::from_str(&json).unwrap();

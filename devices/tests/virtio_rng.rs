@@ -166,7 +166,7 @@ fn a_restored_device_keeps_its_queue_and_budget_and_draws_fresh_bytes() {
     // Deferred at the capture: still in the ring, which the clone copies.
     let (second, addr) = request(&mut d, 500);
     assert_eq!(d.take_used(0), vec![]);
-    let state = d.t().device().save();
+    let state = d.t().device().save().unwrap();
     let transport_state = d.t().state();
     assert_eq!(state.rate_limiter.bandwidth.unwrap().budget, 100);
 
@@ -190,7 +190,7 @@ fn a_restored_device_keeps_its_queue_and_budget_and_draws_fresh_bytes() {
 #[test]
 fn restore_refuses_bad_states() {
     let d = driver();
-    let good = d.t().device().save();
+    let good = d.t().device().save().unwrap();
     let ram = Arc::clone(&d.ram);
     let restore = |state: &devices::rng::RngState| RngDevice::restore(args(&ram, MonotonicClock::shared()), state).err();
     assert!(restore(&good).is_none());

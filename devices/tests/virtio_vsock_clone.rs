@@ -34,7 +34,7 @@ struct Captured {
 /// the transport locked (as the device manager does), and where the guest driver was.
 fn capture(g: &GuestVsock) -> Captured {
     let t = g.d.t();
-    let state = t.device().save();
+    let state = t.device().save().unwrap();
     let ram = Arc::new(g.d.ram.clone_cow().unwrap());
     Captured { state, transport: t.state(), ram, guest: g.snapshot() }
 }

@@ -199,28 +199,26 @@ pub fn wait_dma_idle(vmm: &Vmm) -> u32 {
 /// page-cache read would otherwise finish in microseconds, before any clone or snapshot could
 /// catch it in flight.
 pub fn hold_blk_submissions(vmm: &Vmm, held: bool) {
-    let mmio = vmm.devices().mmio.as_ref().expect("MMIO devices");
-    let block = mmio.block.as_ref().expect("a virtio-blk device");
-    block.transport.lock().unwrap().device().hold_submissions(held);
+    let block = vmm.devices().block().expect("a virtio-blk device");
+    block.lock().unwrap().device().hold_submissions(held);
 }
 
 /// Requests the VM's virtio-blk has between submission and completion.
 pub fn blk_in_flight(vmm: &Vmm) -> usize {
-    let mmio = vmm.devices().mmio.as_ref().expect("MMIO devices");
-    let block = mmio.block.as_ref().expect("a virtio-blk device");
-    block.transport.lock().unwrap().device().in_flight()
+    let block = vmm.devices().block().expect("a virtio-blk device");
+    block.lock().unwrap().device().in_flight()
 }
 
 /// With `true`, `vmm`'s DMA engine moves only when `step_dma` moves it (a clone, snapshot or
 /// reset keeps that); with `false` its runner takes the transfer over. A test that needs a
 /// transfer in flight at some instant holds it this way instead of racing the runner.
 pub fn hold_dma(vmm: &Vmm, held: bool) {
-    vmm.devices().mmio.as_ref().expect("MMIO devices").dma.lock().unwrap().set_host_stepped(held);
+    vmm.devices().dma().expect("a DMA engine").lock().unwrap().set_host_stepped(held);
 }
 
 /// Moves `vmm`'s held DMA transfer `chunks` chunks on; returns its progress then.
 pub fn step_dma(vmm: &Vmm, chunks: u64) -> u64 {
-    let mut engine = vmm.devices().mmio.as_ref().expect("MMIO devices").dma.lock().unwrap();
+    let mut engine = vmm.devices().dma().expect("a DMA engine").lock().unwrap();
     for _ in 0..chunks {
         assert!(engine.step(), "VM {}: the DMA transfer ended early", vmm.id());
     }
@@ -229,5 +227,5 @@ pub fn step_dma(vmm: &Vmm, chunks: u64) -> u64 {
 
 /// Whether `vmm`'s DMA engine has a transfer in flight.
 pub fn dma_busy(vmm: &Vmm) -> bool {
-    vmm.devices().mmio.as_ref().expect("MMIO devices").dma.lock().unwrap().busy()
+    vmm.devices().dma().expect("a DMA engine").lock().unwrap().busy()
 }

@@ -86,10 +86,10 @@ fn clone_mid_transfer(parent: &mut Vm, id: u64, round: u64, via_clone_vm: bool) 
             let token = parent.vmm.pause().unwrap();
             let image = capture_clone(&parent.vmm, &token).unwrap();
             parent.vmm.resume(token);
-            let mmio = image.state.mmio.as_ref().expect("MMIO device state");
-            let dma = &mmio.dma;
+            let devices = &image.state.devices;
+            let dma = devices.dma.as_ref().expect("DMA state");
             assert!(dma.in_flight.is_some() && dma.progress == u64::from(DMA_CHUNK), "clone {id}: DMA not mid-transfer: {dma:?}");
-            let block = mmio.block.as_ref().expect("virtio-blk state");
+            let block = devices.block.as_ref().expect("virtio-blk state");
             assert_eq!(block.device.in_flight.len(), 1, "clone {id}: the read is in flight");
             assert_eq!(block.device.in_flight[0].data[0].addr, READ_BUF);
             assert!(image.disk.is_some(), "clone {id}: the disk is cloned");

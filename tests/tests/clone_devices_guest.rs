@@ -71,8 +71,7 @@ fn ten_guest_driven_clones_mid_transfer_end_complete_and_their_disks_diverge() {
     let base = std::fs::read(&disk.0).unwrap();
     let (vmm, out) = dma_vm(Some(&disk), 1, DMA_GUEST_WRITE_ID | PACING_US);
     let mut source = GuestVm { id: 1, vmm, out };
-    let mmio = source.vmm.devices().mmio.as_ref().expect("MMIO devices");
-    let blk = Arc::clone(&mmio.block.as_ref().expect("virtio-blk with a disk").transport);
+    let blk = Arc::clone(source.vmm.devices().block().expect("virtio-blk with a disk"));
 
     // The transfer moves only when the test steps it (clones inherit that), and the disk read
     // is held back from the kernel (pinned and queued, not started; the hold outlasts the

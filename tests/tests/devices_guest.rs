@@ -109,9 +109,8 @@ fn zygote_binary_runs_the_dma_guest_with_a_disk() {
 fn ram_clone_while_dma_and_blk_read_are_in_flight_holds_the_clone_instant() {
     let disk = TempDisk::new(256);
     let (mut vmm, out) = dma_vm(Some(&disk), 0, 2000);
-    let mmio = vmm.devices().mmio.as_ref().expect("MMIO devices");
-    let blk = Arc::clone(&mmio.block.as_ref().expect("virtio-blk with --disk").transport);
-    let dma = Arc::clone(&mmio.dma);
+    let blk = Arc::clone(vmm.devices().block().expect("virtio-blk with --disk"));
+    let dma = Arc::clone(vmm.devices().dma().expect("a DMA engine"));
     let ram = Arc::clone(vmm.ram());
 
     // Both requests stay in flight until the test lets them go, however loaded the host: the
@@ -182,7 +181,7 @@ fn a_guest_asking_the_longest_pacing_cannot_delay_shutdown() {
     // u32::MAX µs (~71 minutes) per chunk, written by the guest: the register saturates at the
     // cap, and stopping the VM wakes the runner in the middle of its pause.
     let (mut vmm, out) = dma_vm(None, 0, u64::from(u32::MAX));
-    let dma = Arc::clone(&vmm.devices().mmio.as_ref().expect("MMIO devices").dma);
+    let dma = Arc::clone(vmm.devices().dma().expect("a DMA engine"));
     vmm.start();
     let deadline = Instant::now() + RUN_TIMEOUT;
     while dma.lock().unwrap().progress() == 0 {

@@ -59,9 +59,10 @@ fn reset_restores_devices_and_disk_and_reruns_what_was_in_flight() {
     let snap = VmSnapshot::take(&vm, &token).unwrap();
     vm.resume(token);
     let at_snapshot = driver;
-    let saved = snap.state.mmio.clone().expect("MMIO state");
+    let saved = snap.state.devices.clone();
     assert_eq!(saved.block.as_ref().unwrap().device.in_flight.len(), 1, "the read is in flight at the snapshot");
-    assert!(saved.dma.in_flight.is_some(), "the transfer is in flight at the snapshot");
+    let saved_dma = saved.dma.clone().expect("DMA state");
+    assert!(saved_dma.in_flight.is_some(), "the transfer is in flight at the snapshot");
     let expected_read = [vec![b'A'; 1024], sector_bytes(12, 2)].concat();
     hold_blk_submissions(&vm, false);
     hold_dma(&vm, false);
@@ -87,13 +88,14 @@ fn reset_restores_devices_and_disk_and_reruns_what_was_in_flight() {
         // Keep the re-executed read in flight to compare the device state with the snapshot's.
         hold_blk_submissions(&vm, true);
         snap.reset(&mut vm, &token, Some(Duration::from_secs(10))).unwrap();
-        let now = VmState::capture(&vm, &token).unwrap().mmio.expect("MMIO state");
+        let now = VmState::capture(&vm, &token).unwrap().devices;
         assert_eq!(now.block, saved.block, "round {round}: virtio-blk registers, queue and requests in flight");
-        assert_eq!(now.dma.programmed, saved.dma.programmed, "round {round}: DMA registers");
-        assert_eq!(now.dma.in_flight, saved.dma.in_flight, "round {round}: the DMA transfer runs again");
+        let now = now.dma.expect("DMA state");
+        assert_eq!(now.programmed, saved_dma.programmed, "round {round}: DMA registers");
+        assert_eq!(now.in_flight, saved_dma.in_flight, "round {round}: the DMA transfer runs again");
         assert_eq!(
-            (now.dma.completed, now.dma.error, now.dma.interrupt_status),
-            (saved.dma.completed, saved.dma.error, saved.dma.interrupt_status),
+            (now.completed, now.error, now.interrupt_status),
+            (saved_dma.completed, saved_dma.error, saved_dma.interrupt_status),
             "round {round}: DMA status"
         );
         vm.resume(token);

@@ -84,9 +84,13 @@ fn a_snapshot_file_taken_mid_dma_and_mid_read_restores_both_with_the_saved_disk(
     let snap = VmSnapshot::take(&vm, &token).unwrap();
     let state = dir.join("mid-dma.json");
     write_snapshot(&snap, &state, &dir, SnapshotKind::Full, None).unwrap();
-    let mmio = snap.state.mmio.as_ref().expect("MMIO state in the snapshot");
-    assert!(mmio.dma.in_flight.is_some() && mmio.dma.progress > 0, "DMA not mid-transfer: {:?}", mmio.dma);
-    assert_eq!(mmio.block.as_ref().expect("virtio-blk state").device.in_flight.len(), 1, "the read is in flight");
+    let dma = snap.state.devices.dma.as_ref().expect("DMA state in the snapshot");
+    assert!(dma.in_flight.is_some() && dma.progress > 0, "DMA not mid-transfer: {dma:?}");
+    assert_eq!(
+        snap.state.devices.block.as_ref().expect("virtio-blk state").device.in_flight.len(),
+        1,
+        "the read is in flight"
+    );
     drop(snap);
     vm.resume(token);
     hold_blk_submissions(&vm, false);
@@ -246,7 +250,7 @@ fn bad_disk_files_and_mismatched_devices_are_refused() {
     // A request in flight past the disk's end.
     std::fs::write(&path, &good_state).unwrap();
     rewrite_body(&path, |body| {
-        body["vm"]["mmio"]["block"]["device"]["in_flight"] = serde_json::json!([{
+        body["vm"]["devices"]["block"]["device"]["in_flight"] = serde_json::json!([{
             "head": 0, "kind": "In", "sector": 1u64 << 40, "data": [{"addr": 0x50_0000, "len": 512}], "status": 0x50_1000
         }]);
     });

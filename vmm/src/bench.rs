@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use crate::builder::{build_tiny_vm, create_ram, BuildError, VmConfig};
 use crate::clone::{clone_vm_by, CloneError, ClonePath, CloneReport};
-use crate::devices::Console;
+use crate::device_manager::Console;
 use crate::guests;
 use crate::layout::{COUNTERS_ADDR, GUEST_CODE_ADDR, TOUCH_ADDR, VM_ID_ADDR};
 use crate::longmode::write_tables;

@@ -1,48 +1,18 @@
-//! `zygote run --kernel`: build a VM for a Linux kernel and run it. A flat recipe: RAM, KVM VM
-//! with an in-kernel irqchip and PIT, the devices (MMIO ones wired through irqfds and
-//! ioeventfds), the kernel, initrd and command line (`crate::linux`), the serial port's
-//! interrupt as an irqfd, then the vCPUs.
+//! `zygote run --kernel`: a VM for a Linux kernel. `builder::build_vm` builds it (an in-kernel
+//! irqchip and PIT, the devices wired through irqfds and ioeventfds); this module says what a
+//! Linux boot asks for and loads the kernel, initrd and command line (`crate::linux`) into it.
 
-use std::path::PathBuf;
-use std::sync::{mpsc, Arc, Mutex};
-
-use kvm_ioctls::Kvm;
-
-use crate::builder::{create_ram, BuildError, ConfigError, VmConfig};
-use crate::bus::Bus;
-use crate::devices::{attach_legacy_devices, attach_mmio_devices, DeviceError, Wiring};
-use crate::linux::{self, LinuxBootError};
+pub use crate::builder::LinuxConfig;
+use crate::builder::{build_vm, create_ram, BuildError, ConfigError, Filling};
 use crate::machine::{VmOutcome, Vmm};
-use crate::vcpu::{spawn_vcpu, VcpuContext, VcpuError};
-use crate::vm::{Vm, VmError};
-
-/// What `zygote run --kernel` asks for.
-#[derive(Clone, Debug)]
-pub struct LinuxConfig {
-    pub vm: VmConfig,
-    pub kernel: PathBuf,
-    pub initrd: Option<PathBuf>,
-    /// None: `linux::DEFAULT_CMDLINE`. Device fragments (virtio-mmio) are appended either way.
-    pub cmdline: Option<String>,
-}
 
 /// What failed booting Linux.
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error("cannot build the VM")]
-    Build(#[from] BuildError),
     #[error(transparent)]
-    Load(#[from] LinuxBootError),
-    #[error("cannot create the KVM VM")]
-    Vm(#[from] VmError),
-    #[error("cannot attach devices")]
-    Devices(#[from] DeviceError),
-    #[error("cannot wire the serial interrupt")]
-    SerialIrq(#[source] DeviceError),
-    #[error("cannot set up a vCPU")]
-    Vcpu(#[from] VcpuError),
+    Build(#[from] BuildError),
 }
 
 impl BootError {
@@ -51,12 +21,6 @@ impl BootError {
         match self {
             BootError::Config(_) => true,
             BootError::Build(e) => e.is_bad_input(),
-            BootError::Devices(e) => matches!(e, DeviceError::Disk(_)),
-            BootError::Load(e) => !matches!(
-                e,
-                LinuxBootError::Kvm { .. } | LinuxBootError::SetMsrs { .. } | LinuxBootError::GuestWrite { .. }
-            ),
-            BootError::Vm(_) | BootError::SerialIrq(_) | BootError::Vcpu(_) => false,
         }
     }
 }
@@ -64,41 +28,8 @@ impl BootError {
 /// Builds a paused VM that will boot `config.kernel`.
 pub fn build_linux_vm(config: &LinuxConfig) -> Result<Vmm, BootError> {
     config.vm.validate()?;
-    let vcpus = u8::try_from(config.vm.vcpus).unwrap_or(u8::MAX);
     let ram = create_ram(&config.vm)?;
-    let vm = Vm::new(Arc::clone(&ram))?;
-    linux::create_irqchip_and_pit(vm.fd())?;
-    let mut pio = Bus::new();
-    let mut devices = attach_legacy_devices(&mut pio, &config.vm.console)?;
-    let mut mmio = Bus::new();
-    let mmio_devices = attach_mmio_devices(&mut mmio, &ram, config.vm.disk.as_deref(), Wiring::Irqchip(vm.fd()))?;
-    let mut cmdline = config.cmdline.clone().unwrap_or_else(|| linux::DEFAULT_CMDLINE.to_string());
-    let fragment = mmio_devices.kernel_cmdline();
-    if !fragment.is_empty() {
-        cmdline.push(' ');
-        cmdline.push_str(&fragment);
-    }
-    devices.mmio = Some(mmio_devices);
-    let entry = linux::load_kernel(&ram, &config.kernel, config.initrd.as_deref(), &cmdline, vcpus)?;
-    devices.wire_serial_irqfd(vm.fd()).map_err(BootError::SerialIrq)?;
-    let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
-    let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
-    let (events_tx, events) = mpsc::channel();
-    let mut handles = Vec::new();
-    for index in 0..vcpus {
-        let fd = vm.create_vcpu(u64::from(index))?;
-        linux::setup_boot_vcpu(&fd, &kvm, &entry, index)?;
-        let fd = Arc::new(Mutex::new(fd));
-        let ctx = VcpuContext {
-            index: usize::from(index),
-            fd,
-            pio: Arc::clone(&pio),
-            mmio: Arc::clone(&mmio),
-            ram: Arc::clone(&ram),
-        };
-        handles.push(spawn_vcpu(ctx, events_tx.clone())?);
-    }
-    Ok(Vmm::from_parts(config.vm.vm_id, vm, handles, events, (pio, mmio), devices))
+    Ok(build_vm(config.vm.vm_id, ram, &config.vm.console, Filling::Linux(config))?)
 }
 
 /// Boots `config.kernel` and runs it until the guest resets (0xFE to port 0x64) or fails.
@@ -109,6 +40,7 @@ pub fn boot_linux(config: &LinuxConfig) -> Result<VmOutcome, BootError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::builder::VmConfig;
 
     fn config(kernel: &str) -> LinuxConfig {
         LinuxConfig { vm: VmConfig::default(), kernel: kernel.into(), initrd: None, cmdline: None }

@@ -1,25 +1,34 @@
-//! Building a VM for a tiny guest: a flat recipe of functions, each step one call.
+//! The one way a VM is built (model: Firecracker's `build_microvm_for_boot` /
+//! `build_microvm_from_snapshot`): `build_vm` creates the KVM VM and its memslots, the in-kernel
+//! irqchip, the device manager and the vCPUs; a `Filling` says what goes in. A tiny guest
+//! (`build_tiny_vm`), a Linux kernel (`boot::build_linux_vm`), a clone and a restored snapshot
+//! (`build_restored`) are the ways of filling it.
 
 use std::path::PathBuf;
 use std::sync::{mpsc, Arc};
 
+use devices::block::CowDisk;
+use kvm_ioctls::{Kvm, VcpuFd};
 use memory::{Bytes, GuestAddress, GuestRam, MemoryError};
 
-use crate::bus::Bus;
-use crate::devices::{attach_legacy_devices, attach_mmio_devices, Console, DeviceError, Wiring};
+use crate::device_manager::{
+    AttachConfig, Console, DeviceError, DeviceHost, DeviceManager, DeviceOverrides, RestoreArgs, RestoreReason, Wiring,
+};
 use crate::guests::{self, TinyGuest};
 use crate::layout::{GUEST_CODE_ADDR, HIGH_RAM_START, MIN_RAM, MMIO_GAP_START, VM_ID_ADDR};
-use crate::linux::{create_irqchip_and_pit, LinuxBootError};
+use crate::linux::{self, create_irqchip_and_pit, LinuxBootError};
 use crate::longmode::{write_tables, LongModeError};
 use crate::machine::{VmOutcome, Vmm};
 use crate::regs::{setup_tiny_guest_vcpu, EntryArgs};
 use crate::vcpu::{spawn_vcpu, VcpuContext, VcpuError};
 use crate::vm::{Vm, VmError};
+use crate::vstate::validate::validate;
+use crate::vstate::{restore_clock, StateError, VmState};
 
 /// Most vCPUs a VM may have.
-pub const MAX_VCPUS: u32 = 32;
+pub const MAX_VCPUS: u32 = crate::vstate::validate::MAX_VCPUS;
 /// Most guest RAM, in MiB (64 GiB).
-pub const MAX_MEM_MIB: u64 = 64 * 1024;
+pub const MAX_MEM_MIB: u64 = crate::vstate::validate::MAX_RAM_BYTES >> 20;
 /// Least guest RAM for a tiny guest, in MiB.
 pub const MIN_MEM_MIB: u64 = MIN_RAM >> 20;
 /// Guest RAM when none is asked for, in MiB.
@@ -45,6 +54,16 @@ impl Default for VmConfig {
     fn default() -> Self {
         VmConfig { mem_mib: DEFAULT_MEM_MIB, vcpus: 1, vm_id: 0, console: Console::Stdout, disk: None, irqchip: false }
     }
+}
+
+/// What `zygote run --kernel` asks for.
+#[derive(Clone, Debug)]
+pub struct LinuxConfig {
+    pub vm: VmConfig,
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    /// None: `linux::DEFAULT_CMDLINE`. Device fragments (virtio-mmio) are appended either way.
+    pub cmdline: Option<String>,
 }
 
 /// A configuration value that cannot work.
@@ -94,16 +113,28 @@ pub enum BuildError {
     Vm(#[from] VmError),
     #[error("cannot create the in-kernel irqchip")]
     Irqchip(#[source] LinuxBootError),
+    #[error(transparent)]
+    Load(#[from] LinuxBootError),
     #[error("cannot attach the devices")]
     Devices(#[from] DeviceError),
     #[error("cannot set up a vCPU")]
     Vcpu(#[from] VcpuError),
+    #[error("cannot restore the saved VM state")]
+    State(#[from] StateError),
 }
 
 impl BuildError {
     /// Whether the user's input (not the host) is at fault: the CLI exits 2 for these.
     pub fn is_bad_input(&self) -> bool {
-        matches!(self, BuildError::Config(_) | BuildError::Memory { .. } | BuildError::Devices(DeviceError::Disk(_)))
+        match self {
+            BuildError::Config(_) | BuildError::Memory { .. } | BuildError::Devices(DeviceError::Disk(_)) => true,
+            // The kernel, initrd or command line, not KVM or the host.
+            BuildError::Load(e) => !matches!(
+                e,
+                LinuxBootError::Kvm { .. } | LinuxBootError::SetMsrs { .. } | LinuxBootError::GuestWrite { .. }
+            ),
+            _ => false,
+        }
     }
 }
 
@@ -124,6 +155,141 @@ pub fn create_ram(config: &VmConfig) -> Result<Arc<GuestRam>, BuildError> {
     GuestRam::new(&ram_layout(mib << 20)).map(Arc::new).map_err(|source| BuildError::Memory { mib, source })
 }
 
+/// How a VM's KVM state is filled: a guest to boot, or a saved state to restore.
+pub enum Filling<'a> {
+    /// A tiny guest already in RAM: its entry registers on every vCPU (`arg` in RSI), and the
+    /// in-kernel irqchip if `config.irqchip`.
+    Tiny { config: &'a VmConfig, arg: u64 },
+    /// A Linux kernel, loaded once the devices (and so the command line) are known.
+    Linux(&'a LinuxConfig),
+    /// A saved state (a clone's or a snapshot's) on its own RAM and disk.
+    Restore { state: &'a VmState, reason: RestoreReason, disk: Option<CowDisk> },
+}
+
+impl Filling<'_> {
+    fn vcpu_count(&self) -> usize {
+        match self {
+            Filling::Tiny { config, .. } => config.vcpus as usize,
+            Filling::Linux(config) => config.vm.vcpus as usize,
+            Filling::Restore { state, .. } => state.vcpus.len(),
+        }
+    }
+
+    /// Whether the VM gets an in-kernel irqchip: every Linux VM does, a tiny guest if asked,
+    /// a restored VM if its source had one.
+    fn has_irqchip(&self) -> bool {
+        match self {
+            Filling::Tiny { config, .. } => config.irqchip,
+            Filling::Linux(_) => true,
+            Filling::Restore { state, .. } => state.irqchip.is_some(),
+        }
+    }
+}
+
+/// Builds a paused VM `id` on `ram` filled as `filling` says. The one build sequence: the KVM
+/// VM and its memslots; the VM state (in-kernel irqchip and PIT, created before the first
+/// vCPU, restored after); the devices; the vCPUs (boot registers, or their saved state); the
+/// KVM clock last (restores only). Start the VM with `Vmm::start`.
+pub fn build_vm(id: u64, ram: Arc<GuestRam>, console: &Console, mut filling: Filling) -> Result<Vmm, BuildError> {
+    if let Filling::Restore { state, reason, disk } = &mut filling {
+        // A saved state is input: refused, naming the bad value, before anything is built. The
+        // checks read values only, so the wiring (not known before the VM exists) is moot.
+        let host = DeviceHost { ram: &ram, wiring: Wiring::Polled, console };
+        let args = RestoreArgs { reason: *reason, overrides: DeviceOverrides::default(), host, disk: disk.take() };
+        validate(state, &args)?;
+        *disk = args.disk;
+        state.check_shape(&ram)?;
+    }
+    let vm = Vm::new(Arc::clone(&ram))?;
+    let saved_irqchip = match &filling {
+        Filling::Restore { state, .. } => state.irqchip.as_ref(),
+        _ => None,
+    };
+    match saved_irqchip {
+        Some(chip) => chip.create_on(vm.fd())?,
+        None if filling.has_irqchip() => create_irqchip_and_pit(vm.fd()).map_err(BuildError::Irqchip)?,
+        None => {}
+    }
+    let fds = (0..filling.vcpu_count()).map(|index| vm.create_vcpu(index as u64)).collect::<Result<Vec<_>, _>>()?;
+    if let Some(chip) = saved_irqchip {
+        chip.restore(vm.fd())?;
+    }
+    let devices = build_devices(&vm, &ram, console, &mut filling)?;
+    fill_vcpus(&ram, &devices, &fds, &filling)?;
+    if let Filling::Restore { state, .. } = &filling {
+        restore_clock(vm.fd(), &state.clock)?;
+    }
+    // Probe which MSRs a capture saves now, while nothing is paused: the first probe builds a
+    // scratch VM (1.3 ms here) and would otherwise land in the first clone's pause. A failure
+    // is reported by the capture that needs the list.
+    let _ = crate::vstate::msrs::saved_msr_indices();
+    let (pio, mmio) = devices.buses();
+    let (events_tx, events) = mpsc::channel();
+    let mut vcpus = Vec::with_capacity(fds.len());
+    for (index, fd) in fds.into_iter().enumerate() {
+        let fd = Arc::new(std::sync::Mutex::new(fd));
+        let ctx = VcpuContext { index, fd, pio: Arc::clone(pio), mmio: Arc::clone(mmio), ram: Arc::clone(&ram) };
+        vcpus.push(spawn_vcpu(ctx, events_tx.clone())?);
+    }
+    Ok(Vmm::from_parts(id, vm, vcpus, events, devices))
+}
+
+/// The devices: attached fresh for a boot, rebuilt from their states for a restore (wired as
+/// the source was: irqfds and ioeventfds when the VM has an irqchip).
+fn build_devices(
+    vm: &Vm,
+    ram: &Arc<GuestRam>,
+    console: &Console,
+    filling: &mut Filling,
+) -> Result<DeviceManager, BuildError> {
+    let wiring = match filling.has_irqchip() {
+        true => Wiring::Irqchip(vm.fd()),
+        false => Wiring::Polled,
+    };
+    let host = DeviceHost { ram, wiring, console };
+    let attach = |disk: &Option<PathBuf>| DeviceManager::attach(&host, &AttachConfig { disk: disk.clone() });
+    Ok(match filling {
+        Filling::Tiny { config, .. } => attach(&config.disk)?,
+        Filling::Linux(config) => attach(&config.vm.disk)?,
+        Filling::Restore { state, reason, disk } => {
+            let args = RestoreArgs { reason: *reason, overrides: DeviceOverrides::default(), host, disk: disk.take() };
+            DeviceManager::restore(&state.devices, args)?
+        }
+    })
+}
+/// Puts each vCPU in its first state: a tiny guest's entry registers, a Linux kernel's boot
+/// registers (after loading it with the devices' command line), or the saved vCPU state.
+fn fill_vcpus(ram: &GuestRam, devices: &DeviceManager, fds: &[VcpuFd], filling: &Filling) -> Result<(), BuildError> {
+    match filling {
+        Filling::Tiny { config, arg } => {
+            for (index, fd) in fds.iter().enumerate() {
+                let args = EntryArgs { vm_id: config.vm_id, vcpu: index as u64, arg: *arg };
+                setup_tiny_guest_vcpu(fd, args).map_err(|source| VcpuError::Setup { vcpu: index, source })?;
+            }
+        }
+        Filling::Linux(config) => {
+            let mut cmdline = config.cmdline.clone().unwrap_or_else(|| linux::DEFAULT_CMDLINE.to_string());
+            let fragment = devices.kernel_cmdline();
+            if !fragment.is_empty() {
+                cmdline.push(' ');
+                cmdline.push_str(&fragment);
+            }
+            let count = u8::try_from(fds.len()).unwrap_or(u8::MAX);
+            let entry = linux::load_kernel(ram, &config.kernel, config.initrd.as_deref(), &cmdline, count)?;
+            let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+            for (index, fd) in (0..count).zip(fds) {
+                linux::setup_boot_vcpu(fd, &kvm, &entry, index)?;
+            }
+        }
+        Filling::Restore { state, .. } => {
+            for (index, (saved, fd)) in state.vcpus.iter().zip(fds).enumerate() {
+                saved.restore(index, fd, true).map_err(StateError::from)?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Builds a paused VM running `guest` with argument `arg` on every vCPU.
 pub fn build_tiny_vm(config: &VmConfig, guest: &TinyGuest, arg: u64) -> Result<Vmm, BuildError> {
     config.validate()?;
@@ -133,34 +299,22 @@ pub fn build_tiny_vm(config: &VmConfig, guest: &TinyGuest, arg: u64) -> Result<V
         .map_err(|source| BuildError::LoadGuest { addr: GUEST_CODE_ADDR, source })?;
     ram.write_obj(config.vm_id, GuestAddress(VM_ID_ADDR))
         .map_err(|source| BuildError::LoadGuest { addr: VM_ID_ADDR, source })?;
-    let vm = Vm::new(Arc::clone(&ram))?;
-    let wiring = match config.irqchip {
-        true => {
-            create_irqchip_and_pit(vm.fd()).map_err(BuildError::Irqchip)?;
-            Wiring::Irqchip(vm.fd())
-        }
-        false => Wiring::Polled,
-    };
-    let mut pio = Bus::new();
-    let mut devices = attach_legacy_devices(&mut pio, &config.console)?;
-    if let Wiring::Irqchip(fd) = wiring {
-        devices.wire_serial_irqfd(fd)?;
-    }
-    let mut mmio = Bus::new();
-    devices.mmio = Some(attach_mmio_devices(&mut mmio, &ram, config.disk.as_deref(), wiring)?);
-    let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
-    let (events_tx, events) = mpsc::channel();
-    let mut vcpus = Vec::new();
-    for index in 0..config.vcpus {
-        let fd = vm.create_vcpu(u64::from(index))?;
-        let args = EntryArgs { vm_id: config.vm_id, vcpu: u64::from(index), arg };
-        let index = index as usize;
-        setup_tiny_guest_vcpu(&fd, args).map_err(|source| VcpuError::Setup { vcpu: index, source })?;
-        let fd = Arc::new(std::sync::Mutex::new(fd));
-        let ctx = VcpuContext { index, fd, pio: Arc::clone(&pio), mmio: Arc::clone(&mmio), ram: Arc::clone(&ram) };
-        vcpus.push(spawn_vcpu(ctx, events_tx.clone())?);
-    }
-    Ok(Vmm::from_parts(config.vm_id, vm, vcpus, events, (pio, mmio), devices))
+    build_vm(config.vm_id, ram, &config.console, Filling::Tiny { config, arg })
+}
+
+/// Builds a new, paused VM `id` on `ram` (a clone's or a restored snapshot's) in `state`: the
+/// same memslots, irqchip, devices and vCPUs. `disk` is the VM's own copy-on-write disk (a
+/// clone's, from `capture_for_clone`, or one over a snapshot's frozen disk); the devices
+/// re-execute the requests and the DMA transfer in flight in `state` against `ram`.
+pub fn build_restored(
+    id: u64,
+    ram: Arc<GuestRam>,
+    console: &Console,
+    state: &VmState,
+    disk: Option<CowDisk>,
+    reason: RestoreReason,
+) -> Result<Vmm, BuildError> {
+    build_vm(id, ram, console, Filling::Restore { state, reason, disk })
 }
 
 /// Builds the bundled guest `name` and runs it to the end.

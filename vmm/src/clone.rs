@@ -11,9 +11,10 @@ use serde::Serialize;
 
 use devices::block::CowDisk;
 
-use crate::devices::Console;
+use crate::device_manager::{Console, RestoreReason};
 use crate::machine::{Paused, Vmm, VmmError};
-use crate::vstate::{build_from_state, StateError, VmState};
+use crate::builder::{build_restored, BuildError};
+use crate::vstate::{StateError, VmState};
 
 /// What failed cloning a VM. The source is resumed whatever failed.
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +30,12 @@ pub enum CloneError {
         vm: u64,
         #[source]
         source: StateError,
+    },
+    #[error("cannot build the clone {vm}")]
+    Build {
+        vm: u64,
+        #[source]
+        source: BuildError,
     },
     #[error("cannot clone the RAM of VM {vm}")]
     Memory {
@@ -200,7 +207,8 @@ impl CloneImage {
 
     /// Builds the clone as a paused VM with id `id` writing to `console`.
     pub fn build(self, id: u64, console: &Console) -> Result<Vmm, CloneError> {
-        build_from_state(self.ram, &self.state, id, console, self.disk).map_err(|source| CloneError::State { vm: id, source })
+        build_restored(id, self.ram, console, &self.state, self.disk, RestoreReason::Clone)
+            .map_err(|source| CloneError::Build { vm: id, source })
     }
 
     /// The report of a clone `clone_id` made from this image along `path` (whether the map
@@ -219,9 +227,7 @@ impl CloneImage {
             freeze_precopied_pages: self.freeze.precopied_pages as u64,
             map_us: self.map_us,
             eager_copied_pages: self.eager_copied_pages,
-            reexecuted_requests: self.state.mmio.as_ref().map_or(0, |m| {
-                u64::from(m.dma.in_flight.is_some()) + m.block.as_ref().map_or(0, |b| b.device.in_flight.len() as u64)
-            }),
+            reexecuted_requests: self.state.devices.in_flight(),
             ..CloneReport::default()
         }
     }

@@ -12,7 +12,7 @@ use serde::Serialize;
 
 use crate::builder::{build_tiny_vm, BuildError, VmConfig};
 use crate::clone::{clone_vm, CloneError};
-use crate::devices::Console;
+use crate::device_manager::Console;
 use crate::guests;
 use crate::layout::{DMA_GUEST_BLK_LEN, DMA_GUEST_DMA_LEN, DMA_GUEST_PATTERN};
 use crate::machine::VmOutcome;
@@ -96,7 +96,7 @@ fn demo_with_disk(clones: usize, disk: &std::path::Path) -> Result<DemoReport, D
     let config = VmConfig { mem_mib: 32, console, disk: Some(disk.to_path_buf()), ..VmConfig::default() };
     let guest = guests::find("dma").expect("the dma guest is bundled");
     let mut source = build_tiny_vm(&config, guest, PACING_US)?;
-    let dma = std::sync::Arc::clone(&source.devices().mmio.as_ref().expect("tiny VMs have MMIO devices").dma);
+    let dma = std::sync::Arc::clone(source.devices().dma().expect("tiny VMs have a DMA engine"));
     let start = Instant::now();
     source.start();
     let mut running = Vec::new();

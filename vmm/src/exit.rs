@@ -84,8 +84,7 @@ mod tests {
     use std::sync::{Arc, Mutex};
 
     use super::*;
-    use crate::devices::control::{ControlPorts, CONTROL_BASE, CONTROL_PORT_COUNT};
-    use crate::devices::i8042::{I8042, I8042_PORT_COUNT};
+    use crate::device_manager::legacy::{ControlPorts, CONTROL_BASE, CONTROL_PORT_COUNT, I8042, I8042_PORT_COUNT};
     use crate::layout::{EXIT_PORT, I8042_COMMAND_PORT, I8042_DATA_PORT, PARK_PORT, TRAP_PORT};
 
     fn buses() -> (Bus, Bus) {

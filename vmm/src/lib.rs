@@ -8,7 +8,7 @@ pub mod builder;
 pub mod clone;
 pub mod demo;
 pub mod bus;
-pub mod devices;
+pub mod device_manager;
 pub mod exit;
 pub mod fuzz;
 pub mod guests;
@@ -23,6 +23,6 @@ pub mod vm;
 pub mod vstate;
 
 pub use boot::{boot_linux, build_linux_vm, BootError, LinuxConfig};
-pub use builder::{build_tiny_vm, run_tiny_guest, BuildError, ConfigError, VmConfig};
-pub use devices::Console;
+pub use builder::{build_restored, build_tiny_vm, build_vm, run_tiny_guest, BuildError, ConfigError, Filling, VmConfig};
+pub use device_manager::Console;
 pub use machine::{Paused, VmOutcome, Vmm, VmmError};

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use memory::GuestRam;
 
 use crate::bus::Bus;
-use crate::devices::LegacyDevices;
+use crate::device_manager::DeviceManager;
 use crate::vcpu::{VcpuCommand, VcpuError, VcpuEvent, VcpuHandle, VcpuStop};
 use crate::vm::Vm;
 
@@ -74,10 +74,9 @@ pub struct Vmm {
     // Field order: vCPU threads end before the VM fd closes, and both before the RAM goes.
     vcpus: Vec<VcpuHandle>,
     events: Receiver<VcpuEvent>,
+    // The devices (and their threads) go before the VM fd their irqfds are registered on.
+    devices: DeviceManager,
     vm: Vm,
-    pio: Arc<Bus>,
-    mmio: Arc<Bus>,
-    devices: LegacyDevices,
     outcome: Option<VmOutcome>,
     parked: usize,
 }
@@ -95,14 +94,9 @@ impl Vmm {
         vm: Vm,
         vcpus: Vec<VcpuHandle>,
         events: Receiver<VcpuEvent>,
-        buses: (Arc<Bus>, Arc<Bus>),
-        devices: LegacyDevices,
+        devices: DeviceManager,
     ) -> Vmm {
-        // Probe which MSRs to save now, while nothing is paused: the first probe builds a
-        // scratch VM (1.3 ms here) and would otherwise land in the first clone's pause. A
-        // failure is reported by the capture that needs the list.
-        let _ = crate::vstate::msrs::saved_msr_indices();
-        Vmm { id, vcpus, events, vm, pio: buses.0, mmio: buses.1, devices, outcome: None, parked: 0 }
+        Vmm { id, vcpus, events, devices, vm, outcome: None, parked: 0 }
     }
 
     /// This VM's id (the tiny guests get it in RDI).
@@ -122,11 +116,11 @@ impl Vmm {
 
     /// The port-I/O and MMIO buses.
     pub fn buses(&self) -> (&Arc<Bus>, &Arc<Bus>) {
-        (&self.pio, &self.mmio)
+        self.devices.buses()
     }
 
-    /// The legacy devices (serial).
-    pub fn devices(&self) -> &LegacyDevices {
+    /// Every device of the VM.
+    pub fn devices(&self) -> &DeviceManager {
         &self.devices
     }
 

@@ -1,4 +1,4 @@
-//! `zygote`: run a tiny guest or (later) a Linux kernel under KVM.
+//! `zygote`: run a tiny guest or a Linux kernel under KVM, and clone, snapshot and restore it.
 //!
 //! Exit codes: the guest's own code; 1 if the guest faulted or the host failed; 2 for bad input.
 

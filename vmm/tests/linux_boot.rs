@@ -1,68 +1,54 @@
-//! The Linux boot path on real KVM: tiny hand-made kernels that check the entry state in
-//! milliseconds, and (ignored, slow) a real kernel booted to its init's marker.
+//! The Linux boot path on real KVM, through the VMM's one builder (`build_linux_vm`): tiny
+//! hand-made kernels that check the loader's layout and the entry state in milliseconds, and
+//! (ignored, slow) a real kernel booted to its init's marker.
 //!
 //! Real boot: `cargo test -p zygote-vmm --test linux_boot -- --ignored --nocapture`; the kernel
 //! comes from `ZYGOTE_VMLINUX` (default `~/.cache/zygote/linux/vmlinux`), the initrd from
 //! `ZYGOTE_INITRD` (default `~/.cache/zygote/linux/initramfs.cpio`), the command line from
 //! `ZYGOTE_CMDLINE` (default `DEFAULT_CMDLINE`).
 
-use std::collections::BTreeMap;
-use std::io::Write;
-use std::os::unix::thread::JoinHandleExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use kvm_bindings::kvm_userspace_memory_region;
-use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use memory::{Bytes, GuestAddress, GuestRam};
-use vm_superio::{Serial, Trigger};
-use vmm::linux::{load_kernel, setup_boot_vcpu, setup_vm, BootEntry, BootProtocol, DEFAULT_CMDLINE};
-use vmm_sys_util::eventfd::EventFd;
+use vmm::layout::PARK_PORT;
+use vmm::linux::{load_kernel, BootEntry, BootProtocol, DEFAULT_CMDLINE};
+use vmm::vstate::{VcpuState, VmState};
+use vmm::{build_linux_vm, Console, LinuxConfig, VmConfig, VmOutcome};
 
 const MIB: usize = 1 << 20;
+/// What the marker line of the test initramfs's init says.
 const MARKER: &str = "ZYGOTE-LINUX-INIT-OK";
-/// Port the tiny kernels report a register on.
-const REPORT_PORT: u16 = 0x500;
-const COM1: u16 = 0x3f8;
-const COM1_IRQ: u32 = 4;
-const I8042_COMMAND: u16 = 0x64;
-const I8042_RESET: u8 = 0xfe;
+/// How long a tiny kernel gets to park (it runs a handful of instructions).
+const TINY_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// A VM with RAM registered. Field order is drop order: the VM goes before the RAM it maps.
-struct TestVm {
-    vm: VmFd,
-    kvm: Kvm,
-    ram: GuestRam,
+/// `kernel` loaded into a bare `mem`-byte RAM by the loader alone (no VM): what the tests check
+/// the layout on.
+fn load_only(mem: usize, kernel: &Path, initrd: Option<&Path>, cmdline: &str, vcpus: u8) -> (GuestRam, BootEntry) {
+    let ram = GuestRam::new(&[(GuestAddress(0), mem)]).unwrap();
+    let entry = load_kernel(&ram, kernel, initrd, cmdline, vcpus).unwrap();
+    (ram, entry)
 }
 
-impl TestVm {
-    fn new(ram_size: usize) -> TestVm {
-        let kvm = Kvm::new().expect("open /dev/kvm");
-        let vm = kvm.create_vm().expect("KVM_CREATE_VM");
-        setup_vm(&vm).expect("setup_vm");
-        let ram = GuestRam::new(&[(GuestAddress(0), ram_size)]).unwrap();
-        for r in ram.kvm_regions() {
-            let region = kvm_userspace_memory_region {
-                slot: r.slot,
-                flags: 0,
-                guest_phys_addr: r.guest_phys_addr,
-                memory_size: r.memory_size,
-                userspace_addr: r.userspace_addr,
-            };
-            // SAFETY: the region is a live mapping of `memory_size` bytes owned by `ram`, which
-            // outlives `vm` (dropped after it, by field order) and never moves its host range.
-            unsafe { vm.set_user_memory_region(region) }.expect("KVM_SET_USER_MEMORY_REGION");
-        }
-        TestVm { vm, kvm, ram }
-    }
-
-    fn boot_vcpu(&self, entry: &BootEntry) -> VcpuFd {
-        let vcpu = self.vm.create_vcpu(0).expect("KVM_CREATE_VCPU");
-        setup_boot_vcpu(&vcpu, &self.kvm, entry, 0).expect("setup_boot_vcpu");
-        vcpu
-    }
+/// `kernel` booted on one vCPU by the VMM's builder until it parks; its vCPU state then.
+fn boot_until_parked(mem: usize, kernel: &Path, initrd: Option<&Path>, cmdline: &str) -> VcpuState {
+    let vm = VmConfig { mem_mib: (mem / MIB) as u64, console: Console::capture().0, ..VmConfig::default() };
+    let config = LinuxConfig {
+        vm,
+        kernel: kernel.to_path_buf(),
+        initrd: initrd.map(Path::to_path_buf),
+        cmdline: Some(cmdline.into()),
+    };
+    let mut vmm = build_linux_vm(&config).unwrap();
+    vmm.start();
+    assert!(vmm.wait_timeout(TINY_TIMEOUT), "the tiny kernel did not park within {TINY_TIMEOUT:?}");
+    assert!(matches!(vmm.outcome(), Some(VmOutcome::AllParked)), "{:?}", vmm.outcome());
+    let token = vmm.pause().unwrap();
+    let state = VmState::capture(&vmm, &token).unwrap();
+    vmm.resume(token);
+    vmm.stop();
+    state.vcpus.into_iter().next().unwrap()
 }
 
 /// A file in the temp dir, removed on drop.
@@ -154,122 +140,74 @@ fn tiny_bzimage(code64: &[u8]) -> Vec<u8> {
     f
 }
 
-/// `mov edx, REPORT_PORT; out dx, eax; mov al, 0xfe; out 0x64, al` (same bytes in 32/64-bit).
-fn report_eax_then_reset() -> Vec<u8> {
+/// `mov edx, PARK_PORT; out dx, al; hlt` (same bytes in 32/64-bit): the VMM parks the vCPU
+/// with the value to check in RAX.
+fn park() -> Vec<u8> {
     let mut code = vec![0xba];
-    code.extend_from_slice(&u32::from(REPORT_PORT).to_le_bytes());
-    code.extend_from_slice(&[0xef, 0xb0, I8042_RESET, 0xe6, 0x64]);
+    code.extend_from_slice(&u32::from(PARK_PORT).to_le_bytes());
+    code.extend_from_slice(&[0xee, 0xf4]);
     code
-}
-
-/// Runs until the guest writes 0xFE to port 0x64; returns what was written to `REPORT_PORT`.
-fn run_tiny(vcpu: &mut VcpuFd) -> Vec<u32> {
-    let mut reports = Vec::new();
-    loop {
-        match vcpu.run().expect("KVM_RUN") {
-            VcpuExit::IoOut(REPORT_PORT, data) => reports.push(u32::from_le_bytes(data.try_into().unwrap())),
-            VcpuExit::IoOut(I8042_COMMAND, [I8042_RESET]) => return reports,
-            exit => {
-                let exit = format!("{exit:?}");
-                panic!("unexpected exit {exit}; regs {:x?}", vcpu.get_regs())
-            }
-        }
-    }
 }
 
 #[test]
 fn tiny_pvh_kernel_starts_in_protected_mode_with_start_info_in_ebx() {
-    let vm = TestVm::new(32 * MIB);
     let mut code = vec![0x89, 0xd8]; // mov eax, ebx
-    code.extend(report_eax_then_reset());
+    code.extend(park());
     let kernel = TempFile::new(&tiny_elf(&code, true));
     let initrd = TempFile::new(b"070701 tiny initrd");
-    let entry = load_kernel(&vm.ram, &kernel.0, Some(&initrd.0), "console=ttyS0", 1).unwrap();
+    let (ram, entry) = load_only(32 * MIB, &kernel.0, Some(&initrd.0), "console=ttyS0", 1);
     assert_eq!(entry.protocol, BootProtocol::Pvh);
     assert_eq!(entry.entry, GuestAddress(TINY_ELF_LOAD));
     let (initrd_addr, initrd_size) = entry.initrd.unwrap();
     assert_eq!((initrd_addr.0, initrd_size), ((32 * MIB - 0x1000) as u64, 18));
 
-    let start_info: [u32; 4] = vm.ram.read_obj(entry.boot_info).unwrap();
+    let start_info: [u32; 4] = ram.read_obj(entry.boot_info).unwrap();
     assert_eq!(start_info, [0x336e_c578, 1, 0, 1]); // magic, version, flags, nr_modules
     let mut cmdline = [0u8; 14];
-    vm.ram.read_slice(&mut cmdline, GuestAddress(0x20000)).unwrap();
+    ram.read_slice(&mut cmdline, GuestAddress(0x20000)).unwrap();
     assert_eq!(&cmdline, b"console=ttyS0\0");
     let mut mpf = [0u8; 4];
-    vm.ram.read_slice(&mut mpf, GuestAddress(0x9fc00)).unwrap();
+    ram.read_slice(&mut mpf, GuestAddress(0x9fc00)).unwrap();
     assert_eq!(&mpf, b"_MP_");
 
-    let mut vcpu = vm.boot_vcpu(&entry);
-    assert_eq!(run_tiny(&mut vcpu), [u32::try_from(entry.boot_info.0).unwrap()]);
-    let sregs = vcpu.get_sregs().unwrap();
+    let vcpu = boot_until_parked(32 * MIB, &kernel.0, Some(&initrd.0), "console=ttyS0");
+    assert_eq!(vcpu.regs.rax & 0xffff_ffff, entry.boot_info.0);
+    let sregs = vcpu.sregs;
     assert_eq!((sregs.cr0 & 0x8000_0001, sregs.cs.db, sregs.efer), (1, 1, 0));
 }
 
 #[test]
 fn elf_without_pvh_note_is_refused() {
-    let vm = TestVm::new(32 * MIB);
     let kernel = TempFile::new(&tiny_elf(&[0xf4], false));
-    let err = load_kernel(&vm.ram, &kernel.0, None, "", 1).unwrap_err();
+    let ram = GuestRam::new(&[(GuestAddress(0), 32 * MIB)]).unwrap();
+    let err = load_kernel(&ram, &kernel.0, None, "", 1).unwrap_err();
     assert!(err.to_string().contains("PVH"), "{err}");
 }
 
 #[test]
 fn tiny_bzimage_starts_in_long_mode_with_boot_params_in_rsi() {
-    let vm = TestVm::new(64 * MIB);
     let mut code = vec![0x48, 0x89, 0xf0]; // mov rax, rsi
-    code.extend(report_eax_then_reset());
+    code.extend(park());
     let kernel = TempFile::new(&tiny_bzimage(&code));
     let initrd = TempFile::new(&[7; 3 * 4096]);
-    let entry = load_kernel(&vm.ram, &kernel.0, Some(&initrd.0), DEFAULT_CMDLINE, 2).unwrap();
+    let (ram, entry) = load_only(64 * MIB, &kernel.0, Some(&initrd.0), DEFAULT_CMDLINE, 2);
     assert_eq!(entry.protocol, BootProtocol::Linux64);
     assert_eq!(entry.entry, GuestAddress(BZIMAGE_LOAD + 0x200));
 
     let zero_page = entry.boot_info;
-    let e820_entries: u8 = vm.ram.read_obj(GuestAddress(zero_page.0 + 0x1e8)).unwrap();
+    let e820_entries: u8 = ram.read_obj(GuestAddress(zero_page.0 + 0x1e8)).unwrap();
     assert_eq!(e820_entries, 2);
-    let high_ram: [u64; 2] = vm.ram.read_obj(GuestAddress(zero_page.0 + 0x2d0 + 20)).unwrap();
+    let high_ram: [u64; 2] = ram.read_obj(GuestAddress(zero_page.0 + 0x2d0 + 20)).unwrap();
     assert_eq!(high_ram, [0x10_0000, (63 * MIB) as u64]);
-    let ramdisk: [u32; 2] = vm.ram.read_obj(GuestAddress(zero_page.0 + 0x218)).unwrap();
+    let ramdisk: [u32; 2] = ram.read_obj(GuestAddress(zero_page.0 + 0x218)).unwrap();
     assert_eq!(ramdisk, [u32::try_from(64 * MIB - 3 * 4096).unwrap(), 3 * 4096]);
-    let cmd_line_ptr: u32 = vm.ram.read_obj(GuestAddress(zero_page.0 + 0x228)).unwrap();
+    let cmd_line_ptr: u32 = ram.read_obj(GuestAddress(zero_page.0 + 0x228)).unwrap();
     assert_eq!(cmd_line_ptr, 0x20000);
 
-    let mut vcpu = vm.boot_vcpu(&entry);
-    assert_eq!(run_tiny(&mut vcpu), [u32::try_from(zero_page.0).unwrap()]);
-    let sregs = vcpu.get_sregs().unwrap();
+    let vcpu = boot_until_parked(64 * MIB, &kernel.0, Some(&initrd.0), DEFAULT_CMDLINE);
+    assert_eq!(vcpu.regs.rax, zero_page.0);
+    let sregs = vcpu.sregs;
     assert_eq!((sregs.cs.l, sregs.efer & 0x500), (1, 0x500));
-}
-
-/// Serial output shared between the device, the run loop and the watchdog.
-#[derive(Clone, Default)]
-struct SerialOut(Arc<Mutex<Vec<u8>>>);
-
-impl SerialOut {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
-
-impl Write for SerialOut {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-/// Raises COM1's interrupt through an irqfd.
-struct IrqTrigger(EventFd);
-
-impl Trigger for IrqTrigger {
-    type E = std::io::Error;
-
-    fn trigger(&self) -> std::io::Result<()> {
-        self.0.write(1)
-    }
 }
 
 fn linux_artifact(var: &str, name: &str) -> PathBuf {
@@ -279,127 +217,26 @@ fn linux_artifact(var: &str, name: &str) -> PathBuf {
     })
 }
 
-type ComSerial = Serial<IrqTrigger, vm_superio::serial::NoEvents, SerialOut>;
-
-/// What the vCPU threads of a real boot share.
-struct Guest {
-    serial: Mutex<ComSerial>,
-    out: SerialOut,
-    /// Other PIO ports touched: port → (reads, writes).
-    ports: Mutex<BTreeMap<u16, (u64, u64)>>,
-    /// Set by the vCPU that sees the guest reset; the others stop at their next exit.
-    done: AtomicBool,
-    started: Instant,
-    marker_at: Mutex<Option<Duration>>,
-}
-
-/// Runs one vCPU until the guest resets or another vCPU saw it reset.
-fn run_vcpu(vcpu: &mut VcpuFd, guest: &Guest) {
-    let com1 = |port: u16| u8::try_from(port - COM1).unwrap();
-    while !guest.done.load(Ordering::Acquire) {
-        let exit = match vcpu.run() {
-            Ok(exit) => exit,
-            // EINTR: kicked by `stop_vcpus`. EAGAIN: an AP waiting for SIPI woke up (INIT or
-            // SIPI arrived); KVM wants KVM_RUN again.
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
-            Err(e) => panic!("KVM_RUN: {e}\n--- guest serial ---\n{}", guest.out.text()),
-        };
-        match exit {
-            VcpuExit::IoOut(port @ COM1..=0x3ff, data) => {
-                guest.serial.lock().unwrap().write(com1(port), data[0]).unwrap();
-                let mut marker_at = guest.marker_at.lock().unwrap();
-                if marker_at.is_none() && guest.out.text().contains(MARKER) {
-                    *marker_at = Some(guest.started.elapsed());
-                }
-            }
-            VcpuExit::IoIn(port @ COM1..=0x3ff, data) => data[0] = guest.serial.lock().unwrap().read(com1(port)),
-            VcpuExit::IoOut(I8042_COMMAND, [I8042_RESET]) | VcpuExit::Hlt => guest.done.store(true, Ordering::Release),
-            VcpuExit::IoOut(port, _) => guest.ports.lock().unwrap().entry(port).or_default().1 += 1,
-            VcpuExit::IoIn(port, data) => {
-                data.fill(0);
-                guest.ports.lock().unwrap().entry(port).or_default().0 += 1;
-            }
-            VcpuExit::MmioRead(_, data) => data.fill(0),
-            VcpuExit::MmioWrite(..) => {}
-            exit => {
-                let exit = format!("{exit:?}");
-                panic!(
-                    "unexpected exit {exit}; regs {:x?}\n--- guest serial ---\n{}",
-                    vcpu.get_regs(),
-                    guest.out.text()
-                )
-            }
-        }
-    }
-}
-
-extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
-
-/// Signals each vCPU thread out of KVM_RUN until all have returned.
-fn stop_vcpus(threads: Vec<std::thread::JoinHandle<()>>) {
-    for thread in threads {
-        while !thread.is_finished() {
-            // SAFETY: the thread has not been joined, so its pthread_t is live; the signal has a
-            // no-op handler installed, so it only interrupts KVM_RUN.
-            unsafe { libc::pthread_kill(thread.as_pthread_t(), libc::SIGRTMIN()) };
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        thread.join().expect("vCPU thread panicked");
-    }
-}
-
-/// Boots `kernel` on `vcpus` vCPUs with a 16550 on COM1 until the guest resets; asserts the
-/// init's marker and prints the time to it and the other PIO ports the guest touched.
-fn boot_to_marker(kernel: &Path, initrd: &Path, vcpus: u8) {
+/// Boots `kernel` on `vcpus` vCPUs through the VMM's builder until the guest resets; asserts
+/// the init's marker on the serial console and prints the time it took.
+fn boot_to_marker(kernel: &Path, initrd: &Path, vcpus: u32) {
     assert!(kernel.exists(), "no kernel at {} (build it with resources/linux/build.sh)", kernel.display());
-    vmm_sys_util::signal::register_signal_handler(libc::SIGRTMIN(), on_kick).unwrap();
     let started = Instant::now();
-    let vm = TestVm::new(256 * MIB);
-    let cmdline = std::env::var("ZYGOTE_CMDLINE").unwrap_or_else(|_| DEFAULT_CMDLINE.to_string());
-    let entry = load_kernel(&vm.ram, kernel, Some(initrd), &cmdline, vcpus).expect("load_kernel");
-    let vcpu_fds: Vec<VcpuFd> = (0..vcpus)
-        .map(|index| {
-            let vcpu = vm.vm.create_vcpu(u64::from(index)).expect("KVM_CREATE_VCPU");
-            setup_boot_vcpu(&vcpu, &vm.kvm, &entry, index).expect("setup_boot_vcpu");
-            vcpu
-        })
-        .collect();
-    let irq = EventFd::new(0).unwrap();
-    vm.vm.register_irqfd(&irq, COM1_IRQ).expect("KVM_IRQFD");
-    let out = SerialOut::default();
-    let guest = Arc::new(Guest {
-        serial: Mutex::new(Serial::new(IrqTrigger(irq), out.clone())),
-        out,
-        ports: Mutex::default(),
-        done: AtomicBool::new(false),
-        started,
-        marker_at: Mutex::new(None),
-    });
-
+    let (console, out) = Console::capture();
+    let vm = VmConfig { mem_mib: 256, vcpus, console, ..VmConfig::default() };
+    let cmdline = std::env::var("ZYGOTE_CMDLINE").ok();
+    let config = LinuxConfig { vm, kernel: kernel.to_path_buf(), initrd: Some(initrd.to_path_buf()), cmdline };
+    let mut vmm = build_linux_vm(&config).expect("building the Linux VM");
     let timeout =
         Duration::from_secs(std::env::var("ZYGOTE_BOOT_TIMEOUT").ok().and_then(|s| s.parse().ok()).unwrap_or(600));
-    let threads: Vec<_> = vcpu_fds
-        .into_iter()
-        .map(|mut vcpu| {
-            let guest = Arc::clone(&guest);
-            std::thread::spawn(move || run_vcpu(&mut vcpu, &guest))
-        })
-        .collect();
-    while !guest.done.load(Ordering::Acquire) && threads.iter().all(|t| !t.is_finished()) {
-        if started.elapsed() > timeout {
-            guest.done.store(true, Ordering::Release);
-            eprintln!("--- timed out after {timeout:?} ---");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    guest.done.store(true, Ordering::Release);
-    stop_vcpus(threads);
-
-    let text = guest.out.text();
+    vmm.start();
+    let ended = vmm.wait_timeout(timeout);
+    let outcome = vmm.stop();
+    let text = String::from_utf8_lossy(&out.lock().unwrap()).into_owned();
     eprintln!("--- guest serial ---\n{text}\n---");
-    eprintln!("other PIO ports (port: reads, writes): {:x?}", guest.ports.lock().unwrap());
-    eprintln!("marker after {:?}; stopped after {:?}", guest.marker_at.lock().unwrap(), started.elapsed());
+    eprintln!("ended: {ended} ({outcome:?}) after {:?}", started.elapsed());
     assert!(text.contains(MARKER), "no {MARKER} in the guest's serial output");
+    assert!(matches!(outcome, VmOutcome::Reset), "the guest did not reset: {outcome:?}");
 }
 
 fn vmlinux() -> PathBuf {

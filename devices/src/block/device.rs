@@ -17,6 +17,7 @@ use super::frozen::FrozenDisk;
 use super::request::{BlockRequest, RequestKind, SEG_MAX, SIZE_MAX};
 use super::BlockError;
 use crate::interrupt::DeviceInterrupt;
+use crate::persist::Persist;
 use crate::virtio::{VirtioDevice, VirtioError, VIRTIO_F_VERSION_1};
 
 /// Largest queue the device offers.
@@ -81,23 +82,6 @@ impl BlockDevice {
         let sectors = disk.sectors();
         let core = BlockCore::new(ram, disk, Arc::clone(&interrupt), device_id(sectors))?;
         Ok(BlockDevice { core: Arc::new(Mutex::new(core)), interrupt, features: 0, sectors })
-    }
-
-    /// A clone's device: `state` captured from the source, `ram` and `disk` the clone's own.
-    /// Every request that was in flight is re-executed now, against the clone's pages.
-    pub fn restore(ram: Arc<GuestRam>, disk: CowDisk, interrupt: Arc<DeviceInterrupt>, state: &BlockState) -> Result<Self, BlockError> {
-        let queue = state.check(disk.sectors())?;
-        let mut device = BlockDevice::new(ram, disk, interrupt)?;
-        device.features = state.features;
-        if let Some(mut queue) = queue {
-            let mut core = device.lock();
-            for request in &state.in_flight {
-                core.start(&mut queue, request.clone());
-            }
-            core.queue = Some(queue);
-            core.submit();
-        }
-        Ok(device)
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, BlockCore> {
@@ -217,6 +201,43 @@ impl BlockDevice {
     /// loop. Call it once per device (io_uring takes one completion eventfd).
     pub fn completions(&self) -> Result<BlockCompletions, BlockError> {
         BlockCompletions::new(Arc::clone(&self.core))
+    }
+}
+
+/// What a restored virtio-blk is built on: the VM's own RAM, disk and interrupt.
+pub struct BlockArgs {
+    pub ram: Arc<GuestRam>,
+    pub disk: CowDisk,
+    pub interrupt: Arc<DeviceInterrupt>,
+}
+
+impl Persist for BlockDevice {
+    type State = BlockState;
+    type ConstructorArgs = BlockArgs;
+    type Error = BlockError;
+
+    /// Takes the device lock; on a running VM use `capture_with` (or `capture_and_clone`,
+    /// `capture_and_freeze`), which also freeze the RAM under it.
+    fn save(&self) -> Result<BlockState, BlockError> {
+        Ok(self.state())
+    }
+
+    /// A clone's device: `state` captured from the source, `args` the clone's own RAM, disk
+    /// and interrupt. Every request that was in flight is re-executed now, against the
+    /// clone's pages.
+    fn restore(args: BlockArgs, state: &BlockState) -> Result<Self, BlockError> {
+        let queue = state.check(args.disk.sectors())?;
+        let mut device = BlockDevice::new(args.ram, args.disk, args.interrupt)?;
+        device.features = state.features;
+        if let Some(mut queue) = queue {
+            let mut core = device.lock();
+            for request in &state.in_flight {
+                core.start(&mut queue, request.clone());
+            }
+            core.queue = Some(queue);
+            core.submit();
+        }
+        Ok(device)
     }
 }
 

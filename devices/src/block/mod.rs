@@ -18,7 +18,7 @@ mod uring;
 use std::path::PathBuf;
 
 pub use completion::BlockCompletions;
-pub use device::{BlockDevice, BlockState, BLOCK_QUEUE_SIZE};
+pub use device::{BlockArgs, BlockDevice, BlockState, BLOCK_QUEUE_SIZE};
 pub use disk::{CowDisk, SECTOR_SIZE};
 pub use frozen::FrozenDisk;
 pub use request::{BlockRequest, RequestKind, Segment};

@@ -10,6 +10,7 @@ use super::runner::Doorbell;
 use super::{DmaError, DmaSource, DmaState, TransferSpec, MAX_PACING_US};
 use crate::bus_device::{BusDevice, VmRequest};
 use crate::interrupt::{DeviceInterrupt, INT_USED_RING};
+use crate::persist::Persist;
 
 /// A transfer in flight: its pins live until the last chunk is written.
 struct Transfer {
@@ -47,6 +48,17 @@ fn check_pacing(pacing_us: u64) -> Result<(), DmaError> {
     }
 }
 
+impl DmaState {
+    /// Refuses a saved state (input: a snapshot file) a restore could not honour: a pacing
+    /// above `MAX_PACING_US`.
+    pub fn check(&self) -> Result<(), DmaError> {
+        for pacing_us in [Some(self.programmed.pacing_us), self.in_flight.map(|t| t.pacing_us)].into_iter().flatten() {
+            check_pacing(pacing_us)?;
+        }
+        Ok(())
+    }
+}
+
 fn set_half(value: &mut u64, data: u32, high: bool) {
     *value = if high { (*value & 0xffff_ffff) | (u64::from(data) << 32) } else { (*value & !0xffff_ffff) | u64::from(data) };
 }
@@ -67,23 +79,13 @@ impl DmaEngine {
         }
     }
 
-    /// A clone's engine: registers as captured, and the transfer that was in flight started
-    /// again from byte 0 against `ram` (the clone's own).
-    pub fn restore(ram: Arc<GuestRam>, interrupt: Arc<DeviceInterrupt>, state: &DmaState) -> Result<DmaEngine, DmaError> {
-        let mut engine = DmaEngine::new(ram, interrupt);
-        engine.reset_to(state)?;
-        Ok(engine)
-    }
-
     /// Brings this engine back to `state` in place (a VM reset): registers as captured, and
     /// the transfer that was in flight started again from byte 0. A transfer in flight now is
     /// dropped first; the VM reset is refused while one holds pins, so there is none then.
     /// A state is input (a snapshot file): a pacing above `MAX_PACING_US` is refused before
     /// anything changes.
     pub fn reset_to(&mut self, state: &DmaState) -> Result<(), DmaError> {
-        for pacing_us in [Some(state.programmed.pacing_us), state.in_flight.map(|t| t.pacing_us)].into_iter().flatten() {
-            check_pacing(pacing_us)?;
-        }
+        state.check()?;
         self.transfer = None;
         self.programmed = state.programmed;
         self.progress = state.progress;
@@ -291,6 +293,30 @@ impl DmaEngine {
             (DMA_REG_INT_ACK, _) => self.interrupt.ack(value),
             _ => {}
         }
+    }
+}
+
+/// What a restored engine is built on: the VM's own RAM and interrupt.
+pub struct DmaArgs {
+    pub ram: Arc<GuestRam>,
+    pub interrupt: Arc<DeviceInterrupt>,
+}
+
+impl Persist for DmaEngine {
+    type State = DmaState;
+    type ConstructorArgs = DmaArgs;
+    type Error = DmaError;
+
+    fn save(&self) -> Result<DmaState, DmaError> {
+        Ok(self.state())
+    }
+
+    /// A clone's engine: registers as captured, and the transfer that was in flight started
+    /// again from byte 0 against `args.ram` (the clone's own).
+    fn restore(args: DmaArgs, state: &DmaState) -> Result<DmaEngine, DmaError> {
+        let mut engine = DmaEngine::new(args.ram, args.interrupt);
+        engine.reset_to(state)?;
+        Ok(engine)
     }
 }
 

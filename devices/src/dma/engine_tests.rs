@@ -126,7 +126,9 @@ fn a_host_stepped_engine_moves_only_when_stepped_and_its_clone_inherits_that() {
     let state = engine.lock().unwrap().state();
     assert!(state.host_stepped);
     let clone_ram = Arc::new(ram.clone_cow().unwrap());
-    let clone = Arc::new(Mutex::new(DmaEngine::restore(clone_ram, DeviceInterrupt::polled(), &state).unwrap()));
+    let clone = Arc::new(Mutex::new(
+        DmaEngine::restore(DmaArgs { ram: clone_ram, interrupt: DeviceInterrupt::polled() }, &state).unwrap(),
+    ));
     let _clone_runner = DmaRunner::spawn(Arc::clone(&clone)).unwrap();
     std::thread::sleep(Duration::from_millis(30));
     assert_eq!(clone.lock().unwrap().progress(), 0, "the clone's runner stepped its restarted transfer");
@@ -157,11 +159,12 @@ fn pacing_is_capped_in_the_register_at_start_and_at_restore() {
         DmaState { programmed: TransferSpec { pacing_us: 1 << 40, ..good.programmed }, ..good.clone() },
         DmaState { in_flight: Some(TransferSpec { pacing_us: u64::MAX, ..too_slow }), ..good.clone() },
     ] {
-        let err = DmaEngine::restore(Arc::clone(&ram), DeviceInterrupt::polled(), &state).unwrap_err();
+        let err = DmaEngine::restore(DmaArgs { ram: Arc::clone(&ram), interrupt: DeviceInterrupt::polled() }, &state)
+            .unwrap_err();
         assert!(matches!(err, DmaError::Pacing { .. }), "{err}");
         assert_eq!(ram.stats().pinned_pages, 0);
     }
-    assert!(DmaEngine::restore(ram, DeviceInterrupt::polled(), &good).is_ok());
+    assert!(DmaEngine::restore(DmaArgs { ram, interrupt: DeviceInterrupt::polled() }, &good).is_ok());
 }
 
 #[test]

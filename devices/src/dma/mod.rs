@@ -15,7 +15,7 @@ mod engine;
 mod registers;
 mod runner;
 
-pub use engine::DmaEngine;
+pub use engine::{DmaArgs, DmaEngine};
 pub use registers::*;
 pub use runner::DmaRunner;
 

@@ -161,8 +161,8 @@ impl Persist for NetDevice {
 
     /// Takes the device lock; on a running VM use `capture_with`, which also freezes the RAM
     /// under it.
-    fn save(&self) -> NetState {
-        self.state_locked(&self.lock())
+    fn save(&self) -> Result<NetState, NetError> {
+        Ok(self.state_locked(&self.lock()))
     }
 
     /// A device on `args` (the VM's own RAM, interrupt and TAP or none) in `state`, checked

@@ -245,8 +245,8 @@ impl Persist for RngDevice {
     type ConstructorArgs = RngArgs;
     type Error = RngError;
 
-    fn save(&self) -> RngState {
-        self.state()
+    fn save(&self) -> Result<RngState, RngError> {
+        Ok(self.state())
     }
 
     /// The device as saved, with a limiter that refills from now on. A request deferred at

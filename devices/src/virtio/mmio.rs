@@ -17,6 +17,7 @@ use virtio_queue::{Queue, QueueState, QueueT};
 use super::{VirtioDevice, VirtioError, VIRTIO_F_VERSION_1};
 use crate::bus_device::{BusDevice, VmRequest};
 use crate::interrupt::INT_CONFIG;
+use crate::persist::Persist;
 
 /// Bytes of MMIO space one virtio-mmio device occupies (registers + config space).
 pub const MMIO_REGION_SIZE: u64 = 0x1000;
@@ -109,16 +110,6 @@ impl<D: VirtioDevice> MmioTransport<D> {
             queues,
             last_error: None,
         }
-    }
-
-    /// A transport with captured registers around an already restored `device`. Interrupt
-    /// bits the device raised meanwhile (re-executed requests that completed) are kept.
-    pub fn restore(device: D, state: &MmioTransportState) -> Result<Self, VirtioError> {
-        let mut transport = MmioTransport::new(device);
-        transport.restore_registers(state)?;
-        let interrupt = transport.device.interrupt();
-        interrupt.set_status(interrupt.status() | state.interrupt_status);
-        Ok(transport)
     }
 
     /// Puts captured registers back in place (a VM reset), all but the interrupt status,
@@ -388,6 +379,27 @@ impl<D: VirtioDevice> MmioTransport<D> {
         if let Err(e) = result {
             self.fail(e);
         }
+    }
+}
+
+impl<D: VirtioDevice> Persist for MmioTransport<D> {
+    type State = MmioTransportState;
+    /// The device behind the transport, already restored.
+    type ConstructorArgs = D;
+    type Error = VirtioError;
+
+    fn save(&self) -> Result<MmioTransportState, VirtioError> {
+        Ok(self.state())
+    }
+
+    /// A transport with captured registers around an already restored `device`. Interrupt
+    /// bits the device raised meanwhile (re-executed requests that completed) are kept.
+    fn restore(device: D, state: &MmioTransportState) -> Result<Self, VirtioError> {
+        let mut transport = MmioTransport::new(device);
+        transport.restore_registers(state)?;
+        let interrupt = transport.device.interrupt();
+        interrupt.set_status(interrupt.status() | state.interrupt_status);
+        Ok(transport)
     }
 }
 

@@ -11,6 +11,7 @@ use virtio_queue::{Queue, QueueT};
 
 use super::*;
 use crate::interrupt::{DeviceInterrupt, INT_USED_RING};
+use crate::persist::Persist;
 
 const FEATURE_X: u64 = 1 << 3;
 

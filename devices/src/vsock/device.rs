@@ -231,7 +231,9 @@ impl VsockDevice {
                     self.tx_paused = true;
                     break;
                 }
-                let Some(chain) = self.pop(TXQ, &ram) else { break };
+                let Some(chain) = self.pop(TXQ, &ram) else {
+                    break;
+                };
                 let head = chain.head_index();
                 let pinned = parse_tx(&ram, chain).and_then(|packet| Ok((packet, pin_tx(&ram, &packet)?)));
                 match pinned {
@@ -353,7 +355,9 @@ impl VsockDevice {
                 self.muxer.read_for_guest(key, &mut slice)
             }
         };
-        let Some(header) = header else { return Ok(None) };
+        let Some(header) = header else {
+            return Ok(None);
+        };
         packet.set_header_from_raw(&header.to_bytes()).map_err(|source| VsockError::BadPacket { head, source })?;
         Ok(Some((PKT_HEADER_SIZE as u32 + header.len, pins)))
     }
@@ -492,8 +496,8 @@ impl Persist for VsockDevice {
 
     /// The state at this instant; the caller holds the transport's lock across this and the
     /// RAM freeze, so no buffer is published or pinned in between.
-    fn save(&self) -> VsockState {
-        VsockState {
+    fn save(&self) -> Result<VsockState, VsockError> {
+        Ok(VsockState {
             cid: self.cid,
             features: self.features,
             queues: self.queues.iter().map(Queue::state).collect(),
@@ -501,7 +505,7 @@ impl Persist for VsockDevice {
             rx_in_flight: self.rx_held.iter().map(|h| h.head).collect(),
             hold_tx: self.hold_tx,
             hold_rx: self.hold_rx,
-        }
+        })
     }
 
     /// A clone's or restored VM's device on its own `uds_path`, with no connections: the

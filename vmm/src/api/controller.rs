@@ -12,7 +12,7 @@ use serde::Serialize;
 use super::preboot::PendingBoot;
 use super::ApiError;
 use crate::clone::{capture_clone, clone_vm, ClonePath, CloneReport};
-use crate::devices::Console;
+use crate::device_manager::Console;
 use crate::machine::{Paused, Vmm};
 use crate::snapshot::file::{load_snapshot, write_snapshot, SnapshotKind, SnapshotOnDisk};
 use crate::snapshot::VmSnapshot;

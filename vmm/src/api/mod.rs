@@ -57,7 +57,9 @@ impl From<ResetError> for ApiError {
     fn from(e: ResetError) -> ApiError {
         match e {
             ResetError::Memory { vm, source: MemoryError::Pinned { pages, first } } => ApiError::Pinned { vm, pages, first },
-            ResetError::State { vm, .. } | ResetError::Memory { vm, .. } => ApiError::Vm(vm, chain(&e)),
+            ResetError::State { vm, .. } | ResetError::Build { vm, .. } | ResetError::Memory { vm, .. } => {
+                ApiError::Vm(vm, chain(&e))
+            }
         }
     }
 }

@@ -9,7 +9,7 @@ use serde::Deserialize;
 
 use super::ApiError;
 use crate::builder::{ConfigError, DEFAULT_MEM_MIB};
-use crate::devices::Console;
+use crate::device_manager::Console;
 use crate::{build_linux_vm, LinuxConfig, VmConfig, Vmm};
 
 /// `PUT /boot-source`.

@@ -35,8 +35,6 @@ pub const CMDLINE_MAX: usize = 2048;
 pub const EBDA_START: u64 = 0x9fc00;
 pub const MPTABLE_ADDR: u64 = EBDA_START;
 pub const HIMEM_START: u64 = 0x10_0000;
-/// Three pages KVM uses for the real-mode TSS on Intel; in the 32-bit MMIO hole, never RAM.
-pub const KVM_TSS_ADDR: u64 = 0xfffb_d000;
 /// The initrd stays below 4 GiB, where every boot protocol version can reach it.
 pub const INITRD_CEILING: u64 = 1 << 32;
 pub const PAGE_SIZE: u64 = 0x1000;

@@ -8,18 +8,17 @@
 //! - **Linux boot protocol, 64-bit entry** for a `bzImage`: long mode with identity-mapped page
 //!   tables, RIP = load address + 0x200, RSI = guest address of `boot_params` (the zero page).
 //!
-//! The sequence the VMM follows:
-//! 1. [`setup_vm`] on the fresh `VmFd` (TSS address, in-kernel irqchip, PIT), before any vCPU;
-//! 2. register `GuestRam::kvm_regions()` as memslots;
-//! 3. [`load_kernel`] writes kernel, initrd, cmdline, boot tables and the MP table into RAM;
-//! 4. create vCPUs with KVM ids 0..n (the id is the APIC id the MP table lists) and call
-//!    [`setup_boot_vcpu`] on each: vCPU 0 gets the entry registers, the others wait for the
-//!    guest's INIT/SIPI in the in-kernel LAPIC;
-//! 5. run: KVM_RUN returns EAGAIN when a waiting AP gets its INIT/SIPI and EINTR when kicked by
-//!    a signal, and both mean "run again". The guest needs a 16550 on 0x3f8-0x3ff (IRQ 4 via an
-//!    irqfd: the 8250 driver's tty output is interrupt-driven), reads of 0x64 answered with 0,
-//!    writes of 0xFE to 0x64 taken as "guest asked to exit" (`reboot=k`), and the COM2-4 probes
-//!    (0x2f8, 0x3e8, 0x2e8) and CMOS (0x70/0x71, written at AP bring-up) may read as zeros.
+//! How the VMM uses this (`builder::build_vm` with `Filling::Linux`): the KVM VM (TSS address,
+//! memslots) and the in-kernel PIC, IOAPIC, LAPICs and PIT ([`create_irqchip_and_pit`]) come
+//! first, then the vCPUs with KVM ids 0..n (the APIC ids the MP table lists) and the devices;
+//! [`load_kernel`] then writes kernel, initrd, command line (with the devices'
+//! `virtio_mmio.device=` fragments), boot tables and the MP table into RAM, and
+//! [`setup_boot_vcpu`] puts vCPU 0 at the entry while the others wait for the guest's INIT/SIPI
+//! in their in-kernel LAPICs. The vCPU loop (`crate::vcpu`) runs KVM_RUN again on EAGAIN (an
+//! AP got its INIT/SIPI) and EINTR (a kick). What the guest needs from the devices: COM1 with
+//! IRQ 4 as an irqfd (the 8250 driver's tty output is interrupt-driven), port 0x64 reading 0
+//! and 0xFE written there taken as the guest ending the VM (`reboot=k`); the COM2-4 probes
+//! (0x2f8, 0x3e8, 0x2e8) and CMOS (0x70/0x71, written at AP bring-up) may read as zeros.
 //!
 //! Guest physical layout below 1 MiB is in [`layout`].
 
@@ -122,16 +121,6 @@ pub fn load_kernel(
         kernel_end: kernel.end(),
         initrd,
     })
-}
-
-/// What the VM needs before its first vCPU exists for either protocol: the TSS pages KVM wants
-/// on Intel (at the top of the 32-bit space, never RAM here), the in-kernel PIC + IOAPIC + LAPICs
-/// (`KVM_CREATE_IRQCHIP`, which the MP table describes) and the in-kernel PIT with a dummy port
-/// 0x61 speaker (Linux calibrates and ticks on it).
-pub fn setup_vm(vm: &VmFd) -> Result<(), LinuxBootError> {
-    let tss = usize::try_from(layout::KVM_TSS_ADDR).unwrap_or(usize::MAX);
-    vm.set_tss_address(tss).map_err(LinuxBootError::kvm("KVM_SET_TSS_ADDR"))?;
-    create_irqchip_and_pit(vm)
 }
 
 /// The in-kernel PIC, IOAPIC, LAPICs and PIT a Linux guest needs, for a VM whose TSS address

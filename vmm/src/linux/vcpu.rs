@@ -32,7 +32,8 @@ const APIC_MODE_EXTINT: u32 = 0x7;
 
 /// Prepares vCPU `index` (its APIC id) to boot: CPUID, boot MSRs, FPU, LINT0 = ExtINT and
 /// LINT1 = NMI. vCPU 0 also gets the entry registers of `entry`; the others wait in the
-/// in-kernel LAPIC for the guest's INIT/SIPI. The VM needs [`super::setup_vm`] first.
+/// in-kernel LAPIC for the guest's INIT/SIPI. The VM needs its in-kernel irqchip
+/// ([`super::create_irqchip_and_pit`]) first.
 pub fn setup_boot_vcpu(vcpu: &VcpuFd, kvm: &Kvm, entry: &BootEntry, index: u8) -> Result<(), LinuxBootError> {
     set_cpuid(vcpu, kvm, index)?;
     set_boot_msrs(vcpu)?;

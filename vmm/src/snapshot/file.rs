@@ -57,6 +57,8 @@ pub enum SnapshotError {
     },
     #[error("{path}: not a Zygote snapshot state file (bad header)")]
     NotASnapshot { path: PathBuf },
+    #[error("{path}: the RAM files hold regions {files:?}, the state says {state:?}")]
+    RamLayoutMismatch { path: PathBuf, files: Vec<(u64, usize)>, state: Vec<(u64, usize)> },
     #[error("{path}: format version {found}, this build reads version {FORMAT_VERSION}")]
     Version { path: PathBuf, found: u32 },
     #[error("{path}: truncated: header says {expected} body bytes, file has {actual}")]
@@ -107,7 +109,7 @@ struct Body {
     regions: Vec<RamFile>,
     /// For a diff: the parent's state file and its body CRC32 (refused if it changed since).
     parent: Option<(PathBuf, u32)>,
-    /// The disk as of the snapshot, present exactly when `vm.mmio` has virtio-blk.
+    /// The disk as of the snapshot, present exactly when `vm.devices` has virtio-blk.
     disk: Option<DiskFile>,
     vm: VmState,
 }
@@ -270,7 +272,8 @@ pub fn load_snapshot(state_path: &Path) -> Result<SnapshotOnDisk, SnapshotError>
         None => Snapshot::from_files(&body.vm.regions(), files).map_err(SnapshotError::Memory)?,
     };
     if body.vm.regions() != ram.layout() {
-        return Err(SnapshotError::NotASnapshot { path });
+        let shape = |regions: &[(memory::GuestAddress, usize)]| regions.iter().map(|&(a, s)| (a.0, s)).collect();
+        return Err(SnapshotError::RamLayoutMismatch { path, files: shape(ram.layout()), state: shape(&body.vm.regions()) });
     }
     Ok(SnapshotOnDisk {
         state_path: state_path.to_path_buf(),
@@ -283,7 +286,7 @@ pub fn load_snapshot(state_path: &Path) -> Result<SnapshotOnDisk, SnapshotError>
 /// CRC32, the saved requests fit it) and opens it read-only as a frozen disk, or a diff one
 /// over `parent`'s disk.
 fn load_disk(path: &Path, body: &Body, parent: Option<&SnapshotOnDisk>) -> Result<Option<FrozenDisk>, SnapshotError> {
-    let blk = body.vm.mmio.as_ref().and_then(|m| m.block.as_ref());
+    let blk = body.vm.devices.block.as_ref();
     let mismatch = |reason: String| SnapshotError::DeviceMismatch { path: path.to_path_buf(), reason };
     let (saved, disk) = match (blk, &body.disk) {
         (None, None) => return Ok(None),

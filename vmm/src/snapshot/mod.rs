@@ -10,9 +10,10 @@ use memory::{GuestRam, MemoryError, Snapshot};
 
 use devices::block::FrozenDisk;
 
-use crate::devices::{Console, DeviceError};
+use crate::device_manager::{Console, DeviceError, ResetArgs, RestoreReason};
 use crate::machine::{Paused, Vmm};
-use crate::vstate::{build_from_state, StateError, VmState};
+use crate::builder::{build_restored, BuildError};
+use crate::vstate::{StateError, VmState};
 pub use file::{load_snapshot, write_snapshot, SnapshotError, SnapshotKind};
 
 /// A VM frozen at one instant: its RAM and disk (never change) and everything else. Cheap to
@@ -41,14 +42,24 @@ impl ResetTiming {
     }
 }
 
+/// The former name of `VmSnapshotError` (it covers taking and restoring too, not only
+/// resets), kept so code written against it still builds.
+pub type ResetError = VmSnapshotError;
+
 /// What failed taking, restoring or resetting to an in-memory snapshot.
 #[derive(Debug, thiserror::Error)]
-pub enum ResetError {
+pub enum VmSnapshotError {
     #[error("VM {vm}: cannot capture or restore vCPU/device state")]
     State {
         vm: u64,
         #[source]
         source: StateError,
+    },
+    #[error("VM {vm}: cannot build it from the snapshot")]
+    Build {
+        vm: u64,
+        #[source]
+        source: BuildError,
     },
     #[error("VM {vm}: cannot freeze or reset its RAM")]
     Memory {
@@ -62,24 +73,24 @@ impl VmSnapshot {
     /// Freezes `vmm`, which `token` proves paused: its RAM goes on copy-on-write, its disk is
     /// frozen (its overlay sectors copied, `CowDisk::freeze`), its devices' state is captured
     /// with them at one instant.
-    pub fn take(vmm: &Vmm, token: &Paused) -> Result<VmSnapshot, ResetError> {
+    pub fn take(vmm: &Vmm, token: &Paused) -> Result<VmSnapshot, VmSnapshotError> {
         let vm = vmm.id();
         let (state, disk, ram) = VmState::capture_for_snapshot(vmm, token, || vmm.ram().snapshot())
-            .map_err(|source| ResetError::State { vm, source })?;
-        let ram = ram.map_err(|source| ResetError::Memory { vm, source })?;
+            .map_err(|source| VmSnapshotError::State { vm, source })?;
+        let ram = ram.map_err(|source| VmSnapshotError::Memory { vm, source })?;
         Ok(VmSnapshot { ram, state: Arc::new(state), disk: disk.map(Arc::new) })
     }
 
     /// A new paused VM `id` starting from this snapshot; its RAM maps the snapshot lazily, its
     /// disk is a fresh overlay over the frozen disk, its devices re-execute what was in flight.
-    pub fn restore(&self, id: u64, console: &Console) -> Result<Vmm, ResetError> {
-        let ram = GuestRam::from_snapshot(&self.ram).map_err(|source| ResetError::Memory { vm: id, source })?;
-        let state_error = |source| ResetError::State { vm: id, source };
+    pub fn restore(&self, id: u64, console: &Console) -> Result<Vmm, VmSnapshotError> {
+        let ram = GuestRam::from_snapshot(&self.ram).map_err(|source| VmSnapshotError::Memory { vm: id, source })?;
+        let build_error = |source| VmSnapshotError::Build { vm: id, source };
         let disk = match &self.disk {
-            Some(frozen) => Some(frozen.instantiate().map_err(|e| state_error(StateError::Devices(DeviceError::Disk(e))))?),
+            Some(frozen) => Some(frozen.instantiate().map_err(|e| build_error(BuildError::Devices(DeviceError::Disk(e))))?),
             None => None,
         };
-        build_from_state(Arc::new(ram), &self.state, id, console, disk).map_err(state_error)
+        build_restored(id, Arc::new(ram), console, &self.state, disk, RestoreReason::Snapshot).map_err(build_error)
     }
 
     /// Brings paused `vmm` back to this snapshot: RAM (copying back only its dirty pages when
@@ -88,32 +99,30 @@ impl VmSnapshot {
     /// are re-executed), vCPUs, legacy devices, clock. Refused with `MemoryError::Pinned`,
     /// changing nothing, while a device holds a pin; `wait_for_pins` retries until the pins are
     /// released or it runs out. Returns where the time went.
-    pub fn reset(&self, vmm: &mut Vmm, token: &Paused, wait_for_pins: Option<std::time::Duration>) -> Result<ResetTiming, ResetError> {
+    pub fn reset(&self, vmm: &mut Vmm, token: &Paused, wait_for_pins: Option<std::time::Duration>) -> Result<ResetTiming, VmSnapshotError> {
         let vm = vmm.id();
         let start = Instant::now();
-        self.state.check_shape(vmm.ram()).map_err(|source| ResetError::State { vm, source })?;
+        self.state.check_shape(vmm.ram()).map_err(|source| VmSnapshotError::State { vm, source })?;
         let mut ram_done = start;
         loop {
-            let mut reset_ram = || {
+            let reset_ram = || {
                 let result = vmm.ram().reset_to(&self.ram);
                 ram_done = Instant::now();
                 result
             };
-            let result = match (&vmm.devices().mmio, &self.state.mmio) {
-                (Some(devices), Some(saved)) => devices.reset_with(saved, self.disk.as_deref(), reset_ram),
-                _ => reset_ram().map_err(DeviceError::Ram),
-            };
+            let args = ResetArgs { disk: self.disk.as_deref() };
+            let result = vmm.devices().reset(&self.state.devices, &args, reset_ram);
             match result {
                 Ok(()) => break,
                 Err(DeviceError::Ram(MemoryError::Pinned { .. })) if wait_for_pins.is_some_and(|limit| start.elapsed() < limit) => {
                     std::thread::sleep(std::time::Duration::from_micros(100));
                 }
-                Err(DeviceError::Ram(source)) => return Err(ResetError::Memory { vm, source }),
-                Err(e) => return Err(ResetError::State { vm, source: StateError::Devices(e) }),
+                Err(DeviceError::Ram(source)) => return Err(VmSnapshotError::Memory { vm, source }),
+                Err(e) => return Err(VmSnapshotError::State { vm, source: StateError::Devices(e) }),
             }
         }
         let ram = ram_done - start;
-        self.state.restore_into(vmm, token).map_err(|source| ResetError::State { vm, source })?;
+        self.state.restore_into(vmm, token).map_err(|source| VmSnapshotError::State { vm, source })?;
         Ok(ResetTiming { ram, state: start.elapsed() - ram })
     }
 }

@@ -9,7 +9,7 @@ use kvm_bindings::{
 use kvm_ioctls::VmFd;
 use serde::{Deserialize, Serialize};
 
-use super::StateError;
+use super::{vm_ioctl, StateError};
 
 /// The saved chips. Not `Clone`: the KVM structs are not.
 #[derive(Debug, Serialize, Deserialize)]
@@ -18,10 +18,6 @@ pub struct IrqchipState {
     pub pic_slave: kvm_irqchip,
     pub ioapic: kvm_irqchip,
     pub pit: Option<kvm_pit_state2>,
-}
-
-fn vm_ioctl<T>(op: &'static str, result: Result<T, kvm_ioctls::Error>) -> Result<T, StateError> {
-    result.map_err(|source| StateError::VmIoctl { op, source })
 }
 
 fn get_chip(vm: &VmFd, chip_id: u32) -> Result<kvm_irqchip, kvm_ioctls::Error> {
@@ -82,7 +78,7 @@ mod tests {
     use super::*;
     use crate::builder::{build_tiny_vm, VmConfig};
     use crate::clone::capture_clone;
-    use crate::devices::Console;
+    use crate::device_manager::Console;
     use crate::layout::COUNTERS_ADDR;
     use crate::machine::Vmm;
     use crate::vstate::VmState;

@@ -4,24 +4,19 @@
 
 pub mod irqchip;
 pub mod msrs;
+pub mod validate;
 pub mod vcpu;
 
-use std::sync::{mpsc, Arc};
-
 use kvm_bindings::{kvm_clock_data, KVM_CLOCK_TSC_STABLE};
+use kvm_ioctls::VmFd;
 use memory::{GuestAddress, GuestRam};
 use serde::{Deserialize, Serialize};
 
-use crate::bus::Bus;
 use devices::block::{CowDisk, FrozenDisk};
 
-use crate::devices::{
-    attach_legacy_devices, attach_mmio_devices, restore_mmio_devices, CapturedDisk, Console, DeviceError, DeviceStateError, DiskCapture,
-    LegacyDevicesState, MmioDevicesState, Wiring,
-};
+use crate::device_manager::{CaptureMode, CapturedDisk, DeviceError, DevicesState};
 use crate::machine::{Paused, Vmm};
-use crate::vcpu::{lock_vcpu, spawn_vcpu, VcpuContext, VcpuError};
-use crate::vm::{Vm, VmError};
+use crate::vcpu::lock_vcpu;
 pub use irqchip::IrqchipState;
 pub use vcpu::{VcpuState, VcpuStateError};
 
@@ -38,18 +33,16 @@ pub enum StateError {
     },
     #[error(transparent)]
     Vcpu(#[from] VcpuStateError),
-    #[error("restoring device state failed")]
-    Device(#[from] DeviceStateError),
     #[error("state is for RAM regions {state:?} but the RAM has {ram:?}")]
     RamShape { state: Vec<(u64, usize)>, ram: Vec<(u64, usize)> },
     #[error("state has {state} vCPUs but the VM has {vm}")]
     VcpuCount { state: usize, vm: usize },
-    #[error("cannot create the KVM VM")]
-    Vm(#[from] VmError),
-    #[error("cannot attach the legacy devices")]
+    #[error("saved state has {count} vCPUs: a VM has 1..={max}")]
+    BadVcpuCount { count: usize, max: u32 },
+    #[error("saved RAM layout {layout:?} is invalid: {reason}")]
+    BadRamLayout { layout: Vec<(u64, usize)>, reason: String },
+    #[error("cannot capture, restore or reset the devices")]
     Devices(#[from] DeviceError),
-    #[error("cannot start a vCPU")]
-    VcpuThread(#[from] VcpuError),
 }
 
 /// Everything but RAM bytes.
@@ -58,16 +51,15 @@ pub struct VmState {
     /// (guest physical start, size) of each RAM region.
     pub ram_layout: Vec<(u64, usize)>,
     pub vcpus: Vec<VcpuState>,
-    pub devices: LegacyDevicesState,
-    /// virtio-blk and the DMA engine, requests in flight included (a snapshot saves the disk
-    /// beside it).
-    pub mmio: Option<MmioDevicesState>,
+    /// Every device, requests in flight included (a snapshot saves the disk beside it).
+    pub devices: DevicesState,
     pub clock: kvm_clock_data,
     /// PIC, IOAPIC and PIT, if the VM has an in-kernel irqchip (then every vCPU has a LAPIC).
     pub irqchip: Option<IrqchipState>,
 }
 
-fn vm_ioctl<T>(op: &'static str, result: Result<T, kvm_ioctls::Error>) -> Result<T, StateError> {
+/// A VM-level KVM call's result, its failure named by `op`.
+pub(crate) fn vm_ioctl<T>(op: &'static str, result: Result<T, kvm_ioctls::Error>) -> Result<T, StateError> {
     result.map_err(|source| StateError::VmIoctl { op, source })
 }
 
@@ -94,7 +86,7 @@ impl VmState {
     /// can complete a request in between (devices doing DMA on their own threads take their
     /// lock around both, e.g. virtio-blk's `capture_and_clone`). The disk is left alone.
     pub fn capture_with<R>(vmm: &Vmm, token: &Paused, freeze_ram: impl FnOnce() -> R) -> Result<(VmState, R), StateError> {
-        Self::capture_devices_with(vmm, token, DiskCapture::Leave, freeze_ram).map(|(state, _, frozen)| (state, frozen))
+        Self::capture_devices_with(vmm, token, CaptureMode::Leave, freeze_ram).map(|(state, _, frozen)| (state, frozen))
     }
 
     /// `capture_with` for a clone: also clones the VM's disk copy-on-write at the same instant
@@ -104,7 +96,7 @@ impl VmState {
         token: &Paused,
         clone_ram: impl FnOnce() -> R,
     ) -> Result<(VmState, Option<CowDisk>, R), StateError> {
-        let (state, disk, ram) = Self::capture_devices_with(vmm, token, DiskCapture::Clone, clone_ram)?;
+        let (state, disk, ram) = Self::capture_devices_with(vmm, token, CaptureMode::Clone, clone_ram)?;
         let disk = match disk {
             Some(CapturedDisk::Clone(disk)) => Some(disk),
             _ => None,
@@ -119,7 +111,7 @@ impl VmState {
         token: &Paused,
         freeze_ram: impl FnOnce() -> R,
     ) -> Result<(VmState, Option<FrozenDisk>, R), StateError> {
-        let (state, disk, ram) = Self::capture_devices_with(vmm, token, DiskCapture::Freeze, freeze_ram)?;
+        let (state, disk, ram) = Self::capture_devices_with(vmm, token, CaptureMode::Freeze, freeze_ram)?;
         let disk = match disk {
             Some(CapturedDisk::Frozen(disk)) => Some(disk),
             _ => None,
@@ -130,7 +122,7 @@ impl VmState {
     fn capture_devices_with<R>(
         vmm: &Vmm,
         token: &Paused,
-        disk: DiskCapture,
+        mode: CaptureMode,
         freeze_ram: impl FnOnce() -> R,
     ) -> Result<(VmState, Option<CapturedDisk>, R), StateError> {
         check_token(vmm, token)?;
@@ -144,22 +136,15 @@ impl VmState {
             .iter()
             .map(|h| VcpuState::capture(h.index(), &lock_vcpu(h.fd()), irqchip.is_some()))
             .collect::<Result<Vec<_>, _>>()?;
-        // The MMIO devices lock themselves around the legacy devices' capture and the freeze.
-        let legacy = vmm.devices();
-        let ((devices, frozen), mmio, disk) = match &legacy.mmio {
-            Some(mmio) => {
-                let (state, disk, inner) = mmio
-                    .save_state_with(disk, || legacy.save_state_with(freeze_ram))
-                    .map_err(DeviceError::from)?;
-                (inner, Some(state), disk)
-            }
-            None => (legacy.save_state_with(freeze_ram), None, None),
-        };
-        Ok((VmState { ram_layout: ram_shape(vmm.ram()), vcpus, devices, mmio, clock, irqchip }, disk, frozen))
+        // Every device stays locked across its capture and the freeze.
+        let (devices, disk, frozen) = vmm.devices().capture(mode, freeze_ram)?;
+        Ok((VmState { ram_layout: ram_shape(vmm.ram()), vcpus, devices, clock, irqchip }, disk, frozen))
     }
 
-    /// Writes this state back into `vmm` (same shape), which `token` proves paused, and makes
-    /// its vCPUs runnable again even if the guest had ended the VM. RAM is the caller's.
+    /// Writes this state's irqchip, vCPUs and clock back into `vmm` (same shape), which
+    /// `token` proves paused, and makes its vCPUs runnable again even if the guest had ended
+    /// the VM. RAM and devices are the caller's (`DeviceManager::reset`, which resets them at
+    /// one instant).
     pub fn restore_into(&self, vmm: &mut Vmm, token: &Paused) -> Result<(), StateError> {
         check_token(vmm, token)?;
         self.check_shape(vmm.ram())?;
@@ -172,8 +157,7 @@ impl VmState {
         for (state, handle) in self.vcpus.iter().zip(vmm.vcpu_handles()) {
             state.restore(handle.index(), &lock_vcpu(handle.fd()), false)?;
         }
-        vmm.devices().restore_state(&self.devices)?;
-        vm_ioctl("KVM_SET_CLOCK", vmm.vm().fd().set_clock(&self.clock))?;
+        restore_clock(vmm.vm().fd(), &self.clock)?;
         vmm.rearm(token);
         Ok(())
     }
@@ -193,52 +177,8 @@ impl VmState {
     }
 }
 
-/// Builds a new, paused VM with id `vm_id` on `ram` (a clone's or a restored snapshot's) in
-/// `state`: a KVM VM with the same memslots, devices and vCPUs. Start it with `Vmm::start`.
-/// `disk` is the VM's own copy-on-write disk (a clone's, from `capture_for_clone`, or one over a
-/// snapshot's frozen disk); the MMIO devices re-execute the requests and the DMA transfer in
-/// flight in `state` against `ram`.
-pub fn build_from_state(
-    ram: Arc<GuestRam>,
-    state: &VmState,
-    vm_id: u64,
-    console: &Console,
-    disk: Option<CowDisk>,
-) -> Result<Vmm, StateError> {
-    state.check_shape(&ram)?;
-    let vm = Vm::new(Arc::clone(&ram))?;
-    if let Some(chip) = &state.irqchip {
-        chip.create_on(vm.fd())?;
-    }
-    let fds = (0..state.vcpus.len()).map(|index| vm.create_vcpu(index as u64)).collect::<Result<Vec<_>, _>>()?;
-    if let Some(chip) = &state.irqchip {
-        chip.restore(vm.fd())?;
-    }
-    vm_ioctl("KVM_SET_CLOCK", vm.fd().set_clock(&state.clock))?;
-    let mut pio = Bus::new();
-    let mut devices = attach_legacy_devices(&mut pio, console)?;
-    devices.restore_state(&state.devices)?;
-    let mut mmio = Bus::new();
-    // A VM with an irqchip had its devices on irqfds and ioeventfds; the clone gets the same.
-    let wiring = match state.irqchip {
-        Some(_) => {
-            devices.wire_serial_irqfd(vm.fd())?;
-            Wiring::Irqchip(vm.fd())
-        }
-        None => Wiring::Polled,
-    };
-    devices.mmio = Some(match &state.mmio {
-        Some(saved) => restore_mmio_devices(&mut mmio, &ram, saved, disk, wiring)?,
-        None => attach_mmio_devices(&mut mmio, &ram, None, wiring)?,
-    });
-    let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
-    let (events_tx, events) = mpsc::channel();
-    let mut vcpus = Vec::with_capacity(state.vcpus.len());
-    for (index, (vcpu_state, fd)) in state.vcpus.iter().zip(fds).enumerate() {
-        vcpu_state.restore(index, &fd, true)?;
-        let fd = Arc::new(std::sync::Mutex::new(fd));
-        let ctx = VcpuContext { index, fd, pio: Arc::clone(&pio), mmio: Arc::clone(&mmio), ram: Arc::clone(&ram) };
-        vcpus.push(spawn_vcpu(ctx, events_tx.clone())?);
-    }
-    Ok(Vmm::from_parts(vm_id, vm, vcpus, events, (pio, mmio), devices))
+/// Sets the KVM clock a VM was saved with: the last step of every restore (after the VM
+/// state, the devices and the vCPUs), one place to change if the clock needs more.
+pub fn restore_clock(vm: &VmFd, clock: &kvm_clock_data) -> Result<(), StateError> {
+    vm_ioctl("KVM_SET_CLOCK", vm.set_clock(clock))
 }

@@ -1,18 +1,31 @@
 //! One vCPU's complete architectural state: capture from a paused vCPU, restore into a fresh
 //! (or paused) one. Everything is guest state; no host pointer is ever saved.
 
+use std::sync::OnceLock;
+
 use kvm_bindings::{
     kvm_cpuid_entry2, kvm_debugregs, kvm_lapic_state, kvm_mp_state, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId,
     KVM_MAX_CPUID_ENTRIES,
 };
-use kvm_ioctls::VcpuFd;
+use kvm_ioctls::{Cap, Kvm, VcpuFd};
 use serde::{Deserialize, Serialize};
 
 use super::msrs::{read_msrs, saved_msr_indices, write_msrs};
 
+/// How many bytes KVM_SET_XSAVE copies on this host: KVM_CAP_XSAVE2's answer, or 0 (the
+/// legacy 4 KiB) when the capability is absent or /dev/kvm cannot be asked. Probed once.
+fn xsave_size_needed() -> usize {
+    static NEEDED: OnceLock<usize> = OnceLock::new();
+    *NEEDED.get_or_init(|| {
+        Kvm::new().map_or(0, |kvm| usize::try_from(kvm.check_extension_int(Cap::Xsave2)).unwrap_or(usize::MAX))
+    })
+}
+
 /// Which KVM call failed on which vCPU.
 #[derive(Debug, thiserror::Error)]
 pub enum VcpuStateError {
+    #[error("vCPU {vcpu}: this host's XSAVE area is {needed} bytes, more than the {have} a saved state holds")]
+    XsaveTooLarge { vcpu: usize, needed: usize, have: usize },
     #[error("vCPU {vcpu}: {op} failed")]
     Ioctl {
         vcpu: usize,
@@ -91,8 +104,13 @@ impl VcpuState {
         ioctl(index, "KVM_SET_MP_STATE", fd.set_mp_state(self.mp_state))?;
         ioctl(index, "KVM_SET_REGS", fd.set_regs(&self.regs))?;
         ioctl(index, "KVM_SET_SREGS", fd.set_sregs(&self.sregs))?;
-        // SAFETY: `xsave` is a whole `kvm_xsave` read by KVM_GET_XSAVE on this host's KVM (state
-        // files are refused on another shape), so its XSTATE features fit the 4 KiB KVM reads.
+        let needed = xsave_size_needed();
+        if needed > std::mem::size_of::<kvm_xsave>() {
+            return Err(VcpuStateError::XsaveTooLarge { vcpu: index, needed, have: std::mem::size_of::<kvm_xsave>() });
+        }
+        // SAFETY: KVM_SET_XSAVE copies as many bytes as KVM_CAP_XSAVE2 reports (4 KiB when the
+        // capability is absent), and that size was just checked to fit in `kvm_xsave`, so
+        // KVM reads only inside `self.xsave`.
         ioctl(index, "KVM_SET_XSAVE", unsafe { fd.set_xsave(&self.xsave) })?;
         ioctl(index, "KVM_SET_XCRS", fd.set_xcrs(&self.xcrs))?;
         ioctl(index, "KVM_SET_DEBUGREGS", fd.set_debug_regs(&self.debugregs))?;

@@ -24,7 +24,7 @@ use memory::{Bytes, GuestAddress, PAGE_SIZE};
 
 use super::{pick, Violation, World};
 use crate::builder::{build_tiny_vm, VmConfig};
-use crate::devices::Console;
+use crate::device_manager::Console;
 use crate::machine::{Paused, Vmm};
 use crate::snapshot::VmSnapshot;
 use driver::BlkQueue;
@@ -119,22 +119,22 @@ fn pause(vmm: &mut Vmm) -> Result<Paused, Violation> {
 
 /// Makes the DMA engine of `vmm` move only when a step says so (clones inherit it).
 fn set_host_stepped(vmm: &Vmm) -> Result<(), Violation> {
-    let mmio = vmm.devices().mmio.as_ref().ok_or_else(|| Violation(format!("VM {} has no MMIO devices", vmm.id())))?;
-    mmio.dma.lock().unwrap_or_else(|e| e.into_inner()).set_host_stepped(true);
+    let dma = vmm.devices().dma().ok_or_else(|| Violation(format!("VM {} has no DMA engine", vmm.id())))?;
+    dma.lock().unwrap_or_else(|e| e.into_inner()).set_host_stepped(true);
     Ok(())
 }
 
 /// While held, virtio-blk pins and queues requests but does not hand them to the kernel.
 fn hold_blk(vmm: &Vmm, held: bool) {
-    if let Some(block) = vmm.devices().mmio.as_ref().and_then(|m| m.block.as_ref()) {
-        block.transport.lock().unwrap_or_else(|e| e.into_inner()).device().hold_submissions(held);
+    if let Some(block) = vmm.devices().block() {
+        block.lock().unwrap_or_else(|e| e.into_inner()).device().hold_submissions(held);
     }
 }
 
 /// Releases every held request of `vmm` to the kernel, waits for all, and holds again.
 fn complete_blk(vmm: &Vmm) {
-    if let Some(block) = vmm.devices().mmio.as_ref().and_then(|m| m.block.as_ref()) {
-        let transport = block.transport.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(block) = vmm.devices().block() {
+        let transport = block.lock().unwrap_or_else(|e| e.into_inner());
         transport.device().complete_all();
         transport.device().hold_submissions(true);
     }
@@ -157,8 +157,8 @@ impl VmWorld {
             if let Some(at) = first_diff(&buf, &vm.model.bytes) {
                 return Err(Violation(format!("VM {id} differs from the model at {at}")));
             }
-            let mmio = vm.vmm.devices().mmio.as_ref().ok_or_else(|| Violation(format!("VM {id} lost its MMIO devices")))?;
-            let engine = mmio.dma.lock().unwrap_or_else(|e| e.into_inner());
+            let dma = vm.vmm.devices().dma().ok_or_else(|| Violation(format!("VM {id} lost its DMA engine")))?;
+            let engine = dma.lock().unwrap_or_else(|e| e.into_inner());
             ensure!(engine.busy() == vm.model.dma.is_some(), "VM {id}: DMA engine busy {} but the model has {:?}", engine.busy(), vm.model.dma);
             if let Some(d) = vm.model.dma {
                 ensure!(engine.progress() == d.done as u64, "VM {id}: DMA progress {} but {} bytes were stepped", engine.progress(), d.done);

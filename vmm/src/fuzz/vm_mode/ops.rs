@@ -174,7 +174,7 @@ impl VmWorld {
             #[allow(clippy::cast_possible_truncation)] // at most DATA_BYTES and 4 KiB
             host_dma(&v.vmm, source, dst, len as u32, chunk as u32)?;
         }
-        let error = v.vmm.devices().mmio.as_ref().map_or(0, |m| m.dma.lock().unwrap_or_else(|e| e.into_inner()).state().error);
+        let error = v.vmm.devices().dma().map_or(0, |dma| dma.lock().unwrap_or_else(|e| e.into_inner()).state().error);
         // The engine refuses a second transfer (busy, 1) and a copy onto its own source
         // (overlap, 3), and leaves a transfer in flight alone.
         let overlaps = matches!(from, DmaFrom::Copy(src) if src < first + len && first < src + len);
@@ -194,8 +194,8 @@ impl VmWorld {
     fn dma_steps(&mut self, i: usize, all: bool) -> Result<(), Violation> {
         let v = self.vm(i);
         let id = v.vmm.id();
-        let mmio = v.vmm.devices().mmio.as_ref().ok_or_else(|| Violation(format!("VM {id} has no DMA engine")))?;
-        let mut engine = mmio.dma.lock().unwrap_or_else(|e| e.into_inner());
+        let dma = v.vmm.devices().dma().ok_or_else(|| Violation(format!("VM {id} has no DMA engine")))?;
+        let mut engine = dma.lock().unwrap_or_else(|e| e.into_inner());
         loop {
             let more = engine.step();
             let model_more = v.model.dma_step();
