@@ -9,7 +9,8 @@
 //!    names. An edge between a module and its own ancestor or descendant is the module tree
 //!    itself and is not counted; any other edge is lifted to the two children of the modules'
 //!    deepest common ancestor, and those sibling graphs must have no cycle (Tarjan's SCCs).
-//!    Items re-exported at a crate root (`crate::Name`) resolve to the root and are not seen.
+//!    Items re-exported at a crate root (`crate::Name`) resolve to the root and are not seen;
+//!    an inline `mod x { }` counts as part of its file's module.
 //! 2. No production file over 400 lines, not counting its `#[cfg(test)]` modules.
 //! 3. One VM-build function: only one production function in the workspace creates a KVM VM
 //!    (`Vm::new(`), besides `vmm/src/vm.rs` which defines it.
@@ -40,8 +41,6 @@ const DEVICE_TYPES: &[&str] = &["MmioTransport", "DmaEngine", "SerialDevice", "I
 /// device manager and Persist work, the vsock and MMIO splits). Remove a line when its break
 /// is fixed; the test fails until it is removed.
 const KNOWN: &[&str] = &[
-    "cycle in memory: image <-> mapping <-> stack",
-    "cycle in memory: planted <-> region",
     "cycle in devices: net::core <-> net::device <-> net::events <-> net::persist",
     "cycle in devices: vsock::device <-> vsock::state",
     "cycle in vmm: machine <-> vstate",
