@@ -17,10 +17,10 @@ if [ "${1:-}" = "--slow" ]; then
     export ZYGOTE_VMLINUX=$(sed -n 's/^VMLINUX=//p' <<<"$paths")
     export ZYGOTE_INITRD=$(sed -n 's/^INITRAMFS=//p' <<<"$paths")
     export ZYGOTE_BZIMAGE=$(sed -n 's/^BZIMAGE=//p' <<<"$paths")
-    cargo build -j1 --release -p zygote-vmm --bin zygote
+    cargo build -j1 --release -p zygote-tools --bin zygote
     # The fuzzer must find the bugs planted in the memory layer (both modes): a build of the
-    # VMM with the feature, never a release artifact.
-    cargo test -j1 -p zygote-vmm --features planted-bugs --lib fuzz
+    # tools with the feature, never a release artifact.
+    cargo test -j1 -p zygote-tools --features planted-bugs --lib fuzz
     # The real binary boots the vmlinux to its init's marker and reads a disk, boots the bzImage
     # on two vCPUs (~75 s: its decompressor is emulated), a booting Linux VM is cloned and both
     # run to their init, and one is cloned, snapshotted and restored through the control API

@@ -167,7 +167,7 @@ mod tests {
     fn copies_outside_the_image_or_the_host_range_are_refused() {
         let image = Image::new(2 * PAGE_SIZE).unwrap();
         let host = HostRange::reserve(4 * PAGE_SIZE).unwrap();
-        host.map_stack(&crate::stack::ImageStack::with_base(Image::new(4 * PAGE_SIZE).unwrap())).unwrap();
+        crate::stack::ImageStack::with_base(Image::new(4 * PAGE_SIZE).unwrap()).map_onto(&host).unwrap();
         for (offset, len) in [(2 * PAGE_SIZE, 1), (PAGE_SIZE, PAGE_SIZE + 1), (1, usize::MAX)] {
             assert!(matches!(image.write_from_host(&host, offset, len), Err(MemoryError::OutOfBounds { .. })));
             assert!(matches!(image.read_to_host(&host, offset, len), Err(MemoryError::OutOfBounds { .. })));

@@ -6,7 +6,6 @@
 //! range does not own.
 
 use crate::pages::PAGE_SIZE;
-use crate::stack::ImageStack;
 use crate::MemoryError;
 
 /// A reserved, owned range of host virtual memory; unmapped on drop.
@@ -61,24 +60,6 @@ impl HostRange {
         }
     }
 
-    /// Maps `stack` over the whole range: the base, then each layer's runs, top last.
-    ///
-    /// Whatever was mapped here before (including this VM's private copies) is replaced, so
-    /// the caller must know no pin or running vCPU relies on those pages.
-    pub(crate) fn map_stack(&self, stack: &ImageStack) -> Result<(), MemoryError> {
-        if stack.len() != self.len {
-            return Err(MemoryError::OutOfBounds { what: "image stack mapping", offset: 0, len: stack.len(), size: self.len });
-        }
-        self.map_file(0, self.len, stack.base().fd())?;
-        for layer in &stack.layers()[1..] {
-            let Some(pages) = &layer.pages else { continue };
-            for (first, count) in pages.runs() {
-                self.map_file(first * PAGE_SIZE, count * PAGE_SIZE, layer.image.fd())?;
-            }
-        }
-        Ok(())
-    }
-
     /// Maps the whole range private, anonymous and read-write: zeros, which the kernel
     /// allocates on first write (a fresh RAM, whose base image is all holes).
     pub(crate) fn map_zeroed(&self) -> Result<(), MemoryError> {
@@ -101,7 +82,7 @@ impl HostRange {
     }
 
     /// MAP_PRIVATE of `fd` at file offset = range offset, so neighbouring runs merge.
-    fn map_file(&self, offset: usize, len: usize, fd: i32) -> Result<(), MemoryError> {
+    pub(crate) fn map_file(&self, offset: usize, len: usize, fd: i32) -> Result<(), MemoryError> {
         let target = self.checked_ptr(offset, len)?;
         if !offset.is_multiple_of(PAGE_SIZE) || !len.is_multiple_of(PAGE_SIZE) {
             return Err(MemoryError::OutOfBounds { what: "unaligned image mapping", offset, len, size: self.len });
@@ -161,8 +142,6 @@ mod tests {
             assert!(matches!(host.populate_write(offset, len), Err(MemoryError::OutOfBounds { .. })), "{offset:#x}+{len:#x}");
         }
         assert!(matches!(host.map_file(100, PAGE_SIZE, image.fd()), Err(MemoryError::OutOfBounds { .. })), "unaligned");
-        let other = crate::stack::ImageStack::with_base(Image::new(8 * PAGE_SIZE).unwrap());
-        assert!(matches!(host.map_stack(&other), Err(MemoryError::OutOfBounds { .. })), "a stack of another size");
         host.map_file(0, 4 * PAGE_SIZE, image.fd()).unwrap();
         host.populate_write(PAGE_SIZE + 1, PAGE_SIZE).unwrap();
     }

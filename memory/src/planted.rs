@@ -8,9 +8,6 @@
 //!   DMA after the clone shows up in the clone too.
 
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Arc, Mutex};
-
-use crate::region::RamRegion;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PlantedBug {
@@ -44,28 +41,4 @@ pub fn plant(bug: Option<PlantedBug>) {
 
 pub(crate) fn active(bug: PlantedBug) -> bool {
     ACTIVE.load(Ordering::Relaxed) == bug as u8
-}
-
-/// Where guard writes of a region go besides (or instead of) the region itself.
-#[derive(Debug, Default)]
-pub(crate) struct DmaRedirect {
-    pub targets: Mutex<Vec<Arc<RamRegion>>>,
-    pub skip_own: std::sync::atomic::AtomicBool,
-}
-
-/// After `source` was cloned into `clone`, mis-route its pinned pages as the active bug says.
-pub(crate) fn after_clone(source: &[Arc<RamRegion>], clone: &[Arc<RamRegion>]) {
-    let wrong_way = active(PlantedBug::WrongWayCow);
-    if !(wrong_way || active(PlantedBug::SharedPin)) {
-        return;
-    }
-    for (src, dst) in source.iter().zip(clone) {
-        if src.pins.lock().unwrap_or_else(|e| e.into_inner()).count() == 0 {
-            continue;
-        }
-        src.redirect.targets.lock().unwrap_or_else(|e| e.into_inner()).push(Arc::clone(dst));
-        if wrong_way {
-            src.redirect.skip_own.store(true, Ordering::SeqCst);
-        }
-    }
 }

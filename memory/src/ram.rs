@@ -72,7 +72,7 @@ impl GuestRam {
 
     /// A new RAM showing a snapshot's bytes; it starts unpinned and clean.
     pub fn from_snapshot(snap: &Snapshot) -> Result<GuestRam, MemoryError> {
-        GuestRam::from_stacks(&snap.layout, snap.stacks.clone(), HostRange::map_stack)
+        GuestRam::from_stacks(&snap.layout, snap.stacks.clone(), |host, stack| stack.map_onto(host))
     }
 
     /// Reserves a host range per region and maps it with `map`, which must make it show the
@@ -216,7 +216,7 @@ impl GuestRam {
     pub fn clone_from_frozen(&self, frozen: &Snapshot) -> Result<GuestRam, MemoryError> {
         let clone = GuestRam::from_snapshot(frozen)?;
         #[cfg(feature = "planted-bugs")]
-        crate::planted::after_clone(&self.arcs, &clone.arcs);
+        crate::region::planted::after_clone(&self.arcs, &clone.arcs);
         Ok(clone)
     }
 

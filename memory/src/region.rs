@@ -71,7 +71,7 @@ pub struct RamRegion {
     host: HostRange,
     pub(crate) pins: Mutex<PinTable>,
     #[cfg(feature = "planted-bugs")]
-    pub(crate) redirect: crate::planted::DmaRedirect,
+    pub(crate) redirect: planted::DmaRedirect,
 }
 
 impl RamRegion {
@@ -177,4 +177,38 @@ pub(crate) fn validate_layout(regions: &[(GuestAddress, usize)]) -> Result<Vec<(
         }
     }
     Ok(sorted)
+}
+
+/// How a region mis-routes guard writes when a bug is planted (feature `planted-bugs`).
+#[cfg(feature = "planted-bugs")]
+pub(crate) mod planted {
+    use std::sync::atomic::Ordering;
+    use std::sync::{Arc, Mutex};
+
+    use super::RamRegion;
+    use crate::planted::{active, PlantedBug};
+
+    /// Where guard writes of a region go besides (or instead of) the region itself.
+    #[derive(Debug, Default)]
+    pub(crate) struct DmaRedirect {
+        pub targets: Mutex<Vec<Arc<RamRegion>>>,
+        pub skip_own: std::sync::atomic::AtomicBool,
+    }
+
+    /// After `source` was cloned into `clone`, mis-route its pinned pages as the active bug says.
+    pub(crate) fn after_clone(source: &[Arc<RamRegion>], clone: &[Arc<RamRegion>]) {
+        let wrong_way = active(PlantedBug::WrongWayCow);
+        if !(wrong_way || active(PlantedBug::SharedPin)) {
+            return;
+        }
+        for (src, dst) in source.iter().zip(clone) {
+            if src.pins.lock().unwrap_or_else(|e| e.into_inner()).count() == 0 {
+                continue;
+            }
+            src.redirect.targets.lock().unwrap_or_else(|e| e.into_inner()).push(Arc::clone(dst));
+            if wrong_way {
+                src.redirect.skip_own.store(true, Ordering::SeqCst);
+            }
+        }
+    }
 }

@@ -49,7 +49,7 @@ pub(crate) fn reset_region(region: &RamRegion, st: &mut RegionState, target: &Im
         pages.union_with(&st.private);
         target.read_pages_to_host(&pages, region.host())?;
     } else {
-        region.host().map_stack(target)?;
+        target.map_onto(region.host())?;
     }
     st.settle_on(target.clone());
     Ok(())

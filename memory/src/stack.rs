@@ -149,6 +149,24 @@ impl ImageStack {
         Ok(out)
     }
 
+    /// Maps this stack over the whole of `host`: the base, then each layer's runs, top last.
+    ///
+    /// Whatever was mapped here before (including this VM's private copies) is replaced, so
+    /// the caller must know no pin or running vCPU relies on those pages.
+    pub(crate) fn map_onto(&self, host: &HostRange) -> Result<(), MemoryError> {
+        if self.len() != host.len() {
+            return Err(MemoryError::OutOfBounds { what: "image stack mapping", offset: 0, len: self.len(), size: host.len() });
+        }
+        host.map_file(0, host.len(), self.base().fd())?;
+        for layer in &self.layers()[1..] {
+            let Some(pages) = &layer.pages else { continue };
+            for (first, count) in pages.runs() {
+                host.map_file(first * PAGE_SIZE, count * PAGE_SIZE, layer.image.fd())?;
+            }
+        }
+        Ok(())
+    }
+
     /// Copies the stack's bytes of `pages` into `host` at the same offsets.
     pub(crate) fn read_pages_to_host(&self, pages: &PageSet, host: &HostRange) -> Result<(), MemoryError> {
         for (first, count) in pages.runs() {
@@ -167,5 +185,17 @@ impl ImageStack {
             done += stretch.len;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stack_of_another_size_is_refused_not_mapped() {
+        let host = HostRange::reserve(4 * PAGE_SIZE).unwrap();
+        let other = ImageStack::with_base(Image::new(8 * PAGE_SIZE).unwrap());
+        assert!(matches!(other.map_onto(&host), Err(MemoryError::OutOfBounds { .. })));
     }
 }

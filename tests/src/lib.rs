@@ -42,7 +42,7 @@ pub fn zygote_bin() -> &'static Path {
         let profile = profile_dir();
         let target = profile.parent().expect("target dir");
         let mut cargo = Command::new(env!("CARGO"));
-        cargo.args(["build", "-j1", "--quiet", "-p", "zygote-vmm", "--bin", "zygote", "--target-dir"]).arg(target);
+        cargo.args(["build", "-j1", "--quiet", "-p", "zygote-tools", "--bin", "zygote", "--target-dir"]).arg(target);
         if profile.file_name().is_some_and(|n| n == "release") {
             cargo.arg("--release");
         }

@@ -2,15 +2,13 @@
 //! the build recipe that ties them together.
 
 pub mod api;
-pub mod bench;
 pub mod boot;
 pub mod builder;
+pub mod cli;
 pub mod clone;
-pub mod demo;
 pub mod bus;
 pub mod device_manager;
 pub mod exit;
-pub mod fuzz;
 pub mod guests;
 pub mod layout;
 pub mod linux;

@@ -8,7 +8,7 @@ use memory::{Access, Bytes, GuestAddress, GuestRam, PinGuard};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 
-use super::disk::{CowDisk, Layer, DIRECT_IO_ALIGN, SECTOR_SIZE};
+use super::disk::{CowDisk, DiskLayer, DIRECT_IO_ALIGN, SECTOR_SIZE};
 use super::request::{parse_request, BlockRequest, RequestKind};
 use super::uring::{IoVecs, Op, OpTag, Uring};
 use super::BlockError;
@@ -158,7 +158,7 @@ impl BlockCore {
         let offset = request.sector * SECTOR_SIZE;
         let count = request.data_len() / SECTOR_SIZE;
         // (layer, byte offset on disk, iovecs)
-        let mut plan: Vec<(Layer, u64, IoVecs)> = Vec::new();
+        let mut plan: Vec<(DiskLayer, u64, IoVecs)> = Vec::new();
         match request.kind {
             RequestKind::In => {
                 for extent in self.disk.plan_read(request.sector, count) {
@@ -169,7 +169,7 @@ impl BlockCore {
             }
             RequestKind::Out => {
                 self.disk.mark_written(request.sector, count);
-                plan.push((Layer::Top, offset, slice_buffers(&buffers, 0, count * SECTOR_SIZE)));
+                plan.push((DiskLayer::Top, offset, slice_buffers(&buffers, 0, count * SECTOR_SIZE)));
             }
             _ => {}
         }
@@ -186,8 +186,8 @@ impl BlockCore {
         }
         for (layer, disk_offset, iov) in plan {
             let file = match layer {
-                Layer::Top => self.disk.top(),
-                Layer::Base => self.disk.base().unwrap_or(self.disk.top()),
+                DiskLayer::Top => self.disk.top(),
+                DiskLayer::Base => self.disk.base().unwrap_or(self.disk.top()),
             };
             let aligned = disk_offset.is_multiple_of(DIRECT_IO_ALIGN)
                 && iov.0.iter().all(|v| (v.iov_base as u64).is_multiple_of(DIRECT_IO_ALIGN) && (v.iov_len as u64).is_multiple_of(DIRECT_IO_ALIGN));

@@ -71,7 +71,7 @@ impl LayerFile {
 
 /// Which file a run of sectors is read from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Layer {
+pub enum DiskLayer {
     Top,
     Base,
 }
@@ -79,7 +79,7 @@ pub enum Layer {
 /// A run of sectors served by one layer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Extent {
-    pub layer: Layer,
+    pub layer: DiskLayer,
     pub sector: u64,
     pub count: u64,
 }
@@ -149,8 +149,8 @@ impl CowDisk {
         let mut extents: Vec<Extent> = Vec::new();
         for s in sector..sector + count {
             let layer = match self.base {
-                Some(_) if !self.written.contains(s as usize) => Layer::Base,
-                _ => Layer::Top,
+                Some(_) if !self.written.contains(s as usize) => DiskLayer::Base,
+                _ => DiskLayer::Top,
             };
             match extents.last_mut() {
                 Some(last) if last.layer == layer => last.count += 1,

@@ -179,7 +179,7 @@ impl FrozenDisk {
 pub(super) mod tests {
     use std::os::unix::fs::{FileExt, MetadataExt};
 
-    use super::super::disk::Layer;
+    use super::super::disk::DiskLayer;
     use super::*;
 
     pub(crate) const SECTORS: u64 = 64;
@@ -203,8 +203,8 @@ pub(super) mod tests {
         let mut out = vec![0u8; (count * SECTOR_SIZE) as usize];
         for extent in disk.plan_read(sector, count) {
             let file = match extent.layer {
-                Layer::Top => disk.top.file(),
-                Layer::Base => disk.base().unwrap().file(),
+                DiskLayer::Top => disk.top.file(),
+                DiskLayer::Base => disk.base().unwrap().file(),
             };
             let at = ((extent.sector - sector) * SECTOR_SIZE) as usize;
             let len = (extent.count * SECTOR_SIZE) as usize;

@@ -14,10 +14,25 @@ use virtio_bindings::virtio_net::{
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 
 use super::chain::{parse_chain, ring_ranges, NetChain, QueueKind};
-use super::device::NetCounters;
 use super::tap::Tap;
 use super::NetError;
 use crate::interrupt::{DeviceInterrupt, INT_CONFIG, INT_USED_RING};
+
+/// What the device did, for counters and tests. Never reset by the device.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetCounters {
+    pub rx_frames: u64,
+    /// Frame bytes received (without the virtio-net header).
+    pub rx_bytes: u64,
+    /// Frames the kernel took off the TAP and could not place in the posted buffers.
+    pub rx_dropped: u64,
+    pub tx_frames: u64,
+    pub tx_bytes: u64,
+    /// Frames sent without a link, or refused by the TAP.
+    pub tx_dropped: u64,
+    /// Chains returned unused because the driver got them wrong.
+    pub bad_chains: u64,
+}
 
 /// A receive chain the device claimed: its buffers stay pinned for write until its used entry
 /// is published (or the claim is given back unfilled).

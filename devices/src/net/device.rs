@@ -13,28 +13,12 @@ use virtio_bindings::virtio_net::{
 };
 use virtio_queue::{Queue, QueueT};
 
-use super::core::{NetCore, Queues};
+use super::core::{NetCore, NetCounters, Queues};
 use super::events::NetTapEvents;
 use super::persist::{apply_state, state_of};
 use super::{MacAddr, NetError, NetState, Tap, NET_QUEUE_SIZE};
 use crate::interrupt::DeviceInterrupt;
 use crate::virtio::{VirtioDevice, VirtioError, VIRTIO_F_VERSION_1};
-
-/// What the device did, for counters and tests. Never reset by the device.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct NetCounters {
-    pub rx_frames: u64,
-    /// Frame bytes received (without the virtio-net header).
-    pub rx_bytes: u64,
-    /// Frames the kernel took off the TAP and could not place in the posted buffers.
-    pub rx_dropped: u64,
-    pub tx_frames: u64,
-    pub tx_bytes: u64,
-    /// Frames sent without a link, or refused by the TAP.
-    pub tx_dropped: u64,
-    /// Chains returned unused because the driver got them wrong.
-    pub bad_chains: u64,
-}
 
 /// What one `step_rx` / `step_tx` did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

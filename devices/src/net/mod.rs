@@ -29,7 +29,8 @@ pub mod tap;
 mod tx;
 
 pub use chain::{NetChain, Segment};
-pub use device::{NetCounters, NetDevice, NetStep};
+pub use self::core::NetCounters;
+pub use device::{NetDevice, NetStep};
 pub use events::NetTapEvents;
 pub use mac::{MacAddr, MacParseError};
 pub use persist::{NetArgs, NetState};

@@ -37,11 +37,13 @@ mod state;
 
 use std::path::PathBuf;
 
-pub use device::{VsockArgs, VsockDevice, VsockStats, VSOCK_QUEUE_SIZE};
+pub use device::{VsockArgs, VsockDevice, VsockStats};
 pub use muxer::{HANDSHAKE_TIMEOUT, MAX_CONNECTIONS, REQUEST_TIMEOUT, SHUTDOWN_TIMEOUT};
 pub use packet::{Header, PKT_HEADER_SIZE};
 pub use state::VsockState;
 
+/// Largest queue the device offers (each of the three).
+pub const VSOCK_QUEUE_SIZE: u16 = 256;
 /// The host's CID: the device answers for it.
 pub const HOST_CID: u64 = 2;
 /// The only socket type the device carries.

@@ -7,8 +7,7 @@ use memory::GuestRam;
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueState, QueueT};
 
-use super::device::VSOCK_QUEUE_SIZE;
-use super::VsockError;
+use super::{VsockError, VSOCK_QUEUE_SIZE};
 
 /// Guest values only: the CID the guest was given, the live queues, and the buffers popped
 /// and not yet published at the capture (a restored device gives them back to the guest).

@@ -7,7 +7,7 @@ use clap::{Args, Subcommand};
 use super::{report, EXIT_BAD_INPUT, EXIT_FAILURE};
 
 #[derive(Debug, Args)]
-pub(super) struct CtlArgs {
+pub struct CtlArgs {
     /// The API socket of the `zygote run` to control.
     #[arg(long, value_name = "PATH")]
     api_sock: PathBuf,
@@ -112,7 +112,7 @@ pub(super) fn ctl(args: CtlArgs) -> i32 {
         CtlVerb::Shutdown => ("PUT", "/actions".into(), Some(json!({ "action_type": "Shutdown" }))),
     };
     let body = body.map(|b| b.to_string());
-    match vmm::api::client::call(&args.api_sock, method, &path, body.as_deref()) {
+    match crate::api::client::call(&args.api_sock, method, &path, body.as_deref()) {
         Ok(response) if response.is_success() => {
             println!("{}", response.body);
             0

@@ -5,84 +5,32 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-mod bench;
 mod ctl;
 
-use bench::{bench, BenchCommand};
-use ctl::{ctl, CtlArgs};
-use vmm::builder::{DEFAULT_MEM_MIB, MAX_MEM_MIB, MAX_VCPUS, MIN_MEM_MIB};
-use vmm::api::Controller;
-use vmm::snapshot::file::{load_snapshot, SnapshotOnDisk};
-use vmm::{boot_linux, build_linux_vm, run_tiny_guest, ConfigError, Console, LinuxConfig, VmConfig, VmOutcome, Vmm};
+pub use ctl::CtlArgs;
+use ctl::ctl;
+use crate::builder::{DEFAULT_MEM_MIB, MAX_MEM_MIB, MAX_VCPUS, MIN_MEM_MIB};
+use crate::api::Controller;
+use crate::snapshot::file::{load_snapshot, SnapshotOnDisk};
+use crate::{boot_linux, build_linux_vm, run_tiny_guest, ConfigError, Console, LinuxConfig, VmConfig, VmOutcome, Vmm};
 
 /// Exit code for bad input (bad flags, values, files).
 pub const EXIT_BAD_INPUT: i32 = 2;
 /// Exit code when the guest faulted or the host failed.
 pub const EXIT_FAILURE: i32 = 1;
 
-#[derive(Debug, Parser)]
-#[command(name = "zygote", version, about = "A minimal KVM VMM whose VMs clone like fork()")]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
+/// The VMM's own commands; the `zygote` binary (crate zygote-tools) adds its tools beside them.
 #[derive(Debug, Subcommand)]
-enum Command {
+pub enum Command {
     /// Run a bundled tiny guest or a Linux kernel; exit with the guest's code.
     Run(RunArgs),
-    /// Clone a VM mid-DMA several times and check every VM ends with the full data.
-    Demo(DemoArgs),
-    /// Fuzz clone-vs-DMA timing; exit 1 if a rule was broken.
-    Fuzz(FuzzArgs),
     /// Send one request to a running `zygote run --api-sock` and print the JSON answer.
     Ctl(CtlArgs),
-    /// Measure reset and clone costs on this machine.
-    #[command(subcommand)]
-    Bench(BenchCommand),
 }
-
-#[derive(Debug, Args)]
-struct DemoArgs {
-    /// How many clones to take during the transfer.
-    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=16))]
-    clones: u64,
-    /// Print one JSON object instead of the table.
-    #[arg(long)]
-    json: bool,
-}
-
-#[derive(Debug, Args)]
-struct FuzzArgs {
-    /// Schedules to run.
-    #[arg(long, default_value_t = 10_000)]
-    runs: u64,
-    /// Campaign seed: the same seed draws the same schedules.
-    #[arg(long, default_value_t = 1)]
-    seed: u64,
-    /// What schedules drive: `memory` (GuestRam and guards) or `vm` (real KVM VMs).
-    #[arg(long, value_parser = ["memory", "vm"], default_value = "memory")]
-    mode: String,
-    /// Threads.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=64))]
-    jobs: u64,
-    /// Replay a reproducer file instead of fuzzing.
-    #[arg(long, value_name = "FILE")]
-    replay: Option<PathBuf>,
-    /// Make the memory layer misbehave on purpose (builds with --features planted-bugs):
-    /// wrong-way-cow, lost-dirty, shared-pin.
-    #[arg(long, value_name = "NAME")]
-    plant_bug: Option<String>,
-    /// Where to write a reproducer (default zygote-fuzz-seedS-runN.json).
-    #[arg(long, value_name = "FILE")]
-    out: Option<PathBuf>,
-}
-
-
 
 #[derive(Debug, Args)]
 #[command(group(clap::ArgGroup::new("what").args(["guest", "kernel", "restore"])))]
-struct RunArgs {
+pub struct RunArgs {
     /// Bundled guest (see the README: hello, spin, sequence, dma, ...).
     #[arg(long, value_name = "NAME")]
     guest: Option<String>,
@@ -119,7 +67,7 @@ struct RunArgs {
 }
 
 /// Clap's message on one line: the error and its hints, without the usage block.
-fn one_line(err: &clap::Error) -> String {
+pub fn one_line(err: &clap::Error) -> String {
     let text = err.render().to_string();
     let lines: Vec<&str> = text.lines().map(str::trim).take_while(|l| !l.starts_with("Usage:"))
         .filter(|l| !l.starts_with("For more information"))
@@ -132,7 +80,7 @@ fn one_line(err: &clap::Error) -> String {
 }
 
 /// Prints `err` and its causes on one line.
-fn report(err: &dyn std::error::Error) -> String {
+pub fn report(err: &dyn std::error::Error) -> String {
     let mut msg = format!("zygote: {err}");
     let mut source = err.source();
     while let Some(cause) = source {
@@ -204,11 +152,11 @@ impl Root {
         let prefixed = |vm: VmConfig| VmConfig { console: Console::Prefixed(format!("[vm{}] ", vm.vm_id)), ..vm };
         match self {
             Root::Tiny { vm, name, arg } => {
-                let guest = vmm::guests::find(&name)
-                    .ok_or_else(|| fail(&ConfigError::UnknownGuest { name, known: vmm::guests::names() }, true))?;
-                let mut root = vmm::build_tiny_vm(&prefixed(vm), guest, arg).map_err(|e| fail(&e, e.is_bad_input()))?;
+                let guest = crate::guests::find(&name)
+                    .ok_or_else(|| fail(&ConfigError::UnknownGuest { name, known: crate::guests::names() }, true))?;
+                let mut root = crate::build_tiny_vm(&prefixed(vm), guest, arg).map_err(|e| fail(&e, e.is_bad_input()))?;
                 root.start();
-                Ok(Controller::new(root, Some(memory::GuestAddress(vmm::layout::VM_ID_ADDR))))
+                Ok(Controller::new(root, Some(memory::GuestAddress(crate::layout::VM_ID_ADDR))))
             }
             Root::Linux(config) => {
                 let config = LinuxConfig { vm: prefixed(config.vm), ..config };
@@ -226,7 +174,7 @@ impl Root {
 }
 
 /// Prints a failure to start and picks its exit code.
-fn fail(err: &dyn std::error::Error, bad_input: bool) -> i32 {
+pub fn fail(err: &dyn std::error::Error, bad_input: bool) -> i32 {
     eprintln!("{}", report(err));
     if bad_input {
         EXIT_BAD_INPUT
@@ -238,7 +186,7 @@ fn fail(err: &dyn std::error::Error, bad_input: bool) -> i32 {
 /// Runs `root` as VM 0 (none: VM 0 comes over the API) and serves the control API on `socket`
 /// until a Shutdown request or until the guest ends VM 0.
 fn serve(root: Option<Root>, socket: &std::path::Path) -> i32 {
-    let server = match vmm::api::server::ApiServer::bind(socket) {
+    let server = match crate::api::server::ApiServer::bind(socket) {
         Ok(server) => server,
         Err(e) => return fail(&e, true),
     };
@@ -255,41 +203,28 @@ fn serve(root: Option<Root>, socket: &std::path::Path) -> i32 {
     i32::from(code)
 }
 
-/// Parses `args` and runs; returns the process exit code.
-pub fn main(args: impl IntoIterator<Item = OsString>) -> i32 {
-    let cli = match Cli::try_parse_from(args) {
-        Ok(cli) => cli,
+/// Parses `args` as the command line `C`; on --help or --version, or on bad input, the exit
+/// code after printing what clap said (bad input: one line, exit 2).
+pub fn parse<C: Parser>(args: impl IntoIterator<Item = OsString>) -> Result<C, i32> {
+    match C::try_parse_from(args) {
+        Ok(cli) => Ok(cli),
         Err(e) if !e.use_stderr() => {
             // --help, --version: not errors.
             print!("{}", e.render());
-            return 0;
+            Err(0)
         }
         Err(e) => {
             eprintln!("{}", one_line(&e));
-            return EXIT_BAD_INPUT;
+            Err(EXIT_BAD_INPUT)
         }
-    };
-    match cli.command {
+    }
+}
+
+/// Runs one of the VMM's commands; returns the process exit code.
+pub fn execute(command: Command) -> i32 {
+    match command {
         Command::Run(args) => run(args),
-        Command::Bench(command) => bench(command),
         Command::Ctl(args) => ctl(args),
-        Command::Demo(args) => match vmm::demo::run_demo(usize::try_from(args.clones).unwrap_or(4)) {
-            Ok(report) => match vmm::demo::print(&report, args.json, &mut std::io::stdout()) {
-                Ok(true) => 0,
-                Ok(false) => EXIT_FAILURE,
-                Err(e) => fail(&e, false),
-            },
-            Err(e) => fail(&e, false),
-        },
-        Command::Fuzz(args) => vmm::fuzz::command::run(&vmm::fuzz::command::FuzzOptions {
-            runs: args.runs,
-            seed: args.seed,
-            mode: if args.mode == "vm" { vmm::fuzz::command::FuzzMode::Vm } else { vmm::fuzz::command::FuzzMode::Memory },
-            jobs: usize::try_from(args.jobs).unwrap_or(1),
-            replay: args.replay,
-            plant_bug: args.plant_bug,
-            out: args.out,
-        }),
     }
 }
 
@@ -297,6 +232,14 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> i32 {
 #[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
+
+    /// The VMM's commands alone, as the `zygote` binary parses them.
+    #[derive(Debug, Parser)]
+    #[command(name = "zygote")]
+    struct Cli {
+        #[command(subcommand)]
+        _command: Command,
+    }
 
     fn parse_err(args: &[&str]) -> String {
         let args = std::iter::once("zygote").chain(args.iter().copied()).map(OsString::from);

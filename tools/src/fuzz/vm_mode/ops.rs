@@ -12,9 +12,9 @@ use super::driver::{host_dma, request_status, run_guest_command, GuestCommand, V
 use super::model::{first_diff, BlkKind, BlkRequestModel, DmaFrom, DmaModel, SECTOR};
 use super::{complete_blk, ensure, pause, pick, quiet_console, FuzzVm, SnapModel, VmStep, VmWorld};
 use super::{DATA_ADDR, DATA_BYTES, DATA_PAGES, DISK_SECTORS, MAX_VMS};
-use crate::clone::capture_clone;
+use vmm::clone::capture_clone;
 use crate::fuzz::Violation;
-use crate::snapshot::{ResetError, VmSnapshot};
+use vmm::snapshot::{ResetError, VmSnapshot};
 
 /// `len` bytes from `offset` of data page `page`, clipped to the data area: (start, len).
 fn span(page: u8, offset: u16, len: u16) -> (usize, usize) {

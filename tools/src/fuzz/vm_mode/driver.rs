@@ -9,8 +9,8 @@ use devices::dma::DmaSource;
 use memory::{Bytes, GuestAddress};
 
 use super::Violation;
-use crate::layout::{DMA_ENGINE_MMIO_ADDR, MAILBOX_ADDR, VIRTIO_BLK_MMIO_ADDR};
-use crate::machine::{Paused, Vmm};
+use vmm::layout::{DMA_ENGINE_MMIO_ADDR, MAILBOX_ADDR, VIRTIO_BLK_MMIO_ADDR};
+use vmm::machine::{Paused, Vmm};
 
 /// The virtio-blk queue (in RAM the oracle does not model byte by byte).
 pub const DESC_TABLE: u64 = 0x32_0000;

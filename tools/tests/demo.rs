@@ -4,7 +4,7 @@ use zygote_tests::run_zygote;
 
 #[test]
 fn every_clone_taken_mid_transfer_is_verified() {
-    let report = vmm::demo::run_demo(3).unwrap();
+    let report = tools::demo::run_demo(3).unwrap();
     assert!(report.source_dma_complete, "{report:?}");
     assert_eq!(report.clones.len(), 3);
     assert!(report.clones.iter().all(|c| c.verified), "{report:?}");

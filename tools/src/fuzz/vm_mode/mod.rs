@@ -23,10 +23,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use memory::{Bytes, GuestAddress, PAGE_SIZE};
 
 use super::{pick, Violation, World};
-use crate::builder::{build_tiny_vm, VmConfig};
-use crate::device_manager::Console;
-use crate::machine::{Paused, Vmm};
-use crate::snapshot::VmSnapshot;
+use vmm::builder::{build_tiny_vm, VmConfig};
+use vmm::device_manager::Console;
+use vmm::machine::{Paused, Vmm};
+use vmm::snapshot::VmSnapshot;
 use driver::BlkQueue;
 use model::{first_diff, BlkModel, VmModel};
 pub use steps::{draw_vm_step, generate_vm, VmStep};
@@ -86,7 +86,7 @@ impl World for VmWorld {
         std::fs::write(&disk, model::initial_disk()).map_err(|e| Violation(format!("cannot write the scratch disk {}: {e}", disk.display())))?;
         let mut world = VmWorld { vms: Vec::new(), snaps: Vec::new(), next_id: 1, disk };
         let config = VmConfig { mem_mib: MEM_MIB, console: quiet_console(), disk: Some(world.disk.clone()), ..VmConfig::default() };
-        let guest = crate::guests::find("mailbox").expect("the mailbox guest is bundled");
+        let guest = vmm::guests::find("mailbox").expect("the mailbox guest is bundled");
         let mut vmm = build_tiny_vm(&config, guest, 0).map_err(|e| Violation(format!("cannot build the root VM: {e}")))?;
         set_host_stepped(&vmm)?;
         let queue = BlkQueue::setup(&vmm)?;

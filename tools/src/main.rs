@@ -1,4 +1,5 @@
-//! `zygote`: run a tiny guest or a Linux kernel under KVM, and clone, snapshot and restore it.
+//! `zygote`: run a tiny guest or a Linux kernel under KVM and control it (the VMM's `run` and
+//! `ctl`), or run the fuzzer, the benchmarks and the demo.
 //!
 //! Exit codes: the guest's own code; 1 if the guest faulted or the host failed; 2 for bad input.
 

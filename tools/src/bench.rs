@@ -9,16 +9,16 @@ use kvm_ioctls::VcpuExit;
 use memory::{Bytes, GuestAddress, PAGE_SIZE};
 use serde::Serialize;
 
-use crate::builder::{build_tiny_vm, create_ram, BuildError, VmConfig};
-use crate::clone::{clone_vm_by, CloneError, ClonePath, CloneReport};
-use crate::device_manager::Console;
-use crate::guests;
-use crate::layout::{COUNTERS_ADDR, GUEST_CODE_ADDR, TOUCH_ADDR, VM_ID_ADDR};
-use crate::longmode::write_tables;
-use crate::machine::{VmOutcome, VmmError};
-use crate::regs::{setup_tiny_guest_vcpu, EntryArgs};
-use crate::snapshot::{ResetError, VmSnapshot};
-use crate::vm::Vm;
+use vmm::builder::{build_tiny_vm, create_ram, BuildError, VmConfig};
+use vmm::clone::{clone_vm_by, CloneError, ClonePath, CloneReport};
+use vmm::device_manager::Console;
+use vmm::guests;
+use vmm::layout::{COUNTERS_ADDR, GUEST_CODE_ADDR, TOUCH_ADDR, VM_ID_ADDR};
+use vmm::longmode::write_tables;
+use vmm::machine::{VmOutcome, VmmError};
+use vmm::regs::{setup_tiny_guest_vcpu, EntryArgs};
+use vmm::snapshot::{ResetError, VmSnapshot};
+use vmm::vm::Vm;
 
 /// What failed while benchmarking.
 #[derive(Debug, thiserror::Error)]
@@ -227,7 +227,7 @@ fn kvm_run_round_trip(samples: usize) -> Result<Duration, BenchError> {
     let mut fd = vm.create_vcpu(0).map_err(BuildError::from)?;
     // vCPU index 1: `hello` sends it straight to its park loop, one port exit per KVM_RUN.
     setup_tiny_guest_vcpu(&fd, EntryArgs { vm_id: 0, vcpu: 1, arg: 0 })
-        .map_err(|source| BuildError::Vcpu(crate::vcpu::VcpuError::Setup { vcpu: 0, source }))?;
+        .map_err(|source| BuildError::Vcpu(vmm::vcpu::VcpuError::Setup { vcpu: 0, source }))?;
     let mut times = Vec::with_capacity(samples);
     for _ in 0..samples + 10 {
         let t = Instant::now();

@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use vmm::fuzz::{execute, memory_mode::PAGES, schedule::from_bytes, MemoryWorld};
+use tools::fuzz::{execute, memory_mode::PAGES, schedule::from_bytes, MemoryWorld};
 
 fuzz_target!(|data: &[u8]| {
     let steps = from_bytes(data, PAGES);

@@ -10,12 +10,12 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::builder::{build_tiny_vm, BuildError, VmConfig};
-use crate::clone::{clone_vm, CloneError};
-use crate::device_manager::Console;
-use crate::guests;
-use crate::layout::{DMA_GUEST_BLK_LEN, DMA_GUEST_DMA_LEN, DMA_GUEST_PATTERN};
-use crate::machine::VmOutcome;
+use vmm::builder::{build_tiny_vm, BuildError, VmConfig};
+use vmm::clone::{clone_vm, CloneError};
+use vmm::device_manager::Console;
+use vmm::guests;
+use vmm::layout::{DMA_GUEST_BLK_LEN, DMA_GUEST_DMA_LEN, DMA_GUEST_PATTERN};
+use vmm::machine::VmOutcome;
 
 /// Microseconds between DMA chunks: 256 chunks of 4 KiB take about 0.8 s.
 const PACING_US: u64 = 3000;

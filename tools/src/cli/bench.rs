@@ -3,7 +3,7 @@
 use clap::Subcommand;
 use vmm::clone::ClonePath;
 
-use super::{report, EXIT_FAILURE};
+use vmm::cli::{report, EXIT_FAILURE};
 
 #[derive(Debug, Subcommand)]
 pub(super) enum BenchCommand {
@@ -32,7 +32,7 @@ pub(super) enum BenchCommand {
 
 pub(super) fn bench(command: BenchCommand) -> i32 {
     let result = match command {
-        BenchCommand::Reset { rounds, disk } => vmm::bench::bench_reset(rounds, disk).map(|r| {
+        BenchCommand::Reset { rounds, disk } => tools::bench::bench_reset(rounds, disk).map(|r| {
             println!(
                 "reset: {} rounds, {:.0} loops/s (run + pause + reset), reset p50 {:.1} us p99 {:.1} us \
                  (RAM {:.1} us + state {:.1} us), {} dirty pages: memcpy {:.2} us + KVM_RUN {:.1} us, ratio {:.2}",
@@ -51,7 +51,7 @@ pub(super) fn bench(command: BenchCommand) -> i32 {
         }),
         BenchCommand::Clone { mem, clones, dirty_percent, no_precopy } => {
             let paths: &[ClonePath] = if no_precopy { &[ClonePath::InPause] } else { &[ClonePath::InPause, ClonePath::Precopy] };
-            vmm::bench::bench_clone(mem, clones, dirty_percent, paths).map(|r| {
+            tools::bench::bench_clone(mem, clones, dirty_percent, paths).map(|r| {
                 println!("clone: {} MiB, {} clones per path, {} pages dirty per clone", r.mem_mib, r.clones, r.dirty_pages);
                 for p in &r.paths {
                     println!(

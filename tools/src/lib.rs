@@ -1,0 +1,7 @@
+//! Zygote's tools around the VMM library: the clone-vs-DMA timing fuzzer, the benchmarks and
+//! the demo. None of them is part of the product; the `zygote` binary offers them beside the
+//! VMM's own `run` and `ctl`.
+
+pub mod bench;
+pub mod demo;
+pub mod fuzz;
