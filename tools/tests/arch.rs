@@ -43,11 +43,10 @@ const DEVICE_TYPES: &[&str] = &["MmioTransport", "DmaEngine", "SerialDevice", "I
 const KNOWN: &[&str] = &[
     "cycle in devices: dma::engine <-> dma::runner",
     "cycle in devices: net::device <-> net::persist",
-    "cycle in vmm: machine <-> vstate",
     "cycle in vmm: api <-> snapshot",
-    "cycle in vmm: devices::serial <-> devices::state",
-    "devices/src/virtio/mmio.rs: 420 production lines (over 400)",
-    r#"4 files create a KVM VM (Vm::new): ["tools/src/bench.rs", "vmm/src/boot.rs", "vmm/src/builder.rs", "vmm/src/vstate/mod.rs"]"#,
+    "devices/src/virtio/mmio.rs: 432 production lines (over 400)",
+    // The reset bench's floor runs one KVM_RUN on a bare VM of its own.
+    r#"2 files create a KVM VM (Vm::new): ["tools/src/bench.rs", "vmm/src/builder.rs"]"#,
 ];
 
 fn workspace() -> PathBuf {
