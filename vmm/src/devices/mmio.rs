@@ -264,7 +264,7 @@ pub fn restore_mmio_devices(
     interrupt.resend_if_pending();
     let dma = Arc::new(Mutex::new(engine));
     mmio.insert(DMA_ENGINE_MMIO_ADDR, DMA_REGION_SIZE, dma.clone())?;
-    let _dma_runner = DmaRunner::spawn(Arc::clone(&dma)).map_err(DeviceError::Thread)?;
+    let _dma_runner = DmaRunner::spawn_with(Arc::clone(&dma), crate::seccomp::dma_thread_start).map_err(DeviceError::Thread)?;
     Ok(MmioDevices { block, dma, _dma_runner })
 }
 
@@ -285,7 +285,7 @@ pub fn attach_mmio_devices(
     };
     let dma = Arc::new(Mutex::new(DmaEngine::new(Arc::clone(ram), device_interrupt(wiring, DMA_ENGINE_IRQ)?)));
     mmio.insert(DMA_ENGINE_MMIO_ADDR, DMA_REGION_SIZE, dma.clone())?;
-    let _dma_runner = DmaRunner::spawn(Arc::clone(&dma)).map_err(DeviceError::Thread)?;
+    let _dma_runner = DmaRunner::spawn_with(Arc::clone(&dma), crate::seccomp::dma_thread_start).map_err(DeviceError::Thread)?;
     Ok(MmioDevices { block, dma, _dma_runner })
 }
 
