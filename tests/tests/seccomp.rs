@@ -224,3 +224,126 @@ fn the_two_seccomp_flags_conflict() {
         zygote_tests::run_zygote(&["run", "--guest", "hello", "--no-seccomp", "--seccomp-log"]);
     assert_eq!(out.status.code(), Some(2), "{out:?}");
 }
+
+/// The lines a child prints, collected by a thread.
+fn collect_lines(child: &mut Child) -> std::sync::Arc<std::sync::Mutex<Vec<String>>> {
+    use std::io::BufRead;
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let stdout = child.stdout.take().expect("piped stdout");
+    let sink = std::sync::Arc::clone(&lines);
+    std::thread::spawn(move || {
+        std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .for_each(|l| sink.lock().unwrap().push(l));
+    });
+    lines
+}
+
+/// Waits for a line of VM `vm` (its `[vmN] ` prefix) that holds `text`.
+fn wait_for_line(lines: &std::sync::Mutex<Vec<String>>, vm: u64, text: &str) {
+    let prefix = format!("[vm{vm}] ");
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while !lines
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|l| l.starts_with(&prefix) && l.contains(text))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no {prefix}{text:?} within 300 s:\n{}",
+            lines.lock().unwrap().join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Slow: a Linux guest with a disk under `zygote run --api-sock`, cloned mid-boot; the clone
+/// probes and reads its disk (virtio-blk through the event loop's ioeventfd and io_uring) and
+/// every thread of the process is filtered while VM 0 is held paused; VM 0 then does the same.
+#[test]
+#[ignore = "boots a real Linux kernel and a clone of it (~40 s here): scripts/test.sh --slow"]
+fn a_linux_guest_with_a_disk_runs_and_clones_with_every_thread_filtered() {
+    use zygote_tests::linux::{kernel_and_initrd, write_checksum_disk};
+    let (kernel, initrd) = kernel_and_initrd();
+    let dir = scratch_dir("seccomp-linux");
+    let disk = dir.join("disk.img");
+    let expected = write_checksum_disk(&disk, 0x5365_6363_6f6d_7021);
+    let socket = dir.join("api.sock");
+    // Without `quiet`: the test clones on a kernel line printed before virtio-mmio's probe.
+    let cmdline = format!(
+        "{} zygote_blk=1",
+        vmm::linux::DEFAULT_CMDLINE.replace(" quiet", "")
+    );
+    let mut child = Command::new(zygote_bin())
+        .args(["run", "--kernel"])
+        .arg(&kernel)
+        .arg("--initrd")
+        .arg(&initrd)
+        .args(["--cmdline", &cmdline, "--mem", "256", "--disk"])
+        .arg(&disk)
+        .arg("--api-sock")
+        .arg(&socket)
+        .env_remove(FORBIDDEN)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawning zygote run");
+    let lines = collect_lines(&mut child);
+    wait_for_api_socket(&socket);
+    wait_for_line(&lines, 0, "devtmpfs: initialized");
+    ok(
+        &socket,
+        "PATCH",
+        "/vm",
+        r#"{"state": "Paused", "vm_id": 0}"#,
+    );
+    assert_eq!(ok(&socket, "PUT", "/clone", r#"{"vm_id": 0}"#)["vm_id"], 1);
+    // A clone of a paused VM starts paused.
+    ok(
+        &socket,
+        "PATCH",
+        "/vm",
+        r#"{"state": "Resumed", "vm_id": 1}"#,
+    );
+    wait_for_line(&lines, 1, &expected);
+
+    let pid = child.id();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while tasks(pid)
+        .iter()
+        .any(|t| t.name.starts_with("virtio-blk") && t.filters < 2)
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let tasks = tasks(pid);
+    assert!(
+        tasks.iter().all(|t| t.mode == 2),
+        "not every thread filtered: {tasks:?}"
+    );
+    let vm0 = tasks
+        .iter()
+        .filter(|t| t.name.starts_with("vcpu") || t.name.starts_with("virtio-blk"))
+        .count();
+    assert!(vm0 >= 2, "VM 0's vCPU and event loop threads: {tasks:?}");
+    assert!(
+        tasks
+            .iter()
+            .filter(|t| t.name.starts_with("vcpu") || t.name.starts_with("virtio-blk"))
+            .all(|t| t.filters == 2),
+        "{tasks:?}"
+    );
+
+    ok(
+        &socket,
+        "PATCH",
+        "/vm",
+        r#"{"state": "Resumed", "vm_id": 0}"#,
+    );
+    wait_for_line(&lines, 0, &expected);
+    // VM 0's init resets it when done, which ends the process.
+    let status = wait(&mut child);
+    assert_eq!(status.code(), Some(0), "{status}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
