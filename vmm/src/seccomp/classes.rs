@@ -71,7 +71,6 @@ pub fn vcpu() -> Vec<Allow> {
         arg_in(libc::SYS_madvise, 2, &[libc::MADV_POPULATE_WRITE as u64]),
         // Dropping the last handle of a VM's RAM or a device unmaps and closes it.
         any(libc::SYS_close),
-        any(libc::SYS_read),
         any(libc::SYS_readv),
         any(libc::SYS_writev),
         any(libc::SYS_getrandom),
