@@ -27,6 +27,6 @@ if [ "${1:-}" = "--slow" ]; then
     # (~25-60 s each here, two at a time). The loader's own boots (no
     # VMM around them) run by hand:
     #   cargo test --release -p zygote-vmm --test linux_boot -- --ignored --test-threads=1
-    exec cargo test -j1 --release -p zygote-tests --test linux_cli --test linux_clone --test linux_api "$@" -- --ignored
+    exec cargo test -j1 --release -p zygote-tests --test linux_cli --test linux_clone --test linux_api --test seccomp "$@" -- --ignored
 fi
 exec cargo test --workspace -j1 "$@"

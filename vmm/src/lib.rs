@@ -15,6 +15,7 @@ pub mod linux;
 pub mod longmode;
 pub mod machine;
 pub mod regs;
+pub mod seccomp;
 pub mod snapshot;
 pub mod vcpu;
 pub mod vm;

@@ -80,20 +80,29 @@ pub struct DmaRunner {
 
 impl DmaRunner {
     pub fn spawn(engine: Arc<Mutex<DmaEngine>>) -> std::io::Result<DmaRunner> {
+        DmaRunner::spawn_with(engine, || {})
+    }
+
+    /// `spawn`, with `thread_start` run first on the new thread (the VMM installs the thread's
+    /// seccomp filter there).
+    pub fn spawn_with(engine: Arc<Mutex<DmaEngine>>, thread_start: fn()) -> std::io::Result<DmaRunner> {
         let doorbell = Arc::clone(engine.lock().unwrap_or_else(|e| e.into_inner()).doorbell());
         let bell = Arc::clone(&doorbell);
-        let thread = std::thread::Builder::new().name("dma-engine".into()).spawn(move || loop {
-            let (running, pacing_us) = {
-                let mut engine = engine.lock().unwrap_or_else(|e| e.into_inner());
-                match engine.host_stepped() {
-                    true => (false, 0),
-                    false => (engine.step(), engine.pacing_us()),
+        let thread = std::thread::Builder::new().name("dma-engine".into()).spawn(move || {
+            thread_start();
+            loop {
+                let (running, pacing_us) = {
+                    let mut engine = engine.lock().unwrap_or_else(|e| e.into_inner());
+                    match engine.host_stepped() {
+                        true => (false, 0),
+                        false => (engine.step(), engine.pacing_us()),
+                    }
+                };
+                // The engine lock is not held while waiting, so the guest and the clone path get in.
+                let go_on = if running { bell.sleep(Duration::from_micros(pacing_us)) } else { bell.wait_for_ring() };
+                if !go_on {
+                    break;
                 }
-            };
-            // The engine lock is not held while waiting, so the guest and the clone path get in.
-            let go_on = if running { bell.sleep(Duration::from_micros(pacing_us)) } else { bell.wait_for_ring() };
-            if !go_on {
-                break;
             }
         })?;
         Ok(DmaRunner { doorbell, thread: Some(thread) })

@@ -103,7 +103,10 @@ impl ApiServer {
         if std::fs::metadata(path).is_ok_and(|m| m.file_type().is_socket()) && std::os::unix::net::UnixStream::connect(path).is_err() {
             let _ = std::fs::remove_file(path);
         }
-        let server = Server::http_unix(path).map_err(|e| ApiError::Socket {
+        let socket_err = |source| ApiError::Socket { path: path.display().to_string(), source };
+        let listener = std::os::unix::net::UnixListener::bind(path).map_err(socket_err)?;
+        // tiny_http's acceptor and connection threads start under the API thread's filter.
+        let server = crate::seccomp::start_under(crate::seccomp::ThreadClass::Api, || Server::from_listener(listener, None)).map_err(|e| ApiError::Socket {
             path: path.display().to_string(),
             source: std::io::Error::other(e.to_string()),
         })?;

@@ -64,6 +64,13 @@ pub struct RunArgs {
     /// Serve the control API (HTTP/JSON) on this Unix socket; VM output lines get a [vmN] prefix.
     #[arg(long, value_name = "PATH")]
     api_sock: Option<PathBuf>,
+    /// Run without the per-thread seccomp filters (debugging only).
+    #[arg(long)]
+    no_seccomp: bool,
+    /// Let a syscall the filters forbid through and have the kernel log it (audit log, dmesg
+    /// `type=1326`) instead of killing the process: finds what a filter misses.
+    #[arg(long, conflicts_with = "no_seccomp")]
+    seccomp_log: bool,
 }
 
 /// Clap's message on one line: the error and its hints, without the usage block.
@@ -100,6 +107,9 @@ fn finish(outcome: VmOutcome) -> i32 {
 }
 
 fn run(args: RunArgs) -> i32 {
+    if let Err(e) = enable_seccomp(&args) {
+        return fail(&e, false);
+    }
     let vm = VmConfig { mem_mib: args.mem, vcpus: args.vcpus, vm_id: 0, console: Console::Stdout, disk: args.disk, irqchip: false };
     let root = match (args.guest, args.kernel, args.restore) {
         (_, Some(kernel), _) => Some(Root::Linux(LinuxConfig { vm, kernel, initrd: args.initrd, cmdline: args.cmdline })),
@@ -116,6 +126,15 @@ fn run(args: RunArgs) -> i32 {
             );
             EXIT_BAD_INPUT
         }
+    }
+}
+
+/// Installs the VMM thread's filter (the other threads install theirs as they start).
+fn enable_seccomp(args: &RunArgs) -> Result<(), crate::seccomp::SeccompError> {
+    use crate::seccomp::SeccompMode;
+    match (args.no_seccomp, args.seccomp_log) {
+        (true, _) => Ok(()),
+        (false, log) => crate::seccomp::enable(if log { SeccompMode::Log } else { SeccompMode::Kill }),
     }
 }
 

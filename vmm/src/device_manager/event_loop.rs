@@ -94,6 +94,7 @@ impl DeviceEventLoop {
         let thread = std::thread::Builder::new()
             .name(name.to_string())
             .spawn(move || {
+                crate::seccomp::thread_start(crate::seccomp::ThreadClass::EventLoop);
                 while !stopped.load(Ordering::Acquire) {
                     // `run` answers 0 when a signal interrupts the wait; any other error is an
                     // epoll failure that would repeat forever.

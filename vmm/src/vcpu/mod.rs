@@ -148,6 +148,7 @@ pub fn spawn_vcpu(ctx: VcpuContext, events: Sender<VcpuEvent>) -> Result<VcpuHan
 }
 
 fn run_thread(ctx: VcpuContext, commands: &Receiver<VcpuCommand>, events: &Sender<VcpuEvent>) {
+    crate::seccomp::thread_start(crate::seccomp::ThreadClass::Vcpu);
     let VcpuContext { index, fd, pio, mmio, ram } = ctx;
     let vcpu = KickableVcpu::register(fd);
     let mut state = State::Paused;
