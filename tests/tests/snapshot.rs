@@ -3,7 +3,8 @@
 
 use std::time::Duration;
 
-use vmm::snapshot::file::{load_snapshot, write_snapshot, SnapshotError, SnapshotKind};
+use vmm::snapshot::file::{load_snapshot, write_snapshot, SnapshotError, SnapshotKind, FORMAT_VERSION};
+use vmm::snapshot::format::FormatError;
 use vmm::snapshot::VmSnapshot;
 use vmm::{build_tiny_vm, guests, VmOutcome};
 use zygote_tests::{captured, scratch_dir, text, wait_for_lines};
@@ -84,15 +85,15 @@ fn truncated_corrupted_and_wrong_version_snapshots_are_refused() {
         assert!(err.to_string().contains("s.json"), "error names the file: {err}");
         err
     };
-    assert!(matches!(refused(&good[..good.len() - 10]), SnapshotError::Truncated { .. }));
+    assert!(matches!(refused(&good[..good.len() - 10]), SnapshotError::Format { source: FormatError::Truncated { .. }, .. }));
     let mut flipped = good.clone();
     let last = flipped.len() - 20;
     flipped[last] ^= 0x01;
-    assert!(matches!(refused(&flipped), SnapshotError::Corrupted { .. }));
+    assert!(matches!(refused(&flipped), SnapshotError::Format { source: FormatError::Corrupted { .. }, .. }));
     let text = String::from_utf8(good.clone()).unwrap();
-    let v2 = text.replacen("\"format_version\":3", "\"format_version\":2", 1);
-    assert!(matches!(refused(v2.as_bytes()), SnapshotError::Version { found: 2, .. }));
-    assert!(matches!(refused(b"hello\n"), SnapshotError::NotASnapshot { .. }));
+    let v2 = text.replacen(&format!("\"format_version\":{FORMAT_VERSION}"), "\"format_version\":2", 1);
+    assert!(matches!(refused(v2.as_bytes()), SnapshotError::Format { source: FormatError::Version { found: 2, .. }, .. }));
+    assert!(matches!(refused(b"hello\n"), SnapshotError::Format { source: FormatError::NotASnapshot, .. }));
 
     // A truncated or corrupted RAM file.
     std::fs::write(&path, &good).unwrap();
@@ -100,7 +101,7 @@ fn truncated_corrupted_and_wrong_version_snapshots_are_refused() {
     let f = std::fs::OpenOptions::new().write(true).open(&ram).unwrap();
     let len = f.metadata().unwrap().len();
     std::os::unix::fs::FileExt::write_all_at(&f, b"x", 0x10_0000).unwrap();
-    assert!(matches!(load_snapshot(&path).unwrap_err(), SnapshotError::Corrupted { .. }));
+    assert!(matches!(load_snapshot(&path).unwrap_err(), SnapshotError::RamFile { .. }));
     f.set_len(len / 2).unwrap();
     assert!(matches!(load_snapshot(&path).unwrap_err(), SnapshotError::RamFileSize { .. }));
     // A diff needs a parent.

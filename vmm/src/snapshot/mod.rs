@@ -1,7 +1,15 @@
 //! Snapshots of a whole VM: in memory (`VmSnapshot`: frozen RAM + state, the base of resets)
 //! and on disk (`file`: RAM files plus a versioned, checksummed state file, written atomically).
 
+mod body;
+mod error;
 pub mod file;
+pub mod format;
+mod fsio;
+pub mod host;
+mod load;
+mod runs;
+pub mod validate;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -13,7 +21,7 @@ use devices::block::FrozenDisk;
 use crate::devices::{Console, DeviceError};
 use crate::machine::{Paused, Vmm};
 use crate::vstate::{build_from_state, StateError, VmState};
-pub use file::{load_snapshot, write_snapshot, SnapshotError, SnapshotKind};
+pub use file::{load_snapshot, write_snapshot, SnapshotError, SnapshotKind, SnapshotOnDisk};
 
 /// A VM frozen at one instant: its RAM and disk (never change) and everything else. Cheap to
 /// clone.
@@ -64,8 +72,8 @@ impl VmSnapshot {
     /// with them at one instant.
     pub fn take(vmm: &Vmm, token: &Paused) -> Result<VmSnapshot, ResetError> {
         let vm = vmm.id();
-        let (state, disk, ram) = VmState::capture_for_snapshot(vmm, token, || vmm.ram().snapshot())
-            .map_err(|source| ResetError::State { vm, source })?;
+        let (state, disk, ram) =
+            VmState::capture_for_snapshot(vmm, token, || vmm.ram().snapshot()).map_err(|source| ResetError::State { vm, source })?;
         let ram = ram.map_err(|source| ResetError::Memory { vm, source })?;
         Ok(VmSnapshot { ram, state: Arc::new(state), disk: disk.map(Arc::new) })
     }
