@@ -4,6 +4,7 @@
 use std::path::Path;
 
 use serde_json::Value;
+use vmm::snapshot::format::{seal, Header};
 
 /// The header line and body of the state file at `path`, as JSON.
 pub fn read_state(path: &Path) -> (Value, Value) {
@@ -17,15 +18,11 @@ pub fn body_of(path: &Path) -> Value {
     read_state(path).1
 }
 
-/// `header` and `body` as a state file's bytes, with the body's length and CRC32 recomputed.
-pub fn state_bytes(mut header: Value, body: &Value) -> Vec<u8> {
-    let body = serde_json::to_vec(body).unwrap();
-    header["body_len"] = body.len().into();
-    header["body_crc32"] = crc32fast::hash(&body).into();
-    let mut out = serde_json::to_vec(&header).unwrap();
-    out.push(b'\n');
-    out.extend_from_slice(&body);
-    out
+/// `header` and `body` as a state file's bytes, with the body's length and the CRC32
+/// recomputed (`format::seal`).
+pub fn state_bytes(header: Value, body: &Value) -> Vec<u8> {
+    let header: Header = serde_json::from_value(header).unwrap();
+    seal(header, &serde_json::to_vec(body).unwrap())
 }
 
 /// Rewrites the body of the state file at `path` with `edit`, with a valid header: what a file

@@ -20,13 +20,13 @@ pub struct Body {
     pub vm: VmState,
 }
 
-/// A diff's parent: its state file and the CRC32 of its body (refused if it changed since).
+/// A diff's parent: its state file and that file's CRC32 (refused if it changed since).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ParentRef {
     /// Relative to this state file's directory, inside it.
     pub file: PathBuf,
-    pub body_crc32: u32,
+    pub crc32: u32,
 }
 
 /// A run of units (pages of a RAM file, sectors of a disk file) a file holds, with the CRC32

@@ -41,7 +41,8 @@ pub use super::load::load_snapshot;
 #[derive(Clone, Debug)]
 pub struct SnapshotOnDisk {
     pub state_path: PathBuf,
-    pub body_crc32: u32,
+    /// The state file's CRC32 (header and body).
+    pub crc32: u32,
     pub snapshot: VmSnapshot,
     /// The canonical state paths of this snapshot and every parent it depends on (itself
     /// first): a diff is never written over one of them.
@@ -74,7 +75,7 @@ pub fn write_snapshot(
             if let Some(over) = p.chain.iter().find(|c| **c == canonical) {
                 return Err(SnapshotError::OverItsParent { path: state_path.into(), parent: over.clone() });
             }
-            Some(ParentRef { file: inside("parent snapshot", &p.chain[0])?, body_crc32: p.body_crc32 })
+            Some(ParentRef { file: inside("parent snapshot", &p.chain[0])?, crc32: p.crc32 })
         }
         None => None,
     };
@@ -118,14 +119,13 @@ pub fn write_snapshot(
     };
     let body = Body { regions, parent: parent_ref, disk, vm: clone_state(&snap.state) };
     let body_bytes = serde_json::to_vec(&body).map_err(|source| SnapshotError::Body { path: state_path.into(), source })?;
-    let bytes = super::format::encode(kind, HostCpu::current(), &body_bytes);
+    let (bytes, crc32) = super::format::encode(kind, HostCpu::current(), &body_bytes);
     write_atomically(&mut created, &canonical, &bytes)?;
     created.keep();
     remove_old_files(&dir, &old_files);
     let mut chain = vec![canonical];
     chain.extend(parent.iter().flat_map(|p| p.chain.iter().cloned()));
-    let body_crc32 = crc32fast::hash(&body_bytes);
-    Ok(SnapshotOnDisk { state_path: state_path.to_path_buf(), body_crc32, snapshot: snap.clone(), chain })
+    Ok(SnapshotOnDisk { state_path: state_path.to_path_buf(), crc32, snapshot: snap.clone(), chain })
 }
 
 /// The RAM and disk files the snapshot now at `dir/name` names (none if there is none or it

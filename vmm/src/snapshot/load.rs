@@ -45,7 +45,7 @@ pub fn load_snapshot(state_path: &Path) -> Result<SnapshotOnDisk, SnapshotError>
         let path = &level.path;
         level.header.host_cpu.check_runs_on(&host).map_err(|source| SnapshotError::Host { path: path.clone(), source })?;
         if let (Some(expected), Some(parent)) = (&level.body.parent, &loaded) {
-            if expected.body_crc32 != parent.body_crc32 {
+            if expected.crc32 != parent.crc32 {
                 return Err(SnapshotError::ParentChanged { path: path.clone(), parent: parent.state_path.clone() });
             }
             if parent.snapshot.ram.layout() != level.body.vm.regions() {
@@ -131,7 +131,7 @@ fn load_level(level: Level, parent: Option<&SnapshotOnDisk>) -> Result<SnapshotO
     chain.extend(parent.iter().flat_map(|p| p.chain.iter().cloned()));
     Ok(SnapshotOnDisk {
         state_path: level.path,
-        body_crc32: level.header.body_crc32,
+        crc32: level.header.crc32,
         snapshot: VmSnapshot { ram, state: Arc::new(level.body.vm), disk: disk.map(Arc::new) },
         chain,
     })
