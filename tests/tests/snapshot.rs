@@ -43,8 +43,7 @@ fn full_and_diff_snapshots_restore_to_the_same_output() {
     assert!(wait_for_lines(&out, 3));
     let token = vm.pause().unwrap();
     let before_full = text(&out);
-    let full = write_snapshot(&VmSnapshot::take(&vm, &token).unwrap(), &dir.join("full.json"), &dir, SnapshotKind::Full, None)
-        .unwrap();
+    let full = write_snapshot(&VmSnapshot::take(&vm, &token).unwrap(), &dir.join("full.json"), &dir, SnapshotKind::Full, None).unwrap();
     vm.resume(token);
     assert!(wait_for_lines(&out, 7));
     let token = vm.pause().unwrap();
@@ -127,4 +126,30 @@ fn a_snapshot_of_another_shape_is_refused_for_reset() {
     assert!(err.to_string().contains("VM 0"), "{err}");
     assert!(format!("{:?}", err).contains("RamShape"), "{err:?}");
     let _paused = (token, other_token);
+}
+
+#[test]
+fn diffs_go_on_after_the_memory_layer_flattens_its_stack() {
+    use memory::{Bytes, GuestAddress, PAGE_SIZE};
+    let dir = scratch_dir("snapshot-flatten");
+    let mut vm = zygote_tests::spin_vm(1, 0);
+    let token = vm.pause().unwrap();
+    let mut parent =
+        write_snapshot(&VmSnapshot::take(&vm, &token).unwrap(), &dir.join("full.json"), &dir, SnapshotKind::Full, None).unwrap();
+    // 50 scattered pages a round: more runs than the memory layer stacks (512) by round 11.
+    let offsets: Vec<u64> = (0..50u64).map(|i| vmm::layout::TOUCH_ADDR + i * 8 * PAGE_SIZE as u64).collect();
+    for round in 0..14u8 {
+        for &offset in &offsets {
+            vm.ram().write_slice(&[round + 1; PAGE_SIZE], GuestAddress(offset)).unwrap();
+        }
+        let snap = VmSnapshot::take(&vm, &token).unwrap();
+        parent = write_snapshot(&snap, &dir.join(format!("d{round}.json")), &dir, SnapshotKind::Diff, Some(&parent)).unwrap();
+    }
+    let loaded = load_snapshot(&parent.state_path).unwrap();
+    for &offset in &offsets {
+        let mut page = vec![0u8; PAGE_SIZE];
+        loaded.snapshot.ram.read_slice(&mut page, GuestAddress(offset)).unwrap();
+        assert!(page.iter().all(|&b| b == 14), "page at {offset:#x}");
+    }
+    drop((token, vm.stop()));
 }

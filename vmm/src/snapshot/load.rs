@@ -134,6 +134,7 @@ fn load_level(level: Level, parent: Option<&SnapshotOnDisk>) -> Result<SnapshotO
         crc32: level.header.crc32,
         snapshot: VmSnapshot { ram, state: Arc::new(level.body.vm), disk: disk.map(Arc::new) },
         chain,
+        timing: Default::default(),
     })
 }
 
