@@ -40,8 +40,13 @@ pub struct Run(pub u64, pub u64, pub u32);
 pub struct RamFile {
     pub start: u64,
     pub size: u64,
-    /// Relative to the state file's directory, inside it.
+    /// Relative to the state file's directory, inside it; or Firecracker's single memory
+    /// file, which may be anywhere and is then given explicitly at load.
     pub file: PathBuf,
+    /// Where the region starts in its file: 0 for a file per region; in a single memory file,
+    /// the sum of the sizes of the regions before it.
+    #[serde(default)]
+    pub file_offset: u64,
     /// The page runs the file holds: every page with data for a full snapshot (the rest
     /// reads as zeros), the pages changed since the parent for a diff.
     pub runs: Vec<Run>,

@@ -21,20 +21,20 @@
 
 use std::path::{Path, PathBuf};
 
-use memory::{FileRun, MemoryError, PAGE_SIZE};
+use memory::{FileRun, PAGE_SIZE};
 
 use super::body::{Body, DiskFile, ParentRef, RamFile, Run};
 use super::fsio::{nonce, open_beneath, open_dir, open_regular, parent_dir, read_limited, write_atomically, Created};
 use super::host::HostCpu;
 use super::runs::{checksum_runs, data_runs};
-use super::VmSnapshot;
+use super::{memfile, VmSnapshot};
 use crate::vstate::VmState;
 use devices::block::SECTOR_SIZE;
 
 use super::error::io;
 pub use super::error::SnapshotError;
 pub use super::format::{SnapshotKind, FORMAT_VERSION, MAGIC};
-pub use super::load::load_snapshot;
+pub use super::load::{load_snapshot, load_snapshot_with, LoadOptions};
 
 /// A snapshot written to (or loaded from) `state_path`, kept in memory as the parent of the
 /// next diff.
@@ -63,6 +63,17 @@ pub struct WriteTiming {
     pub state: std::time::Duration,
 }
 
+/// Where a snapshot's RAM goes.
+#[derive(Clone, Copy, Debug)]
+pub enum MemTarget<'a> {
+    /// One file per region in this directory (the state file's or one below it).
+    Dir(&'a Path),
+    /// Firecracker's single memory file (`mem_file_path`): anywhere; replaced whole. Loading
+    /// finds it by itself only when it is inside the state file's directory; elsewhere the
+    /// loader is given it (`LoadOptions::mem_file`).
+    File(&'a Path),
+}
+
 /// Writes `snap` as a snapshot at `state_path` with RAM files in `mem_dir` (the state file's
 /// directory or one below it). A diff writes only what changed since `parent`, which `snap`
 /// must descend from, and never over `parent` or a snapshot `parent` depends on.
@@ -70,6 +81,17 @@ pub fn write_snapshot(
     snap: &VmSnapshot,
     state_path: &Path,
     mem_dir: &Path,
+    kind: SnapshotKind,
+    parent: Option<&SnapshotOnDisk>,
+) -> Result<SnapshotOnDisk, SnapshotError> {
+    write_snapshot_to(snap, state_path, MemTarget::Dir(mem_dir), kind, parent)
+}
+
+/// `write_snapshot` with the RAM in either layout (`MemTarget`).
+pub fn write_snapshot_to(
+    snap: &VmSnapshot,
+    state_path: &Path,
+    mem: MemTarget,
     kind: SnapshotKind,
     parent: Option<&SnapshotOnDisk>,
 ) -> Result<SnapshotOnDisk, SnapshotError> {
@@ -93,34 +115,53 @@ pub fn write_snapshot(
         }
         None => None,
     };
-    std::fs::create_dir_all(mem_dir).map_err(io(mem_dir))?;
-    let mem_rel = inside("mem_dir", &mem_dir.canonicalize().map_err(io(mem_dir))?)?;
+    let mem_rel = match mem {
+        MemTarget::Dir(mem_dir) => {
+            std::fs::create_dir_all(mem_dir).map_err(io(mem_dir))?;
+            inside("mem_dir", &mem_dir.canonicalize().map_err(io(mem_dir))?)?
+        }
+        MemTarget::File(_) => PathBuf::new(),
+    };
     let old_files = old_files(&dir, Path::new(name));
     let stem = name.to_string_lossy();
     let nonce = nonce();
     let mut created = Created::default();
     let mut timing = WriteTiming::default();
     let started = std::time::Instant::now();
+    let parent_ram = parent.map(|p| &p.snapshot.ram);
+    let to_run = |r: &FileRun| Run(r.first_page as u64, r.pages as u64, r.crc32);
     let mut regions = Vec::new();
-    for (index, &(start, size)) in snap.ram.layout().iter().enumerate() {
-        let file_name = mem_rel.join(format!("{stem}-mem{index}-{nonce}.raw"));
-        let file = created.create(&dir.join(&file_name))?;
-        let runs = match parent {
-            None => snap.ram.write_region(index, &file),
-            // The memory layer flattens a stack of too many runs into a new base: the pages
-            // changed since the parent are then unknown, and the diff holds every data page
-            // of the region instead (loaded over the parent like any diff file).
-            Some(p) => match snap.ram.write_region_diff(&p.snapshot.ram, index, &file) {
-                Err(MemoryError::NotADescendant { .. }) if snap.ram.layout() == p.snapshot.ram.layout() => {
-                    snap.ram.write_region(index, &file)
-                }
-                written => written,
-            },
+    let mut mem_file = None;
+    match mem {
+        MemTarget::Dir(_) => {
+            for (index, &(start, size)) in snap.ram.layout().iter().enumerate() {
+                let file_name = mem_rel.join(format!("{stem}-mem{index}-{nonce}.raw"));
+                let file = created.create(&dir.join(&file_name))?;
+                let runs = memfile::write_region(&snap.ram, parent_ram, index, &file)?;
+                timing.ram_bytes += runs.iter().map(|r| (r.pages * PAGE_SIZE) as u64).sum::<u64>();
+                let runs = runs.iter().map(to_run).collect();
+                regions.push(RamFile { start: start.0, size: size as u64, file: file_name, file_offset: 0, runs });
+            }
         }
-        .map_err(SnapshotError::Memory)?;
-        timing.ram_bytes += runs.iter().map(|r| (r.pages * PAGE_SIZE) as u64).sum::<u64>();
-        let runs = runs.iter().map(|r: &FileRun| Run(r.first_page as u64, r.pages as u64, r.crc32)).collect();
-        regions.push(RamFile { start: start.0, size: size as u64, file: file_name, runs });
+        MemTarget::File(path) => {
+            let file_name = path.file_name().ok_or_else(|| io(path)(std::io::ErrorKind::InvalidInput.into()))?;
+            let mem_dir = parent_dir(path).canonicalize().map_err(io(path))?;
+            let target = mem_dir.join(file_name);
+            if let Some(over) = parent.and_then(|p| p.chain.iter().find(|c| **c == target)) {
+                return Err(SnapshotError::OverItsParent { path: path.into(), parent: over.clone() });
+            }
+            // Written beside it and renamed over it once whole.
+            let tmp = mem_dir.join(format!(".{}.tmp-{}-{nonce}", file_name.to_string_lossy(), std::process::id()));
+            let file = created.create(&tmp)?;
+            let written = memfile::write_single(&snap.ram, parent_ram, &file, &mem_dir)?;
+            let name_in_body = target.strip_prefix(&dir).map_or_else(|_| target.clone(), Path::to_path_buf);
+            for (&(start, size), (file_offset, runs)) in snap.ram.layout().iter().zip(written) {
+                timing.ram_bytes += runs.iter().map(|r| (r.pages * PAGE_SIZE) as u64).sum::<u64>();
+                let runs = runs.iter().map(to_run).collect();
+                regions.push(RamFile { start: start.0, size: size as u64, file: name_in_body.clone(), file_offset, runs });
+            }
+            mem_file = Some((tmp, target));
+        }
     }
     timing.ram = started.elapsed();
     let disk = match &snap.disk {
@@ -147,11 +188,17 @@ pub fn write_snapshot(
     let body = Body { regions, parent: parent_ref, disk, vm: clone_state(&snap.state) };
     let body_bytes = serde_json::to_vec(&body).map_err(|source| SnapshotError::Body { path: state_path.into(), source })?;
     let (bytes, crc32) = super::format::encode(kind, HostCpu::current(), &body_bytes);
+    if let Some((tmp, target)) = &mem_file {
+        std::fs::rename(tmp, target).map_err(io(target))?;
+        created.forget(tmp);
+        created.track(target);
+    }
     write_atomically(&mut created, &canonical, &bytes)?;
     created.keep();
     remove_old_files(&dir, &old_files);
     timing.state = started.elapsed() - timing.ram - timing.disk;
     let mut chain = vec![canonical];
+    chain.extend(mem_file.map(|(_, target)| target));
     chain.extend(parent.iter().flat_map(|p| p.chain.iter().cloned()));
     Ok(SnapshotOnDisk { state_path: state_path.to_path_buf(), crc32, snapshot: snap.clone(), chain, timing })
 }

@@ -121,6 +121,11 @@ impl Created {
         self.paths.clear();
     }
 
+    /// Counts `path` (renamed into place) as created.
+    pub fn track(&mut self, path: &Path) {
+        self.paths.push(path.to_path_buf());
+    }
+
     /// Forgets `path` (renamed away).
     pub fn forget(&mut self, path: &Path) {
         self.paths.retain(|p| p != path);

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use devices::block::{FrozenDisk, SECTOR_SIZE};
-use memory::{BlockSet, FileKind, FileRun, MemoryError, Snapshot, PAGE_SIZE};
+use memory::{BlockSet, FileKind, FileRun, Snapshot, PAGE_SIZE};
 
 use super::body::{Body, Run};
 use super::error::{io, SnapshotError};
@@ -18,6 +18,7 @@ use super::file::SnapshotOnDisk;
 use super::format::{decode, Header, SnapshotKind, MAX_STATE_FILE_BYTES};
 use super::fsio::{open_beneath, open_dir, open_regular, parent_dir, read_limited};
 use super::host::HostCpu;
+use super::memfile::{open_regions, RegionFile};
 use super::runs::verify_runs;
 use super::validate::check_body;
 use super::VmSnapshot;
@@ -36,12 +37,28 @@ struct Level {
     body: Body,
 }
 
+/// What the user says about a snapshot beside its state file's path.
+#[derive(Clone, Debug, Default)]
+pub struct LoadOptions {
+    /// Firecracker's single memory file (`mem_backend.backend_path` / `mem_file_path`): every
+    /// RAM region of the named snapshot is read from this file, at the offsets its state file
+    /// lists, wherever the file is (an explicit path, not one read from the file).
+    pub mem_file: Option<PathBuf>,
+}
+
 /// Reads and checks the snapshot at `state_path` (and its parents), mapping its RAM files.
 pub fn load_snapshot(state_path: &Path) -> Result<SnapshotOnDisk, SnapshotError> {
+    load_snapshot_with(state_path, &LoadOptions::default())
+}
+
+/// `load_snapshot` with the user's `options` (which apply to the named snapshot, not to the
+/// parents it names).
+pub fn load_snapshot_with(state_path: &Path, options: &LoadOptions) -> Result<SnapshotOnDisk, SnapshotError> {
     let levels = read_chain(state_path)?;
     let host = HostCpu::current();
     let mut loaded: Option<SnapshotOnDisk> = None;
-    for level in levels.into_iter().rev() {
+    for (depth, level) in levels.into_iter().enumerate().rev() {
+        let mem_file = if depth == 0 { options.mem_file.as_deref() } else { None };
         let path = &level.path;
         level.header.host_cpu.check_runs_on(&host).map_err(|source| SnapshotError::Host { path: path.clone(), source })?;
         if let (Some(expected), Some(parent)) = (&level.body.parent, &loaded) {
@@ -52,7 +69,7 @@ pub fn load_snapshot(state_path: &Path) -> Result<SnapshotOnDisk, SnapshotError>
                 return Err(SnapshotError::ParentLayout { path: path.clone() });
             }
         }
-        loaded = Some(load_level(level, loaded.as_ref())?);
+        loaded = Some(load_level(level, loaded.as_ref(), mem_file)?);
     }
     loaded.ok_or(SnapshotError::NoParent)
 }
@@ -92,42 +109,52 @@ fn read_chain(state_path: &Path) -> Result<Vec<Level>, SnapshotError> {
 
 /// Opens, checks and maps the files of one validated level over `parent` (present exactly for
 /// a diff, as `check_body` made sure).
-fn load_level(level: Level, parent: Option<&SnapshotOnDisk>) -> Result<SnapshotOnDisk, SnapshotError> {
+fn load_level(level: Level, parent: Option<&SnapshotOnDisk>, mem_file: Option<&Path>) -> Result<SnapshotOnDisk, SnapshotError> {
     let kind = match level.header.kind {
         SnapshotKind::Full => FileKind::Full,
         SnapshotKind::Diff => FileKind::Diff,
     };
-    let mut files = Vec::with_capacity(level.body.regions.len());
-    for region in &level.body.regions {
-        let path = level.dir_path.join(&region.file);
-        let file = open_beneath(&level.dir, &level.dir_path, &region.file, &level.path)?;
-        let size = usize::try_from(region.size).map_err(|_| SnapshotError::RamFileSize {
-            path: path.clone(),
-            expected: region.size,
-            actual: 0,
-        })?;
-        let runs: Vec<FileRun> = region.runs.iter().map(|&Run(first, count, crc32)| file_run(first, count, crc32)).collect();
-        Snapshot::verify_file(&file, size, &runs, kind).map_err(|source| match source {
-            MemoryError::FileSize { expected, actual } => SnapshotError::RamFileSize { path: path.clone(), expected, actual },
-            source => SnapshotError::RamFile { path: path.clone(), source },
-        })?;
-        files.push((file, runs, size));
+    // Each distinct file once, with the regions it holds (a single memory file holds all).
+    let mut by_file: Vec<(&Path, Vec<usize>)> = Vec::new();
+    for (index, region) in level.body.regions.iter().enumerate() {
+        let name = mem_file.unwrap_or(&region.file);
+        match by_file.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, indices)) => indices.push(index),
+            None => by_file.push((name, vec![index])),
+        }
     }
+    let mut files: Vec<Option<RegionFile>> = level.body.regions.iter().map(|_| None).collect();
+    let mut mem_paths = Vec::new();
+    for (name, indices) in by_file {
+        let (file, path) = match mem_file {
+            Some(explicit) => (open_regular(explicit)?, explicit.to_path_buf()),
+            None => (open_beneath(&level.dir, &level.dir_path, name, &level.path)?, level.dir_path.join(name)),
+        };
+        let regions: Vec<_> = indices.iter().map(|&i| &level.body.regions[i]).collect();
+        if regions.len() > 1 || regions[0].file_offset != 0 || mem_file.is_some() {
+            mem_paths.push(path.canonicalize().map_err(io(&path))?);
+        }
+        for (index, opened) in indices.iter().zip(open_regions(file, &path, &regions, kind)?) {
+            files[*index] = Some(opened);
+        }
+    }
+    let files: Vec<RegionFile> = files.into_iter().flatten().collect();
     let disk = load_disk(&level, parent)?;
     let ram = match parent {
         Some(parent) => {
-            let diffs = files.into_iter().map(|(file, runs, size)| {
+            let diffs = files.into_iter().map(|RegionFile { file, runs, size }| {
                 let runs: Vec<(usize, usize)> = runs.iter().map(FileRun::page_run).collect();
                 (file, BlockSet::from_runs(size / PAGE_SIZE, &runs))
             });
             Snapshot::from_diff_files(&parent.snapshot.ram, diffs.collect()).map_err(SnapshotError::Memory)?
         }
         None => {
-            Snapshot::from_files(&level.body.vm.regions(), files.into_iter().map(|(f, _, _)| f).collect()).map_err(SnapshotError::Memory)?
+            Snapshot::from_files(&level.body.vm.regions(), files.into_iter().map(|r| r.file).collect()).map_err(SnapshotError::Memory)?
         }
     };
     let canonical = level.dir_path.canonicalize().map_err(io(&level.dir_path))?.join(level.path.file_name().unwrap_or_default());
     let mut chain = vec![canonical];
+    chain.extend(mem_paths);
     chain.extend(parent.iter().flat_map(|p| p.chain.iter().cloned()));
     Ok(SnapshotOnDisk {
         state_path: level.path,
@@ -136,11 +163,6 @@ fn load_level(level: Level, parent: Option<&SnapshotOnDisk>) -> Result<SnapshotO
         chain,
         timing: Default::default(),
     })
-}
-
-/// Validated runs (inside a region of at most `MAX_MEM_MIB`) fit usize.
-fn file_run(first: u64, count: u64, crc32: u32) -> FileRun {
-    FileRun { first_page: usize::try_from(first).unwrap_or(usize::MAX), pages: usize::try_from(count).unwrap_or(0), crc32 }
 }
 
 /// Checks the disk file against the body (present exactly with virtio-blk state, length,

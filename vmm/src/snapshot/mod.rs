@@ -9,6 +9,7 @@ pub mod format;
 mod fsio;
 pub mod host;
 mod load;
+mod memfile;
 mod runs;
 pub mod validate;
 

@@ -27,6 +27,8 @@ pub enum ValidateError {
     RegionCount { files: usize, regions: usize },
     #[error("regions[{index}]: start {start:#x} size {size:#x}, the layout has start {layout_start:#x} size {layout_size:#x}")]
     RegionMismatch { index: usize, start: u64, size: u64, layout_start: u64, layout_size: u64 },
+    #[error("regions[{index}].file_offset: {offset:#x} {reason}")]
+    FileOffset { index: usize, offset: u64, reason: &'static str },
     #[error("{field}: run ({first}, {count}) is empty, out of order or past {limit}")]
     BadRun { field: String, first: u64, count: u64, limit: u64 },
     #[error("parent: a {kind:?} snapshot {has} a parent")]
@@ -60,6 +62,15 @@ pub fn check_body(kind: SnapshotKind, body: &Body) -> Result<(), ValidateError> 
             return Err(ValidateError::RegionMismatch { index, start, size, layout_start, layout_size });
         }
         check_runs(&format!("regions[{index}].runs"), &file.runs, file.size / PAGE_SIZE as u64)?;
+        let end = file.file_offset.checked_add(file.size).filter(|_| file.file_offset.is_multiple_of(PAGE_SIZE as u64));
+        let Some(end) = end else {
+            return Err(ValidateError::FileOffset { index, offset: file.file_offset, reason: "not page-aligned or past any file" });
+        };
+        // Regions sharing a file (a single memory file) must not share bytes of it.
+        let shared = body.regions[..index].iter().filter(|r| r.file == file.file);
+        if shared.into_iter().any(|r| r.file_offset < end && file.file_offset < r.file_offset.saturating_add(r.size)) {
+            return Err(ValidateError::FileOffset { index, offset: file.file_offset, reason: "overlaps another region in the same file" });
+        }
     }
     match (kind, &body.parent) {
         (SnapshotKind::Full, Some(_)) => return Err(ValidateError::Parent { kind, has: "has" }),
