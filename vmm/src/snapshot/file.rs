@@ -19,6 +19,7 @@
 //! Everything a write creates is created exclusively (a planted link is never followed) and
 //! removed if the write fails. Loading (`load`) treats every file as untrusted input.
 
+use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use memory::{FileRun, PAGE_SIZE};
@@ -132,12 +133,15 @@ pub fn write_snapshot_to(
     let to_run = |r: &FileRun| Run(r.first_page as u64, r.pages as u64, r.crc32);
     let mut regions = Vec::new();
     let mut mem_file = None;
+    // Synced together with the state file.
+    let mut to_sync: Vec<(File, PathBuf)> = Vec::new();
     match mem {
         MemTarget::Dir(_) => {
             for (index, &(start, size)) in snap.ram.layout().iter().enumerate() {
                 let file_name = mem_rel.join(format!("{stem}-mem{index}-{nonce}.raw"));
                 let file = created.create(&dir.join(&file_name))?;
                 let runs = memfile::write_region(&snap.ram, parent_ram, index, &file)?;
+                to_sync.push((file, dir.join(&file_name)));
                 timing.ram_bytes += runs.iter().map(|r| (r.pages * PAGE_SIZE) as u64).sum::<u64>();
                 let runs = runs.iter().map(to_run).collect();
                 regions.push(RamFile { start: start.0, size: size as u64, file: file_name, file_offset: 0, runs });
@@ -154,13 +158,14 @@ pub fn write_snapshot_to(
             let tmp = mem_dir.join(format!(".{}.tmp-{}-{nonce}", file_name.to_string_lossy(), std::process::id()));
             let file = created.create(&tmp)?;
             let written = memfile::write_single(&snap.ram, parent_ram, &file, &mem_dir)?;
+            to_sync.push((file, tmp.clone()));
             let name_in_body = target.strip_prefix(&dir).map_or_else(|_| target.clone(), Path::to_path_buf);
             for (&(start, size), (file_offset, runs)) in snap.ram.layout().iter().zip(written) {
                 timing.ram_bytes += runs.iter().map(|r| (r.pages * PAGE_SIZE) as u64).sum::<u64>();
                 let runs = runs.iter().map(to_run).collect();
                 regions.push(RamFile { start: start.0, size: size as u64, file: name_in_body.clone(), file_offset, runs });
             }
-            mem_file = Some((tmp, target));
+            mem_file = Some((tmp, target, mem_dir));
         }
     }
     timing.ram = started.elapsed();
@@ -188,17 +193,23 @@ pub fn write_snapshot_to(
     let body = Body { regions, parent: parent_ref, disk, vm: clone_state(&snap.state) };
     let body_bytes = serde_json::to_vec(&body).map_err(|source| SnapshotError::Body { path: state_path.into(), source })?;
     let (bytes, crc32) = super::format::encode(kind, HostCpu::current(), &body_bytes);
-    if let Some((tmp, target)) = &mem_file {
-        std::fs::rename(tmp, target).map_err(io(target))?;
-        created.forget(tmp);
-        created.track(target);
-    }
-    write_atomically(&mut created, &canonical, &bytes)?;
+    let with: Vec<(&File, &Path)> = to_sync.iter().map(|(f, p)| (f, p.as_path())).collect();
+    write_atomically(&mut created, &canonical, &bytes, &with, |created| {
+        if let Some((tmp, target, mem_dir)) = &mem_file {
+            std::fs::rename(tmp, target).map_err(io(target))?;
+            created.forget(tmp);
+            created.track(target);
+            if *mem_dir != dir {
+                File::open(mem_dir).and_then(|d| d.sync_all()).map_err(io(mem_dir))?;
+            }
+        }
+        Ok(())
+    })?;
     created.keep();
     remove_old_files(&dir, &old_files);
     timing.state = started.elapsed() - timing.ram - timing.disk;
     let mut chain = vec![canonical];
-    chain.extend(mem_file.map(|(_, target)| target));
+    chain.extend(mem_file.map(|(_, target, _)| target));
     chain.extend(parent.iter().flat_map(|p| p.chain.iter().cloned()));
     Ok(SnapshotOnDisk { state_path: state_path.to_path_buf(), crc32, snapshot: snap.clone(), chain, timing })
 }

@@ -142,13 +142,28 @@ impl Drop for Created {
 
 /// Writes `bytes` to `path` so that `path` holds either its old content or all of the new:
 /// through a temporary file created exclusively beside it, fsynced and renamed over it.
-pub fn write_atomically(created: &mut Created, path: &Path, bytes: &[u8]) -> Result<(), SnapshotError> {
+/// `with` (the files the new content refers to) are fsynced at the same time, before the
+/// rename: concurrent fsyncs share the filesystem's journal commits. `before_rename` runs
+/// between the fsyncs and the rename.
+pub fn write_atomically(
+    created: &mut Created,
+    path: &Path,
+    bytes: &[u8],
+    with: &[(&File, &Path)],
+    before_rename: impl FnOnce(&mut Created) -> Result<(), SnapshotError>,
+) -> Result<(), SnapshotError> {
     use std::io::Write;
     let dir = parent_dir(path);
     let name = path.file_name().map_or("snapshot".into(), |n| n.to_string_lossy().into_owned());
     let tmp = dir.join(format!(".{name}.tmp-{}-{}", std::process::id(), nonce()));
     let mut file = created.create(&tmp)?;
-    file.write_all(bytes).and_then(|()| file.sync_all()).map_err(io(&tmp))?;
+    file.write_all(bytes).map_err(io(&tmp))?;
+    let all: Vec<(&File, &Path)> = with.iter().copied().chain([(&file, tmp.as_path())]).collect();
+    std::thread::scope(|scope| {
+        let syncs: Vec<_> = all.iter().map(|&(f, p)| scope.spawn(move || f.sync_all().map_err(io(p)))).collect();
+        syncs.into_iter().try_for_each(|s| s.join().unwrap_or_else(|_| Err(io(path)(std::io::Error::other("fsync thread panicked")))))
+    })?;
+    before_rename(created)?;
     std::fs::rename(&tmp, path).map_err(io(path))?;
     created.forget(&tmp);
     File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
@@ -208,7 +223,7 @@ mod tests {
         assert!(!dir.join("new.raw").exists(), "dropped without keep: removed");
         assert_eq!(std::fs::read(&victim).unwrap(), b"keep");
         let mut created = Created::default();
-        write_atomically(&mut created, &dir.join("s.json"), b"state").unwrap();
+        write_atomically(&mut created, &dir.join("s.json"), b"state", &[], |_| Ok(())).unwrap();
         created.keep();
         assert_eq!(std::fs::read(dir.join("s.json")).unwrap(), b"state");
         assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 4, "sub, victim, planted, s.json: no temporary file left");

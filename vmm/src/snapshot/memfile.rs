@@ -84,7 +84,7 @@ fn copy_range(from: &File, from_offset: u64, to: &File, to_offset: u64, len: u64
 }
 
 /// Writes all of `ram` into `out` (Firecracker's single memory file: regions one after the
-/// other, sparse), or what changed since `parent`; syncs it. Returns each region's file offset
+/// other, sparse), or what changed since `parent` (not synced: the caller syncs). Returns each region's file offset
 /// and runs. `scratch_dir` holds the unnamed file a region after the first passes through.
 pub fn write_single(
     ram: &Snapshot,
@@ -110,7 +110,6 @@ pub fn write_single(
         regions.push((offset, runs));
         offset += size as u64;
     }
-    out.sync_all().map_err(io(scratch_dir))?;
     Ok(regions)
 }
 
