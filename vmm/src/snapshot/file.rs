@@ -35,7 +35,7 @@ use devices::block::SECTOR_SIZE;
 use super::error::io;
 pub use super::error::SnapshotError;
 pub use super::format::{SnapshotKind, FORMAT_VERSION, MAGIC};
-pub use super::load::{load_snapshot, load_snapshot_with, LoadOptions};
+pub use super::load::{check_state_file, load_snapshot, load_snapshot_with, LoadOptions};
 
 /// A snapshot written to (or loaded from) `state_path`, kept in memory as the parent of the
 /// next diff.
