@@ -346,6 +346,9 @@ fn writes_follow_no_planted_link_clean_up_after_failing_and_replace_old_files() 
     assert_eq!(second.len(), 1, "{second:?}");
     assert_ne!(first, second);
     assert!(load_snapshot(&dir.join("s.json")).is_ok());
+    // A directory that does not exist yet is made (as the API always did).
+    write_snapshot(&snap, &dir.join("new/s.json"), &dir.join("new"), SnapshotKind::Full, None).unwrap();
+    assert!(load_snapshot(&dir.join("new/s.json")).is_ok());
     // A create that fails at its last step (the state path is a directory) leaves nothing.
     std::fs::create_dir(dir.join("d.json")).unwrap();
     assert!(write_snapshot(&snap, &dir.join("d.json"), &dir, SnapshotKind::Full, None).is_err());

@@ -101,6 +101,8 @@ pub fn write_snapshot_to(
         SnapshotKind::Diff => Some(parent.ok_or(SnapshotError::NoParent)?),
     };
     let name = state_path.file_name().ok_or_else(|| io(state_path)(std::io::ErrorKind::InvalidInput.into()))?;
+    // The state file's directory is made if missing, as the RAM files' is.
+    std::fs::create_dir_all(parent_dir(state_path)).map_err(io(state_path))?;
     let dir = parent_dir(state_path).canonicalize().map_err(io(state_path))?;
     let canonical = dir.join(name);
     let inside = |what, path: &Path| match path.strip_prefix(&dir) {
