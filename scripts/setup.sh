@@ -35,6 +35,18 @@ check_kvm() {
     fi
 }
 
+# For `scripts/test.sh --slow`: the fuzz targets need a nightly toolchain and cargo-fuzz.
+ensure_fuzz() {
+    if ! rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
+        echo "zygote setup: installing the nightly toolchain (cargo-fuzz builds with it)" >&2
+        rustup toolchain install nightly --profile minimal >&2
+    fi
+    if ! cargo fuzz --version >/dev/null 2>&1; then
+        echo "zygote setup: installing cargo-fuzz" >&2
+        cargo install cargo-fuzz --locked >&2
+    fi
+}
+
 ensure_all() {
     ensure_binutils
     ensure_cargo

@@ -21,6 +21,11 @@ if [ "${1:-}" = "--slow" ]; then
     # The fuzzer must find the bugs planted in the memory layer (both modes): a build of the
     # tools with the feature, never a release artifact.
     cargo test -j1 -p zygote-tools --features planted-bugs --lib fuzz
+    # Coverage-guided fuzzing of the snapshot state parser and validator (inputs sealed with a
+    # valid checksum), one minute from the committed seeds; longer: raise -max_total_time.
+    ensure_fuzz
+    mkdir -p tools/fuzz/corpus/snapshot_state
+    (cd tools/fuzz && CARGO_BUILD_JOBS=1 cargo +nightly fuzz run snapshot_state corpus/snapshot_state seeds/snapshot_state -- -max_total_time=60)
     # The real binary boots the vmlinux to its init's marker and reads a disk, boots the bzImage
     # on two vCPUs (~75 s: its decompressor is emulated), a booting Linux VM is cloned and both
     # run to their init, and one is cloned, snapshotted and restored through the control API

@@ -49,8 +49,9 @@ pub enum FileKind {
 }
 
 impl Snapshot {
-    /// Writes region `region`'s bytes into `out`: every page holding data, sparse elsewhere,
-    /// then syncs it. Returns the runs written with their checksums.
+    /// Writes region `region`'s bytes into `out`: every page holding data, sparse elsewhere.
+    /// Does not sync `out` (the caller syncs it with its other files, in one go). Returns the
+    /// runs written with their checksums.
     pub fn write_region(&self, region: usize, out: &File) -> Result<Vec<FileRun>, MemoryError> {
         let stack = self.stack(region)?;
         let pages = data_pages(stack)?;
@@ -58,8 +59,8 @@ impl Snapshot {
     }
 
     /// Writes only the pages of region `region` that changed since `parent` (which this
-    /// snapshot must descend from, parent kept alive meanwhile), sparse elsewhere, then syncs
-    /// it. Returns the runs written with their checksums.
+    /// snapshot must descend from, parent kept alive meanwhile), sparse elsewhere; does not
+    /// sync `out`. Returns the runs written with their checksums.
     pub fn write_region_diff(&self, parent: &Snapshot, region: usize, out: &File) -> Result<Vec<FileRun>, MemoryError> {
         let stack = self.stack(region)?;
         let base = parent.stack(region)?;
@@ -149,7 +150,7 @@ fn data_pages(stack: &ImageStack) -> Result<PageSet, MemoryError> {
 }
 
 /// Writes the stack's bytes of `pages` into `out` (sized to the region, sparse elsewhere), one
-/// checksum per run, and syncs it.
+/// checksum per run.
 fn write_pages(stack: &ImageStack, pages: &PageSet, out: &File) -> Result<Vec<FileRun>, MemoryError> {
     out.set_len(0).and_then(|()| out.set_len(stack.len() as u64)).map_err(MemoryError::FileIo)?;
     let mut runs = Vec::new();
@@ -161,7 +162,6 @@ fn write_pages(stack: &ImageStack, pages: &PageSet, out: &File) -> Result<Vec<Fi
         }
         runs.push(FileRun { first_page, pages: count, crc32: crc.finalize() });
     }
-    out.sync_all().map_err(MemoryError::FileIo)?;
     Ok(runs)
 }
 

@@ -3,7 +3,8 @@
 
 use std::time::Duration;
 
-use vmm::snapshot::file::{load_snapshot, write_snapshot, SnapshotError, SnapshotKind};
+use vmm::snapshot::file::{load_snapshot, write_snapshot, SnapshotError, SnapshotKind, FORMAT_VERSION};
+use vmm::snapshot::format::FormatError;
 use vmm::snapshot::VmSnapshot;
 use vmm::{build_tiny_vm, guests, VmOutcome};
 use zygote_tests::{captured, scratch_dir, text, wait_for_lines};
@@ -42,8 +43,7 @@ fn full_and_diff_snapshots_restore_to_the_same_output() {
     assert!(wait_for_lines(&out, 3));
     let token = vm.pause().unwrap();
     let before_full = text(&out);
-    let full = write_snapshot(&VmSnapshot::take(&vm, &token).unwrap(), &dir.join("full.json"), &dir, SnapshotKind::Full, None)
-        .unwrap();
+    let full = write_snapshot(&VmSnapshot::take(&vm, &token).unwrap(), &dir.join("full.json"), &dir, SnapshotKind::Full, None).unwrap();
     vm.resume(token);
     assert!(wait_for_lines(&out, 7));
     let token = vm.pause().unwrap();
@@ -84,15 +84,15 @@ fn truncated_corrupted_and_wrong_version_snapshots_are_refused() {
         assert!(err.to_string().contains("s.json"), "error names the file: {err}");
         err
     };
-    assert!(matches!(refused(&good[..good.len() - 10]), SnapshotError::Truncated { .. }));
+    assert!(matches!(refused(&good[..good.len() - 10]), SnapshotError::Format { source: FormatError::Truncated { .. }, .. }));
     let mut flipped = good.clone();
     let last = flipped.len() - 20;
     flipped[last] ^= 0x01;
-    assert!(matches!(refused(&flipped), SnapshotError::Corrupted { .. }));
+    assert!(matches!(refused(&flipped), SnapshotError::Format { source: FormatError::Corrupted { .. }, .. }));
     let text = String::from_utf8(good.clone()).unwrap();
-    let v2 = text.replacen("\"format_version\":3", "\"format_version\":2", 1);
-    assert!(matches!(refused(v2.as_bytes()), SnapshotError::Version { found: 2, .. }));
-    assert!(matches!(refused(b"hello\n"), SnapshotError::NotASnapshot { .. }));
+    let v2 = text.replacen(&format!("\"format_version\":{FORMAT_VERSION}"), "\"format_version\":2", 1);
+    assert!(matches!(refused(v2.as_bytes()), SnapshotError::Format { source: FormatError::Version { found: 2, .. }, .. }));
+    assert!(matches!(refused(b"hello\n"), SnapshotError::Format { source: FormatError::NotASnapshot, .. }));
 
     // A truncated or corrupted RAM file.
     std::fs::write(&path, &good).unwrap();
@@ -100,7 +100,7 @@ fn truncated_corrupted_and_wrong_version_snapshots_are_refused() {
     let f = std::fs::OpenOptions::new().write(true).open(&ram).unwrap();
     let len = f.metadata().unwrap().len();
     std::os::unix::fs::FileExt::write_all_at(&f, b"x", 0x10_0000).unwrap();
-    assert!(matches!(load_snapshot(&path).unwrap_err(), SnapshotError::Corrupted { .. }));
+    assert!(matches!(load_snapshot(&path).unwrap_err(), SnapshotError::RamFile { .. }));
     f.set_len(len / 2).unwrap();
     assert!(matches!(load_snapshot(&path).unwrap_err(), SnapshotError::RamFileSize { .. }));
     // A diff needs a parent.
@@ -126,4 +126,30 @@ fn a_snapshot_of_another_shape_is_refused_for_reset() {
     assert!(err.to_string().contains("VM 0"), "{err}");
     assert!(format!("{:?}", err).contains("RamShape"), "{err:?}");
     let _paused = (token, other_token);
+}
+
+#[test]
+fn diffs_go_on_after_the_memory_layer_flattens_its_stack() {
+    use memory::{Bytes, GuestAddress, PAGE_SIZE};
+    let dir = scratch_dir("snapshot-flatten");
+    let mut vm = zygote_tests::spin_vm(1, 0);
+    let token = vm.pause().unwrap();
+    let mut parent =
+        write_snapshot(&VmSnapshot::take(&vm, &token).unwrap(), &dir.join("full.json"), &dir, SnapshotKind::Full, None).unwrap();
+    // 50 scattered pages a round: more runs than the memory layer stacks (512) by round 11.
+    let offsets: Vec<u64> = (0..50u64).map(|i| vmm::layout::TOUCH_ADDR + i * 8 * PAGE_SIZE as u64).collect();
+    for round in 0..14u8 {
+        for &offset in &offsets {
+            vm.ram().write_slice(&[round + 1; PAGE_SIZE], GuestAddress(offset)).unwrap();
+        }
+        let snap = VmSnapshot::take(&vm, &token).unwrap();
+        parent = write_snapshot(&snap, &dir.join(format!("d{round}.json")), &dir, SnapshotKind::Diff, Some(&parent)).unwrap();
+    }
+    let loaded = load_snapshot(&parent.state_path).unwrap();
+    for &offset in &offsets {
+        let mut page = vec![0u8; PAGE_SIZE];
+        loaded.snapshot.ram.read_slice(&mut page, GuestAddress(offset)).unwrap();
+        assert!(page.iter().all(|&b| b == 14), "page at {offset:#x}");
+    }
+    drop((token, vm.stop()));
 }

@@ -14,9 +14,11 @@ use vmm::api::Controller;
 use vmm::clone::clone_vm;
 use vmm::layout::{DMA_GUEST_BLK_LEN, DMA_GUEST_DMA_LEN, DMA_GUEST_PATTERN};
 use vmm::snapshot::file::{load_snapshot, write_snapshot, SnapshotError, SnapshotKind};
+use vmm::snapshot::validate::ValidateError;
 use vmm::snapshot::VmSnapshot;
 use vmm::{build_tiny_vm, guests, Console, VmConfig, VmOutcome, Vmm};
 use zygote_tests::blk_driver::{blk_in_flight, dma_busy, hold_blk_submissions, hold_dma, step_dma, BlkDriver};
+use zygote_tests::snapshot_file::{body_of, rewrite_body};
 use zygote_tests::{scratch_dir, spin_vm_with_disk, text};
 
 /// µs between the dma guest's 4 KiB chunks: its 1 MiB transfer takes about half a second.
@@ -149,8 +151,10 @@ fn disk_writes_before_a_snapshot_are_in_its_file_and_later_ones_are_not() {
     // The diff's disk file holds only the sectors written since the full one (and those the
     // full one held privately), sparse elsewhere.
     let diff_disk = &body_of(&dir.join("diff.json"))["disk"];
-    assert_eq!(diff_disk["diff_runs"], serde_json::json!([[10, 1], [20, 2]]), "{diff_disk}");
-    let allocated = |file: &serde_json::Value| std::fs::metadata(file.as_str().unwrap()).unwrap().blocks() * 512;
+    let runs: Vec<(u64, u64)> =
+        diff_disk["runs"].as_array().unwrap().iter().map(|r| (r[0].as_u64().unwrap(), r[1].as_u64().unwrap())).collect();
+    assert_eq!((runs, &diff_disk["diff"]), (vec![(10, 1), (20, 2)], &serde_json::json!(true)), "{diff_disk}");
+    let allocated = |file: &serde_json::Value| std::fs::metadata(dir.join(file.as_str().unwrap())).unwrap().blocks() * 512;
     assert!(allocated(&diff_disk["file"]) <= 16 << 10, "diff disk file allocates {} bytes", allocated(&diff_disk["file"]));
     assert!(allocated(&body_of(&dir.join("full.json"))["disk"]["file"]) >= 256 << 10, "the full one holds the disk");
     let at_diff = driver;
@@ -172,30 +176,6 @@ fn disk_writes_before_a_snapshot_are_in_its_file_and_later_ones_are_not() {
     assert!(std::fs::read(&disk).unwrap() == frozen_file, "the file holds the writes before the clone froze it");
     drop((vm_full.stop(), vm_diff.stop(), vm.stop()));
     let _ = std::fs::remove_dir_all(&dir);
-}
-
-/// The JSON body of the state file at `path`.
-fn body_of(path: &Path) -> serde_json::Value {
-    let bytes = std::fs::read(path).unwrap();
-    let newline = bytes.iter().position(|&b| b == b'\n').unwrap();
-    serde_json::from_slice(&bytes[newline + 1..]).unwrap()
-}
-
-/// Rewrites the body of the state file at `path` with `edit`, with a valid header (length and
-/// CRC32 recomputed): what a file whose content is wrong, not damaged, looks like.
-fn rewrite_body(path: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
-    let bytes = std::fs::read(path).unwrap();
-    let newline = bytes.iter().position(|&b| b == b'\n').unwrap();
-    let mut header: serde_json::Value = serde_json::from_slice(&bytes[..newline]).unwrap();
-    let mut body: serde_json::Value = serde_json::from_slice(&bytes[newline + 1..]).unwrap();
-    edit(&mut body);
-    let body = serde_json::to_vec(&body).unwrap();
-    header["body_len"] = body.len().into();
-    header["body_crc32"] = crc32fast::hash(&body).into();
-    let mut out = serde_json::to_vec(&header).unwrap();
-    out.push(b'\n');
-    out.extend_from_slice(&body);
-    std::fs::write(path, out).unwrap();
 }
 
 #[test]
@@ -244,9 +224,9 @@ fn bad_disk_files_and_mismatched_devices_are_refused() {
     assert!(err.to_string().contains("s.json"), "{err}");
     // A full snapshot whose disk file claims to be a diff.
     std::fs::write(&path, &good_state).unwrap();
-    rewrite_body(&path, |body| body["disk"]["diff_runs"] = serde_json::json!([[0, 1]]));
+    rewrite_body(&path, |body| body["disk"]["diff"] = serde_json::json!(true));
     let err = refused();
-    assert!(matches!(&err, SnapshotError::DeviceMismatch { reason, .. } if reason.contains("no parent disk")), "{err:?}");
+    assert!(matches!(&err, SnapshotError::Invalid { source: ValidateError::DiskDiff, .. }), "{err:?}");
     // A request in flight past the disk's end.
     std::fs::write(&path, &good_state).unwrap();
     rewrite_body(&path, |body| {
@@ -255,7 +235,8 @@ fn bad_disk_files_and_mismatched_devices_are_refused() {
         }]);
     });
     let err = refused();
-    assert!(matches!(&err, SnapshotError::DeviceMismatch { reason, .. } if reason.contains("past the disk end")), "{err:?}");
+    let past_end = |e: &SnapshotError| matches!(e, SnapshotError::Invalid { source: ValidateError::Block { reason }, .. } if reason.contains("past the disk end"));
+    assert!(past_end(&err), "{err:?}");
     drop(vm.stop());
     let _ = std::fs::remove_dir_all(&dir);
 }

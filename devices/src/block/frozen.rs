@@ -107,8 +107,13 @@ impl FrozenDisk {
     /// A saved disk file as a frozen disk, opened read-only (it must never change: VMs
     /// started from it write their own overlays in `overlay_dir`).
     pub fn open(path: &Path, overlay_dir: &Path) -> Result<FrozenDisk, BlockError> {
+        let file = OpenOptions::new().read(true).open(path).map_err(|source| BlockError::Open { path: path.to_path_buf(), source })?;
+        Self::open_file(file, path, overlay_dir)
+    }
+
+    /// `open` for a file the caller opened (and checked) itself; `path` names it in errors.
+    pub fn open_file(file: File, path: &Path, overlay_dir: &Path) -> Result<FrozenDisk, BlockError> {
         let open_error = |source| BlockError::Open { path: path.to_path_buf(), source };
-        let file = OpenOptions::new().read(true).open(path).map_err(open_error)?;
         let len = file.metadata().map_err(open_error)?.len();
         if len == 0 || !len.is_multiple_of(SECTOR_SIZE) {
             return Err(BlockError::DiskSize { path: path.to_path_buf(), len });

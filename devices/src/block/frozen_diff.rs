@@ -40,8 +40,13 @@ impl FrozenDisk {
     /// `path` (sized to the disk; `write_sectors_to` wrote it). The parent's private sectors
     /// and these go into a new overlay over the parent's base; no VM writes either.
     pub fn open_diff(parent: &FrozenDisk, path: &Path, sectors: &SectorSet) -> Result<FrozenDisk, BlockError> {
+        let file = OpenOptions::new().read(true).open(path).map_err(|source| BlockError::Open { path: path.to_path_buf(), source })?;
+        Self::open_diff_file(parent, file, path, sectors)
+    }
+
+    /// `open_diff` for a file the caller opened (and checked) itself; `path` names it in errors.
+    pub fn open_diff_file(parent: &FrozenDisk, file: File, path: &Path, sectors: &SectorSet) -> Result<FrozenDisk, BlockError> {
         let open_error = |source| BlockError::Open { path: path.to_path_buf(), source };
-        let file = OpenOptions::new().read(true).open(path).map_err(open_error)?;
         let len = file.metadata().map_err(open_error)?.len();
         if len != parent.disk.sectors * SECTOR_SIZE || sectors.capacity() as u64 != parent.disk.sectors {
             return Err(BlockError::DiskSize { path: path.to_path_buf(), len });

@@ -1,151 +1,83 @@
-//! Snapshot files. A snapshot is a state file plus one RAM file per region:
+//! Snapshot files. A snapshot is a state file plus one RAM file per region, all in the state
+//! file's directory (or below it), named in the state file relative to it:
 //!
-//! - RAM files (`<state name>-mem<region>-<nonce>.raw` in the memory directory) are full region
-//!   images (`Snapshot::write_region`) or, for a diff, only the pages changed since the parent
-//!   snapshot (`write_region_diff`), sparse, at file offset = region offset. New names every
-//!   time: a snapshot never writes a file an older one uses.
+//! - RAM files (`<state name>-mem<region>-<nonce>.raw`) are sparse region images at file
+//!   offset = region offset: every page holding data (`Snapshot::write_region`) or, for a
+//!   diff, only the pages changed since the parent snapshot (`write_region_diff`). Each written
+//!   run comes back with its CRC32: the state file lists the runs, so writing and checking cost
+//!   what the file holds, never the region size. New names every time: a snapshot never writes
+//!   a file an older one uses.
 //! - The disk file (`<state name>-disk-<nonce>.raw`, with virtio-blk only): every byte of the
-//!   VM's disk as of the snapshot instant (`FrozenDisk::write_to`), sparse where the disk's
-//!   base is sparse. The disk was frozen at the instant, with the device lock held, by copying
-//!   the VM's overlay sectors (O(written)); the bytes are written here, after the VM resumed.
-//!   A diff snapshot's disk file holds only the sectors that may have changed since the
-//!   parent's (`FrozenDisk::changed_since`, listed in the body), sparse elsewhere; it is a
-//!   full one only when the two disks share no base (a VM restored from another file).
-//! - The state file is one JSON header line (magic, format version, body length and CRC32)
-//!   followed by the JSON body (RAM files and their CRC32s, the parent for a diff, `VmState`).
-//!   It is written last, to a temporary file that is fsynced and renamed over the old one, so a
-//!   crash at any point leaves the previous snapshot whole.
+//!   VM's disk as of the snapshot instant (`FrozenDisk::write_to`, sparse where the disk's base
+//!   is), or for a diff only the sectors that may have changed since the parent's
+//!   (`FrozenDisk::changed_since`); its data runs are checksummed the same way.
+//! - The state file (`format`): one header line (magic, version, producer, host CPU, body
+//!   length and CRC32), then the JSON body (`body::Body`). It is written last, through a
+//!   temporary file created exclusively, fsynced and renamed over the old one, so a crash at
+//!   any point leaves the previous snapshot whole; then the old one's RAM and disk files go.
 //!
-//! Loading checks all of it (the disk file's length and CRC32 too, and that the saved devices
-//! and the disk file go together) and maps the RAM files MAP_PRIVATE (`Snapshot::from_files`,
-//! or `from_diff_files` over the loaded parent); the disk file is opened read-only as the base
-//! of the disks of the VMs started from it.
+//! Everything a write creates is created exclusively (a planted link is never followed) and
+//! removed if the write fails. Loading (`load`) treats every file as untrusted input.
 
 use std::fs::File;
-use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
-use devices::block::{FrozenDisk, SECTOR_SIZE};
-use memory::{BlockSet, FileRun, MemoryError, Snapshot, PAGE_SIZE};
-use serde::{Deserialize, Serialize};
+use memory::{FileRun, PAGE_SIZE};
 
-use super::VmSnapshot;
+use super::body::{Body, DiskFile, ParentRef, RamFile, Run};
+use super::fsio::{nonce, open_beneath, open_dir, open_regular, parent_dir, read_limited, write_atomically, Created};
+use super::host::HostCpu;
+use super::runs::{checksum_runs, data_runs};
+use super::{memfile, VmSnapshot};
 use crate::vstate::VmState;
+use devices::block::SECTOR_SIZE;
 
-/// The first bytes of every state file.
-pub const MAGIC: &str = "zygote-snapshot";
-/// The one format version this build reads and writes (the whole file, not per struct).
-/// Version 2: the MMIO devices' state and the disk file. Version 3: diff disk files.
-pub const FORMAT_VERSION: u32 = 3;
-
-/// Full: every RAM byte. Diff: the pages changed since the parent snapshot.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum SnapshotKind {
-    Full,
-    Diff,
-}
-
-/// What is wrong with a snapshot on disk, or what failed writing one.
-#[derive(Debug, thiserror::Error)]
-pub enum SnapshotError {
-    #[error("{path}: I/O failed")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{path}: not a Zygote snapshot state file (bad header)")]
-    NotASnapshot { path: PathBuf },
-    #[error("{path}: the RAM files hold regions {files:?}, the state says {state:?}")]
-    RamLayoutMismatch { path: PathBuf, files: Vec<(u64, usize)>, state: Vec<(u64, usize)> },
-    #[error("{path}: format version {found}, this build reads version {FORMAT_VERSION}")]
-    Version { path: PathBuf, found: u32 },
-    #[error("{path}: truncated: header says {expected} body bytes, file has {actual}")]
-    Truncated { path: PathBuf, expected: u64, actual: u64 },
-    #[error("{path}: corrupted: CRC32 {actual:#010x}, expected {expected:#010x}")]
-    Corrupted { path: PathBuf, expected: u32, actual: u32 },
-    #[error("{path}: body is not valid JSON for this format")]
-    Body {
-        path: PathBuf,
-        #[source]
-        source: serde_json::Error,
-    },
-    #[error("{path}: RAM file has {actual} bytes, region needs {expected}")]
-    RamFileSize { path: PathBuf, expected: u64, actual: u64 },
-    #[error("{path}: parent snapshot {parent} changed since this diff was taken")]
-    ParentChanged { path: PathBuf, parent: PathBuf },
-    #[error("{path}: disk file has {actual} bytes, the snapshot's disk has {expected}")]
-    DiskFileSize { path: PathBuf, expected: u64, actual: u64 },
-    #[error("{path}: saved devices and disk do not go together: {reason}")]
-    DeviceMismatch { path: PathBuf, reason: String },
-    #[error("{path}: cannot write or open the disk of the snapshot")]
-    Disk {
-        path: PathBuf,
-        #[source]
-        source: devices::block::BlockError,
-    },
-    #[error("a diff snapshot needs the snapshot it is relative to (take a full one first)")]
-    NoParent,
-    #[error("RAM images of the snapshot could not be written or mapped")]
-    Memory(#[source] MemoryError),
-}
-
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError + '_ {
-    move |source| SnapshotError::Io { path: path.to_path_buf(), source }
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-struct Header {
-    magic: String,
-    format_version: u32,
-    kind: SnapshotKind,
-    body_len: u64,
-    body_crc32: u32,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-struct Body {
-    regions: Vec<RamFile>,
-    /// For a diff: the parent's state file and its body CRC32 (refused if it changed since).
-    parent: Option<(PathBuf, u32)>,
-    /// The disk as of the snapshot, present exactly when `vm.devices` has virtio-blk.
-    disk: Option<DiskFile>,
-    vm: VmState,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-struct DiskFile {
-    /// Absolute path of the disk file.
-    file: PathBuf,
-    sectors: u64,
-    crc32: u32,
-    /// For a diff over the parent's disk: the (first sector, count) runs the file provides.
-    diff_runs: Option<Vec<(usize, usize)>>,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-struct RamFile {
-    start: u64,
-    size: usize,
-    /// Absolute path of the region's RAM file.
-    file: PathBuf,
-    crc32: u32,
-    /// For a diff: the (first page, count) runs the file provides.
-    diff_runs: Option<Vec<(usize, usize)>>,
-}
+use super::error::io;
+pub use super::error::SnapshotError;
+pub use super::format::{SnapshotKind, FORMAT_VERSION, MAGIC};
+pub use super::load::{check_state_file, load_snapshot, load_snapshot_with, LoadOptions};
 
 /// A snapshot written to (or loaded from) `state_path`, kept in memory as the parent of the
 /// next diff.
 #[derive(Clone, Debug)]
 pub struct SnapshotOnDisk {
     pub state_path: PathBuf,
-    pub body_crc32: u32,
+    /// The state file's CRC32 (header and body).
+    pub crc32: u32,
     pub snapshot: VmSnapshot,
+    /// The canonical state paths of this snapshot and every parent it depends on (itself
+    /// first): a diff is never written over one of them.
+    pub chain: Vec<PathBuf>,
+    /// Where the write's time went (zero for a loaded snapshot).
+    pub timing: WriteTiming,
 }
 
-/// Writes `snap` as a snapshot at `state_path` with RAM files in `mem_dir`. A diff writes only
-/// what changed since `parent`, which `snap` must descend from.
+/// Where a snapshot write's time went, and what it wrote.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WriteTiming {
+    /// RAM files: written, checksummed per run, fsynced.
+    pub ram: std::time::Duration,
+    /// Bytes of RAM written (the runs' pages).
+    pub ram_bytes: u64,
+    pub disk: std::time::Duration,
+    /// The state file: serialized, written through its temporary file, fsynced, renamed.
+    pub state: std::time::Duration,
+}
+
+/// Where a snapshot's RAM goes.
+#[derive(Clone, Copy, Debug)]
+pub enum MemTarget<'a> {
+    /// One file per region in this directory (the state file's or one below it).
+    Dir(&'a Path),
+    /// Firecracker's single memory file (`mem_file_path`): anywhere; replaced whole. Loading
+    /// finds it by itself only when it is inside the state file's directory; elsewhere the
+    /// loader is given it (`LoadOptions::mem_file`).
+    File(&'a Path),
+}
+
+/// Writes `snap` as a snapshot at `state_path` with RAM files in `mem_dir` (the state file's
+/// directory or one below it). A diff writes only what changed since `parent`, which `snap`
+/// must descend from, and never over `parent` or a snapshot `parent` depends on.
 pub fn write_snapshot(
     snap: &VmSnapshot,
     state_path: &Path,
@@ -153,202 +85,173 @@ pub fn write_snapshot(
     kind: SnapshotKind,
     parent: Option<&SnapshotOnDisk>,
 ) -> Result<SnapshotOnDisk, SnapshotError> {
+    write_snapshot_to(snap, state_path, MemTarget::Dir(mem_dir), kind, parent)
+}
+
+/// `write_snapshot` with the RAM in either layout (`MemTarget`).
+pub fn write_snapshot_to(
+    snap: &VmSnapshot,
+    state_path: &Path,
+    mem: MemTarget,
+    kind: SnapshotKind,
+    parent: Option<&SnapshotOnDisk>,
+) -> Result<SnapshotOnDisk, SnapshotError> {
     let parent = match kind {
         SnapshotKind::Full => None,
         SnapshotKind::Diff => Some(parent.ok_or(SnapshotError::NoParent)?),
     };
-    std::fs::create_dir_all(mem_dir).map_err(io(mem_dir))?;
-    let mem_dir = mem_dir.canonicalize().map_err(io(mem_dir))?;
-    let stem = state_path.file_name().map_or("snapshot".into(), |n| n.to_string_lossy().into_owned());
-    let nonce = format!("{}-{}", std::process::id(), now_nanos());
+    let name = state_path.file_name().ok_or_else(|| io(state_path)(std::io::ErrorKind::InvalidInput.into()))?;
+    // The state file's directory is made if missing, as the RAM files' is.
+    std::fs::create_dir_all(parent_dir(state_path)).map_err(io(state_path))?;
+    let dir = parent_dir(state_path).canonicalize().map_err(io(state_path))?;
+    let canonical = dir.join(name);
+    let inside = |what, path: &Path| match path.strip_prefix(&dir) {
+        Ok(relative) => Ok(relative.to_path_buf()),
+        Err(_) => Err(SnapshotError::OutsideDir { path: state_path.into(), what, outside: path.into(), dir: dir.clone() }),
+    };
+    let parent_ref = match parent {
+        Some(p) => {
+            if let Some(over) = p.chain.iter().find(|c| **c == canonical) {
+                return Err(SnapshotError::OverItsParent { path: state_path.into(), parent: over.clone() });
+            }
+            Some(ParentRef { file: inside("parent snapshot", &p.chain[0])?, crc32: p.crc32 })
+        }
+        None => None,
+    };
+    let mem_rel = match mem {
+        MemTarget::Dir(mem_dir) => {
+            std::fs::create_dir_all(mem_dir).map_err(io(mem_dir))?;
+            inside("mem_dir", &mem_dir.canonicalize().map_err(io(mem_dir))?)?
+        }
+        MemTarget::File(_) => PathBuf::new(),
+    };
+    let old_files = old_files(&dir, Path::new(name));
+    let stem = name.to_string_lossy();
+    let nonce = nonce();
+    let mut created = Created::default();
+    let mut timing = WriteTiming::default();
+    let started = std::time::Instant::now();
+    let parent_ram = parent.map(|p| &p.snapshot.ram);
+    let to_run = |r: &FileRun| Run(r.first_page as u64, r.pages as u64, r.crc32);
     let mut regions = Vec::new();
-    for (index, &(start, size)) in snap.ram.layout().iter().enumerate() {
-        let path = mem_dir.join(format!("{stem}-mem{index}-{nonce}.raw"));
-        let file = File::create_new(&path).map_err(io(&path))?;
-        let diff_runs = match parent {
-            None => {
-                snap.ram.write_region(index, &file).map_err(SnapshotError::Memory)?;
-                None
+    let mut mem_file = None;
+    // Synced together with the state file.
+    let mut to_sync: Vec<(File, PathBuf)> = Vec::new();
+    match mem {
+        MemTarget::Dir(_) => {
+            for (index, &(start, size)) in snap.ram.layout().iter().enumerate() {
+                let file_name = mem_rel.join(format!("{stem}-mem{index}-{nonce}.raw"));
+                let file = created.create(&dir.join(&file_name))?;
+                let runs = memfile::write_region(&snap.ram, parent_ram, index, &file)?;
+                to_sync.push((file, dir.join(&file_name)));
+                timing.ram_bytes += runs.iter().map(|r| (r.pages * PAGE_SIZE) as u64).sum::<u64>();
+                let runs = runs.iter().map(to_run).collect();
+                regions.push(RamFile { start: start.0, size: size as u64, file: file_name, file_offset: 0, runs });
             }
-            Some(p) => {
-                let runs = snap.ram.write_region_diff(&p.snapshot.ram, index, &file).map_err(SnapshotError::Memory)?;
-                Some(runs.iter().map(FileRun::page_run).collect())
+        }
+        MemTarget::File(path) => {
+            let file_name = path.file_name().ok_or_else(|| io(path)(std::io::ErrorKind::InvalidInput.into()))?;
+            let mem_dir = parent_dir(path).canonicalize().map_err(io(path))?;
+            let target = mem_dir.join(file_name);
+            if let Some(over) = parent.and_then(|p| p.chain.iter().find(|c| **c == target)) {
+                return Err(SnapshotError::OverItsParent { path: path.into(), parent: over.clone() });
             }
-        };
-        regions.push(RamFile { start: start.0, size, crc32: file_crc32(&path)?, file: path, diff_runs });
+            // Written beside it and renamed over it once whole.
+            let tmp = mem_dir.join(format!(".{}.tmp-{}-{nonce}", file_name.to_string_lossy(), std::process::id()));
+            let file = created.create(&tmp)?;
+            let written = memfile::write_single(&snap.ram, parent_ram, &file, &mem_dir)?;
+            to_sync.push((file, tmp.clone()));
+            let name_in_body = target.strip_prefix(&dir).map_or_else(|_| target.clone(), Path::to_path_buf);
+            for (&(start, size), (file_offset, runs)) in snap.ram.layout().iter().zip(written) {
+                timing.ram_bytes += runs.iter().map(|r| (r.pages * PAGE_SIZE) as u64).sum::<u64>();
+                let runs = runs.iter().map(to_run).collect();
+                regions.push(RamFile { start: start.0, size: size as u64, file: name_in_body.clone(), file_offset, runs });
+            }
+            mem_file = Some((tmp, target, mem_dir));
+        }
     }
+    timing.ram = started.elapsed();
     let disk = match &snap.disk {
         Some(frozen) => {
-            let path = mem_dir.join(format!("{stem}-disk-{nonce}.raw"));
-            let file = File::create_new(&path).map_err(io(&path))?;
+            let file_name = mem_rel.join(format!("{stem}-disk-{nonce}.raw"));
+            let path = dir.join(&file_name);
+            let file = created.create(&path)?;
             let changed = parent.and_then(|p| p.snapshot.disk.as_deref()).and_then(|p| frozen.changed_since(p));
             match &changed {
                 Some(sectors) => frozen.write_sectors_to(&file, sectors),
                 None => frozen.write_to(&file),
             }
             .map_err(io(&path))?;
-            let diff_runs = changed.map(|sectors| sectors.runs());
-            Some(DiskFile { crc32: file_crc32(&path)?, file: path, sectors: frozen.sectors(), diff_runs })
+            let listed = match &changed {
+                Some(sectors) => sectors.runs().iter().map(|&(first, count)| (first as u64, count as u64)).collect(),
+                None => data_runs(&file, frozen.sectors() * SECTOR_SIZE, SECTOR_SIZE).map_err(io(&path))?,
+            };
+            let runs = checksum_runs(&file, &path, SECTOR_SIZE, &listed)?;
+            Some(DiskFile { file: file_name, sectors: frozen.sectors(), runs, diff: changed.is_some() })
         }
         None => None,
     };
-    let body = Body {
-        regions,
-        parent: parent.map(|p| (p.state_path.clone(), p.body_crc32)),
-        disk,
-        vm: clone_state(&snap.state),
-    };
+    timing.disk = started.elapsed() - timing.ram;
+    let body = Body { regions, parent: parent_ref, disk, vm: clone_state(&snap.state) };
     let body_bytes = serde_json::to_vec(&body).map_err(|source| SnapshotError::Body { path: state_path.into(), source })?;
-    let body_crc32 = crc32fast::hash(&body_bytes);
-    let header = Header {
-        magic: MAGIC.into(),
-        format_version: FORMAT_VERSION,
-        kind,
-        body_len: body_bytes.len() as u64,
-        body_crc32,
-    };
-    let mut bytes = serde_json::to_vec(&header).map_err(|source| SnapshotError::Body { path: state_path.into(), source })?;
-    bytes.push(b'\n');
-    bytes.extend_from_slice(&body_bytes);
-    write_atomically(state_path, &bytes)?;
-    Ok(SnapshotOnDisk { state_path: state_path.to_path_buf(), body_crc32, snapshot: snap.clone() })
-}
-
-/// Reads and checks the snapshot at `state_path` (and its parents), mapping its RAM files.
-pub fn load_snapshot(state_path: &Path) -> Result<SnapshotOnDisk, SnapshotError> {
-    let path = state_path.to_path_buf();
-    let mut bytes = Vec::new();
-    File::open(state_path).and_then(|mut f| f.read_to_end(&mut bytes)).map_err(io(state_path))?;
-    let newline = bytes.iter().position(|&b| b == b'\n').ok_or(SnapshotError::NotASnapshot { path: path.clone() })?;
-    let header: Header =
-        serde_json::from_slice(&bytes[..newline]).map_err(|_| SnapshotError::NotASnapshot { path: path.clone() })?;
-    if header.magic != MAGIC {
-        return Err(SnapshotError::NotASnapshot { path });
-    }
-    if header.format_version != FORMAT_VERSION {
-        return Err(SnapshotError::Version { path, found: header.format_version });
-    }
-    let body_bytes = &bytes[newline + 1..];
-    if body_bytes.len() as u64 != header.body_len {
-        return Err(SnapshotError::Truncated { path, expected: header.body_len, actual: body_bytes.len() as u64 });
-    }
-    let crc = crc32fast::hash(body_bytes);
-    if crc != header.body_crc32 {
-        return Err(SnapshotError::Corrupted { path, expected: header.body_crc32, actual: crc });
-    }
-    let body: Body = serde_json::from_slice(body_bytes).map_err(|source| SnapshotError::Body { path: path.clone(), source })?;
-    let mut files = Vec::with_capacity(body.regions.len());
-    for region in &body.regions {
-        let file = File::open(&region.file).map_err(io(&region.file))?;
-        let actual = file.metadata().map_err(io(&region.file))?.len();
-        if actual != region.size as u64 {
-            return Err(SnapshotError::RamFileSize { path: region.file.clone(), expected: region.size as u64, actual });
-        }
-        let crc = file_crc32(&region.file)?;
-        if crc != region.crc32 {
-            return Err(SnapshotError::Corrupted { path: region.file.clone(), expected: region.crc32, actual: crc });
-        }
-        files.push(file);
-    }
-    let parent = match (&body.parent, header.kind) {
-        (Some((parent_path, parent_crc)), SnapshotKind::Diff) => {
-            let parent = load_snapshot(parent_path)?;
-            if parent.body_crc32 != *parent_crc {
-                return Err(SnapshotError::ParentChanged { path, parent: parent_path.clone() });
+    let (bytes, crc32) = super::format::encode(kind, HostCpu::current(), &body_bytes);
+    let with: Vec<(&File, &Path)> = to_sync.iter().map(|(f, p)| (f, p.as_path())).collect();
+    write_atomically(&mut created, &canonical, &bytes, &with, |created| {
+        if let Some((tmp, target, mem_dir)) = &mem_file {
+            std::fs::rename(tmp, target).map_err(io(target))?;
+            created.forget(tmp);
+            created.track(target);
+            if *mem_dir != dir {
+                File::open(mem_dir).and_then(|d| d.sync_all()).map_err(io(mem_dir))?;
             }
-            Some(parent)
         }
-        (None, SnapshotKind::Full) => None,
-        _ => return Err(SnapshotError::NotASnapshot { path }),
-    };
-    let disk = load_disk(&path, &body, parent.as_ref())?;
-    let ram = match &parent {
-        Some(parent) => {
-            let diffs = files.into_iter().zip(&body.regions).map(|(file, region)| {
-                (file, BlockSet::from_runs(region.size / PAGE_SIZE, region.diff_runs.as_deref().unwrap_or_default()))
-            });
-            Snapshot::from_diff_files(&parent.snapshot.ram, diffs.collect()).map_err(SnapshotError::Memory)?
-        }
-        None => Snapshot::from_files(&body.vm.regions(), files).map_err(SnapshotError::Memory)?,
-    };
-    if body.vm.regions() != ram.layout() {
-        let shape = |regions: &[(memory::GuestAddress, usize)]| regions.iter().map(|&(a, s)| (a.0, s)).collect();
-        return Err(SnapshotError::RamLayoutMismatch { path, files: shape(ram.layout()), state: shape(&body.vm.regions()) });
-    }
-    Ok(SnapshotOnDisk {
-        state_path: state_path.to_path_buf(),
-        body_crc32: header.body_crc32,
-        snapshot: VmSnapshot { ram, state: Arc::new(body.vm), disk: disk.map(Arc::new) },
-    })
+        Ok(())
+    })?;
+    created.keep();
+    remove_old_files(&dir, &old_files);
+    timing.state = started.elapsed() - timing.ram - timing.disk;
+    let mut chain = vec![canonical];
+    chain.extend(mem_file.map(|(_, target, _)| target));
+    chain.extend(parent.iter().flat_map(|p| p.chain.iter().cloned()));
+    Ok(SnapshotOnDisk { state_path: state_path.to_path_buf(), crc32, snapshot: snap.clone(), chain, timing })
 }
 
-/// Checks the disk file against the body (present exactly with virtio-blk state, length,
-/// CRC32, the saved requests fit it) and opens it read-only as a frozen disk, or a diff one
-/// over `parent`'s disk.
-fn load_disk(path: &Path, body: &Body, parent: Option<&SnapshotOnDisk>) -> Result<Option<FrozenDisk>, SnapshotError> {
-    let blk = body.vm.devices.block.as_ref();
-    let mismatch = |reason: String| SnapshotError::DeviceMismatch { path: path.to_path_buf(), reason };
-    let (saved, disk) = match (blk, &body.disk) {
-        (None, None) => return Ok(None),
-        (Some(saved), Some(disk)) => (saved, disk),
-        (saved, disk) => {
-            let has = |b: bool| if b { "has" } else { "has no" };
-            return Err(mismatch(format!("the state {} virtio-blk, the snapshot {} disk file", has(saved.is_some()), has(disk.is_some()))));
-        }
+/// The RAM and disk files the snapshot now at `dir/name` names (none if there is none or it
+/// is not a readable snapshot): they are removed once a new one replaced it.
+fn old_files(dir: &Path, name: &Path) -> Vec<PathBuf> {
+    let read = || -> Result<Vec<PathBuf>, SnapshotError> {
+        let path = dir.join(name);
+        let file = open_beneath(&open_dir(dir)?, dir, name, &path)?;
+        let bytes = read_limited(&file, &path, super::format::MAX_STATE_FILE_BYTES)?;
+        let (_, body) = super::format::decode(&bytes).map_err(|source| SnapshotError::Format { path: path.clone(), source })?;
+        let body: Body = serde_json::from_slice(body).map_err(|source| SnapshotError::Body { path, source })?;
+        Ok(body.regions.into_iter().map(|r| r.file).chain(body.disk.map(|d| d.file)).collect())
     };
-    saved.device.check(disk.sectors).map_err(|e| mismatch(crate::api::chain(&e)))?;
-    let actual = std::fs::metadata(&disk.file).map_err(io(&disk.file))?.len();
-    let expected = disk.sectors * SECTOR_SIZE;
-    if actual != expected {
-        return Err(SnapshotError::DiskFileSize { path: disk.file.clone(), expected, actual });
-    }
-    let crc = file_crc32(&disk.file)?;
-    if crc != disk.crc32 {
-        return Err(SnapshotError::Corrupted { path: disk.file.clone(), expected: disk.crc32, actual: crc });
-    }
-    let overlay_dir = std::env::temp_dir();
-    let opened = match (&disk.diff_runs, parent.and_then(|p| p.snapshot.disk.as_deref())) {
-        (None, _) => FrozenDisk::open(&disk.file, &overlay_dir),
-        (Some(runs), Some(parent_disk)) => {
-            FrozenDisk::open_diff(parent_disk, &disk.file, &BlockSet::from_runs(disk.sectors as usize, runs))
-        }
-        (Some(_), None) => return Err(mismatch("a diff disk file with no parent disk under it".into())),
+    let stem = name.to_string_lossy();
+    // Only names this writer gives (an edited state file cannot make it remove other files).
+    let ours = |f: &PathBuf| {
+        f.file_name()
+            .map(|n| n.to_string_lossy())
+            .is_some_and(|n| (n.starts_with(&format!("{stem}-mem")) || n.starts_with(&format!("{stem}-disk"))) && n.ends_with(".raw"))
     };
-    opened.map(Some).map_err(|source| SnapshotError::Disk { path: disk.file.clone(), source })
+    read().unwrap_or_default().into_iter().filter(ours).collect()
+}
+
+/// Removes `files` (relative to `dir`) where each still resolves inside `dir`.
+fn remove_old_files(dir: &Path, files: &[PathBuf]) {
+    for file in files {
+        let (Some(parent), Some(name)) = (file.parent(), file.file_name()) else {
+            continue;
+        };
+        if let Ok(real_parent) = dir.join(parent).canonicalize() {
+            if real_parent.starts_with(dir) && open_regular(&real_parent.join(name)).is_ok() {
+                let _ = std::fs::remove_file(real_parent.join(name));
+            }
+        }
+    }
 }
 
 /// `VmState` is not `Clone` (kvm_xsave is not); a JSON round trip copies it exactly.
 fn clone_state(state: &VmState) -> VmState {
     serde_json::from_value(serde_json::to_value(state).expect("VmState serializes")).expect("and deserializes")
-}
-
-fn file_crc32(path: &Path) -> Result<u32, SnapshotError> {
-    let mut file = File::open(path).map_err(io(path))?;
-    let mut hasher = crc32fast::Hasher::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = file.read(&mut buf).map_err(io(path))?;
-        if n == 0 {
-            return Ok(hasher.finalize());
-        }
-        hasher.update(&buf[..n]);
-    }
-}
-
-/// Writes `bytes` to `path` so that `path` holds either its old content or all of the new.
-fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), SnapshotError> {
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        path.file_name().map_or("snapshot".into(), |n| n.to_string_lossy().into_owned()),
-        std::process::id()
-    ));
-    let mut file = File::create(&tmp).map_err(io(&tmp))?;
-    file.write_all(bytes).and_then(|()| file.sync_all()).map_err(io(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io(path))?;
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
-}
-
-fn now_nanos() -> u128 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos())
 }

@@ -1,7 +1,17 @@
 //! Snapshots of a whole VM: in memory (`VmSnapshot`: frozen RAM + state, the base of resets)
 //! and on disk (`file`: RAM files plus a versioned, checksummed state file, written atomically).
 
+pub mod bench;
+mod body;
+mod error;
 pub mod file;
+pub mod format;
+mod fsio;
+pub mod host;
+mod load;
+mod memfile;
+mod runs;
+pub mod validate;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -14,7 +24,7 @@ use crate::device_manager::{Console, DeviceError, ResetArgs, RestoreReason};
 use crate::machine::{Paused, Vmm};
 use crate::builder::{build_restored, BuildError};
 use crate::vstate::{StateError, VmState};
-pub use file::{load_snapshot, write_snapshot, SnapshotError, SnapshotKind};
+pub use file::{load_snapshot, write_snapshot, SnapshotError, SnapshotKind, SnapshotOnDisk};
 
 /// A VM frozen at one instant: its RAM and disk (never change) and everything else. Cheap to
 /// clone.
