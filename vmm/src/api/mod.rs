@@ -4,6 +4,7 @@
 
 pub mod client;
 pub mod controller;
+pub mod http;
 pub mod preboot;
 pub mod requests;
 pub mod routes;

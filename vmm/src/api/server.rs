@@ -1,81 +1,133 @@
-//! The API server: tiny_http on a Unix socket, one request at a time against the `Controller`
-//! (`routes` says what each request does; `docs/openapi.yaml` documents them).
+//! The API server on a Unix socket: an accept thread, one thread per client connection that
+//! reads whole requests (`http`: deadline, body limit), and the serving loop, which owns the
+//! `Controller` and answers one complete request at a time (`routes` says what each does;
+//! `docs/openapi.yaml` documents them). A client that stalls mid-request, sends too much or
+//! never reads holds only its own thread.
 
-use std::io::Read;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
-use tiny_http::{Header, Response, Server};
-
-use super::routes::route;
+use super::http::{Connection, HttpError, Request};
+use super::routes::{route, Reply};
 use super::{ApiError, Controller};
 
-/// Largest request body accepted.
-const MAX_BODY: u64 = 1 << 20;
+/// Most client connections served at once; more are answered 503 and closed.
+pub const MAX_CLIENTS: usize = 64;
+/// How often the serving loop looks at the root VM between requests.
+const POLL: Duration = Duration::from_millis(50);
 
-/// What a request asks of the serving loop beyond its answer.
-enum Next {
-    Continue,
-    Shutdown,
+/// A complete request handed to the serving loop, and where its answer goes.
+struct Incoming {
+    request: Request,
+    reply: mpsc::Sender<Reply>,
+    /// Signalled once the answer is written (or given up): the loop waits for it before
+    /// stopping the process on a Shutdown action.
+    written: mpsc::Receiver<()>,
 }
 
 /// The API socket.
 pub struct ApiServer {
-    server: Server,
+    listener: UnixListener,
 }
 
 impl ApiServer {
     /// Listens on `path` (a stale socket file left by a dead process is replaced).
     pub fn bind(path: &Path) -> Result<ApiServer, ApiError> {
         use std::os::unix::fs::FileTypeExt;
-        if std::fs::metadata(path).is_ok_and(|m| m.file_type().is_socket())
-            && std::os::unix::net::UnixStream::connect(path).is_err()
-        {
+        if std::fs::metadata(path).is_ok_and(|m| m.file_type().is_socket()) && UnixStream::connect(path).is_err() {
             let _ = std::fs::remove_file(path);
         }
-        let server = Server::http_unix(path).map_err(|e| ApiError::Socket {
-            path: path.display().to_string(),
-            source: std::io::Error::other(e.to_string()),
-        })?;
-        Ok(ApiServer { server })
+        let listener =
+            UnixListener::bind(path).map_err(|source| ApiError::Socket { path: path.display().to_string(), source })?;
+        Ok(ApiServer { listener })
     }
 
-    /// Serves until a Shutdown action or until the root VM's guest ends it; returns the exit
-    /// code for the process (the root guest's, or 0).
+    /// Starts the accept thread, then serves until a Shutdown action or until the root VM's
+    /// guest ends it; returns the exit code for the process (the root guest's, or 0).
     pub fn serve(&self, controller: &mut Controller) -> u8 {
+        let (requests, incoming) = mpsc::channel();
+        let listener = match self.listener.try_clone() {
+            Ok(listener) => listener,
+            Err(_) => return 1,
+        };
+        if spawn_api_thread("api-accept", move || accept(&listener, &requests)).is_err() {
+            return 1;
+        }
         loop {
             if let Some(code) = controller.root_exit_code() {
                 return code;
             }
-            let request = match self.server.recv_timeout(Duration::from_millis(50)) {
-                Ok(Some(request)) => request,
-                Ok(None) => continue,
-                Err(_) => return 1,
+            let Incoming { request, reply, written } = match incoming.recv_timeout(POLL) {
+                Ok(incoming) => incoming,
+                Err(mpsc::RecvTimeoutError::Timeout) => continue,
+                Err(mpsc::RecvTimeoutError::Disconnected) => return 1,
             };
-            if let Next::Shutdown = handle(controller, request) {
+            let answer = route(controller, &request.method, &request.url, &request.body);
+            let shutdown = answer.shutdown;
+            if reply.send(answer).is_ok() && shutdown {
+                // Stop once the client has its answer (or its thread has given up writing it).
+                let _ = written.recv_timeout(super::http::WRITE_TIMEOUT + POLL);
+            }
+            if shutdown {
                 return 0;
             }
         }
     }
 }
 
-fn handle(controller: &mut Controller, mut request: tiny_http::Request) -> Next {
-    let mut body = Vec::new();
-    let read = request.as_reader().take(MAX_BODY).read_to_end(&mut body);
-    let method = request.method().to_string();
-    let url = request.url().to_string();
-    let reply = match read {
-        Ok(_) => route(controller, &method, &url, &body),
-        Err(e) => super::routes::Reply::error(&ApiError::BadRequest(format!("cannot read the body: {e}"))),
-    };
-    let header = Header::from_bytes("Content-Type", "application/json").expect("a valid header");
-    let text = reply.body.map(|b| b.to_string()).unwrap_or_default();
-    let response = Response::from_string(text).with_status_code(reply.status).with_header(header);
-    // The client may have gone; nothing to do about it.
-    let _ = request.respond(response);
-    if reply.shutdown {
-        Next::Shutdown
-    } else {
-        Next::Continue
+/// Every thread of the API server starts here (one place for per-thread setup, such as a
+/// seccomp filter).
+fn spawn_api_thread(name: &str, body: impl FnOnce() + Send + 'static) -> std::io::Result<()> {
+    std::thread::Builder::new().name(name.to_string()).spawn(body).map(drop)
+}
+
+/// Accepts clients, each on its own thread, at most `MAX_CLIENTS` at once.
+fn accept(listener: &UnixListener, requests: &mpsc::Sender<Incoming>) {
+    let clients = Arc::new(AtomicUsize::new(0));
+    for stream in listener.incoming() {
+        let Ok(stream) = stream else { continue };
+        let connection = Connection::new(stream);
+        if clients.load(Ordering::Acquire) >= MAX_CLIENTS {
+            connection.refuse(&HttpError { status: 503, message: format!("more than {MAX_CLIENTS} clients at once") });
+            continue;
+        }
+        clients.fetch_add(1, Ordering::AcqRel);
+        let (requests, count) = (requests.clone(), Arc::clone(&clients));
+        let spawned = spawn_api_thread("api-client", move || {
+            serve_client(connection, &requests);
+            count.fetch_sub(1, Ordering::AcqRel);
+        });
+        if spawned.is_err() {
+            clients.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+/// Reads requests from one client and writes their answers until it closes, asks to close,
+/// or sends something that is not a request it can be answered.
+fn serve_client(mut connection: Connection, requests: &mpsc::Sender<Incoming>) {
+    loop {
+        let request = match connection.read_request() {
+            Ok(Some(request)) => request,
+            Ok(None) => return,
+            Err(e) => return connection.refuse(&e),
+        };
+        let keep_alive = request.keep_alive;
+        let (reply, answer) = mpsc::channel();
+        let (done, written) = mpsc::channel();
+        if requests.send(Incoming { request, reply, written }).is_err() {
+            return;
+        }
+        let Ok(answer) = answer.recv() else { return };
+        let body = answer.body.map(|b| b.to_string());
+        let close = !keep_alive || answer.shutdown;
+        let sent = connection.respond(answer.status, body.as_deref(), close);
+        let _ = done.send(());
+        if sent.is_err() || close {
+            return;
+        }
     }
 }
