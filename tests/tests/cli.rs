@@ -31,6 +31,42 @@ fn guest_exit_code_and_fault_reach_the_process() {
     let out = run_zygote(&["run", "--guest", "fault"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("guest took exception 6 #UD (invalid opcode)"), "{}", stderr(&out));
+    // The same report when the fault ends a served VM 0.
+    let socket = zygote_tests::scratch_dir("cli-fault-api").join("api.sock");
+    let served = run_zygote(&["run", "--guest", "fault", "--api-sock", socket.to_str().unwrap()]);
+    assert_eq!(served.status.code(), Some(1));
+    assert_eq!(stderr(&served), stderr(&out), "a fault is reported alike with and without --api-sock");
+}
+
+#[test]
+fn a_fifo_given_as_a_file_is_refused_without_blocking() {
+    let dir = zygote_tests::scratch_dir("cli-fifo");
+    let fifo = dir.join("fifo");
+    let path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: `path` is a NUL-terminated string that outlives the call.
+    assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0);
+    for flag in ["--kernel", "--initrd"] {
+        let mut args = vec!["run", flag, fifo.to_str().unwrap()];
+        if flag == "--initrd" {
+            args.extend_from_slice(&["--kernel", "README.md"]);
+        }
+        let out = run_zygote(&args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains("is not a regular file"), "{args:?}: {}", stderr(&out));
+    }
+}
+
+#[test]
+fn the_disk_write_policy_reads_the_same_in_the_readme_and_help() {
+    let help = String::from_utf8(run_zygote(&["run", "--help"]).stdout).unwrap();
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    let words = |text: &str| text.split_whitespace().collect::<Vec<_>>().join(" ");
+    let (help, readme) = (words(&help), words(&readme));
+    let policy = "Write policy: the guest writes FILE in place until the VM's first clone or snapshot, which \
+                  freezes FILE as the shared base; from then on every VM writes its own overlay and FILE is never \
+                  written again (so FILE is opened read-write)";
+    assert!(help.contains(policy), "--help: {help}");
+    assert!(readme.contains(policy), "README.md does not state the policy as --help does");
 }
 
 #[test]
@@ -42,7 +78,15 @@ fn bad_input_exits_2_with_one_line() {
         (&["run", "--guest", "hello", "--vcpus", "0"], "--vcpus"),
         (&["run", "--guest", "hello", "--vcpus", "33"], "--vcpus"),
         (&["run", "--guest", "hello", "--frobnicate"], "--frobnicate"),
-        (&["run", "--kernel", "/dev/null"], "kernel /dev/null is empty"),
+        (&["run", "--kernel", "/dev/null"], "--kernel /dev/null is not a regular file"),
+        (&["run", "--kernel", "README.md", "--initrd", "/"], "--initrd / is a directory"),
+        (&["run", "--guest", "hello", "--disk", "/"], "--disk / is a directory"),
+        (&["run", "--guest", "hello", "--initrd", "x"], "cannot be used with"),
+        (&["run", "--guest", "hello", "--cmdline", "x"], "cannot be used with"),
+        (&["run", "--restore", "x.json", "--arg", "3"], "cannot be used with"),
+        (&["run", "--restore", "x.json", "--initrd", "x"], "cannot be used with"),
+        (&["run", "--restore", "x.json", "--cmdline", "x"], "cannot be used with"),
+        (&["run", "--kernel", "README.md", "--arg", "3"], "cannot be used with"),
         (&["run", "--kernel", "README.md"], "README.md is not a kernel"),
         (&["run"], "required"),
     ] {

@@ -13,7 +13,7 @@ use super::preboot::VmResources;
 use super::ApiError;
 use crate::clone::{capture_clone, clone_vm, ClonePath, CloneReport};
 use crate::devices::Console;
-use crate::machine::{Paused, Vmm};
+use crate::machine::{Paused, VmOutcome, Vmm};
 use crate::snapshot::file::{load_snapshot, write_snapshot, SnapshotKind, SnapshotOnDisk};
 use crate::snapshot::VmSnapshot;
 
@@ -132,11 +132,21 @@ impl Controller {
         self.vms.get_mut(&id).ok_or(ApiError::UnknownVm(id))
     }
 
-    /// Whether the root VM's guest has ended it (its outcome's exit code, if so).
-    pub fn root_exit_code(&mut self) -> Option<u8> {
+    /// Whether the root VM's guest has ended it: its outcome's exit code and, for a failure,
+    /// what failed (as `zygote run` without the API reports it).
+    pub fn root_end(&mut self) -> Option<(u8, Option<String>)> {
         let root = self.root_id();
         let entry = self.vms.get_mut(&root)?;
-        entry.vmm.wait_timeout(Duration::ZERO).then(|| entry.vmm.outcome().map_or(0, |o| o.exit_code()))
+        if !entry.vmm.wait_timeout(Duration::ZERO) {
+            return None;
+        }
+        let outcome = entry.vmm.outcome();
+        let message = match outcome {
+            Some(VmOutcome::Failed(err)) => Some(super::chain(err)),
+            Some(VmOutcome::AllParked) => Some("every vCPU parked itself without an exit code".to_string()),
+            _ => None,
+        };
+        Some((outcome.map_or(0, VmOutcome::exit_code), message))
     }
 
     /// Info on VM `id`.

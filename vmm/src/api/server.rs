@@ -46,24 +46,25 @@ impl ApiServer {
     }
 
     /// Starts the accept thread, then serves until a Shutdown action or until the root VM's
-    /// guest ends it; returns the exit code for the process (the root guest's, or 0).
-    pub fn serve(&self, controller: &mut Controller) -> u8 {
+    /// guest ends it; returns the exit code for the process (the root guest's, or 0) and, if
+    /// the root VM failed, what failed.
+    pub fn serve(&self, controller: &mut Controller) -> (u8, Option<String>) {
         let (requests, incoming) = mpsc::channel();
         let listener = match self.listener.try_clone() {
             Ok(listener) => listener,
-            Err(_) => return 1,
+            Err(e) => return (1, Some(format!("cannot serve the API socket: {e}"))),
         };
-        if spawn_api_thread("api-accept", move || accept(&listener, &requests)).is_err() {
-            return 1;
+        if let Err(e) = spawn_api_thread("api-accept", move || accept(&listener, &requests)) {
+            return (1, Some(format!("cannot start the API thread: {e}")));
         }
         loop {
-            if let Some(code) = controller.root_exit_code() {
-                return code;
+            if let Some(end) = controller.root_end() {
+                return end;
             }
             let Incoming { request, reply, written } = match incoming.recv_timeout(POLL) {
                 Ok(incoming) => incoming,
                 Err(mpsc::RecvTimeoutError::Timeout) => continue,
-                Err(mpsc::RecvTimeoutError::Disconnected) => return 1,
+                Err(mpsc::RecvTimeoutError::Disconnected) => return (1, Some("the API accept thread ended".into())),
             };
             let answer = route(controller, &request.method, &request.url, &request.body);
             let shutdown = answer.shutdown;
@@ -72,7 +73,7 @@ impl ApiServer {
                 let _ = written.recv_timeout(super::http::WRITE_TIMEOUT + POLL);
             }
             if shutdown {
-                return 0;
+                return (0, None);
             }
         }
     }

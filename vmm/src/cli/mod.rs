@@ -87,16 +87,16 @@ struct RunArgs {
     #[arg(long, value_name = "NAME")]
     guest: Option<String>,
     /// Argument for the tiny guest (RDX; `exitcode` exits with its low byte).
-    #[arg(long, value_name = "N", default_value_t = 0, requires = "guest")]
-    arg: u64,
+    #[arg(long, value_name = "N", conflicts_with_all = ["kernel", "restore"])]
+    arg: Option<u64>,
     /// Linux kernel (ELF vmlinux or bzImage).
     #[arg(long, value_name = "FILE")]
     kernel: Option<PathBuf>,
     /// Initial ramdisk for the kernel.
-    #[arg(long, value_name = "FILE", requires = "kernel")]
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["guest", "restore"])]
     initrd: Option<PathBuf>,
     /// Kernel command line.
-    #[arg(long, value_name = "S", requires = "kernel")]
+    #[arg(long, value_name = "S", conflicts_with_all = ["guest", "restore"])]
     cmdline: Option<String>,
     /// Start from a snapshot's state file (written by `PUT /snapshot/create`) instead: RAM,
     /// vCPUs, devices and disk come from it, and `PUT /reset` of VM 0 goes back to it.
@@ -106,7 +106,9 @@ struct RunArgs {
     #[arg(long, value_name = "MiB", default_value_t = DEFAULT_MEM_MIB,
           value_parser = clap::value_parser!(u64).range(MIN_MEM_MIB..=MAX_MEM_MIB))]
     mem: u64,
-    /// Disk image for virtio-blk (read-write until the VM's first clone freezes it).
+    /// Disk image for virtio-blk. Write policy: the guest writes FILE in place until the VM's
+    /// first clone or snapshot, which freezes FILE as the shared base; from then on every VM
+    /// writes its own overlay and FILE is never written again (so FILE is opened read-write).
     #[arg(long, value_name = "FILE")]
     disk: Option<PathBuf>,
     /// Number of vCPUs.
@@ -152,11 +154,22 @@ fn finish(outcome: VmOutcome) -> i32 {
 }
 
 fn run(args: RunArgs) -> i32 {
+    // Files are checked before anything is built: a directory, FIFO or device is refused
+    // with its flag named (a FIFO would block the open; a directory fails late and vaguely).
+    let files = [("--kernel", &args.kernel), ("--initrd", &args.initrd), ("--disk", &args.disk)];
+    for (flag, path) in files {
+        if let Some(path) = path {
+            if let Err(e) = vmm::api::preboot::check_regular_file(path, flag) {
+                eprintln!("zygote: {e}");
+                return EXIT_BAD_INPUT;
+            }
+        }
+    }
     let vm = VmConfig { mem_mib: args.mem, vcpus: args.vcpus, vm_id: 0, console: Console::Stdout, disk: args.disk, irqchip: false };
     let root = match (args.guest, args.kernel, args.restore) {
         (_, Some(kernel), _) => Some(Root::Linux(LinuxConfig { vm, kernel, initrd: args.initrd, cmdline: args.cmdline })),
         (_, None, Some(path)) => Some(Root::Restore(path)),
-        (Some(name), None, None) => Some(Root::Tiny { vm, name, arg: args.arg }),
+        (Some(name), None, None) => Some(Root::Tiny { vm, name, arg: args.arg.unwrap_or(0) }),
         (None, None, None) => None,
     };
     match (root, args.api_sock) {
@@ -249,7 +262,11 @@ fn serve(root: Option<Root>, socket: &std::path::Path) -> i32 {
             return code;
         }
     };
-    let code = server.serve(&mut controller);
+    let (code, failure) = server.serve(&mut controller);
+    // Reported as without --api-sock: a guest fault's register dump, a parked VM.
+    if let Some(failure) = failure {
+        eprintln!("zygote: {failure}");
+    }
     drop(controller);
     let _ = std::fs::remove_file(socket);
     i32::from(code)
