@@ -9,6 +9,7 @@ pub mod preboot;
 pub mod requests;
 pub mod routes;
 pub mod server;
+pub mod telemetry;
 
 use memory::MemoryError;
 

@@ -8,7 +8,7 @@
 //! `ROUTES` lists every (method, path) served; `docs/openapi.yaml` is checked against it.
 
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -17,6 +17,7 @@ use super::requests::{
     Action, ActionType, BootSource, Drive, InstanceInfo, LoggerConfig, MachineConfig, MachineConfigPatch,
     MetricsConfig, PartialDrive, PatchVm, Reset, RunState, SnapshotCreate, SnapshotLoad, VmTarget,
 };
+use super::telemetry::{request_metric, Level, Telemetry};
 use super::{ApiError, Controller};
 use crate::snapshot::file::SnapshotKind;
 
@@ -122,15 +123,34 @@ pub fn matches(template: &str, path: &str) -> bool {
     }
 }
 
-/// Answers one request.
-pub fn route(controller: &mut Controller, method: &str, url: &str, body: &[u8]) -> Reply {
-    match answer(controller, method, url, body) {
+/// Answers one request; counts and logs it.
+pub fn route(controller: &mut Controller, telemetry: &mut Telemetry, method: &str, url: &str, body: &[u8]) -> Reply {
+    let path = url.split_once('?').map_or(url, |(p, _)| p);
+    telemetry.log(Level::Info, "api", &format!("The API server received a {method} request on {path:?}."));
+    let result = answer(controller, telemetry, method, url, body);
+    if let Some((group, name)) = request_metric(method, path) {
+        telemetry.count(group, &format!("{name}_count"), 1);
+        if result.is_err() {
+            telemetry.count(group, &format!("{name}_fails"), 1);
+        }
+    }
+    match result {
         Ok(reply) => reply,
-        Err(e) => Reply::error(&e),
+        Err(e) => {
+            telemetry.log(Level::Error, "api", &format!("{method} {path}: {e}"));
+            Reply::error(&e)
+        }
     }
 }
 
-fn answer(controller: &mut Controller, method: &str, url: &str, body: &[u8]) -> Result<Reply, ApiError> {
+fn answer(
+    controller: &mut Controller,
+    telemetry: &mut Telemetry,
+    method: &str,
+    url: &str,
+    body: &[u8],
+) -> Result<Reply, ApiError> {
+    let start = Instant::now();
     let (path, query) = url.split_once('?').map_or((url, None), |(p, q)| (p, Some(q)));
     let root = controller.root_id();
     let done = || Ok(Reply::no_content());
@@ -185,22 +205,32 @@ fn answer(controller: &mut Controller, method: &str, url: &str, body: &[u8]) -> 
             done()
         }
         ("PUT", "/logger") => {
-            let _: LoggerConfig = parse(body)?;
-            Err(ApiError::NotSupported { what: "PUT /logger".into() })
+            let config: LoggerConfig = parse(body)?;
+            telemetry.set_logger(&config)?;
+            controller.resources_mut().logger = Some(config);
+            done()
         }
         ("PUT", "/metrics") => {
-            let _: MetricsConfig = parse(body)?;
-            Err(ApiError::NotSupported { what: "PUT /metrics".into() })
+            let config: MetricsConfig = parse(body)?;
+            telemetry.set_metrics(&config)?;
+            controller.resources_mut().metrics = Some(config);
+            done()
         }
         ("GET", "/vms") => Ok(Reply::json(serde_json::to_value(controller.list()).expect("VmInfo serializes"))),
         ("PATCH", "/vm") => {
             let req: PatchVm = parse(body)?;
-            controller.set_paused(req.vm_id.unwrap_or(root), matches!(req.state, RunState::Paused))?;
+            let pause = matches!(req.state, RunState::Paused);
+            controller.set_paused(req.vm_id.unwrap_or(root), pause)?;
+            let name = if pause { "pause_vm" } else { "resume_vm" };
+            telemetry.latency(name, start.elapsed());
+            telemetry.count("zygote", if pause { "pause_count" } else { "resume_count" }, 1);
             done()
         }
         ("PUT", "/clone") => {
             let req: VmTarget = parse(body)?;
             let (vm_id, report) = controller.clone_vm(req.vm_id.unwrap_or(root))?;
+            telemetry.latency("clone", start.elapsed());
+            telemetry.log(Level::Info, "clone", &format!("VM {vm_id} cloned"));
             Ok(Reply::json(json!({ "vm_id": vm_id, "report": report })))
         }
         ("PUT", "/snapshot/create") => {
@@ -215,6 +245,8 @@ fn answer(controller: &mut Controller, method: &str, url: &str, body: &[u8]) -> 
             };
             let kind = req.snapshot_type.unwrap_or(SnapshotKind::Full);
             controller.snapshot_create(req.vm_id.unwrap_or(root), &req.snapshot_path, &mem_dir, kind)?;
+            let name = if kind == SnapshotKind::Full { "full_create_snapshot" } else { "diff_create_snapshot" };
+            telemetry.latency(name, start.elapsed());
             done()
         }
         ("PUT", "/snapshot/load") => {
@@ -224,6 +256,7 @@ fn answer(controller: &mut Controller, method: &str, url: &str, body: &[u8]) -> 
             let _ = req.mem_file()?;
             let first = controller.is_empty();
             let vm_id = controller.snapshot_load(&req.snapshot_path, req.resume_vm)?;
+            telemetry.latency("load_snapshot", start.elapsed());
             // Into an empty server, as in Firecracker: VM 0, 204. Beside other VMs (an
             // extension Firecracker refuses): the new VM's id.
             match first {
@@ -234,7 +267,9 @@ fn answer(controller: &mut Controller, method: &str, url: &str, body: &[u8]) -> 
         ("PUT", "/reset") => {
             let req: Reset = parse(body)?;
             let wait = req.wait_for_pins_ms.map(Duration::from_millis);
-            Ok(Reply::json(json!({ "reset_us": controller.reset(req.vm_id.unwrap_or(root), wait)? })))
+            let reset_us = controller.reset(req.vm_id.unwrap_or(root), wait)?;
+            telemetry.latency("reset", start.elapsed());
+            Ok(Reply::json(json!({ "reset_us": reset_us })))
         }
         ("PUT", "/actions") => match parse::<Action>(body)?.action_type {
             ActionType::Shutdown => Ok(Reply { shutdown: true, ..Reply::no_content() }),
@@ -245,7 +280,10 @@ fn answer(controller: &mut Controller, method: &str, url: &str, body: &[u8]) -> 
             ActionType::SendCtrlAltDel => Err(ApiError::NotSupported {
                 what: "SendCtrlAltDel (Zygote's i8042 has no keyboard to send it through)".into(),
             }),
-            ActionType::FlushMetrics => Err(ApiError::NotSupported { what: "FlushMetrics".into() }),
+            ActionType::FlushMetrics => {
+                telemetry.flush(&controller.list())?;
+                done()
+            }
         },
         _ => match REFUSED.iter().find(|t| matches(t, path)) {
             Some(template) => Err(ApiError::NotSupported { what: format!("{template} (no such device or service)") }),
@@ -302,8 +340,9 @@ mod tests {
 
     #[test]
     fn an_empty_server_answers_firecracker_requests() {
-        let mut controller = Controller::empty();
-        let mut call = |method: &str, url: &str, body: &str| route(&mut controller, method, url, body.as_bytes());
+        let (mut controller, mut telemetry) = (Controller::empty(), Telemetry::default());
+        let mut call =
+            |method: &str, url: &str, body: &str| route(&mut controller, &mut telemetry, method, url, body.as_bytes());
         let info = call("GET", "/", "");
         assert_eq!(info.status, 200);
         assert_eq!(info.body.as_ref().unwrap()["state"], "Not started");

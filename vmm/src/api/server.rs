@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use super::http::{Connection, HttpError, Request};
 use super::routes::{route, Reply};
+use super::telemetry::Telemetry;
 use super::{ApiError, Controller};
 
 /// Most client connections served at once; more are answered 503 and closed.
@@ -57,22 +58,28 @@ impl ApiServer {
         if let Err(e) = spawn_api_thread("api-accept", move || accept(&listener, &requests)) {
             return (1, Some(format!("cannot start the API thread: {e}")));
         }
+        let mut telemetry = Telemetry::default();
         loop {
             if let Some(end) = controller.root_end() {
+                let _ = telemetry.flush(&controller.list());
                 return end;
+            }
+            if telemetry.flush_due() {
+                let _ = telemetry.flush(&controller.list());
             }
             let Incoming { request, reply, written } = match incoming.recv_timeout(POLL) {
                 Ok(incoming) => incoming,
                 Err(mpsc::RecvTimeoutError::Timeout) => continue,
                 Err(mpsc::RecvTimeoutError::Disconnected) => return (1, Some("the API accept thread ended".into())),
             };
-            let answer = route(controller, &request.method, &request.url, &request.body);
+            let answer = route(controller, &mut telemetry, &request.method, &request.url, &request.body);
             let shutdown = answer.shutdown;
             if reply.send(answer).is_ok() && shutdown {
                 // Stop once the client has its answer (or its thread has given up writing it).
                 let _ = written.recv_timeout(super::http::WRITE_TIMEOUT + POLL);
             }
             if shutdown {
+                let _ = telemetry.flush(&controller.list());
                 return (0, None);
             }
         }
