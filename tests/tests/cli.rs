@@ -128,3 +128,42 @@ fn run_with_a_disk_attaches_virtio_blk_and_bad_disks_exit_2() {
     let out = run_zygote(&["run", "--guest", "hello", "--disk", path]);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
 }
+
+#[test]
+fn a_firecracker_config_file_is_checked_like_its_requests() {
+    let dir = zygote_tests::scratch_dir("cli-config-file");
+    let socket = dir.join("api.sock");
+    let write = |name: &str, text: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path.to_str().unwrap().to_string()
+    };
+    let readme = concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md");
+    let not_a_kernel = write("junk.json", &format!(r#"{{"boot-source": {{"kernel_image_path": "{readme}"}}}}"#));
+    let vsock = write(
+        "vsock.json",
+        r#"{"boot-source": {"kernel_image_path": "k"}, "vsock": {"guest_cid": 3, "uds_path": "v"}}"#,
+    );
+    let bad_vcpus = write(
+        "vcpus.json",
+        r#"{"boot-source": {"kernel_image_path": "k"}, "machine-config": {"vcpu_count": 99, "mem_size_mib": 64}}"#,
+    );
+    for (args, expect) in [
+        (vec!["run", "--config-file", not_a_kernel.as_str()], "is not a kernel"),
+        (
+            vec!["run", "--config-file", not_a_kernel.as_str(), "--api-sock", socket.to_str().unwrap()],
+            "is not a kernel",
+        ),
+        (vec!["run", "--config-file", vsock.as_str()], "\"vsock\" section is not supported"),
+        (vec!["run", "--config-file", bad_vcpus.as_str()], "vcpu_count"),
+        (vec!["run", "--config-file", "/"], "is a directory"),
+        (vec!["run", "--config-file", vsock.as_str(), "--guest", "hello"], "cannot be used with"),
+        (vec!["run", "--config-file", vsock.as_str(), "--mem", "64"], "cannot be used with"),
+    ] {
+        let out = run_zygote(&args);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(expect) && err.lines().count() == 1, "{args:?}: {err}");
+        assert!(!socket.exists(), "{args:?} left its socket");
+    }
+}

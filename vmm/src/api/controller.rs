@@ -86,6 +86,12 @@ impl Controller {
         }
     }
 
+    /// No VM yet, and VM 0 configured by `resources` (`--config-file`): started by
+    /// `instance_start`.
+    pub fn configured(resources: VmResources) -> Controller {
+        Controller { resources, ..Controller::empty() }
+    }
+
     /// VM 0's configuration as it stands (`GET /vm/config`).
     pub fn resources(&self) -> &VmResources {
         &self.resources
@@ -98,7 +104,7 @@ impl Controller {
 
     /// Boots VM 0 from the pre-boot configuration (`PUT /actions` InstanceStart).
     pub fn instance_start(&mut self) -> Result<(), ApiError> {
-        let mut root = self.preboot("InstanceStart")?.build()?;
+        let mut root = self.preboot("InstanceStart")?.build(Console::Prefixed("[vm0] ".into()))?;
         root.start();
         let resources = std::mem::take(&mut self.resources);
         *self = Controller::new(root, None);

@@ -3,6 +3,7 @@
 //! Zygote's extensions (clone, reset, the VM tree); and the `zygote ctl` client.
 
 pub mod client;
+pub mod config_file;
 pub mod controller;
 pub mod http;
 pub mod preboot;

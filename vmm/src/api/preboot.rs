@@ -123,8 +123,8 @@ impl VmResources {
         Some(cmdline)
     }
 
-    /// Builds VM 0 (paused) from the configuration.
-    pub fn build(&self) -> Result<Vmm, ApiError> {
+    /// Builds VM 0 (paused) from the configuration, its serial output to `console`.
+    pub fn build(&self, console: Console) -> Result<Vmm, ApiError> {
         let source = self
             .boot_source
             .as_ref()
@@ -144,7 +144,7 @@ impl VmResources {
                 mem_mib: self.machine.mem_size_mib,
                 vcpus: self.machine.vcpu_count,
                 vm_id: 0,
-                console: Console::Prefixed("[vm0] ".into()),
+                console,
                 disk: self.drives.first().and_then(|d| d.path_on_host.clone()),
                 irqchip: false,
             },

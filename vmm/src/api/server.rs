@@ -59,6 +59,14 @@ impl ApiServer {
             return (1, Some(format!("cannot start the API thread: {e}")));
         }
         let mut telemetry = Telemetry::default();
+        // A logger or metrics destination from `--config-file`.
+        let resources = controller.resources().clone();
+        if let Some(Err(e)) = resources.logger.as_ref().map(|l| telemetry.set_logger(l)) {
+            return (1, Some(format!("logger: {e}")));
+        }
+        if let Some(Err(e)) = resources.metrics.as_ref().map(|m| telemetry.set_metrics(m)) {
+            return (1, Some(format!("metrics: {e}")));
+        }
         loop {
             if let Some(end) = controller.root_end() {
                 let _ = telemetry.flush(&controller.list());

@@ -81,7 +81,7 @@ struct FuzzArgs {
 
 
 #[derive(Debug, Args)]
-#[command(group(clap::ArgGroup::new("what").args(["guest", "kernel", "restore"])))]
+#[command(group(clap::ArgGroup::new("what").args(["guest", "kernel", "restore", "config_file"])))]
 struct RunArgs {
     /// Bundled guest (see the README: hello, spin, sequence, dma, ...).
     #[arg(long, value_name = "NAME")]
@@ -115,6 +115,10 @@ struct RunArgs {
     #[arg(long, value_name = "N", default_value_t = 1,
           value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_VCPUS)))]
     vcpus: u32,
+    /// VM 0 from a Firecracker config file (JSON: boot-source, drives, machine-config, logger,
+    /// metrics), started at once; with --api-sock, served as if configured over the API.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["initrd", "cmdline", "disk", "mem", "vcpus", "arg"])]
+    config_file: Option<PathBuf>,
     /// Serve the control API (HTTP/JSON) on this Unix socket; VM output lines get a [vmN] prefix.
     #[arg(long, value_name = "PATH")]
     api_sock: Option<PathBuf>,
@@ -166,6 +170,16 @@ fn run(args: RunArgs) -> i32 {
         }
     }
     let vm = VmConfig { mem_mib: args.mem, vcpus: args.vcpus, vm_id: 0, console: Console::Stdout, disk: args.disk, irqchip: false };
+    if let Some(path) = args.config_file {
+        let root = match vmm::api::config_file::load_config_file(&path) {
+            Ok(resources) => Root::Configured(Box::new(resources)),
+            Err(e) => return fail(&e, true),
+        };
+        return match args.api_sock {
+            Some(socket) => serve(Some(root), &socket),
+            None => root.run(),
+        };
+    }
     let root = match (args.guest, args.kernel, args.restore) {
         (_, Some(kernel), _) => Some(Root::Linux(LinuxConfig { vm, kernel, initrd: args.initrd, cmdline: args.cmdline })),
         (_, None, Some(path)) => Some(Root::Restore(path)),
@@ -190,6 +204,8 @@ enum Root {
     Linux(LinuxConfig),
     /// A snapshot's state file.
     Restore(PathBuf),
+    /// A Firecracker config file's configuration.
+    Configured(Box<vmm::api::preboot::VmResources>),
 }
 
 /// VM 0 built from the snapshot at `path`, and the loaded snapshot; on failure, the exit code
@@ -207,6 +223,9 @@ impl Root {
             Root::Linux(config) => boot_linux(&config).map_err(|e| fail(&e, e.is_bad_input())),
             Root::Tiny { vm, name, arg } => run_tiny_guest(&vm, &name, arg).map_err(|e| fail(&e, e.is_bad_input())),
             Root::Restore(path) => restore(&path, &Console::Stdout).map(|(vmm, _)| vmm.run()),
+            Root::Configured(resources) => {
+                resources.build(Console::Stdout).map(Vmm::run).map_err(|e| fail(&e, e.status() < 500))
+            }
         };
         outcome.map_or_else(|code| code, finish)
     }
@@ -233,6 +252,11 @@ impl Root {
                 let (mut root, loaded) = restore(&path, &Console::Prefixed("[vm0] ".into()))?;
                 root.start();
                 Ok(Controller::restored(root, loaded))
+            }
+            Root::Configured(resources) => {
+                let mut controller = Controller::configured(*resources);
+                controller.instance_start().map_err(|e| fail(&e, e.status() < 500))?;
+                Ok(controller)
             }
         }
     }
