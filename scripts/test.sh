@@ -21,6 +21,9 @@ if [ "${1:-}" = "--slow" ]; then
     # The fuzzer must find the bugs planted in the memory layer (both modes): a build of the
     # VMM with the feature, never a release artifact.
     cargo test -j1 -p zygote-vmm --features planted-bugs --lib fuzz
+    # A published Firecracker client drives Zygote unchanged; schemathesis checks the API
+    # against docs/openapi.yaml (both in a virtualenv the script makes).
+    scripts/api-compat.sh target/release/zygote "$ZYGOTE_VMLINUX" "$ZYGOTE_INITRD"
     # The real binary boots the vmlinux to its init's marker and reads a disk, boots the bzImage
     # on two vCPUs (~75 s: its decompressor is emulated), a booting Linux VM is cloned and both
     # run to their init, and one is cloned, snapshotted and restored through the control API
