@@ -403,6 +403,7 @@ fn firecracker_requests_get_firecracker_answers() {
 
     // Loaded as Firecracker loads it (a fresh server, mem_backend File), and by `--restore`.
     let fresh = Served::start_guest("api-firecracker-load", &[], Stdio::null());
+    assert_eq!(fresh.json("GET", "/", None)["id"], "0");
     let load = serde_json::json!({
         "snapshot_path": state,
         "mem_backend": { "backend_type": "File", "backend_path": mem },
@@ -421,4 +422,26 @@ fn firecracker_requests_get_firecracker_answers() {
         Served::start_guest("api-firecracker-restore", &["--restore", state.to_str().unwrap()], Stdio::null());
     assert_eq!(restored.json("GET", "/", None)["state"], "Running");
     restored.shutdown();
+}
+
+#[test]
+fn firecracker_s_command_line_starts_a_server() {
+    // `firecracker --api-sock PATH --id ID`, as tools launch Firecracker: no subcommand.
+    let dir = scratch_dir("api-fc-argv");
+    let socket = dir.join("fc.sock");
+    let child = Command::new(zygote_bin())
+        .args(["--api-sock", socket.to_str().unwrap(), "--id", "sandbox-42"])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawning zygote");
+    wait_for_api_socket(&socket);
+    let api = Served { child, socket, dir };
+    let info = api.json("GET", "/", None);
+    assert_eq!((info["id"].as_str(), info["state"].as_str()), (Some("sandbox-42"), Some("Not started")), "{info}");
+    api.shutdown();
+    for args in [&["--api-sock", "/tmp/x.sock", "--id", "bad id!"][..], &["--id", "a"]] {
+        let out = run_zygote(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert_eq!(String::from_utf8_lossy(&out.stderr).lines().count(), 1, "{args:?}");
+    }
 }

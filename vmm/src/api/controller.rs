@@ -53,6 +53,8 @@ pub struct Controller {
     resources: VmResources,
     /// Whether `resources` can still change: no VM 0 yet.
     configurable: bool,
+    /// Firecracker's `--id`: the root VM's `id` in `GET /` (else its number).
+    instance_id: Option<String>,
 }
 
 impl Controller {
@@ -63,7 +65,7 @@ impl Controller {
         let vcpus = u32::try_from(root.vcpu_count()).unwrap_or(u32::MAX);
         let resources = VmResources::of_running(vcpus, root.ram().stats().ram_bytes >> 20);
         vms.insert(root.id(), VmEntry { vmm: root, parent: None, paused: None, base: None, last_on_disk: None });
-        Controller { vms, next_id, id_mailbox, resources, configurable: false }
+        Controller { vms, next_id, id_mailbox, resources, configurable: false, instance_id: None }
     }
 
     /// No VM yet: VM 0 is configured and started over the API, or loaded from a snapshot.
@@ -74,6 +76,7 @@ impl Controller {
             id_mailbox: None,
             resources: VmResources::default(),
             configurable: true,
+            instance_id: None,
         }
     }
 
@@ -92,6 +95,18 @@ impl Controller {
         Controller { resources, ..Controller::empty() }
     }
 
+    pub fn set_instance_id(&mut self, id: Option<String>) {
+        self.instance_id = id;
+    }
+
+    /// How `GET /` names VM `vm_id`: the instance id for the root, if one was given.
+    pub fn instance_name(&self, vm_id: u64) -> String {
+        match &self.instance_id {
+            Some(id) if vm_id == self.root_id() => id.clone(),
+            _ => vm_id.to_string(),
+        }
+    }
+
     /// VM 0's configuration as it stands (`GET /vm/config`).
     pub fn resources(&self) -> &VmResources {
         &self.resources
@@ -106,9 +121,9 @@ impl Controller {
     pub fn instance_start(&mut self) -> Result<(), ApiError> {
         let mut root = self.preboot("InstanceStart")?.build(Console::Prefixed("[vm0] ".into()))?;
         root.start();
-        let resources = std::mem::take(&mut self.resources);
+        let (resources, instance_id) = (std::mem::take(&mut self.resources), self.instance_id.take());
         *self = Controller::new(root, None);
-        self.resources = resources;
+        (self.resources, self.instance_id) = (resources, instance_id);
         Ok(())
     }
 

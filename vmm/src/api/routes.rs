@@ -176,7 +176,7 @@ fn answer(
                 id => Some(controller.info(id.unwrap_or(root))?),
             };
             let state = info.as_ref().map_or("Not started".to_string(), |i| i.state.clone());
-            let id = info.as_ref().map_or(0, |i| i.id).to_string();
+            let id = controller.instance_name(info.as_ref().map_or(root, |i| i.id));
             let info = InstanceInfo { app_name: "Zygote", id, state, vmm_version: env!("CARGO_PKG_VERSION"), vm: info };
             Ok(Reply::json(serde_json::to_value(info).expect("InstanceInfo serializes")))
         }

@@ -119,9 +119,19 @@ struct RunArgs {
     /// metrics), started at once; with --api-sock, served as if configured over the API.
     #[arg(long, value_name = "FILE", conflicts_with_all = ["initrd", "cmdline", "disk", "mem", "vcpus", "arg"])]
     config_file: Option<PathBuf>,
+    /// Firecracker's instance id (letters, digits and hyphens, at most 64): `GET /` shows it
+    /// as VM 0's `id`.
+    #[arg(long, value_name = "ID", requires = "api_sock", value_parser = instance_id)]
+    id: Option<String>,
     /// Serve the control API (HTTP/JSON) on this Unix socket; VM output lines get a [vmN] prefix.
     #[arg(long, value_name = "PATH")]
     api_sock: Option<PathBuf>,
+}
+
+/// A Firecracker instance id: 1 to 64 ASCII letters, digits and hyphens.
+fn instance_id(id: &str) -> Result<String, String> {
+    let valid = (1..=64).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+    valid.then(|| id.to_string()).ok_or_else(|| format!("{id:?} is not 1 to 64 letters, digits and hyphens"))
 }
 
 /// Clap's message on one line: the error and its hints, without the usage block.
@@ -176,7 +186,7 @@ fn run(args: RunArgs) -> i32 {
             Err(e) => return fail(&e, true),
         };
         return match args.api_sock {
-            Some(socket) => serve(Some(root), &socket),
+            Some(socket) => serve(Some(root), &socket, args.id),
             None => root.run(),
         };
     }
@@ -187,7 +197,7 @@ fn run(args: RunArgs) -> i32 {
         (None, None, None) => None,
     };
     match (root, args.api_sock) {
-        (root, Some(socket)) => serve(root, &socket),
+        (root, Some(socket)) => serve(root, &socket, args.id),
         (Some(root), None) => root.run(),
         (None, None) => {
             eprintln!(
@@ -274,7 +284,7 @@ fn fail(err: &dyn std::error::Error, bad_input: bool) -> i32 {
 
 /// Runs `root` as VM 0 (none: VM 0 comes over the API) and serves the control API on `socket`
 /// until a Shutdown request or until the guest ends VM 0.
-fn serve(root: Option<Root>, socket: &std::path::Path) -> i32 {
+fn serve(root: Option<Root>, socket: &std::path::Path, instance_id: Option<String>) -> i32 {
     let server = match vmm::api::server::ApiServer::bind(socket) {
         Ok(server) => server,
         Err(e) => return fail(&e, true),
@@ -286,6 +296,7 @@ fn serve(root: Option<Root>, socket: &std::path::Path) -> i32 {
             return code;
         }
     };
+    controller.set_instance_id(instance_id);
     let (code, failure) = server.serve(&mut controller);
     // Reported as without --api-sock: a guest fault's register dump, a parked VM.
     if let Some(failure) = failure {
@@ -298,6 +309,13 @@ fn serve(root: Option<Root>, socket: &std::path::Path) -> i32 {
 
 /// Parses `args` and runs; returns the process exit code.
 pub fn main(args: impl IntoIterator<Item = OsString>) -> i32 {
+    let mut args: Vec<OsString> = args.into_iter().collect();
+    // Firecracker's command line (`firecracker --api-sock PATH [--id ID] [--config-file F]`),
+    // as tools that launch Firecracker give it: flags with no subcommand mean `run`.
+    let flag = args.get(1).and_then(|a| a.to_str()).filter(|a| a.starts_with("--"));
+    if flag.is_some_and(|a| !matches!(a, "--help" | "--version")) {
+        args.insert(1, OsString::from("run"));
+    }
     let cli = match Cli::try_parse_from(args) {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => {
