@@ -167,3 +167,37 @@ fn a_firecracker_config_file_is_checked_like_its_requests() {
         assert!(!socket.exists(), "{args:?} left its socket");
     }
 }
+
+#[test]
+fn bench_and_fuzz_arguments_out_of_range_exit_2_without_a_panic() {
+    for (args, expect) in [
+        (&["bench", "reset", "--rounds", "18446744073709551615"][..], "--rounds"),
+        (&["bench", "reset", "--rounds", "0"], "--rounds"),
+        (&["bench", "clone", "--clones", "100000000000"], "--clones"),
+        (&["bench", "clone", "--mem", "0"], "--mem"),
+        (&["bench", "clone", "--mem", "4"], "4 MiB is too small"),
+        (&["bench", "clone", "--dirty-percent", "1000"], "--dirty-percent"),
+    ] {
+        let out = run_zygote(args);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(expect) && err.lines().count() == 1 && !err.contains("panicked"), "{args:?}: {err}");
+    }
+    // Memory-mode reproducers whose offsets and pages lie past a page or past RAM: replayed
+    // (clipped to RAM), never an arithmetic panic.
+    let dir = zygote_tests::scratch_dir("cli-fuzz-replay");
+    for steps in [
+        r#"{"op":"guest_write","vm":0,"page":3,"offset":5000,"len":10,"byte":7}"#,
+        r#"{"op":"guest_write","vm":0,"page":65535,"offset":65535,"len":65535,"byte":7}"#,
+        r#"{"op":"dma_start","vm":0,"page":65535,"pages":255,"write":true,"pattern":1,"chunk":0},{"op":"dma_complete","dma":0}"#,
+    ] {
+        let file = dir.join("replay.json");
+        let text = format!(
+            r#"{{"format":1,"mode":"memory","seed":1,"run":0,"planted_bug":null,"violation":"-","steps":[{steps}]}}"#
+        );
+        std::fs::write(&file, text).unwrap();
+        let out = run_zygote(&["fuzz", "--replay", file.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(0), "{steps}: {}", stderr(&out));
+        assert!(String::from_utf8_lossy(&out.stdout).ends_with("replayed, no violation\n"), "{steps}");
+    }
+}
