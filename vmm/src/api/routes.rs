@@ -154,22 +154,27 @@ fn answer(
     let (path, query) = url.split_once('?').map_or((url, None), |(p, q)| (p, Some(q)));
     let root = controller.root_id();
     let done = || Ok(Reply::no_content());
-    if let Some(id) = path.strip_prefix("/drives/").filter(|id| !id.is_empty() && !id.contains('/')) {
-        return match method {
-            "PUT" => {
-                let drive: Drive = parse(body)?;
-                controller.preboot("PUT /drives")?.set_drive(id, drive)?;
-                done()
-            }
-            "PATCH" => {
-                let patch: PartialDrive = parse(body)?;
-                patch_drive(controller, id, patch)?;
-                done()
-            }
-            _ => Err(no_route(method, path)),
+    // Only what `ROUTES` lists is dispatched (so the spec test, which checks `ROUTES`, sees
+    // every route); the rest is refused or unknown.
+    let Some(&(_, template)) = ROUTES.iter().find(|(m, t)| *m == method && matches(t, path)) else {
+        return match REFUSED.iter().find(|t| matches(t, path)) {
+            Some(template) => Err(ApiError::NotSupported { what: format!("{template} (no such device or service)") }),
+            None => Err(no_route(method, path)),
         };
-    }
-    match (method, path) {
+    };
+    // The one path parameter (`{drive_id}`), if the template has one.
+    let id = path.rsplit('/').next().unwrap_or_default();
+    match (method, template) {
+        ("PUT", "/drives/{drive_id}") => {
+            let drive: Drive = parse(body)?;
+            controller.preboot("PUT /drives")?.set_drive(id, drive)?;
+            done()
+        }
+        ("PATCH", "/drives/{drive_id}") => {
+            let patch: PartialDrive = parse(body)?;
+            patch_drive(controller, id, patch)?;
+            done()
+        }
         ("GET", "/") => {
             let info = match query_vm_id(query)? {
                 None if controller.is_empty() => None,
@@ -285,10 +290,8 @@ fn answer(
                 done()
             }
         },
-        _ => match REFUSED.iter().find(|t| matches(t, path)) {
-            Some(template) => Err(ApiError::NotSupported { what: format!("{template} (no such device or service)") }),
-            None => Err(no_route(method, path)),
-        },
+        // A template in `ROUTES` with no arm: a bug in this file, caught by the unit test below.
+        _ => Err(ApiError::Vm(0, format!("route {method} {template} has no handler"))),
     }
 }
 
@@ -328,6 +331,20 @@ fn patch_drive(controller: &mut Controller, id: &str, patch: PartialDrive) -> Re
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_listed_route_has_a_handler() {
+        let (mut controller, mut telemetry) = (Controller::empty(), Telemetry::default());
+        for (method, template) in ROUTES {
+            if (*method, *template) == ("PUT", "/actions") {
+                continue; // no body: a bad action, but Shutdown must not be sent
+            }
+            let url = template.replace("{drive_id}", "d");
+            let reply = route(&mut controller, &mut telemetry, method, &url, b"");
+            let text = reply.body.map(|b| b.to_string()).unwrap_or_default();
+            assert!(!text.contains("has no handler") && !text.contains("Invalid request"), "{method} {url}: {text}");
+        }
+    }
 
     #[test]
     fn templates_match_one_segment() {
