@@ -26,6 +26,9 @@ if [ "${1:-}" = "--slow" ]; then
     ensure_fuzz
     mkdir -p tools/fuzz/corpus/snapshot_state
     (cd tools/fuzz && CARGO_BUILD_JOBS=1 cargo +nightly fuzz run snapshot_state corpus/snapshot_state seeds/snapshot_state -- -max_total_time=60)
+    # A published Firecracker client drives Zygote unchanged; schemathesis checks the API
+    # against docs/openapi.yaml (both in a virtualenv the script makes).
+    scripts/api-compat.sh target/release/zygote "$ZYGOTE_VMLINUX" "$ZYGOTE_INITRD"
     # The real binary boots the vmlinux to its init's marker and reads a disk, boots the bzImage
     # on two vCPUs (~75 s: its decompressor is emulated), a booting Linux VM is cloned and both
     # run to their init, and one is cloned, snapshotted and restored through the control API

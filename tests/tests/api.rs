@@ -86,12 +86,18 @@ impl Served {
 
     fn json(&self, method: &str, path: &str, body: Option<&str>) -> Value {
         let response = self.call(method, path, body);
-        assert!(response.is_success(), "{method} {path}: {response:?}");
+        assert_eq!(response.status, 200, "{method} {path}: {response:?}");
         serde_json::from_str(&response.body).expect("JSON answer")
     }
 
+    /// A request Firecracker answers 204 No Content.
+    fn done(&self, method: &str, path: &str, body: Option<&str>) {
+        let response = self.call(method, path, body);
+        assert_eq!((response.status, response.body.as_str()), (204, ""), "{method} {path} {body:?}");
+    }
+
     fn shutdown(mut self) {
-        let _ = self.json("PUT", "/actions", Some(r#"{"action_type":"Shutdown"}"#));
+        self.done("PUT", "/actions", Some(r#"{"action_type":"Shutdown"}"#));
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Some(status) = self.child.try_wait().expect("waiting for zygote") {
@@ -127,25 +133,22 @@ fn clone_tree_pause_snapshot_and_reset_over_the_socket() {
     assert_eq!(clone["vm_id"], 1);
     assert!(clone["report"]["pause_us"].as_u64().is_some(), "{clone}");
     assert_eq!(api.json("PUT", "/clone", Some(r#"{"vm_id":1}"#))["vm_id"], 2);
-    api.json("PATCH", "/vm", Some(r#"{"state":"Paused","vm_id":2}"#));
+    api.done("PATCH", "/vm", Some(r#"{"state":"Paused","vm_id":2}"#));
     let tree = states(&api.json("GET", "/vms", None));
-    assert_eq!(
-        tree,
-        vec![(0, None, "Running".into()), (1, Some(0), "Running".into()), (2, Some(1), "Paused".into())]
-    );
+    assert_eq!(tree, vec![(0, None, "Running".into()), (1, Some(0), "Running".into()), (2, Some(1), "Paused".into())]);
     let vm2 = &api.json("GET", "/vms", None)[2];
     assert!(vm2["shared_pages"].as_u64().unwrap() > vm2["private_pages"].as_u64().unwrap(), "{vm2}");
 
     let path = api.dir.join("snap.json");
     let body = serde_json::json!({ "snapshot_path": path, "snapshot_type": "Full" }).to_string();
-    api.json("PUT", "/snapshot/create", Some(&body));
+    api.done("PUT", "/snapshot/create", Some(&body));
     let body = serde_json::json!({ "snapshot_path": api.dir.join("diff.json"), "snapshot_type": "Diff" }).to_string();
-    api.json("PUT", "/snapshot/create", Some(&body));
+    api.done("PUT", "/snapshot/create", Some(&body));
     let body = serde_json::json!({ "snapshot_path": api.dir.join("diff.json"), "resume_vm": true }).to_string();
     assert_eq!(api.json("PUT", "/snapshot/load", Some(&body))["vm_id"], 3);
     assert!(api.json("PUT", "/reset", Some(r#"{"vm_id":1}"#))["reset_us"].as_u64().is_some());
     assert!(api.json("PUT", "/reset", Some(r#"{"vm_id":3}"#))["reset_us"].as_u64().is_some());
-    api.json("PATCH", "/vm", Some(r#"{"state":"Resumed","vm_id":2}"#));
+    api.done("PATCH", "/vm", Some(r#"{"state":"Resumed","vm_id":2}"#));
     assert_eq!(states(&api.json("GET", "/vms", None)).iter().filter(|v| v.2 == "Running").count(), 4);
     api.shutdown();
 }
@@ -168,7 +171,7 @@ fn bad_requests_get_4xx_and_leave_the_vms_alone() {
         ("PUT", "/snapshot/create", Some(r#"{"snapshot_path":"x","snapshot_type":"Diff"}"#), 400, "diff"),
         ("PUT", "/reset", Some(r#"{"vm_id":0}"#), 400, "no snapshot to reset to"),
         ("PUT", "/clone", Some(r#"{"vm":1}"#), 400, "unknown field"),
-        ("DELETE", "/vms", None, 404, "no endpoint DELETE /vms"),
+        ("DELETE", "/vms", None, 400, "Invalid request method and/or path: DELETE /vms"),
     ] {
         let response = api.call(method, path, body);
         assert_eq!(response.status, status, "{method} {path} {body:?}: {response:?}");
@@ -206,11 +209,11 @@ fn a_clone_prints_with_its_own_prefix_and_goes_on_from_the_instant() {
     // first line, and runs on (to its end, which ends the process) once the clone has printed.
     let (mut api, lines) = Served::start_printing("api-prefix", &["--guest", "sequence", "--arg", "24"]);
     lines.wait_for("[vm0] ");
-    api.json("PATCH", "/vm", Some(r#"{"state":"Paused"}"#));
+    api.done("PATCH", "/vm", Some(r#"{"state":"Paused"}"#));
     assert_eq!(api.json("PUT", "/clone", None)["vm_id"], 1);
-    api.json("PATCH", "/vm", Some(r#"{"state":"Resumed","vm_id":1}"#));
+    api.done("PATCH", "/vm", Some(r#"{"state":"Resumed","vm_id":1}"#));
     lines.wait_for("[vm1] ");
-    api.json("PATCH", "/vm", Some(r#"{"state":"Resumed"}"#));
+    api.done("PATCH", "/vm", Some(r#"{"state":"Resumed"}"#));
     let out = lines.finish().join("\n");
     let status = api.child.wait().unwrap();
     assert!(status.success(), "the root guest ends the process with its code 0: {status}");
@@ -249,9 +252,9 @@ fn a_vm_with_a_disk_clones_over_the_socket() {
 /// returns the state file and what VM 0 printed before (its whole lines, prefix stripped).
 fn snapshot_and_shut_down(api: Served, lines: Option<Lines>, name: &str) -> (PathBuf, String) {
     let path = api.dir.join(name);
-    api.json("PATCH", "/vm", Some(r#"{"state":"Paused"}"#));
+    api.done("PATCH", "/vm", Some(r#"{"state":"Paused"}"#));
     let body = serde_json::json!({ "snapshot_path": path }).to_string();
-    api.json("PUT", "/snapshot/create", Some(&body));
+    api.done("PUT", "/snapshot/create", Some(&body));
     api.shutdown();
     let out = lines.map(Lines::finish).unwrap_or_default();
     let printed = out.iter().filter_map(|l| l.strip_prefix("[vm0] ")).map(|l| format!("{l}\n")).collect();
@@ -307,13 +310,39 @@ fn an_empty_server_is_configured_like_firecracker_and_refuses_bad_configurations
     for (method, path, body, status, needle) in [
         ("PUT", "/machine-config", r#"{"vcpu_count":0,"mem_size_mib":64}"#, 400, "vcpu_count: vCPU count 0"),
         ("PUT", "/machine-config", r#"{"vcpu_count":1,"mem_size_mib":1}"#, 400, "mem_size_mib: memory size 1 MiB"),
-        ("PUT", "/machine-config", r#"{"vcpu_count":1,"mem_size_mib":64,"smt":true}"#, 400, "unknown field"),
-        ("PUT", "/drives/rootfs", r#"{"drive_id":"data","path_on_host":"/tmp/x"}"#, 400, "in the path"),
-        ("PUT", "/drives/rootfs", r#"{"drive_id":"rootfs","path_on_host":"/tmp/x","is_read_only":true}"#, 400, "is_read_only"),
+        (
+            "PUT",
+            "/machine-config",
+            r#"{"vcpu_count":1,"mem_size_mib":64,"smt":true}"#,
+            400,
+            "smt: true (simultaneous multithreading) is not supported",
+        ),
+        ("PUT", "/machine-config", r#"{"vcpu_count":1,"mem_size_mib":64,"sm":true}"#, 400, "unknown field"),
+        (
+            "PUT",
+            "/drives/rootfs",
+            r#"{"drive_id":"data","path_on_host":"/tmp/x","is_root_device":false}"#,
+            400,
+            "in the path",
+        ),
+        (
+            "PUT",
+            "/drives/rootfs",
+            r#"{"drive_id":"rootfs","path_on_host":"/tmp/x"}"#,
+            400,
+            "missing field `is_root_device`",
+        ),
+        (
+            "PUT",
+            "/drives/rootfs",
+            r#"{"drive_id":"rootfs","path_on_host":"/tmp/x","is_root_device":true,"rate_limiter":{}}"#,
+            400,
+            "rate_limiter is not supported",
+        ),
         ("PUT", "/actions", r#"{"action_type":"InstanceStart"}"#, 400, "PUT /boot-source first"),
-        ("PUT", "/boot-source", junk_source.as_str(), 200, ""),
+        ("PUT", "/boot-source", junk_source.as_str(), 204, ""),
         ("PUT", "/actions", r#"{"action_type":"InstanceStart"}"#, 400, "not a kernel"),
-        ("PUT", "/boot-source", r#"{"kernel_image_path":"/nonexistent/vmlinux"}"#, 200, ""),
+        ("PUT", "/boot-source", r#"{"kernel_image_path":"/nonexistent/vmlinux"}"#, 204, ""),
         ("PUT", "/actions", r#"{"action_type":"InstanceStart"}"#, 400, "/nonexistent/vmlinux"),
         ("PUT", "/clone", "", 404, "no VM with id 0"),
     ] {
@@ -325,11 +354,94 @@ fn an_empty_server_is_configured_like_firecracker_and_refuses_bad_configurations
 
     // A snapshot loaded into the empty server is VM 0, and its reset goes back to the file.
     let load = serde_json::json!({ "snapshot_path": spin, "resume_vm": true }).to_string();
-    assert_eq!(api.json("PUT", "/snapshot/load", Some(&load))["vm_id"], 0);
+    api.done("PUT", "/snapshot/load", Some(&load));
     assert_eq!(api.json("GET", "/", None)["state"], "Running");
     assert!(api.json("PUT", "/reset", None)["reset_us"].as_u64().is_some());
     let closed = api.call("PUT", "/machine-config", Some(r#"{"vcpu_count":1,"mem_size_mib":64}"#));
     assert_eq!(closed.status, 400, "{closed:?}");
-    assert!(closed.body.contains("closed"), "{}", closed.body);
+    assert!(closed.body.contains("pre-boot only"), "{}", closed.body);
     api.shutdown();
+}
+
+#[test]
+fn firecracker_requests_get_firecracker_answers() {
+    let api = Served::start("api-firecracker");
+    let info = api.json("GET", "/", None);
+    for field in ["app_name", "id", "vmm_version"] {
+        assert!(info[field].is_string(), "{field}: {info}");
+    }
+    assert_eq!(info["state"], "Running");
+    assert!(api.json("GET", "/version", None)["firecracker_version"].is_string());
+    let machine = api.json("GET", "/machine-config", None);
+    assert_eq!((machine["vcpu_count"].as_u64(), machine["smt"].as_bool()), (Some(1), Some(false)), "{machine}");
+    let config = api.json("GET", "/vm/config", None);
+    assert_eq!(config["machine-config"], machine);
+    assert_eq!(config["drives"], serde_json::json!([]));
+
+    // Firecracker's snapshot bodies: mem_file_path to create, mem_backend or mem_file_path to load.
+    api.done("PATCH", "/vm", Some(r#"{"state":"Paused"}"#));
+    let (state, mem) = (api.dir.join("fc.state"), api.dir.join("fc.mem"));
+    let create =
+        serde_json::json!({ "snapshot_type": "Full", "snapshot_path": state, "mem_file_path": mem }).to_string();
+    api.done("PUT", "/snapshot/create", Some(&create));
+    api.done("PATCH", "/vm", Some(r#"{"state":"Resumed"}"#));
+    for (method, path, body, needle) in [
+        ("PUT", "/machine-config", r#"{"vcpu_count":1,"mem_size_mib":64}"#, "pre-boot only"),
+        ("PUT", "/boot-source", r#"{"kernel_image_path":"/k"}"#, "pre-boot only"),
+        ("PATCH", "/drives/rootfs", r#"{"drive_id":"rootfs"}"#, "no drive \"rootfs\""),
+        ("PUT", "/mmds", "{}", "not supported"),
+        ("PUT", "/balloon", r#"{"amount_mib":1,"deflate_on_oom":false}"#, "not supported"),
+        ("PUT", "/actions", r#"{"action_type":"Reboot"}"#, "unknown variant"),
+        ("GET", "/boot-source", "", "Invalid request method and/or path"),
+    ] {
+        let response = api.call(method, path, Some(body));
+        assert_eq!(response.status, 400, "{method} {path}: {response:?}");
+        let fault: Value = serde_json::from_str(&response.body).expect("a JSON error");
+        assert!(fault["fault_message"].as_str().unwrap().contains(needle), "{method} {path}: {fault}");
+    }
+    api.shutdown();
+
+    // Loaded as Firecracker loads it (a fresh server, mem_backend File), and by `--restore`.
+    let fresh = Served::start_guest("api-firecracker-load", &[], Stdio::null());
+    assert_eq!(fresh.json("GET", "/", None)["id"], "0");
+    let load = serde_json::json!({
+        "snapshot_path": state,
+        "mem_backend": { "backend_type": "File", "backend_path": mem },
+        "enable_diff_snapshots": false,
+        "resume_vm": true,
+    });
+    let uffd =
+        serde_json::json!({ "snapshot_path": state, "mem_backend": { "backend_type": "Uffd", "backend_path": mem } });
+    let refused = fresh.call("PUT", "/snapshot/load", Some(&uffd.to_string()));
+    assert_eq!(refused.status, 400, "{refused:?}");
+    assert!(refused.body.contains("Uffd is not supported"), "{}", refused.body);
+    fresh.done("PUT", "/snapshot/load", Some(&load.to_string()));
+    assert_eq!(fresh.json("GET", "/", None)["state"], "Running");
+    fresh.shutdown();
+    let restored =
+        Served::start_guest("api-firecracker-restore", &["--restore", state.to_str().unwrap()], Stdio::null());
+    assert_eq!(restored.json("GET", "/", None)["state"], "Running");
+    restored.shutdown();
+}
+
+#[test]
+fn firecracker_s_command_line_starts_a_server() {
+    // `firecracker --api-sock PATH --id ID`, as tools launch Firecracker: no subcommand.
+    let dir = scratch_dir("api-fc-argv");
+    let socket = dir.join("fc.sock");
+    let child = Command::new(zygote_bin())
+        .args(["--api-sock", socket.to_str().unwrap(), "--id", "sandbox-42"])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawning zygote");
+    wait_for_api_socket(&socket);
+    let api = Served { child, socket, dir };
+    let info = api.json("GET", "/", None);
+    assert_eq!((info["id"].as_str(), info["state"].as_str()), (Some("sandbox-42"), Some("Not started")), "{info}");
+    api.shutdown();
+    for args in [&["--api-sock", "/tmp/x.sock", "--id", "bad id!"][..], &["--id", "a"]] {
+        let out = run_zygote(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert_eq!(String::from_utf8_lossy(&out.stderr).lines().count(), 1, "{args:?}");
+    }
 }

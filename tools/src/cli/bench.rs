@@ -3,25 +3,31 @@
 use clap::Subcommand;
 use vmm::clone::ClonePath;
 
-use vmm::cli::{report, EXIT_FAILURE};
+use vmm::cli::{report, EXIT_BAD_INPUT, EXIT_FAILURE};
+use vmm::builder::{MAX_MEM_MIB, MIN_MEM_MIB};
+
+/// Most rounds and clones one bench run takes (each one's timings are kept for the percentiles).
+const MAX_ROUNDS: u64 = 10_000_000;
+const MAX_CLONES: u64 = 100_000;
 
 #[derive(Debug, Subcommand)]
 pub(super) enum BenchCommand {
     /// Reset a guest that dirties 16 pages per run back to its snapshot, ROUNDS times.
     Reset {
-        #[arg(long, default_value_t = 10_000)]
-        rounds: usize,
+        #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=MAX_ROUNDS))]
+        rounds: u64,
         /// Give the VM virtio-blk on a 1 MiB scratch disk, reset with the rest every round.
         #[arg(long)]
         disk: bool,
     },
     /// Clone a running VM of MEM MiB with DIRTY_PERCENT % of its RAM rewritten between clones.
     Clone {
-        #[arg(long, value_name = "MiB", default_value_t = 1024)]
+        #[arg(long, value_name = "MiB", default_value_t = 1024,
+              value_parser = clap::value_parser!(u64).range(MIN_MEM_MIB..=MAX_MEM_MIB))]
         mem: u64,
-        #[arg(long, default_value_t = 100)]
-        clones: usize,
-        #[arg(long, default_value_t = 1)]
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=MAX_CLONES))]
+        clones: u64,
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(0..=100))]
         dirty_percent: u64,
         /// Only the reference path (everything in the pause, no pre-copy). By default the
         /// clones alternate between it and the pre-copy path.
@@ -46,7 +52,7 @@ pub(super) enum BenchCommand {
 
 pub(super) fn bench(command: BenchCommand) -> i32 {
     let result = match command {
-        BenchCommand::Reset { rounds, disk } => tools::bench::bench_reset(rounds, disk).map(|r| {
+        BenchCommand::Reset { rounds, disk } => tools::bench::bench_reset(usize::try_from(rounds).unwrap_or(usize::MAX), disk).map(|r| {
             println!(
                 "reset: {} rounds, {:.0} loops/s (run + pause + reset), reset p50 {:.1} us p99 {:.1} us \
                  (RAM {:.1} us + state {:.1} us), {} dirty pages: memcpy {:.2} us + KVM_RUN {:.1} us, ratio {:.2}",
@@ -65,7 +71,7 @@ pub(super) fn bench(command: BenchCommand) -> i32 {
         }),
         BenchCommand::Clone { mem, clones, dirty_percent, no_precopy } => {
             let paths: &[ClonePath] = if no_precopy { &[ClonePath::InPause] } else { &[ClonePath::InPause, ClonePath::Precopy] };
-            tools::bench::bench_clone(mem, clones, dirty_percent, paths).map(|r| {
+            tools::bench::bench_clone(mem, usize::try_from(clones).unwrap_or(usize::MAX), dirty_percent, paths).map(|r| {
                 println!("clone: {} MiB, {} clones per path, {} pages dirty per clone", r.mem_mib, r.clones, r.dirty_pages);
                 for p in &r.paths {
                     println!(
@@ -126,7 +132,7 @@ pub(super) fn bench(command: BenchCommand) -> i32 {
                             | vmm::snapshot::bench::SnapshotBenchError::Rounds { .. }
                             | vmm::snapshot::bench::SnapshotBenchError::Build(_)
                     );
-                    return if bad_input { vmm::cli::EXIT_BAD_INPUT } else { EXIT_FAILURE };
+                    return if bad_input { EXIT_BAD_INPUT } else { EXIT_FAILURE };
                 }
             }
         }
@@ -138,7 +144,11 @@ pub(super) fn bench(command: BenchCommand) -> i32 {
         }
         Err(e) => {
             eprintln!("{}", report(&e));
-            EXIT_FAILURE
+            // A VM too small for the asked dirtying is the flags' fault.
+            match e {
+                tools::bench::BenchError::TooSmall { .. } => EXIT_BAD_INPUT,
+                _ => EXIT_FAILURE,
+            }
         }
     }
 }

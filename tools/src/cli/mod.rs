@@ -68,6 +68,13 @@ struct FuzzArgs {
 
 /// Parses `args` and runs; returns the process exit code.
 pub fn main(args: impl IntoIterator<Item = OsString>) -> i32 {
+    let mut args: Vec<OsString> = args.into_iter().collect();
+    // Firecracker's command line (`firecracker --api-sock PATH [--id ID] [--config-file F]`),
+    // as tools that launch Firecracker give it: flags with no subcommand mean `run`.
+    let flag = args.get(1).and_then(|a| a.to_str()).filter(|a| a.starts_with("--"));
+    if flag.is_some_and(|a| !matches!(a, "--help" | "--version")) {
+        args.insert(1, OsString::from("run"));
+    }
     let cli: Cli = match vmm::cli::parse(args) {
         Ok(cli) => cli,
         Err(code) => return code,

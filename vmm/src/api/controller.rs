@@ -9,11 +9,11 @@ use std::time::Duration;
 use memory::{GuestAddress, PAGE_SIZE};
 use serde::Serialize;
 
-use super::preboot::PendingBoot;
+use super::preboot::VmResources;
 use super::ApiError;
 use crate::clone::{capture_clone, clone_vm, ClonePath, CloneReport};
 use crate::device_manager::Console;
-use crate::machine::{Paused, Vmm};
+use crate::machine::{Paused, VmOutcome, Vmm};
 use crate::snapshot::file::{load_snapshot, write_snapshot, SnapshotKind, SnapshotOnDisk};
 use crate::snapshot::VmSnapshot;
 
@@ -48,8 +48,13 @@ pub struct Controller {
     next_id: u64,
     /// Where the guests read their VM id (the tiny guests' mailbox), if they do.
     id_mailbox: Option<GuestAddress>,
-    /// VM 0's configuration while it is still to be started over the API (`Controller::empty`).
-    pending: Option<PendingBoot>,
+    /// VM 0's configuration (`GET /vm/config`): set over the API before it starts
+    /// (`Controller::empty`), or what is known of a VM 0 built otherwise.
+    resources: VmResources,
+    /// Whether `resources` can still change: no VM 0 yet.
+    configurable: bool,
+    /// Firecracker's `--id`: the root VM's `id` in `GET /` (else its number).
+    instance_id: Option<String>,
 }
 
 impl Controller {
@@ -57,28 +62,68 @@ impl Controller {
     pub fn new(root: Vmm, id_mailbox: Option<GuestAddress>) -> Controller {
         let next_id = root.id() + 1;
         let mut vms = BTreeMap::new();
+        let vcpus = u32::try_from(root.vcpu_count()).unwrap_or(u32::MAX);
+        let resources = VmResources::of_running(vcpus, root.ram().stats().ram_bytes >> 20);
         vms.insert(root.id(), VmEntry { vmm: root, parent: None, paused: None, base: None, last_on_disk: None });
-        Controller { vms, next_id, id_mailbox, pending: None }
+        Controller { vms, next_id, id_mailbox, resources, configurable: false, instance_id: None }
     }
 
     /// No VM yet: VM 0 is configured and started over the API, or loaded from a snapshot.
     pub fn empty() -> Controller {
-        Controller { vms: BTreeMap::new(), next_id: 0, id_mailbox: None, pending: Some(PendingBoot::default()) }
+        Controller {
+            vms: BTreeMap::new(),
+            next_id: 0,
+            id_mailbox: None,
+            resources: VmResources::default(),
+            configurable: true,
+            instance_id: None,
+        }
     }
 
-    /// VM 0's configuration, while it can still change.
-    pub fn preboot(&mut self) -> Result<&mut PendingBoot, ApiError> {
-        match self.pending.as_mut() {
-            Some(pending) if self.vms.is_empty() => Ok(pending),
-            _ => Err(ApiError::BadRequest("VM 0 exists already: pre-boot configuration is closed".into())),
+    /// VM 0's configuration, while it can still change; `what` names the request refused
+    /// once it cannot.
+    pub fn preboot(&mut self, what: &'static str) -> Result<&mut VmResources, ApiError> {
+        match self.configurable && self.vms.is_empty() {
+            true => Ok(&mut self.resources),
+            false => Err(ApiError::PreBootOnly(what)),
         }
+    }
+
+    /// No VM yet, and VM 0 configured by `resources` (`--config-file`): started by
+    /// `instance_start`.
+    pub fn configured(resources: VmResources) -> Controller {
+        Controller { resources, ..Controller::empty() }
+    }
+
+    pub fn set_instance_id(&mut self, id: Option<String>) {
+        self.instance_id = id;
+    }
+
+    /// How `GET /` names VM `vm_id`: the instance id for the root, if one was given.
+    pub fn instance_name(&self, vm_id: u64) -> String {
+        match &self.instance_id {
+            Some(id) if vm_id == self.root_id() => id.clone(),
+            _ => vm_id.to_string(),
+        }
+    }
+
+    /// VM 0's configuration as it stands (`GET /vm/config`).
+    pub fn resources(&self) -> &VmResources {
+        &self.resources
+    }
+
+    /// The logger and metrics settings, which may change at any time.
+    pub fn resources_mut(&mut self) -> &mut VmResources {
+        &mut self.resources
     }
 
     /// Boots VM 0 from the pre-boot configuration (`PUT /actions` InstanceStart).
     pub fn instance_start(&mut self) -> Result<(), ApiError> {
-        let mut root = self.preboot()?.build()?;
+        let mut root = self.preboot("InstanceStart")?.build(Console::Prefixed("[vm0] ".into()))?;
         root.start();
+        let (resources, instance_id) = (std::mem::take(&mut self.resources), self.instance_id.take());
         *self = Controller::new(root, None);
+        (self.resources, self.instance_id) = (resources, instance_id);
         Ok(())
     }
 
@@ -108,11 +153,21 @@ impl Controller {
         self.vms.get_mut(&id).ok_or(ApiError::UnknownVm(id))
     }
 
-    /// Whether the root VM's guest has ended it (its outcome's exit code, if so).
-    pub fn root_exit_code(&mut self) -> Option<u8> {
+    /// Whether the root VM's guest has ended it: its outcome's exit code and, for a failure,
+    /// what failed (as `zygote run` without the API reports it).
+    pub fn root_end(&mut self) -> Option<(u8, Option<String>)> {
         let root = self.root_id();
         let entry = self.vms.get_mut(&root)?;
-        entry.vmm.wait_timeout(Duration::ZERO).then(|| entry.vmm.outcome().map_or(0, |o| o.exit_code()))
+        if !entry.vmm.wait_timeout(Duration::ZERO) {
+            return None;
+        }
+        let outcome = entry.vmm.outcome();
+        let message = match outcome {
+            Some(VmOutcome::Failed(err)) => Some(super::chain(err)),
+            Some(VmOutcome::AllParked) => Some("every vCPU parked itself without an exit code".to_string()),
+            _ => None,
+        };
+        Some((outcome.map_or(0, VmOutcome::exit_code), message))
     }
 
     /// Info on VM `id`.
@@ -192,7 +247,11 @@ impl Controller {
     }
 
     /// Runs `f` with VM `id` paused (by the API already, or just for `f`).
-    fn with_paused<T>(&mut self, id: u64, f: impl FnOnce(&mut VmEntry, &Paused) -> Result<T, ApiError>) -> Result<T, ApiError> {
+    fn with_paused<T>(
+        &mut self,
+        id: u64,
+        f: impl FnOnce(&mut VmEntry, &Paused) -> Result<T, ApiError>,
+    ) -> Result<T, ApiError> {
         let entry = self.entry(id)?;
         match entry.paused.take() {
             Some(token) => {
@@ -210,7 +269,13 @@ impl Controller {
     }
 
     /// Writes a snapshot of VM `id`; the VM is paused only while its state and RAM freeze.
-    pub fn snapshot_create(&mut self, id: u64, state_path: &Path, mem_dir: &Path, kind: SnapshotKind) -> Result<(), ApiError> {
+    pub fn snapshot_create(
+        &mut self,
+        id: u64,
+        state_path: &Path,
+        mem_dir: &Path,
+        kind: SnapshotKind,
+    ) -> Result<(), ApiError> {
         let snap = self.with_paused(id, |entry, token| {
             VmSnapshot::take(&entry.vmm, token).map_err(|e| ApiError::Vm(id, super::chain(&e)))
         })?;
@@ -229,6 +294,7 @@ impl Controller {
         // Everything restored comes from the file: a failure here is the file's (bad devices,
         // buffers outside RAM), answered with a 4xx like the checks of `load_snapshot`.
         let mut vmm = loaded.snapshot.restore(new_id, &console).map_err(|e| ApiError::Snapshot(super::chain(&e)))?;
+        let (loaded_vcpus, loaded_mib) = (vmm.vcpu_count(), vmm.ram().stats().ram_bytes >> 20);
         let paused = if resume {
             vmm.start();
             None
@@ -239,7 +305,11 @@ impl Controller {
         self.vms.insert(new_id, VmEntry { vmm, parent: None, paused, base, last_on_disk: Some(loaded) });
         self.next_id += 1;
         // Loaded into an empty server, it is VM 0: nothing is left to configure.
-        self.pending = None;
+        if std::mem::take(&mut self.configurable) {
+            let vcpus = u32::try_from(loaded_vcpus).unwrap_or(u32::MAX);
+            let (logger, metrics) = (self.resources.logger.take(), self.resources.metrics.take());
+            self.resources = VmResources { logger, metrics, ..VmResources::of_running(vcpus, loaded_mib) };
+        }
         Ok(new_id)
     }
 

@@ -1,10 +1,16 @@
-//! The control API: HTTP/JSON on a Unix socket (tiny_http), Firecracker-shaped where
-//! Firecracker has the endpoint, plus clone, reset and the VM tree; and the `zygote ctl` client.
+//! The control API: HTTP/JSON on a Unix socket, answering as Firecracker does where Firecracker
+//! has the endpoint (same bodies, status codes, defaults and `fault_message` errors), plus
+//! Zygote's extensions (clone, reset, the VM tree); and the `zygote ctl` client.
 
 pub mod client;
+pub mod config_file;
 pub mod controller;
+pub mod http;
 pub mod preboot;
+pub mod requests;
+pub mod routes;
 pub mod server;
+pub mod telemetry;
 
 use memory::MemoryError;
 
@@ -21,8 +27,14 @@ pub enum ApiError {
     BadRequest(String),
     #[error("no VM with id {0}")]
     UnknownVm(u64),
-    #[error("no endpoint {method} {path}")]
+    #[error("Invalid request method and/or path: {method} {path}")]
     NoRoute { method: String, path: String },
+    #[error("{what} is not supported by Zygote")]
+    NotSupported { what: String },
+    #[error("{0} is not allowed after VM 0 has started (pre-boot only)")]
+    PreBootOnly(&'static str),
+    #[error("{0} is not allowed before VM 0 has started (post-boot only)")]
+    PostBootOnly(&'static str),
     #[error("VM {0} has no snapshot to reset to: take one with PUT /snapshot/create")]
     NoBase(u64),
     #[error("VM {vm}: {pages} page(s) are pinned for DMA (first at {first:#x}); retry, or pass wait_for_pins_ms")]
@@ -39,8 +51,15 @@ impl ApiError {
     /// The HTTP status this error answers with: 4xx when the request is at fault.
     pub fn status(&self) -> u16 {
         match self {
-            ApiError::BadJson(_) | ApiError::BadRequest(_) | ApiError::Snapshot(_) | ApiError::NoBase(_) => 400,
-            ApiError::UnknownVm(_) | ApiError::NoRoute { .. } => 404,
+            ApiError::BadJson(_)
+            | ApiError::BadRequest(_)
+            | ApiError::Snapshot(_)
+            | ApiError::NoBase(_)
+            | ApiError::NoRoute { .. }
+            | ApiError::NotSupported { .. }
+            | ApiError::PreBootOnly(_)
+            | ApiError::PostBootOnly(_) => 400,
+            ApiError::UnknownVm(_) => 404,
             ApiError::Pinned { .. } => 409,
             ApiError::Vm(..) | ApiError::Socket { .. } => 500,
         }

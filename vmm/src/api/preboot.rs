@@ -1,62 +1,70 @@
-//! Configuring VM 0 over the API before it starts, as Firecracker does: `zygote run --api-sock`
-//! with no guest, kernel or snapshot waits for `PUT /boot-source`, `PUT /machine-config` and
-//! `PUT /drives/{id}`, then boots on `PUT /actions {"action_type": "InstanceStart"}` (or becomes
-//! a loaded snapshot on `PUT /snapshot/load`). Once VM 0 exists the configuration is closed.
+//! VM 0's configuration, as Firecracker keeps it: `zygote run --api-sock` with no guest, kernel
+//! or snapshot waits for `PUT /boot-source`, `PUT|PATCH /machine-config` and `PUT
+//! /drives/{id}`, then boots on `PUT /actions {"action_type": "InstanceStart"}` (or becomes a
+//! loaded snapshot on `PUT /snapshot/load`). Once VM 0 exists the configuration is closed, and
+//! what it was stays readable (`GET /vm/config`, `GET /machine-config`).
 
-use std::path::PathBuf;
+use std::path::Path;
 
-use serde::Deserialize;
+use serde::Serialize;
 
+use super::requests::{BootSource, Drive, LoggerConfig, MachineConfig, MachineConfigPatch, MetricsConfig};
 use super::ApiError;
-use crate::builder::{ConfigError, DEFAULT_MEM_MIB};
+use crate::builder::ConfigError;
 use crate::device_manager::Console;
 use crate::{build_linux_vm, LinuxConfig, VmConfig, Vmm};
 
-/// `PUT /boot-source`.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct BootSource {
-    pub kernel_image_path: PathBuf,
-    pub initrd_path: Option<PathBuf>,
-    /// None: `linux::DEFAULT_CMDLINE`.
-    pub boot_args: Option<String>,
-}
-
-/// `PUT /machine-config`.
-#[derive(Clone, Copy, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MachineConfig {
-    pub vcpu_count: u32,
-    pub mem_size_mib: u64,
-}
-
-/// `PUT /drives/{drive_id}`: the one virtio-blk disk (copy-on-write: never written).
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Drive {
-    pub drive_id: String,
-    pub path_on_host: PathBuf,
-    #[serde(default)]
-    pub is_root_device: bool,
-    #[serde(default)]
-    pub is_read_only: bool,
-}
-
-/// VM 0's configuration so far.
-#[derive(Debug)]
-pub struct PendingBoot {
-    boot_source: Option<BootSource>,
-    machine: MachineConfig,
-    drive: Option<Drive>,
-}
-
-impl Default for PendingBoot {
-    fn default() -> Self {
-        PendingBoot { boot_source: None, machine: MachineConfig { vcpu_count: 1, mem_size_mib: DEFAULT_MEM_MIB }, drive: None }
+/// Refuses `path` unless it is a regular file (a directory, FIFO or device is not a kernel,
+/// initrd or disk; a FIFO would block whoever opens it). `what` names it in the message.
+pub fn check_regular_file(path: &Path, what: &str) -> Result<(), String> {
+    match std::fs::metadata(path) {
+        Ok(meta) if meta.is_file() => Ok(()),
+        Ok(meta) if meta.is_dir() => Err(format!("{what} {} is a directory, not a file", path.display())),
+        Ok(_) => Err(format!("{what} {} is not a regular file", path.display())),
+        Err(e) => Err(format!("{what} {}: {e}", path.display())),
     }
 }
 
-impl PendingBoot {
+/// Everything `GET /vm/config` shows (Firecracker's FullVmConfiguration, the parts Zygote has).
+#[derive(Clone, Debug, Serialize)]
+pub struct VmResources {
+    #[serde(rename = "boot-source", skip_serializing_if = "Option::is_none")]
+    pub boot_source: Option<BootSource>,
+    #[serde(rename = "machine-config")]
+    pub machine: MachineConfig,
+    pub drives: Vec<Drive>,
+    /// Zygote has none yet: always empty (the network helper's devices land here).
+    #[serde(rename = "network-interfaces")]
+    pub network_interfaces: Vec<serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub logger: Option<LoggerConfig>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<MetricsConfig>,
+}
+
+impl Default for VmResources {
+    fn default() -> Self {
+        VmResources {
+            boot_source: None,
+            machine: MachineConfig::firecracker_default(),
+            drives: Vec::new(),
+            network_interfaces: Vec::new(),
+            logger: None,
+            metrics: None,
+        }
+    }
+}
+
+impl VmResources {
+    /// The configuration of a VM 0 built outside the API (`zygote run --guest|--kernel
+    /// |--restore`): its shape, as far as it is known.
+    pub fn of_running(vcpus: u32, mem_size_mib: u64) -> VmResources {
+        let mut resources = VmResources::default();
+        resources.machine.vcpu_count = vcpus;
+        resources.machine.mem_size_mib = mem_size_mib;
+        resources
+    }
+
     pub fn set_boot_source(&mut self, source: BootSource) {
         self.boot_source = Some(source);
     }
@@ -64,6 +72,7 @@ impl PendingBoot {
     /// Checks the sizes now (as `VmConfig::validate` does for every VM), so a bad value is
     /// refused by the request that set it, named by its field.
     pub fn set_machine(&mut self, machine: MachineConfig) -> Result<(), ApiError> {
+        machine.check_supported()?;
         let config = VmConfig { mem_mib: machine.mem_size_mib, vcpus: machine.vcpu_count, ..VmConfig::default() };
         config.validate().map_err(|e| {
             let field = match e {
@@ -77,39 +86,71 @@ impl PendingBoot {
         Ok(())
     }
 
-    /// `drive_id` is the id in the URL; it must match the body's. One drive only.
+    pub fn patch_machine(&mut self, patch: MachineConfigPatch) -> Result<(), ApiError> {
+        let machine = patch.apply(&self.machine)?;
+        self.set_machine(machine)
+    }
+
+    /// `drive_id` is the id in the URL; it must match the body's. One drive only (a new PUT of
+    /// the same id replaces it).
     pub fn set_drive(&mut self, drive_id: &str, drive: Drive) -> Result<(), ApiError> {
         if drive.drive_id != drive_id {
-            return Err(ApiError::BadRequest(format!("drive_id {:?} in the body, {drive_id:?} in the path", drive.drive_id)));
+            return Err(ApiError::BadRequest(format!(
+                "drive_id {:?} in the body, {drive_id:?} in the path",
+                drive.drive_id
+            )));
         }
-        if drive.is_read_only {
-            return Err(ApiError::BadRequest("is_read_only drives are not supported (every disk is copy-on-write)".into()));
+        drive.check_supported()?;
+        if let Some(other) = self.drives.iter().find(|d| d.drive_id != drive_id) {
+            return Err(ApiError::NotSupported {
+                what: format!("a second drive ({:?} is configured already)", other.drive_id),
+            });
         }
-        if let Some(other) = self.drive.as_ref().filter(|d| d.drive_id != drive_id) {
-            return Err(ApiError::BadRequest(format!("one drive only: {:?} is configured already", other.drive_id)));
-        }
-        self.drive = Some(drive);
+        self.drives = vec![drive];
         Ok(())
     }
 
-    /// Builds VM 0 (paused) from the configuration.
-    pub fn build(&self) -> Result<Vmm, ApiError> {
+    /// The kernel command line: the boot args (or Zygote's default) and, for a root device,
+    /// `root=` as Firecracker appends it.
+    fn cmdline(&self, source: &BootSource) -> Option<String> {
+        let root = self.drives.iter().find(|d| d.is_root_device)?;
+        let mut cmdline = source.boot_args.clone().unwrap_or_else(|| crate::linux::DEFAULT_CMDLINE.to_string());
+        match &root.partuuid {
+            Some(uuid) => cmdline.push_str(&format!(" root=PARTUUID={uuid}")),
+            None => cmdline.push_str(" root=/dev/vda"),
+        }
+        cmdline.push_str(if root.is_read_only { " ro" } else { " rw" });
+        Some(cmdline)
+    }
+
+    /// Builds VM 0 (paused) from the configuration, its serial output to `console`.
+    pub fn build(&self, console: Console) -> Result<Vmm, ApiError> {
         let source = self
             .boot_source
             .as_ref()
             .ok_or_else(|| ApiError::BadRequest("InstanceStart needs a kernel: PUT /boot-source first".into()))?;
+        let files = [
+            ("kernel_image_path", Some(&source.kernel_image_path)),
+            ("initrd_path", source.initrd_path.as_ref()),
+            ("path_on_host", self.drives.first().and_then(|d| d.path_on_host.as_ref())),
+        ];
+        for (field, path) in files {
+            if let Some(path) = path {
+                check_regular_file(path, field).map_err(ApiError::BadRequest)?;
+            }
+        }
         let config = LinuxConfig {
             vm: VmConfig {
                 mem_mib: self.machine.mem_size_mib,
                 vcpus: self.machine.vcpu_count,
                 vm_id: 0,
-                console: Console::Prefixed("[vm0] ".into()),
-                disk: self.drive.as_ref().map(|d| d.path_on_host.clone()),
+                console,
+                disk: self.drives.first().and_then(|d| d.path_on_host.clone()),
                 irqchip: false,
             },
             kernel: source.kernel_image_path.clone(),
             initrd: source.initrd_path.clone(),
-            cmdline: source.boot_args.clone(),
+            cmdline: self.cmdline(source).or_else(|| source.boot_args.clone()),
         };
         build_linux_vm(&config).map_err(|e| match e.is_bad_input() {
             true => ApiError::BadRequest(super::chain(&e)),

@@ -114,7 +114,8 @@ pub(super) fn ctl(args: CtlArgs) -> i32 {
     let body = body.map(|b| b.to_string());
     match crate::api::client::call(&args.api_sock, method, &path, body.as_deref()) {
         Ok(response) if response.is_success() => {
-            println!("{}", response.body);
+            // 204 No Content (Firecracker's success answer) prints `{}`: ctl's output is JSON.
+            println!("{}", if response.body.is_empty() { "{}" } else { response.body.as_str() });
             0
         }
         Ok(response) => {
@@ -133,4 +134,3 @@ pub(super) fn ctl(args: CtlArgs) -> i32 {
         }
     }
 }
-

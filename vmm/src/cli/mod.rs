@@ -29,22 +29,22 @@ pub enum Command {
 }
 
 #[derive(Debug, Args)]
-#[command(group(clap::ArgGroup::new("what").args(["guest", "kernel", "restore"])))]
+#[command(group(clap::ArgGroup::new("what").args(["guest", "kernel", "restore", "config_file"])))]
 pub struct RunArgs {
     /// Bundled guest (see the README: hello, spin, sequence, dma, ...).
     #[arg(long, value_name = "NAME")]
     guest: Option<String>,
     /// Argument for the tiny guest (RDX; `exitcode` exits with its low byte).
-    #[arg(long, value_name = "N", default_value_t = 0, requires = "guest")]
-    arg: u64,
+    #[arg(long, value_name = "N", conflicts_with_all = ["kernel", "restore"])]
+    arg: Option<u64>,
     /// Linux kernel (ELF vmlinux or bzImage).
     #[arg(long, value_name = "FILE")]
     kernel: Option<PathBuf>,
     /// Initial ramdisk for the kernel.
-    #[arg(long, value_name = "FILE", requires = "kernel")]
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["guest", "restore"])]
     initrd: Option<PathBuf>,
     /// Kernel command line.
-    #[arg(long, value_name = "S", requires = "kernel")]
+    #[arg(long, value_name = "S", conflicts_with_all = ["guest", "restore"])]
     cmdline: Option<String>,
     /// Start from a snapshot's state file (written by `PUT /snapshot/create`) instead: RAM,
     /// vCPUs, devices and disk come from it, and `PUT /reset` of VM 0 goes back to it.
@@ -54,13 +54,23 @@ pub struct RunArgs {
     #[arg(long, value_name = "MiB", default_value_t = DEFAULT_MEM_MIB,
           value_parser = clap::value_parser!(u64).range(MIN_MEM_MIB..=MAX_MEM_MIB))]
     mem: u64,
-    /// Disk image for virtio-blk (read-write until the VM's first clone freezes it).
+    /// Disk image for virtio-blk. Write policy: the guest writes FILE in place until the VM's
+    /// first clone or snapshot, which freezes FILE as the shared base; from then on every VM
+    /// writes its own overlay and FILE is never written again (so FILE is opened read-write).
     #[arg(long, value_name = "FILE")]
     disk: Option<PathBuf>,
     /// Number of vCPUs.
     #[arg(long, value_name = "N", default_value_t = 1,
           value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_VCPUS)))]
     vcpus: u32,
+    /// VM 0 from a Firecracker config file (JSON: boot-source, drives, machine-config, logger,
+    /// metrics), started at once; with --api-sock, served as if configured over the API.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["initrd", "cmdline", "disk", "mem", "vcpus", "arg"])]
+    config_file: Option<PathBuf>,
+    /// Firecracker's instance id (letters, digits and hyphens, at most 64): `GET /` shows it
+    /// as VM 0's `id`.
+    #[arg(long, value_name = "ID", requires = "api_sock", value_parser = instance_id)]
+    id: Option<String>,
     /// Serve the control API (HTTP/JSON) on this Unix socket; VM output lines get a [vmN] prefix.
     #[arg(long, value_name = "PATH")]
     api_sock: Option<PathBuf>,
@@ -71,6 +81,12 @@ pub struct RunArgs {
     /// `type=1326`) instead of killing the process: finds what a filter misses.
     #[arg(long, conflicts_with = "no_seccomp")]
     seccomp_log: bool,
+}
+
+/// A Firecracker instance id: 1 to 64 ASCII letters, digits and hyphens.
+fn instance_id(id: &str) -> Result<String, String> {
+    let valid = (1..=64).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+    valid.then(|| id.to_string()).ok_or_else(|| format!("{id:?} is not 1 to 64 letters, digits and hyphens"))
 }
 
 /// Clap's message on one line: the error and its hints, without the usage block.
@@ -110,15 +126,36 @@ fn run(args: RunArgs) -> i32 {
     if let Err(e) = enable_seccomp(&args) {
         return fail(&e, false);
     }
+    // Files are checked before anything is built: a directory, FIFO or device is refused
+    // with its flag named (a FIFO would block the open; a directory fails late and vaguely).
+    let files = [("--kernel", &args.kernel), ("--initrd", &args.initrd), ("--disk", &args.disk)];
+    for (flag, path) in files {
+        if let Some(path) = path {
+            if let Err(e) = crate::api::preboot::check_regular_file(path, flag) {
+                eprintln!("zygote: {e}");
+                return EXIT_BAD_INPUT;
+            }
+        }
+    }
     let vm = VmConfig { mem_mib: args.mem, vcpus: args.vcpus, vm_id: 0, console: Console::Stdout, disk: args.disk, irqchip: false };
+    if let Some(path) = args.config_file {
+        let root = match crate::api::config_file::load_config_file(&path) {
+            Ok(resources) => Root::Configured(Box::new(resources)),
+            Err(e) => return fail(&e, true),
+        };
+        return match args.api_sock {
+            Some(socket) => serve(Some(root), &socket, args.id),
+            None => root.run(),
+        };
+    }
     let root = match (args.guest, args.kernel, args.restore) {
         (_, Some(kernel), _) => Some(Root::Linux(LinuxConfig { vm, kernel, initrd: args.initrd, cmdline: args.cmdline })),
         (_, None, Some(path)) => Some(Root::Restore(path)),
-        (Some(name), None, None) => Some(Root::Tiny { vm, name, arg: args.arg }),
+        (Some(name), None, None) => Some(Root::Tiny { vm, name, arg: args.arg.unwrap_or(0) }),
         (None, None, None) => None,
     };
     match (root, args.api_sock) {
-        (root, Some(socket)) => serve(root, &socket),
+        (root, Some(socket)) => serve(root, &socket, args.id),
         (Some(root), None) => root.run(),
         (None, None) => {
             eprintln!(
@@ -144,6 +181,8 @@ enum Root {
     Linux(LinuxConfig),
     /// A snapshot's state file.
     Restore(PathBuf),
+    /// A Firecracker config file's configuration.
+    Configured(Box<crate::api::preboot::VmResources>),
 }
 
 /// VM 0 built from the snapshot at `path`, and the loaded snapshot; on failure, the exit code
@@ -161,6 +200,9 @@ impl Root {
             Root::Linux(config) => boot_linux(&config).map_err(|e| fail(&e, e.is_bad_input())),
             Root::Tiny { vm, name, arg } => run_tiny_guest(&vm, &name, arg).map_err(|e| fail(&e, e.is_bad_input())),
             Root::Restore(path) => restore(&path, &Console::Stdout).map(|(vmm, _)| vmm.run()),
+            Root::Configured(resources) => {
+                resources.build(Console::Stdout).map(Vmm::run).map_err(|e| fail(&e, e.status() < 500))
+            }
         };
         outcome.map_or_else(|code| code, finish)
     }
@@ -188,6 +230,11 @@ impl Root {
                 root.start();
                 Ok(Controller::restored(root, loaded))
             }
+            Root::Configured(resources) => {
+                let mut controller = Controller::configured(*resources);
+                controller.instance_start().map_err(|e| fail(&e, e.status() < 500))?;
+                Ok(controller)
+            }
         }
     }
 }
@@ -204,7 +251,7 @@ pub fn fail(err: &dyn std::error::Error, bad_input: bool) -> i32 {
 
 /// Runs `root` as VM 0 (none: VM 0 comes over the API) and serves the control API on `socket`
 /// until a Shutdown request or until the guest ends VM 0.
-fn serve(root: Option<Root>, socket: &std::path::Path) -> i32 {
+fn serve(root: Option<Root>, socket: &std::path::Path, instance_id: Option<String>) -> i32 {
     let server = match crate::api::server::ApiServer::bind(socket) {
         Ok(server) => server,
         Err(e) => return fail(&e, true),
@@ -216,7 +263,12 @@ fn serve(root: Option<Root>, socket: &std::path::Path) -> i32 {
             return code;
         }
     };
-    let code = server.serve(&mut controller);
+    controller.set_instance_id(instance_id);
+    let (code, failure) = server.serve(&mut controller);
+    // Reported as without --api-sock: a guest fault's register dump, a parked VM.
+    if let Some(failure) = failure {
+        eprintln!("zygote: {failure}");
+    }
     drop(controller);
     let _ = std::fs::remove_file(socket);
     i32::from(code)
