@@ -2,13 +2,14 @@
 //! and the RAM's shape. Captured under the pause token, restored into a new KVM VM (clone,
 //! snapshot restore) or into the same one (reset). Guest values only: no host pointer or fd.
 
+pub mod clock;
 pub mod irqchip;
 pub mod msrs;
 pub mod vcpu;
 
 use std::sync::{mpsc, Arc};
 
-use kvm_bindings::{kvm_clock_data, KVM_CLOCK_TSC_STABLE};
+use kvm_bindings::kvm_clock_data;
 use memory::{GuestAddress, GuestRam};
 use serde::{Deserialize, Serialize};
 
@@ -22,6 +23,7 @@ use crate::devices::{
 use crate::machine::{Paused, Vmm};
 use crate::vcpu::{lock_vcpu, spawn_vcpu, VcpuContext, VcpuError};
 use crate::vm::{Vm, VmError};
+pub use clock::ClockOnRestore;
 pub use irqchip::IrqchipState;
 pub use vcpu::{VcpuState, VcpuStateError};
 
@@ -50,6 +52,8 @@ pub enum StateError {
     Devices(#[from] DeviceError),
     #[error("cannot start a vCPU")]
     VcpuThread(#[from] VcpuError),
+    #[error("the saved clock has no host real-time stamp (the capturing host kept no KVM master clock): cannot advance it to the host's real time")]
+    NoRealtimeStamp,
 }
 
 /// Everything but RAM bytes.
@@ -65,10 +69,6 @@ pub struct VmState {
     pub clock: kvm_clock_data,
     /// PIC, IOAPIC and PIT, if the VM has an in-kernel irqchip (then every vCPU has a LAPIC).
     pub irqchip: Option<IrqchipState>,
-}
-
-fn vm_ioctl<T>(op: &'static str, result: Result<T, kvm_ioctls::Error>) -> Result<T, StateError> {
-    result.map_err(|source| StateError::VmIoctl { op, source })
 }
 
 /// (start, size) of each region of `ram`, as saved.
@@ -136,9 +136,7 @@ impl VmState {
         check_token(vmm, token)?;
         let fd = vmm.vm().fd();
         let irqchip = IrqchipState::capture(fd)?;
-        let mut clock = vm_ioctl("KVM_GET_CLOCK", fd.get_clock())?;
-        // As Firecracker does: TSC_STABLE is an output flag KVM_SET_CLOCK rejects.
-        clock.flags &= !KVM_CLOCK_TSC_STABLE;
+        let clock = clock::capture(fd)?;
         let vcpus = vmm
             .vcpu_handles()
             .iter()
@@ -173,7 +171,7 @@ impl VmState {
             state.restore(handle.index(), &lock_vcpu(handle.fd()), false)?;
         }
         vmm.devices().restore_state(&self.devices)?;
-        vm_ioctl("KVM_SET_CLOCK", vmm.vm().fd().set_clock(&self.clock))?;
+        clock::restore(vmm.vm().fd(), &self.clock, ClockOnRestore::Resume)?;
         vmm.rearm(token);
         Ok(())
     }
@@ -214,7 +212,6 @@ pub fn build_from_state(
     if let Some(chip) = &state.irqchip {
         chip.restore(vm.fd())?;
     }
-    vm_ioctl("KVM_SET_CLOCK", vm.fd().set_clock(&state.clock))?;
     let mut pio = Bus::new();
     let mut devices = attach_legacy_devices(&mut pio, console)?;
     devices.restore_state(&state.devices)?;
@@ -240,5 +237,7 @@ pub fn build_from_state(
         let ctx = VcpuContext { index, fd, pio: Arc::clone(&pio), mmio: Arc::clone(&mmio), ram: Arc::clone(&ram) };
         vcpus.push(spawn_vcpu(ctx, events_tx.clone())?);
     }
+    // After the vCPUs' TSC and kvm-clock MSRs, before they first run (they start paused).
+    clock::restore(vm.fd(), &state.clock, ClockOnRestore::Resume)?;
     Ok(Vmm::from_parts(vm_id, vm, vcpus, events, (pio, mmio), devices))
 }
