@@ -5,7 +5,7 @@
 //! - `PATCH /vm` `{"state": "Paused" | "Resumed", "vm_id"?}`
 //! - `PUT /clone` `{"vm_id"?}` — `{"vm_id": new, "report": CloneReport}`
 //! - `PUT /snapshot/create` `{"snapshot_path", "mem_dir"?, "snapshot_type"?: "Full" | "Diff", "vm_id"?}`
-//! - `PUT /snapshot/load` `{"snapshot_path", "resume_vm"?: bool}` — a new VM: `{"vm_id"}`
+//! - `PUT /snapshot/load` `{"snapshot_path", "resume_vm"?: bool, "clock_realtime"?: bool}` — a new VM: `{"vm_id"}`
 //! - `PUT /reset` `{"vm_id"?, "wait_for_pins_ms"?}` — back to the VM's base snapshot
 //! - `PUT /actions` `{"action_type": "Shutdown" | "InstanceStart"}`
 //! - before VM 0 exists (`zygote run --api-sock` alone, see `preboot`): `PUT /boot-source`
@@ -26,6 +26,7 @@ use tiny_http::{Header, Method, Response, Server};
 use super::preboot::{BootSource, Drive, MachineConfig};
 use super::{ApiError, Controller};
 use crate::snapshot::file::SnapshotKind;
+use crate::vstate::ClockOnRestore;
 
 /// Largest request body accepted.
 const MAX_BODY: u64 = 1 << 20;
@@ -64,6 +65,9 @@ struct SnapshotLoad {
     snapshot_path: PathBuf,
     #[serde(default)]
     resume_vm: bool,
+    /// Advance the guest's clock to the host's real time (Firecracker's `clock_realtime`).
+    #[serde(default)]
+    clock_realtime: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -211,7 +215,11 @@ fn route(controller: &mut Controller, method: &Method, url: &str, body: &[u8]) -
         }
         (Method::Put, "/snapshot/load") => {
             let req: SnapshotLoad = parse(body)?;
-            ok(json!({ "vm_id": controller.snapshot_load(&req.snapshot_path, req.resume_vm)? }))
+            let clock = match req.clock_realtime {
+                true => ClockOnRestore::AdvanceToHostRealtime,
+                false => ClockOnRestore::Resume,
+            };
+            ok(json!({ "vm_id": controller.snapshot_load_with_clock(&req.snapshot_path, req.resume_vm, clock)? }))
         }
         (Method::Put, "/reset") => {
             let req: Reset = parse(body)?;
