@@ -32,9 +32,10 @@ if [ "${1:-}" = "--slow" ]; then
     # The real binary boots the vmlinux to its init's marker and reads a disk, boots the bzImage
     # on two vCPUs (~75 s: its decompressor is emulated), a booting Linux VM is cloned and both
     # run to their init, and one is cloned, snapshotted and restored through the control API
-    # (~25-60 s each here, two at a time). The loader's own boots (no
+    # (~25-60 s each here, two at a time); a ticking guest is restored from old snapshots, reset
+    # and cloned without its clock jumping (linux_restore_clock, ~3 min). The loader's own boots (no
     # VMM around them) run by hand:
     #   cargo test --release -p zygote-vmm --test linux_boot -- --ignored --test-threads=1
-    exec cargo test -j1 --release -p zygote-tests --test linux_cli --test linux_clone --test linux_api --test seccomp "$@" -- --ignored
+    exec cargo test -j1 --release -p zygote-tests --test linux_cli --test linux_clone --test linux_api --test seccomp --test linux_restore_clock "$@" -- --ignored
 fi
 exec cargo test --workspace -j1 "$@"

@@ -31,9 +31,14 @@
 #   mitigations=off tsc=reliable rodata=off quiet
 # (rodata=off skips mark_rodata_ro(), whose page-table rewrites and TLB
 # flushes took 15-20 s of emulated CPL0 time here, far more on a busy host),
-# plus `virtio_mmio.device=SIZE@ADDR:IRQ` per device and `zygote_blk=1` to
-# make init print `ZYGOTE-BLK <FNV-1a 64 of the first 4096 bytes of
-# /dev/vda>` (blk_checksum.py computes the expected line on the host).
+# plus `virtio_mmio.device=SIZE@ADDR:IRQ` per device unless the VMM's ACPI
+# tables describe them, and the init's mode words (init.c, net.c):
+# `zygote_blk=1` prints `ZYGOTE-BLK <FNV-1a 64 of the first 4096 bytes of
+# /dev/vda>` (blk_checksum.py computes the expected line on the host);
+# `zygote_tick=MS [zygote_random=1]` prints the guest's clocks (and 32 bytes
+# of /dev/urandom) every MS ms forever; `zygote_net=A.B.C.D/P`,
+# `zygote_tcp_echo=PORT`, `zygote_vsock_echo=PORT` bring eth0 up and run
+# echo servers.
 # reboot=k polls port 0x64 for bit 1 clear before writing 0xFE there, up to
 # 65536 emulated reads per try: the VMM should read 0x64 as 0.
 set -euo pipefail
@@ -178,7 +183,7 @@ build_initramfs() {
 	fi
 	gcc -static -nostdlib -ffreestanding -fno-stack-protector -fno-pie -no-pie \
 		-fno-asynchronous-unwind-tables -O2 -Wall -s -Wl,--build-id=none \
-		-o "$w/init" "$HERE/init.c"
+		-o "$w/init" "$HERE/init.c" "$HERE/net.c"
 	touch -d @0 "$w/init" # cpio records file mtimes; keep output reproducible
 	# /dev/console must exist for the kernel to give init fds 0-2: it does
 	# not mount devtmpfs before running an initramfs /init.
@@ -196,7 +201,7 @@ build_initramfs() {
 patch_files=()
 if [[ $PATCHES == 1 ]]; then patch_files=("$HERE"/patches/*.patch); fi
 KERNEL_KEY="patches=$PATCHES $(hash_inputs "$HERE/build.sh" "$HERE/config.fragment" "${patch_files[@]}")"
-INITRAMFS_KEY=$(hash_inputs "$HERE/build.sh" "$HERE/init.c")
+INITRAMFS_KEY=$(hash_inputs "$HERE/build.sh" "$HERE/init.c" "$HERE/net.c" "$HERE/sys.h")
 
 kernel_ok=1 initramfs_ok=1
 fresh "$OUT/vmlinux.stamp" "$KERNEL_KEY" "$OUT/vmlinux" "$OUT/bzImage" || kernel_ok=0

@@ -5,6 +5,7 @@ pub mod blk_driver;
 pub mod dma_guest;
 pub mod linux;
 pub mod snapshot_file;
+pub mod ticks;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -1,6 +1,7 @@
 //! Zygote VMM library: KVM VMs and vCPUs, buses and legacy devices, the tiny test guests, and
 //! the build recipe that ties them together.
 
+pub mod acpi;
 pub mod api;
 pub mod boot;
 pub mod builder;

@@ -16,6 +16,7 @@ use crate::device_manager::Console;
 use crate::machine::{Paused, VmOutcome, Vmm};
 use crate::snapshot::file::{load_snapshot, write_snapshot, SnapshotKind, SnapshotOnDisk};
 use crate::snapshot::VmSnapshot;
+use crate::vstate::ClockOnRestore;
 
 /// One VM of the tree.
 struct VmEntry {
@@ -288,12 +289,27 @@ impl Controller {
 
     /// Restores the snapshot at `state_path` as a new VM; runs it if `resume`.
     pub fn snapshot_load(&mut self, state_path: &Path, resume: bool) -> Result<u64, ApiError> {
+        self.snapshot_load_with_clock(state_path, resume, ClockOnRestore::Resume)
+    }
+
+    /// `snapshot_load`, with the restored guest's clock resumed or advanced to the host's real
+    /// time (`clock_realtime`).
+    pub fn snapshot_load_with_clock(
+        &mut self,
+        state_path: &Path,
+        resume: bool,
+        clock: ClockOnRestore,
+    ) -> Result<u64, ApiError> {
         let loaded = load_snapshot(state_path)?;
         let new_id = self.next_id;
         let console = Console::Prefixed(format!("[vm{new_id}] "));
         // Everything restored comes from the file: a failure here is the file's (bad devices,
         // buffers outside RAM), answered with a 4xx like the checks of `load_snapshot`.
         let mut vmm = loaded.snapshot.restore(new_id, &console).map_err(|e| ApiError::Snapshot(super::chain(&e)))?;
+        if clock == ClockOnRestore::AdvanceToHostRealtime {
+            crate::vstate::clock::advance_to_host_realtime(&vmm, &loaded.snapshot.state.clock)
+                .map_err(|e| ApiError::Snapshot(super::chain(&e)))?;
+        }
         let (loaded_vcpus, loaded_mib) = (vmm.vcpu_count(), vmm.ram().stats().ram_bytes >> 20);
         let paused = if resume {
             vmm.start();

@@ -278,9 +278,6 @@ impl SnapshotLoad {
         if self.vsock_override.is_some() {
             return Err(ApiError::BadRequest("vsock_override: the snapshot has no vsock device".into()));
         }
-        if self.clock_realtime {
-            return unsupported("clock_realtime");
-        }
         Ok(self.mem_backend.as_ref().map(|b| &b.backend_path).or(self.mem_file_path.as_ref()))
     }
 }

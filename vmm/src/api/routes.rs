@@ -260,7 +260,11 @@ fn answer(
             // memory file is accepted and the state file's own RAM files are loaded.
             let _ = req.mem_file()?;
             let first = controller.is_empty();
-            let vm_id = controller.snapshot_load(&req.snapshot_path, req.resume_vm)?;
+            let clock = match req.clock_realtime {
+                true => crate::vstate::ClockOnRestore::AdvanceToHostRealtime,
+                false => crate::vstate::ClockOnRestore::Resume,
+            };
+            let vm_id = controller.snapshot_load_with_clock(&req.snapshot_path, req.resume_vm, clock)?;
             telemetry.latency("load_snapshot", start.elapsed());
             // Into an empty server, as in Firecracker: VM 0, 204. Beside other VMs (an
             // extension Firecracker refuses): the new VM's id.

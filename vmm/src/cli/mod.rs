@@ -13,6 +13,7 @@ use crate::builder::{DEFAULT_MEM_MIB, MAX_MEM_MIB, MAX_VCPUS, MIN_MEM_MIB};
 use crate::api::Controller;
 use crate::snapshot::file::{load_snapshot, SnapshotOnDisk};
 use crate::{boot_linux, build_linux_vm, run_tiny_guest, ConfigError, Console, LinuxConfig, VmConfig, VmOutcome, Vmm};
+use crate::vstate::ClockOnRestore;
 
 /// Exit code for bad input (bad flags, values, files).
 pub const EXIT_BAD_INPUT: i32 = 2;
@@ -50,6 +51,11 @@ pub struct RunArgs {
     /// vCPUs, devices and disk come from it, and `PUT /reset` of VM 0 goes back to it.
     #[arg(long, value_name = "FILE", conflicts_with_all = ["mem", "vcpus", "disk"])]
     restore: Option<PathBuf>,
+    /// With --restore: move the guest's clock forward by the host real time passed since the
+    /// snapshot (KVM_CLOCK_REALTIME), so its CLOCK_REALTIME is the host's again; its monotonic
+    /// clock moves forward as much. Without it the guest resumes its clock where it stopped.
+    #[arg(long, requires = "restore")]
+    clock_realtime: bool,
     /// Guest RAM in MiB.
     #[arg(long, value_name = "MiB", default_value_t = DEFAULT_MEM_MIB,
           value_parser = clap::value_parser!(u64).range(MIN_MEM_MIB..=MAX_MEM_MIB))]
@@ -138,6 +144,10 @@ fn run(args: RunArgs) -> i32 {
         }
     }
     let vm = VmConfig { mem_mib: args.mem, vcpus: args.vcpus, vm_id: 0, console: Console::Stdout, disk: args.disk, irqchip: false };
+    let clock = match args.clock_realtime {
+        true => ClockOnRestore::AdvanceToHostRealtime,
+        false => ClockOnRestore::Resume,
+    };
     if let Some(path) = args.config_file {
         let root = match crate::api::config_file::load_config_file(&path) {
             Ok(resources) => Root::Configured(Box::new(resources)),
@@ -150,7 +160,7 @@ fn run(args: RunArgs) -> i32 {
     }
     let root = match (args.guest, args.kernel, args.restore) {
         (_, Some(kernel), _) => Some(Root::Linux(LinuxConfig { vm, kernel, initrd: args.initrd, cmdline: args.cmdline })),
-        (_, None, Some(path)) => Some(Root::Restore(path)),
+        (_, None, Some(path)) => Some(Root::Restore(path, clock)),
         (Some(name), None, None) => Some(Root::Tiny { vm, name, arg: args.arg.unwrap_or(0) }),
         (None, None, None) => None,
     };
@@ -179,17 +189,20 @@ fn enable_seccomp(args: &RunArgs) -> Result<(), crate::seccomp::SeccompError> {
 enum Root {
     Tiny { vm: VmConfig, name: String, arg: u64 },
     Linux(LinuxConfig),
-    /// A snapshot's state file.
-    Restore(PathBuf),
+    /// A snapshot's state file, and what the restored guest's clock does.
+    Restore(PathBuf, ClockOnRestore),
     /// A Firecracker config file's configuration.
     Configured(Box<crate::api::preboot::VmResources>),
 }
 
 /// VM 0 built from the snapshot at `path`, and the loaded snapshot; on failure, the exit code
 /// after saying why (whatever is wrong comes from the file: bad input).
-fn restore(path: &std::path::Path, console: &Console) -> Result<(Vmm, SnapshotOnDisk), i32> {
+fn restore(path: &std::path::Path, console: &Console, clock: ClockOnRestore) -> Result<(Vmm, SnapshotOnDisk), i32> {
     let loaded = load_snapshot(path).map_err(|e| fail(&e, true))?;
     let vmm = loaded.snapshot.restore(0, console).map_err(|e| fail(&e, true))?;
+    if clock == ClockOnRestore::AdvanceToHostRealtime {
+        crate::vstate::clock::advance_to_host_realtime(&vmm, &loaded.snapshot.state.clock).map_err(|e| fail(&e, true))?;
+    }
     Ok((vmm, loaded))
 }
 
@@ -199,7 +212,7 @@ impl Root {
         let outcome = match self {
             Root::Linux(config) => boot_linux(&config).map_err(|e| fail(&e, e.is_bad_input())),
             Root::Tiny { vm, name, arg } => run_tiny_guest(&vm, &name, arg).map_err(|e| fail(&e, e.is_bad_input())),
-            Root::Restore(path) => restore(&path, &Console::Stdout).map(|(vmm, _)| vmm.run()),
+            Root::Restore(path, clock) => restore(&path, &Console::Stdout, clock).map(|(vmm, _)| vmm.run()),
             Root::Configured(resources) => {
                 resources.build(Console::Stdout).map(Vmm::run).map_err(|e| fail(&e, e.status() < 500))
             }
@@ -225,8 +238,8 @@ impl Root {
                 root.start();
                 Ok(Controller::new(root, None))
             }
-            Root::Restore(path) => {
-                let (mut root, loaded) = restore(&path, &Console::Prefixed("[vm0] ".into()))?;
+            Root::Restore(path, clock) => {
+                let (mut root, loaded) = restore(&path, &Console::Prefixed("[vm0] ".into()), clock)?;
                 root.start();
                 Ok(Controller::restored(root, loaded))
             }

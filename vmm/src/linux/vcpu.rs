@@ -9,6 +9,8 @@ const CPUID_HYPERVISOR: u32 = 1 << 31;
 const KVM_CPUID_FEATURES: u32 = 0x4000_0001;
 const KVM_FEATURE_PV_SEND_IPI: u32 = 1 << 11;
 const KVM_FEATURE_PV_SCHED_YIELD: u32 = 1 << 13;
+/// CPUID 0x8000_0007 EDX: the TSC is invariant (constant rate, runs in deep C-states).
+const CPUID_INVARIANT_TSC: u32 = 1 << 8;
 
 const MSR_IA32_TSC: u32 = 0x10;
 const MSR_IA32_SYSENTER_CS: u32 = 0x174;
@@ -50,8 +52,16 @@ pub fn setup_boot_vcpu(vcpu: &VcpuFd, kvm: &Kvm, entry: &BootEntry, index: u8) -
 /// KVM's supported CPUID with this vCPU's APIC id and the hypervisor bit, without the PV IPI
 /// and PV sched-yield hypercalls: under PVM a guest sending IPIs through KVM_HC_SEND_IPI never
 /// brings its APs up (seen as a hang at "x86: Booting SMP configuration"). On PVM hosts the
-/// guest sees the host's own CPUID leaves whatever we set here (the command line masks those),
-/// but the KVM leaves 0x4000_00xx are ours.
+/// guest sees the host's own values for some leaves whatever we set here (the command line
+/// masks those), but the KVM leaves 0x4000_00xx and 0x8000_0007 are ours.
+///
+/// Without the invariant-TSC bit: Linux then keeps kvm-clock (rating 400) as its clocksource
+/// instead of preferring the TSC (it drops kvm-clock to 299 when the TSC is invariant). A
+/// guest that keeps time with the TSC cannot be restored without its clock jumping: this
+/// host's KVM ignores writes of the guest TSC (KVM_SET_MSRS of IA32_TSC and KVM_VCPU_TSC_OFFSET
+/// succeed and change nothing; the guest TSC is the host's), so a restored TSC-clocked guest
+/// found its clock moved on by the snapshot's age and replayed every missed tick (issue 13).
+/// kvm-clock is set from the saved value (`crate::vstate::clock`) and continues from it.
 fn set_cpuid(vcpu: &VcpuFd, kvm: &Kvm, index: u8) -> Result<(), LinuxBootError> {
     let mut cpuid =
         kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(LinuxBootError::kvm("KVM_GET_SUPPORTED_CPUID"))?;
@@ -62,6 +72,7 @@ fn set_cpuid(vcpu: &VcpuFd, kvm: &Kvm, index: u8) -> Result<(), LinuxBootError> 
                 leaf.ecx |= CPUID_HYPERVISOR;
             }
             KVM_CPUID_FEATURES => leaf.eax &= !(KVM_FEATURE_PV_SEND_IPI | KVM_FEATURE_PV_SCHED_YIELD),
+            0x8000_0007 => leaf.edx &= !CPUID_INVARIANT_TSC,
             // Extended topology: EDX is the x2APIC id.
             0xb | 0x1f => leaf.edx = u32::from(index),
             _ => {}

@@ -163,7 +163,13 @@ fn run_thread(ctx: VcpuContext, commands: &Receiver<VcpuCommand>, events: &Sende
             Some(commands.recv().unwrap_or(VcpuCommand::Finish))
         };
         state = match command {
-            Some(command) => apply(state, command, index, events),
+            Some(command) => {
+                if (command, state) == (VcpuCommand::Pause, State::Running) {
+                    // Before the acknowledgement: the guest learns of every pause, however long.
+                    crate::vstate::clock::tell_guest_it_was_stopped(&vcpu.lock());
+                }
+                apply(state, command, index, events)
+            }
             None => run_once(index, &vcpu, &pio, &mmio, &ram, events),
         };
     }

@@ -2,12 +2,13 @@
 //! and the RAM's shape. Captured under the pause token, restored into a new KVM VM (clone,
 //! snapshot restore) or into the same one (reset). Guest values only: no host pointer or fd.
 
+pub mod clock;
 pub mod irqchip;
 pub mod msrs;
 pub mod validate;
 pub mod vcpu;
 
-use kvm_bindings::{kvm_clock_data, KVM_CLOCK_TSC_STABLE};
+use kvm_bindings::kvm_clock_data;
 use kvm_ioctls::VmFd;
 use memory::{GuestAddress, GuestRam};
 use serde::{Deserialize, Serialize};
@@ -17,6 +18,7 @@ use devices::block::{CowDisk, FrozenDisk};
 use crate::device_manager::{CaptureMode, CapturedDisk, DeviceError, DevicesState};
 use crate::machine::{Paused, Vmm};
 use crate::vcpu::lock_vcpu;
+pub use clock::ClockOnRestore;
 pub use irqchip::IrqchipState;
 pub use vcpu::{VcpuState, VcpuStateError};
 
@@ -43,6 +45,8 @@ pub enum StateError {
     BadRamLayout { layout: Vec<(u64, usize)>, reason: String },
     #[error("cannot capture, restore or reset the devices")]
     Devices(#[from] DeviceError),
+    #[error("the saved clock has no host real-time stamp (the capturing host kept no KVM master clock): cannot advance it to the host's real time")]
+    NoRealtimeStamp,
 }
 
 /// Everything but RAM bytes.
@@ -128,9 +132,7 @@ impl VmState {
         check_token(vmm, token)?;
         let fd = vmm.vm().fd();
         let irqchip = IrqchipState::capture(fd)?;
-        let mut clock = vm_ioctl("KVM_GET_CLOCK", fd.get_clock())?;
-        // As Firecracker does: TSC_STABLE is an output flag KVM_SET_CLOCK rejects.
-        clock.flags &= !KVM_CLOCK_TSC_STABLE;
+        let clock = clock::capture(fd)?;
         let vcpus = vmm
             .vcpu_handles()
             .iter()
@@ -157,7 +159,7 @@ impl VmState {
         for (state, handle) in self.vcpus.iter().zip(vmm.vcpu_handles()) {
             state.restore(handle.index(), &lock_vcpu(handle.fd()), false)?;
         }
-        restore_clock(vmm.vm().fd(), &self.clock)?;
+        clock::restore(vmm.vm().fd(), &self.clock, ClockOnRestore::Resume)?;
         vmm.rearm(token);
         Ok(())
     }
@@ -178,7 +180,9 @@ impl VmState {
 }
 
 /// Sets the KVM clock a VM was saved with: the last step of every restore (after the VM
-/// state, the devices and the vCPUs), one place to change if the clock needs more.
+/// state, the devices and the vCPUs' TSC and kvm-clock MSRs, before they first run). The guest
+/// resumes its clock where it stopped (`clock::restore`); `clock::advance_to_host_realtime`
+/// moves it on afterwards when asked.
 pub fn restore_clock(vm: &VmFd, clock: &kvm_clock_data) -> Result<(), StateError> {
-    vm_ioctl("KVM_SET_CLOCK", vm.set_clock(clock))
+    clock::restore(vm, clock, ClockOnRestore::Resume)
 }
