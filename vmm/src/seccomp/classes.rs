@@ -208,6 +208,8 @@ pub fn vmm() -> Vec<Allow> {
         // Files: kernels, disks, snapshot state and RAM files (written through temporary
         // files, renamed or linked into place), /dev/kvm, /dev/net/tun.
         any(libc::SYS_openat),
+        // Snapshot files are opened beneath their directory (RESOLVE_BENEATH).
+        any(libc::SYS_openat2),
         any(libc::SYS_close),
         any(libc::SYS_read),
         any(libc::SYS_write),

@@ -146,8 +146,9 @@ pub const KVM_VMM: &[u64] = &[
     KVM_GET_XSAVE2,
 ];
 
-/// A vCPU thread runs its vCPU, and reads its registers for the report of a guest fault.
-pub const KVM_VCPU: &[u64] = &[KVM_RUN, KVM_GET_REGS, KVM_GET_SREGS];
+/// A vCPU thread runs its vCPU, reads its registers for the report of a guest fault, and tells
+/// a kvm-clock guest it was paused (KVMCLOCK_CTRL).
+pub const KVM_VCPU: &[u64] = &[KVM_RUN, KVM_GET_REGS, KVM_GET_SREGS, KVM_KVMCLOCK_CTRL];
 
 /// The VMM thread's other ioctls: page counts, TAP setup, non-blocking sockets.
 pub const HOST_VMM: &[u64] = &[
