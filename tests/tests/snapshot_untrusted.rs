@@ -116,13 +116,13 @@ fn crafted(dir: &Path) -> Vec<(PathBuf, Expected)> {
     // Guest addresses the devices hold outside RAM.
     cases.push((
         edited(dir, "base.json", "dma.json", |b| {
-            b["vm"]["mmio"]["dma"]["in_flight"] =
+            b["vm"]["devices"]["dma"]["in_flight"] =
                 json!({"source": {"Guest": 0x1000}, "dst": 1u64 << 40, "len": 4096, "chunk": 4096, "pacing_us": 0});
         }),
         |e| matches!(e, E::Invalid { source: V::OutsideRam { .. }, .. }),
     ));
     cases.push((
-        edited(dir, "disk.json", "ring.json", |b| b["vm"]["mmio"]["block"]["transport"]["queues"][0]["desc_table"] = json!(u64::MAX - 8)),
+        edited(dir, "disk.json", "ring.json", |b| b["vm"]["devices"]["block"]["transport"]["queues"][0]["desc_table"] = json!(u64::MAX - 8)),
         |e| matches!(e, E::Invalid { source: V::OutsideRam { .. }, .. }),
     ));
     // File names outside the snapshot's directory, special files, wrong sizes.

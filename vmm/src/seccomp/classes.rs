@@ -25,6 +25,8 @@ pub fn thread() -> Vec<Allow> {
         any(libc::SYS_nanosleep),
         any(libc::SYS_gettid),
         any(libc::SYS_munmap),
+        // realloc of a large allocation (glibc moves it with mremap, e.g. a growing read buffer).
+        any(libc::SYS_mremap),
         no_exec(libc::SYS_mprotect),
         mmap(&[
             libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,

@@ -15,7 +15,7 @@
 //! [`ClockOnRestore::AdvanceToHostRealtime`], an option; the default resumes.
 
 use kvm_bindings::{kvm_clock_data, KVM_CLOCK_REALTIME, KVM_CLOCK_TSC_STABLE};
-use kvm_ioctls::{VcpuFd, VmFd};
+use kvm_ioctls::VmFd;
 
 use super::StateError;
 use crate::machine::Vmm;
@@ -66,24 +66,16 @@ pub fn restore(vm: &VmFd, saved: &kvm_clock_data, mode: ClockOnRestore) -> Resul
 
 /// [`ClockOnRestore::AdvanceToHostRealtime`] for `vmm`, just built from state whose clock was
 /// `saved` and not started yet: sets the clock again, advanced, and tells each vCPU's guest
-/// that it was stopped ([`tell_guest_it_was_stopped`]), so that its lockup watchdogs do not take
+/// that it was stopped ([`crate::vcpu::tell_guest_it_was_stopped`]), so that its lockup watchdogs do not take
 /// the jump for a hang.
 pub fn advance_to_host_realtime(vmm: &Vmm, saved: &kvm_clock_data) -> Result<(), StateError> {
     restore(vmm.vm().fd(), saved, ClockOnRestore::AdvanceToHostRealtime)?;
     for handle in vmm.vcpu_handles() {
-        tell_guest_it_was_stopped(&lock_vcpu(handle.fd()));
+        crate::vcpu::tell_guest_it_was_stopped(&lock_vcpu(handle.fd()));
     }
     Ok(())
 }
 
-/// KVM_KVMCLOCK_CTRL: KVM sets PVCLOCK_GUEST_STOPPED in the vCPU's kvm-clock page at its next
-/// entry, and a Linux guest then resets its soft-lockup and RCU-stall watchdogs instead of
-/// reporting the time it did not run as a hang. For a paused vCPU (out of KVM_RUN). A guest
-/// that has not enabled kvm-clock (tiny guests, early boot) has nothing to tell: KVM answers
-/// EINVAL, and any failure only costs a watchdog warning in the guest, so none is returned.
-pub fn tell_guest_it_was_stopped(vcpu: &VcpuFd) {
-    let _ = vcpu.kvmclock_ctrl();
-}
 
 #[cfg(test)]
 mod tests {
