@@ -119,10 +119,7 @@ impl Drop for Served {
 /// the loader makes, a snapshot taken `secs` earlier. (The stamp is the only host-time value a
 /// snapshot holds; RAM files are shared by path.)
 pub fn age_snapshot(from: &Path, to: &Path, secs: u64) {
-    let bytes = std::fs::read(from).expect("reading the state file");
-    let newline = bytes.iter().position(|&b| b == b'\n').expect("a header line");
-    let mut header: serde_json::Value = serde_json::from_slice(&bytes[..newline]).expect("header JSON");
-    let mut body: serde_json::Value = serde_json::from_slice(&bytes[newline + 1..]).expect("body JSON");
+    let (header, mut body) = crate::snapshot_file::read_state(from);
     // `kvm_clock_data` is saved as its 48 bytes: clock u64, flags u32, pad u32, realtime u64, ...
     let clock = body["vm"]["clock"].as_array_mut().expect("the saved clock is a byte array");
     let bytes: Vec<u8> = clock.iter().map(|b| u8::try_from(b.as_u64().expect("a byte")).expect("a byte")).collect();
@@ -131,13 +128,8 @@ pub fn age_snapshot(from: &Path, to: &Path, secs: u64) {
     for (slot, byte) in clock[16..24].iter_mut().zip(aged) {
         *slot = byte.into();
     }
-    let body = serde_json::to_vec(&body).unwrap();
-    header["body_len"] = body.len().into();
-    header["body_crc32"] = crc32fast::hash(&body).into();
-    let mut out = serde_json::to_vec(&header).unwrap();
-    out.push(b'\n');
-    out.extend_from_slice(&body);
-    std::fs::write(to, out).expect("writing the aged state file");
+    // Resealed as the snapshot format does it (length and checksum over header and body).
+    std::fs::write(to, crate::snapshot_file::state_bytes(header, &body)).expect("writing the aged state file");
 }
 
 #[cfg(test)]
