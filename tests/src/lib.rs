@@ -8,7 +8,7 @@ pub mod snapshot_file;
 pub mod ticks;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use memory::{Bytes, GuestAddress, GuestRam};
@@ -151,6 +151,36 @@ pub fn scratch_dir(name: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("creating a scratch dir");
     dir
+}
+
+/// A `zygote run --guest spin --api-sock DIR/api.sock` (stdout discarded), serving once
+/// `start` returns; killed when dropped if the test did not stop it.
+pub struct SpinServer {
+    pub child: std::process::Child,
+    pub socket: PathBuf,
+    /// Where the socket is, and where the test keeps its files.
+    pub dir: PathBuf,
+}
+
+impl SpinServer {
+    pub fn start(dir: PathBuf) -> SpinServer {
+        let socket = dir.join("api.sock");
+        let child = Command::new(zygote_bin())
+            .args(["run", "--guest", "spin", "--api-sock"])
+            .arg(&socket)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawning zygote run");
+        wait_for_api_socket(&socket);
+        SpinServer { child, socket, dir }
+    }
+}
+
+impl Drop for SpinServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// Waits until a `zygote run --api-sock` serves `socket` (panics after 20 s).

@@ -4,30 +4,17 @@
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 
 use vmm::api::client::call;
-use zygote_tests::{scratch_dir, wait_for_api_socket, zygote_bin};
+use zygote_tests::{scratch_dir, SpinServer};
 
-struct Served {
-    child: Child,
-    socket: PathBuf,
+/// What these tests do with a server: stall clients on it and check it still answers.
+trait Liveness {
+    fn stalled(&self, bytes: &[u8]) -> UnixStream;
+    fn assert_served(&self);
 }
 
-impl Served {
-    fn start(name: &str) -> Served {
-        let socket = scratch_dir(name).join("api.sock");
-        let child = Command::new(zygote_bin())
-            .args(["run", "--guest", "spin", "--api-sock"])
-            .arg(&socket)
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("spawning zygote run");
-        wait_for_api_socket(&socket);
-        Served { child, socket }
-    }
-
+impl Liveness for SpinServer {
     /// A raw connection that has sent `bytes` and says no more.
     fn stalled(&self, bytes: &[u8]) -> UnixStream {
         let mut stream = UnixStream::connect(&self.socket).expect("connecting");
@@ -43,13 +30,6 @@ impl Served {
     }
 }
 
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// Everything the server sends on `stream` until it closes it.
 fn answer(mut stream: UnixStream) -> String {
     let mut text = String::new();
@@ -59,7 +39,7 @@ fn answer(mut stream: UnixStream) -> String {
 
 #[test]
 fn stalled_clients_affect_only_themselves() {
-    let api = Served::start("api-stalled");
+    let api = SpinServer::start(scratch_dir("api-stalled"));
     // One stalled in its body (100 kB announced, 1 byte sent), one in its headers, one
     // connected and silent, one chunked: each held open while others are served.
     let body = api.stalled(b"PUT /clone HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n{");
@@ -98,7 +78,7 @@ fn stalled_clients_affect_only_themselves() {
 
 #[test]
 fn a_body_too_large_gets_413_without_being_read() {
-    let api = Served::start("api-huge");
+    let api = SpinServer::start(scratch_dir("api-huge"));
     // 64 MiB announced: answered at once, before any of the body is sent.
     let huge = api.stalled(b"PUT /snapshot/create HTTP/1.1\r\nContent-Length: 67108864\r\n\r\n");
     let text = answer(huge);
@@ -119,7 +99,7 @@ fn a_body_too_large_gets_413_without_being_read() {
 
 #[test]
 fn one_connection_carries_several_requests() {
-    let api = Served::start("api-keepalive");
+    let api = SpinServer::start(scratch_dir("api-keepalive"));
     let mut stream = UnixStream::connect(&api.socket).unwrap();
     // Two requests at once (pipelined), then a third on the same connection that closes it.
     let requests = "GET /version HTTP/1.1\r\nHost: localhost\r\n\r\n\

@@ -3,33 +3,19 @@
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 
 use serde_json::{json, Value};
 use vmm::api::client::{call, ApiResponse};
-use zygote_tests::{scratch_dir, wait_for_api_socket, zygote_bin};
+use zygote_tests::{scratch_dir, SpinServer};
 
-struct Served {
-    child: Child,
-    socket: PathBuf,
-    dir: PathBuf,
+/// Requests with JSON bodies, and the 204 most of them answer.
+trait Requests {
+    fn call(&self, method: &str, path: &str, body: Value) -> ApiResponse;
+    fn done(&self, method: &str, path: &str, body: Value);
 }
 
-impl Served {
-    fn start(name: &str) -> Served {
-        let dir = scratch_dir(name);
-        let socket = dir.join("api.sock");
-        let child = Command::new(zygote_bin())
-            .args(["run", "--guest", "spin", "--api-sock"])
-            .arg(&socket)
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("spawning zygote run");
-        wait_for_api_socket(&socket);
-        Served { child, socket, dir }
-    }
-
+impl Requests for SpinServer {
     fn call(&self, method: &str, path: &str, body: Value) -> ApiResponse {
         call(&self.socket, method, path, Some(&body.to_string())).expect("API call")
     }
@@ -40,20 +26,13 @@ impl Served {
     }
 }
 
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn lines(path: &Path) -> Vec<Value> {
     std::fs::read_to_string(path).unwrap().lines().map(|l| serde_json::from_str(l).expect("a JSON line")).collect()
 }
 
 #[test]
 fn logger_and_metrics_write_what_happened() {
-    let api = Served::start("api-telemetry");
+    let api = SpinServer::start(scratch_dir("api-telemetry"));
     let (log, metrics) = (api.dir.join("zygote.log"), api.dir.join("metrics.json"));
     let flush = json!({ "action_type": "FlushMetrics" });
     let refused = api.call("PUT", "/actions", flush.clone());
@@ -114,7 +93,7 @@ fn logger_and_metrics_write_what_happened() {
 
 #[test]
 fn metrics_go_to_a_fifo_that_has_a_reader() {
-    let api = Served::start("api-metrics-fifo");
+    let api = SpinServer::start(scratch_dir("api-metrics-fifo"));
     let fifo = api.dir.join("metrics.fifo");
     let path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
     // SAFETY: `path` is a NUL-terminated string that outlives the call.

@@ -4,7 +4,7 @@
 //! on serving its VM; nothing blocks on a FIFO or reads a huge file.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -15,7 +15,7 @@ use vmm::snapshot::validate::ValidateError;
 use vmm::snapshot::VmSnapshot;
 use zygote_tests::blk_driver::BlkDriver;
 use zygote_tests::snapshot_file::{read_state, rewrite_body, rewrite_header, state_bytes};
-use zygote_tests::{scratch_dir, spin_vm, spin_vm_with_disk, wait_for_api_socket, zygote_bin};
+use zygote_tests::{scratch_dir, spin_vm, spin_vm_with_disk, zygote_bin, SpinServer};
 
 /// A full snapshot `base.json` and a diff over it `diff.json` of a one-vCPU `spin` VM, and of
 /// a `spin` VM with a disk (queue set up) `disk.json`, in `dir`.
@@ -205,27 +205,6 @@ fn truncations_and_bit_flips_are_errors() {
     assert!(load_snapshot(&dir.join("resealed.json")).is_ok(), "resealing alone changes nothing");
 }
 
-/// A `zygote run --guest spin --api-sock`, killed if the test did not stop it.
-struct Served {
-    child: Child,
-    socket: PathBuf,
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn serve(dir: &Path) -> Served {
-    let socket = dir.join("api.sock");
-    let child =
-        Command::new(zygote_bin()).args(["run", "--guest", "spin", "--api-sock"]).arg(&socket).stdout(Stdio::null()).spawn().unwrap();
-    wait_for_api_socket(&socket);
-    Served { child, socket }
-}
-
 /// Runs `zygote run --restore path`; its exit code (killed after 60 s: a hang fails).
 fn restore_exit_code(path: &Path) -> (i32, String) {
     let mut child =
@@ -246,7 +225,7 @@ fn restore_exit_code(path: &Path) -> (i32, String) {
 fn the_cli_exits_2_and_the_api_answers_400_and_keeps_serving() {
     let dir = scratch_dir("snapshot-untrusted-served");
     snapshots(&dir);
-    let api = serve(&dir);
+    let api = SpinServer::start(dir.clone());
     for (path, _) in crafted(&dir) {
         let body = json!({ "snapshot_path": path }).to_string();
         let answer = call(&api.socket, "PUT", "/snapshot/load", Some(&body)).unwrap();
@@ -299,7 +278,7 @@ fn a_diff_is_never_written_over_a_snapshot_it_depends_on() {
 #[test]
 fn the_api_refuses_a_diff_over_its_own_path_and_the_full_one_survives() {
     let dir = scratch_dir("snapshot-over-parent-api");
-    let api = serve(&dir);
+    let api = SpinServer::start(dir.clone());
     let path = dir.join("s.json");
     let full = json!({ "snapshot_path": path }).to_string();
     assert!(call(&api.socket, "PUT", "/snapshot/create", Some(&full)).unwrap().is_success());
