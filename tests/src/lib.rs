@@ -153,6 +153,15 @@ pub fn scratch_dir(name: &str) -> PathBuf {
     dir
 }
 
+/// `zygote ctl --api-sock SOCKET ARGS...`, which must succeed; its JSON answer.
+pub fn ctl(socket: &Path, args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["ctl", "--api-sock", socket.to_str().expect("a UTF-8 socket path")];
+    all.extend_from_slice(args);
+    let out = run_zygote(&all);
+    assert!(out.status.success(), "ctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("ctl prints JSON")
+}
+
 /// A `zygote run --guest spin --api-sock DIR/api.sock` (stdout discarded), serving once
 /// `start` returns; killed when dropped if the test did not stop it.
 pub struct SpinServer {

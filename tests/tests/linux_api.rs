@@ -10,7 +10,6 @@
 //! `ZYGOTE_VMLINUX` / `ZYGOTE_INITRD` as for linux_cli.
 
 use std::io::{BufRead, BufReader};
-use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -19,7 +18,7 @@ use serde_json::json;
 use vmm::api::client::call;
 use vmm::linux::DEFAULT_CMDLINE;
 use zygote_tests::linux::{kernel_and_initrd, write_checksum_disk};
-use zygote_tests::{run_zygote, scratch_dir, wait_for_api_socket, zygote_bin};
+use zygote_tests::{ctl, scratch_dir, wait_for_api_socket, zygote_bin};
 
 /// A kernel line printed before virtio-mmio registers its device (initcall order).
 const BEFORE_VIRTIO: &str = "devtmpfs: initialized";
@@ -46,14 +45,6 @@ impl Drop for Served {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn ctl(socket: &Path, args: &[&str]) -> serde_json::Value {
-    let mut all = vec!["ctl", "--api-sock", socket.to_str().unwrap()];
-    all.extend_from_slice(args);
-    let out = run_zygote(&all);
-    assert!(out.status.success(), "ctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).expect("ctl prints JSON")
 }
 
 #[test]

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use vmm::linux::DEFAULT_CMDLINE;
 use zygote_tests::linux::kernel_and_initrd;
 use zygote_tests::ticks::{age_snapshot, Served, Tick};
-use zygote_tests::{run_zygote, scratch_dir, wait_for_api_socket};
+use zygote_tests::{ctl, scratch_dir, wait_for_api_socket};
 
 const PERIOD: Duration = Duration::from_millis(100);
 /// Hang guard for a boot on a loaded host (not a speed bound).
@@ -34,14 +34,6 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(480);
 /// Hang guard for a restore to print (not a speed bound).
 const RESUME_TIMEOUT: Duration = Duration::from_secs(60);
 const SLACK: Duration = Duration::from_secs(1);
-
-fn ctl(socket: &Path, args: &[&str]) -> serde_json::Value {
-    let mut all = vec!["ctl", "--api-sock", socket.to_str().unwrap()];
-    all.extend_from_slice(args);
-    let out = run_zygote(&all);
-    assert!(out.status.success(), "ctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).expect("ctl prints JSON")
-}
 
 fn nanos(d: Duration) -> i64 {
     i64::try_from(d.as_nanos()).unwrap()
