@@ -102,7 +102,7 @@ pub(super) fn bench(command: BenchCommand) -> i32 {
         }
         BenchCommand::Snapshot { mem, dirty_pages, rounds, dir } => {
             let dir = dir.unwrap_or_else(|| std::env::temp_dir().join(format!("zygote-bench-snapshot-{}", std::process::id())));
-            match vmm::snapshot::bench::bench_snapshot(mem, dirty_pages, rounds, &dir) {
+            match tools::snapshot_bench::bench_snapshot(mem, dirty_pages, rounds, &dir) {
                 Ok(r) => {
                     println!(
                         "snapshot: {} MiB, {} dirty pages, {} rounds: Diff call p50 {:.0} us (freeze {:.0} + RAM {:.0} + state {:.0}) \
@@ -128,9 +128,9 @@ pub(super) fn bench(command: BenchCommand) -> i32 {
                     eprintln!("{}", report(&e));
                     let bad_input = matches!(
                         e,
-                        vmm::snapshot::bench::SnapshotBenchError::TooSmall { .. }
-                            | vmm::snapshot::bench::SnapshotBenchError::Rounds { .. }
-                            | vmm::snapshot::bench::SnapshotBenchError::Build(_)
+                        tools::snapshot_bench::SnapshotBenchError::TooSmall { .. }
+                            | tools::snapshot_bench::SnapshotBenchError::Rounds { .. }
+                            | tools::snapshot_bench::SnapshotBenchError::Build(_)
                     );
                     return if bad_input { EXIT_BAD_INPUT } else { EXIT_FAILURE };
                 }

@@ -1,7 +1,6 @@
 //! Snapshots of a whole VM: in memory (`VmSnapshot`: frozen RAM + state, the base of resets)
 //! and on disk (`file`: RAM files plus a versioned, checksummed state file, written atomically).
 
-pub mod bench;
 mod body;
 mod error;
 pub mod file;

@@ -10,13 +10,13 @@ use std::time::{Duration, Instant};
 use memory::{Bytes, GuestAddress, PAGE_SIZE};
 use serde::Serialize;
 
-use super::file::{load_snapshot, write_snapshot, SnapshotError, SnapshotKind, SnapshotOnDisk};
-use super::{ResetError, VmSnapshot};
-use crate::builder::{build_tiny_vm, BuildError, VmConfig};
-use crate::device_manager::Console;
-use crate::guests;
-use crate::layout::TOUCH_ADDR;
-use crate::machine::VmmError;
+use vmm::snapshot::file::{load_snapshot, write_snapshot, SnapshotError, SnapshotKind, SnapshotOnDisk};
+use vmm::snapshot::{ResetError, VmSnapshot};
+use vmm::builder::{build_tiny_vm, BuildError, VmConfig};
+use vmm::device_manager::Console;
+use vmm::guests;
+use vmm::layout::TOUCH_ADDR;
+use vmm::machine::VmmError;
 
 /// What failed while benchmarking snapshots.
 #[derive(Debug, thiserror::Error)]
