@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use memory::{Access, GuestAddress, MemoryError};
 use vmm::layout::{COUNTERS_ADDR, DIRTY_ADDR, DIRTY_PAGES};
-use vmm::snapshot::{ResetError, VmSnapshot};
+use vmm::snapshot::{VmSnapshotError, VmSnapshot};
 use vmm::{build_tiny_vm, guests, VmOutcome};
 use zygote_tests::{captured, first_difference, read_u64};
 
@@ -59,10 +59,10 @@ fn reset_is_refused_while_pinned_unless_asked_to_wait() {
     let token = vm.pause().unwrap();
     let pin = vm.ram().pin(GuestAddress(DIRTY_ADDR), 4096, Access::Write).unwrap();
     let err = snap.reset(&mut vm, &token, None).unwrap_err();
-    assert!(matches!(err, ResetError::Memory { source: MemoryError::Pinned { pages: 1, .. }, .. }), "{err:?}");
+    assert!(matches!(err, VmSnapshotError::Memory { source: MemoryError::Pinned { pages: 1, .. }, .. }), "{err:?}");
     assert_eq!(read_u64(vm.ram(), COUNTERS_ADDR), 1, "a refused reset changes nothing");
     let err = snap.reset(&mut vm, &token, Some(Duration::from_millis(20))).unwrap_err();
-    assert!(matches!(err, ResetError::Memory { source: MemoryError::Pinned { .. }, .. }), "{err:?}");
+    assert!(matches!(err, VmSnapshotError::Memory { source: MemoryError::Pinned { .. }, .. }), "{err:?}");
     let releaser = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(30));
         drop(pin);

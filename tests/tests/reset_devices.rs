@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use memory::{Bytes, GuestAddress, MemoryError};
-use vmm::snapshot::{ResetError, VmSnapshot};
+use vmm::snapshot::{VmSnapshotError, VmSnapshot};
 use vmm::vstate::VmState;
 use zygote_tests::blk_driver::{
     hold_blk_submissions, hold_dma, read_bytes, start_dma_pattern, step_dma, wait_dma_idle, BlkDriver, DATA,
@@ -79,7 +79,7 @@ fn reset_restores_devices_and_disk_and_reruns_what_was_in_flight() {
             start_held_dma(&vm);
             let token = vm.pause().unwrap();
             let err = snap.reset(&mut vm, &token, None).unwrap_err();
-            assert!(matches!(err, ResetError::Memory { source: MemoryError::Pinned { .. }, .. }), "{err:?}");
+            assert!(matches!(err, VmSnapshotError::Memory { source: MemoryError::Pinned { .. }, .. }), "{err:?}");
             assert_eq!(driver.read(&vm, 300, 512), vec![b'X'; 512], "a refused reset left the disk alone");
             vm.resume(token);
             hold_dma(&vm, false);

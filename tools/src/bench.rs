@@ -17,7 +17,7 @@ use vmm::layout::{COUNTERS_ADDR, GUEST_CODE_ADDR, TOUCH_ADDR, VM_ID_ADDR};
 use vmm::longmode::write_tables;
 use vmm::machine::{VmOutcome, VmmError};
 use vmm::regs::{setup_tiny_guest_vcpu, EntryArgs};
-use vmm::snapshot::{ResetError, VmSnapshot};
+use vmm::snapshot::{VmSnapshotError, VmSnapshot};
 use vmm::vm::Vm;
 
 /// What failed while benchmarking.
@@ -28,7 +28,7 @@ pub enum BenchError {
     #[error("cannot pause the benchmark VM")]
     Pause(#[from] VmmError),
     #[error("reset failed")]
-    Reset(#[from] ResetError),
+    Reset(#[from] VmSnapshotError),
     #[error("clone failed")]
     Clone(#[from] CloneError),
     #[error("the guest did not {what} (outcome {outcome})")]

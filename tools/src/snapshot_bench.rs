@@ -11,7 +11,7 @@ use memory::{Bytes, GuestAddress, PAGE_SIZE};
 use serde::Serialize;
 
 use vmm::snapshot::file::{load_snapshot, write_snapshot, SnapshotError, SnapshotKind, SnapshotOnDisk};
-use vmm::snapshot::{ResetError, VmSnapshot};
+use vmm::snapshot::{VmSnapshotError, VmSnapshot};
 use vmm::builder::{build_tiny_vm, BuildError, VmConfig};
 use vmm::device_manager::Console;
 use vmm::guests;
@@ -26,7 +26,7 @@ pub enum SnapshotBenchError {
     #[error("cannot pause the benchmark VM")]
     Pause(#[from] VmmError),
     #[error("cannot freeze the benchmark VM")]
-    Take(#[from] ResetError),
+    Take(#[from] VmSnapshotError),
     #[error("snapshot write or load failed")]
     Snapshot(#[from] SnapshotError),
     #[error("{path}: floor write failed")]

@@ -15,7 +15,7 @@ pub mod telemetry;
 use memory::MemoryError;
 
 use crate::snapshot::file::SnapshotError;
-use crate::snapshot::ResetError;
+use crate::snapshot::VmSnapshotError;
 pub use controller::{Controller, VmInfo};
 
 /// What a control request did wrong, or what failed serving it.
@@ -72,11 +72,11 @@ impl From<SnapshotError> for ApiError {
     }
 }
 
-impl From<ResetError> for ApiError {
-    fn from(e: ResetError) -> ApiError {
+impl From<VmSnapshotError> for ApiError {
+    fn from(e: VmSnapshotError) -> ApiError {
         match e {
-            ResetError::Memory { vm, source: MemoryError::Pinned { pages, first } } => ApiError::Pinned { vm, pages, first },
-            ResetError::State { vm, .. } | ResetError::Build { vm, .. } | ResetError::Memory { vm, .. } => {
+            VmSnapshotError::Memory { vm, source: MemoryError::Pinned { pages, first } } => ApiError::Pinned { vm, pages, first },
+            VmSnapshotError::State { vm, .. } | VmSnapshotError::Build { vm, .. } | VmSnapshotError::Memory { vm, .. } => {
                 ApiError::Vm(vm, chain(&e))
             }
         }

@@ -51,10 +51,6 @@ impl ResetTiming {
     }
 }
 
-/// The former name of `VmSnapshotError` (it covers taking and restoring too, not only
-/// resets), kept so code written against it still builds.
-pub type ResetError = VmSnapshotError;
-
 /// What failed taking, restoring or resetting to an in-memory snapshot.
 #[derive(Debug, thiserror::Error)]
 pub enum VmSnapshotError {

@@ -14,7 +14,7 @@ use super::{complete_blk, ensure, pause, pick, quiet_console, FuzzVm, SnapModel,
 use super::{DATA_ADDR, DATA_BYTES, DATA_PAGES, DISK_SECTORS, MAX_VMS};
 use vmm::clone::capture_clone;
 use crate::fuzz::Violation;
-use vmm::snapshot::{ResetError, VmSnapshot};
+use vmm::snapshot::{VmSnapshotError, VmSnapshot};
 
 /// `len` bytes from `offset` of data page `page`, clipped to the data area: (start, len).
 fn span(page: u8, offset: u16, len: u16) -> (usize, usize) {
@@ -265,7 +265,7 @@ impl VmWorld {
                 v.model = s.model.cloned();
                 complete_held(v)?;
             }
-            Err(ResetError::Memory { source: MemoryError::Pinned { .. }, .. }) => {
+            Err(VmSnapshotError::Memory { source: MemoryError::Pinned { .. }, .. }) => {
                 ensure!(pinned, "VM {id}: reset refused with nothing pinned");
             }
             Err(e) => return Err(failed("reset", id, e)),
