@@ -82,6 +82,25 @@ fn only_vcpu_threads_and_their_spawner_run_guests() {
 }
 
 #[test]
+fn every_thread_may_use_the_whole_allocator() {
+    // glibc malloc on any thread may grow the main arena (brk), map or trim an arena (mmap,
+    // munmap, madvise DONTNEED) or move a large block (mremap): an allocation is never a reason
+    // to kill the process.
+    for class in ThreadClass::ALL {
+        for nr in [
+            libc::SYS_brk,
+            libc::SYS_mmap,
+            libc::SYS_munmap,
+            libc::SYS_mremap,
+            libc::SYS_madvise,
+            libc::SYS_mprotect,
+        ] {
+            assert!(class.allows_syscall(nr), "{} refuses {nr}", class.name());
+        }
+    }
+}
+
+#[test]
 fn ioctl_and_mmap_always_have_argument_checks() {
     for class in ThreadClass::ALL {
         let merged = class.merged();
