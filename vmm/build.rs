@@ -60,9 +60,9 @@ fn symbols() -> Vec<(&'static str, u64)> {
 
 fn run(cmd: &mut Command) {
     let shown = format!("{cmd:?}");
-    let status = cmd.status().unwrap_or_else(|e| {
-        panic!("cannot run {shown}: {e} (the guests need binutils: apt-get install binutils)")
-    });
+    let status = cmd
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run {shown}: {e} (the guests need binutils: apt-get install binutils)"));
     assert!(status.success(), "{shown} failed with {status}");
 }
 

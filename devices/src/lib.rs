@@ -11,9 +11,9 @@ pub mod interrupt;
 pub mod net;
 pub mod persist;
 pub mod rng;
-pub mod vsock;
 pub mod subscriber;
 pub mod virtio;
+pub mod vsock;
 
 // Unit tests that need test-only hooks reuse the integration tests' driver, which names this
 // crate `devices`.

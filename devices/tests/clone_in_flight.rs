@@ -60,7 +60,13 @@ fn clone_during_blk_read_and_dma_reexecutes_both() {
     assert_eq!(source.transport.device().in_flight(), 1);
     // A DMA transfer three chunks in.
     let mut dma = DmaEngine::new(Arc::clone(&ram), DeviceInterrupt::polled());
-    let spec = TransferSpec { source: DmaSource::Pattern(PATTERN), dst: DMA_DST, len: DMA_LEN as u64, chunk: DMA_CHUNK, pacing_us: 0 };
+    let spec = TransferSpec {
+        source: DmaSource::Pattern(PATTERN),
+        dst: DMA_DST,
+        len: DMA_LEN as u64,
+        chunk: DMA_CHUNK,
+        pacing_us: 0,
+    };
     dma.start(spec).unwrap();
     for _ in 0..3 {
         assert!(dma.step());
@@ -95,13 +101,19 @@ fn clone_during_blk_read_and_dma_reexecutes_both() {
     assert_eq!(read_at_clone, vec![0xaa; READ_LEN]);
 
     // ...and after re-executing its copies, the full data.
-    let device = BlockDevice::restore(BlockArgs { ram: Arc::clone(&clone_ram), disk: clone_disk, interrupt: DeviceInterrupt::polled() }, &blk_state).unwrap();
+    let device = BlockDevice::restore(
+        BlockArgs { ram: Arc::clone(&clone_ram), disk: clone_disk, interrupt: DeviceInterrupt::polled() },
+        &blk_state,
+    )
+    .unwrap();
     let transport = MmioTransport::restore(device, &transport_state).unwrap();
     let mut clone = Driver::resume(Arc::clone(&clone_ram), transport, driver_at_clone);
     clone.complete();
     assert_eq!(clone.take_used().len(), 1, "the clone completes its copy of the read");
     assert_eq!(clone.bytes(READ_BUF, READ_LEN), disk_bytes(READ_SECTOR, READ_LEN));
-    let mut clone_dma = DmaEngine::restore(DmaArgs { ram: Arc::clone(&clone_ram), interrupt: DeviceInterrupt::polled() }, &dma_state).unwrap();
+    let mut clone_dma =
+        DmaEngine::restore(DmaArgs { ram: Arc::clone(&clone_ram), interrupt: DeviceInterrupt::polled() }, &dma_state)
+            .unwrap();
     assert_eq!(clone_dma.progress(), 0, "restarted from byte 0");
     clone_dma.run_to_completion();
     assert_eq!(clone.bytes(DMA_DST, DMA_LEN), pattern_bytes(DMA_LEN));
@@ -109,17 +121,26 @@ fn clone_during_blk_read_and_dma_reexecutes_both() {
     // The disks diverge: writes after the clone are invisible to the other side.
     io(&mut source, SCRATCH + 0x4_0000, VIRTIO_BLK_T_OUT, 20, Some(&[b'S'; 512]), 512);
     io(&mut clone, SCRATCH + 0x4_0000, VIRTIO_BLK_T_OUT, 20, Some(&[b'C'; 1024]), 1024);
-    assert_eq!(io(&mut source, SCRATCH + 0x5_0000, VIRTIO_BLK_T_IN, 20, None, 1024), [&[b'S'; 512][..], &disk_bytes(21, 512)].concat());
+    assert_eq!(
+        io(&mut source, SCRATCH + 0x5_0000, VIRTIO_BLK_T_IN, 20, None, 1024),
+        [&[b'S'; 512][..], &disk_bytes(21, 512)].concat()
+    );
     // A clone of the clone sees the clone's writes, and the two diverge again.
     let clone2_disk = clone.transport.device().clone_disk().unwrap();
     let clone2_ram = Arc::new(clone_ram.clone_cow().unwrap());
     let state2 = clone.transport.device().state();
-    let device2 = BlockDevice::restore(BlockArgs { ram: Arc::clone(&clone2_ram), disk: clone2_disk, interrupt: DeviceInterrupt::polled() }, &state2).unwrap();
+    let device2 = BlockDevice::restore(
+        BlockArgs { ram: Arc::clone(&clone2_ram), disk: clone2_disk, interrupt: DeviceInterrupt::polled() },
+        &state2,
+    )
+    .unwrap();
     let transport2 = MmioTransport::restore(device2, &clone.transport.state()).unwrap();
     let mut clone2 = Driver::resume(clone2_ram, transport2, clone.indices());
     io(&mut clone2, SCRATCH + 0x5_0000, VIRTIO_BLK_T_OUT, 21, Some(&[b'E'; 512]), 512);
-    assert_eq!(io(&mut clone2, SCRATCH + 0x6_0000, VIRTIO_BLK_T_IN, 20, None, 1024), [&[b'C'; 512][..], &[b'E'; 512]].concat());
+    assert_eq!(
+        io(&mut clone2, SCRATCH + 0x6_0000, VIRTIO_BLK_T_IN, 20, None, 1024),
+        [&[b'C'; 512][..], &[b'E'; 512]].concat()
+    );
     assert_eq!(io(&mut clone, SCRATCH + 0x5_0000, VIRTIO_BLK_T_IN, 20, None, 1024), vec![b'C'; 1024]);
     assert_eq!(std::fs::read(&disk.0).unwrap()[20 * 512], disk_byte(20 * 512), "the frozen base never changes");
 }
-

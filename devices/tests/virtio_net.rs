@@ -19,7 +19,6 @@ use memory::{Bytes, GuestAddress};
 use net::*;
 use vmm_sys_util::eventfd::EventFd;
 
-
 /// A namespace with TAP `ztap0`, its peer, and a driver for a device on it.
 fn setup(features: u64) -> (NetNs, Peer, NetDriver) {
     let ns = NetNs::new();
@@ -282,7 +281,9 @@ fn malformed_receive_chains_are_returned_unused() {
     let top = RAM_SIZE as u64;
     let long: Vec<_> = (0..65u16).map(|i| (buf + 64 * u64::from(i), 64, w | n, 9 + i)).collect();
     let cases: Vec<(&str, Vec<Desc>, Expect)> = vec![
-        ("a loop", vec![(buf, 1024, w | n, 9), (buf + 1024, 1024, w | n, 8)], |e| matches!(e, NetError::ChainLoop { index: 8, .. })),
+        ("a loop", vec![(buf, 1024, w | n, 9), (buf + 1024, 1024, w | n, 8)], |e| {
+            matches!(e, NetError::ChainLoop { index: 8, .. })
+        }),
         ("next past the table", vec![(buf, 2048, w | n, 200)], |e| matches!(e, NetError::BrokenChain { .. })),
         ("a read-only buffer", vec![(buf, 2048, 0, 0)], |e| matches!(e, NetError::WrongDirection { .. })),
         ("outside RAM", vec![(top - 1024, 2048, w, 0)], |e| matches!(e, NetError::OutsideRam { .. })),
@@ -290,7 +291,9 @@ fn malformed_receive_chains_are_returned_unused() {
         ("an empty buffer", vec![(buf, 0, w | n, 9), (buf, 2048, w, 0)], |e| matches!(e, NetError::EmptyBuffer { .. })),
         ("too small for a frame", vec![(buf, 1000, w, 0)], |e| matches!(e, NetError::TooShort { min: 1526, .. })),
         ("over the used ring", vec![(RINGS[RX as usize].used, 2048, w, 0)], |e| matches!(e, NetError::OverRing { .. })),
-        ("over the other queue's ring", vec![(RINGS[TX as usize].desc, 2048, w, 0)], |e| matches!(e, NetError::OverRing { .. })),
+        ("over the other queue's ring", vec![(RINGS[TX as usize].desc, 2048, w, 0)], |e| {
+            matches!(e, NetError::OverRing { .. })
+        }),
         ("too many descriptors", long, |e| matches!(e, NetError::ChainTooLong { .. })),
     ];
     for (what, descs, expect) in cases {
@@ -303,7 +306,8 @@ fn malformed_transmit_chains_are_returned_unsent() {
     let n = F_NEXT;
     let buf = SCRATCH + 0x2000;
     let top = RAM_SIZE as u64;
-    let huge: Vec<_> = (0..2u16).map(|i| (buf + 0x10_000 * u64::from(i), 0x8010, if i == 0 { n } else { 0 }, 9)).collect();
+    let huge: Vec<_> =
+        (0..2u16).map(|i| (buf + 0x10_000 * u64::from(i), 0x8010, if i == 0 { n } else { 0 }, 9)).collect();
     let cases: Vec<(&str, Vec<Desc>, Expect)> = vec![
         ("a loop", vec![(buf, 100, n, 8)], |e| matches!(e, NetError::ChainLoop { index: 8, .. })),
         ("a write-only buffer", vec![(buf, 100, F_WRITE, 0)], |e| matches!(e, NetError::WrongDirection { .. })),

@@ -140,7 +140,11 @@ fn throughput_against_a_plain_tap_loop() {
                 1e6 / dev - 1e6 / plain
             )
         };
-        results.push(format!("{{\"frame_bytes\":{len},\"rounds\":{ROUNDS},\"frames_per_round\":{frames},\"rx\":{},\"tx\":{}}}", direction(0), direction(2)));
+        results.push(format!(
+            "{{\"frame_bytes\":{len},\"rounds\":{ROUNDS},\"frames_per_round\":{frames},\"rx\":{},\"tx\":{}}}",
+            direction(0),
+            direction(2)
+        ));
     }
     assert_eq!(d.device().counters().bad_chains, 0);
     println!("{{\"bench\":\"virtio_net_host\",\"batch\":{BATCH},\"results\":[{}]}}", results.join(","));

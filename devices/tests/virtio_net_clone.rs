@@ -16,7 +16,6 @@ use devices::{DeviceInterrupt, Persist};
 use memory::{Bytes, GuestAddress, MemoryError};
 use net::*;
 
-
 /// A host-stepped device on `tap` (or none) with `features` negotiated.
 fn stepped_vm(tap: Option<Tap>, features: u64) -> NetDriver {
     let ram = new_ram();
@@ -47,7 +46,11 @@ fn assert_consistent(d: &NetDriver, what: &str) {
     for (q, in_flight) in [(RX, rx_in_flight), (TX, tx_in_flight)] {
         let queue = state.queues[usize::from(q)];
         assert_eq!(d.used_idx(q), queue.next_used, "{what}: queue {q} used index");
-        assert_eq!(usize::from(queue.next_avail.wrapping_sub(queue.next_used)), in_flight, "{what}: queue {q} in flight");
+        assert_eq!(
+            usize::from(queue.next_avail.wrapping_sub(queue.next_used)),
+            in_flight,
+            "{what}: queue {q} in flight"
+        );
         let avail: u16 = d.ram.read_obj(GuestAddress(RINGS[usize::from(q)].avail + 2)).unwrap();
         assert_eq!(avail, d.pos[usize::from(q)].avail_idx, "{what}: queue {q} avail index");
     }
@@ -105,7 +108,11 @@ fn a_receive_held_mid_copy_lands_whole_in_the_source_and_the_clone_gets_its_buff
         assert!(clone.device().host_stepped(), "{what}: a clone inherits host stepping");
 
         // The source finishes: its frame whole, in its buffer.
-        let expected = if copied { vec![NetStep::Published { chains: 1 }] } else { vec![NetStep::Copied { bytes: 1412 }, NetStep::Published { chains: 1 }] };
+        let expected = if copied {
+            vec![NetStep::Published { chains: 1 }]
+        } else {
+            vec![NetStep::Copied { bytes: 1412 }, NetStep::Published { chains: 1 }]
+        };
         assert_eq!(receive_stepped(&source), expected, "{what}");
         assert_eq!(source.take_used(RX), vec![(u32::from(head), 1412)], "{what}");
         assert_eq!(source.received(buf, 1412), (1, inbound.clone()), "{what}");
@@ -224,7 +231,11 @@ fn ten_clones_with_receive_buffers_posted_and_frames_arriving() {
         let clone = clone_vm(&source, Some(ns.open_tap(name)), |_| {});
         assert_consistent(&clone, name);
         assert_eq!(clone.device().in_flight(), (0, 0), "{name}");
-        assert_eq!(clone.pos[RX as usize].avail_idx.wrapping_sub(clone.used_idx(RX)), 8, "{name}: all 8 buffers available");
+        assert_eq!(
+            clone.pos[RX as usize].avail_idx.wrapping_sub(clone.used_idx(RX)),
+            8,
+            "{name}: all 8 buffers available"
+        );
         if i % 2 == 1 {
             clone.device().set_host_stepped(false);
         }
@@ -309,7 +320,9 @@ fn saved_state_round_trips_and_bad_states_are_refused() {
     let json = serde_json::to_string(&state).unwrap();
     let back: NetState = serde_json::from_str(&json).unwrap();
     assert_eq!(back, state);
-    let restore = |s: &NetState| NetDevice::restore(NetArgs { ram: new_ram(), interrupt: DeviceInterrupt::polled(), backend: None }, s);
+    let restore = |s: &NetState| {
+        NetDevice::restore(NetArgs { ram: new_ram(), interrupt: DeviceInterrupt::polled(), backend: None }, s)
+    };
     assert!(restore(&back).is_ok());
 
     type Edit = fn(&mut NetState);

@@ -44,7 +44,10 @@ fn request(d: &mut GuestDriver<RngDevice>, len: u32) -> (u16, u64) {
 }
 
 fn bytes_limit(size: u64, refill_ms: u64) -> RateLimiterConfig {
-    RateLimiterConfig { bandwidth: Some(TokenBucketConfig { size, one_time_burst: 0, refill_time: refill_ms }), ops: None }
+    RateLimiterConfig {
+        bandwidth: Some(TokenBucketConfig { size, one_time_burst: 0, refill_time: refill_ms }),
+        ops: None,
+    }
 }
 
 #[test]
@@ -104,7 +107,10 @@ fn the_rate_limit_defers_requests_until_the_clock_refills_the_bucket() {
 #[test]
 fn the_ops_limit_counts_requests_whatever_their_size() {
     let clock = ManualClock::new();
-    let limit = RateLimiterConfig { bandwidth: None, ops: Some(TokenBucketConfig { size: 2, one_time_burst: 1, refill_time: 1000 }) };
+    let limit = RateLimiterConfig {
+        bandwidth: None,
+        ops: Some(TokenBucketConfig { size: 2, one_time_burst: 1, refill_time: 1000 }),
+    };
     let mut d = driver_with(limit, clock.clone());
     let heads: Vec<u16> = (0..4).map(|_| d.offer(0, &[(HEAP + 0x10_0000, 8, true)])).collect();
     d.kick(0);
@@ -192,7 +198,8 @@ fn restore_refuses_bad_states() {
     let d = driver();
     let good = d.t().device().save().unwrap();
     let ram = Arc::clone(&d.ram);
-    let restore = |state: &devices::rng::RngState| RngDevice::restore(args(&ram, MonotonicClock::shared()), state).err();
+    let restore =
+        |state: &devices::rng::RngState| RngDevice::restore(args(&ram, MonotonicClock::shared()), state).err();
     assert!(restore(&good).is_none());
     let mut bad = good.clone();
     bad.queue.as_mut().unwrap().max_size = 128;
@@ -216,7 +223,10 @@ fn restore_refuses_bad_states() {
 fn the_event_loop_serves_a_deferred_request_when_the_timer_fires() {
     // Real time here: one op per 5 ms. The loop runs until the second request is served; the
     // bound is only reached by a hang.
-    let limit = RateLimiterConfig { bandwidth: None, ops: Some(TokenBucketConfig { size: 1, one_time_burst: 0, refill_time: 5 }) };
+    let limit = RateLimiterConfig {
+        bandwidth: None,
+        ops: Some(TokenBucketConfig { size: 1, one_time_burst: 0, refill_time: 5 }),
+    };
     let mut d = driver_with(limit, MonotonicClock::shared());
     let mut manager = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new().unwrap();
     manager.add_subscriber(Arc::new(Mutex::new(HostEventSubscriber::new(Arc::clone(&d.transport)))));

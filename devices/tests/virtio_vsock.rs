@@ -40,7 +40,10 @@ fn host_connect(g: &mut GuestVsock, dir: &TempDir) -> (UnixStream, u32) {
     let packets = g.recv();
     assert_eq!(packets.len(), 1, "{packets:?}");
     let request = packets[0].header;
-    assert_eq!((request.op, request.dst_port, request.src_cid, request.dst_cid), (OP_REQUEST, GUEST_PORT, HOST_CID, GUEST_CID));
+    assert_eq!(
+        (request.op, request.dst_port, request.src_cid, request.dst_cid),
+        (OP_REQUEST, GUEST_PORT, HOST_CID, GUEST_CID)
+    );
     assert!(request.src_port >= 1 << 30, "host-side ports come from the top range");
     g.send(header(OP_RESPONSE, GUEST_PORT, request.src_port, 0), &[]);
     let ok = format!("OK {}\n", request.src_port);
@@ -71,7 +74,10 @@ fn host_initiated_connection_carries_data_both_ways_and_closes_cleanly() {
     drop(host);
     g.host_step();
     let packets = g.recv();
-    assert_eq!(packets.iter().map(|p| (p.header.op, p.header.flags)).collect::<Vec<_>>(), vec![(OP_SHUTDOWN, SHUTDOWN_SEND)]);
+    assert_eq!(
+        packets.iter().map(|p| (p.header.op, p.header.flags)).collect::<Vec<_>>(),
+        vec![(OP_SHUTDOWN, SHUTDOWN_SEND)]
+    );
     g.send(Header { flags: SHUTDOWN_RCV | SHUTDOWN_SEND, ..header(OP_SHUTDOWN, GUEST_PORT, local, 0) }, &[]);
     let packets = g.recv();
     assert_eq!(packets.iter().map(|p| p.header.op).collect::<Vec<_>>(), vec![OP_RST]);
@@ -149,7 +155,10 @@ fn device_to_guest_data_stops_at_the_guest_credit_and_asks_for_more() {
     assert_eq!(packets.iter().map(|p| p.data.len()).sum::<usize>(), 600);
     let mut total = 1600;
     while total < 3000 {
-        g.send(Header { buf_alloc: 1000, fwd_cnt: total as u32, ..header(OP_CREDIT_UPDATE, GUEST_PORT, local, 0) }, &[]);
+        g.send(
+            Header { buf_alloc: 1000, fwd_cnt: total as u32, ..header(OP_CREDIT_UPDATE, GUEST_PORT, local, 0) },
+            &[],
+        );
         let got: usize = g.recv().iter().map(|p| p.data.len()).sum();
         assert!(got > 0 && got <= 1000, "{got} bytes with 1000 of credit");
         total += got;
@@ -185,7 +194,8 @@ fn guest_to_host_data_within_buf_alloc_is_buffered_and_overrun_is_reset() {
         packets.extend(g.recv());
     }
     assert_eq!(received, sent, "every byte, none lost");
-    let updates: Vec<u32> = packets.iter().filter(|p| p.header.op == OP_CREDIT_UPDATE).map(|p| p.header.fwd_cnt).collect();
+    let updates: Vec<u32> =
+        packets.iter().filter(|p| p.header.op == OP_CREDIT_UPDATE).map(|p| p.header.fwd_cnt).collect();
     // The guest hears of the room as the host takes bytes, at least every quarter buf_alloc,
     // so its view never falls far enough behind to stall it.
     let heard = updates.last().map_or(0, |&fwd| fwd as usize);
@@ -199,7 +209,11 @@ fn guest_to_host_data_within_buf_alloc_is_buffered_and_overrun_is_reset() {
         total += chunk.len();
         sock_full = g.recv().iter().any(|p| p.header.op == OP_RST) || total > 4 * CONN_BUF_ALLOC as usize;
     }
-    assert!(matches!(g.d.t().device().last_error(), Some(VsockError::CreditExceeded { .. })), "{:?}", g.d.t().device().last_error());
+    assert!(
+        matches!(g.d.t().device().last_error(), Some(VsockError::CreditExceeded { .. })),
+        "{:?}",
+        g.d.t().device().last_error()
+    );
     assert_eq!(g.d.t().device().connection_count(), 0);
 }
 
@@ -219,7 +233,10 @@ fn requests_the_guest_never_answers_and_silent_hosts_time_out_on_the_clock() {
     g.clock.advance(Duration::from_millis(1));
     g.host_step();
     let rst = g.recv();
-    assert_eq!(rst.iter().map(|p| (p.header.op, p.header.src_port)).collect::<Vec<_>>(), vec![(OP_RST, request.src_port)]);
+    assert_eq!(
+        rst.iter().map(|p| (p.header.op, p.header.src_port)).collect::<Vec<_>>(),
+        vec![(OP_RST, request.src_port)]
+    );
     assert_eq!(read_exact_or_eof(&mut host), 0, "the host stream is closed");
     // The late RESPONSE finds nothing and is answered with RST.
     g.send(header(OP_RESPONSE, 99, request.src_port, 0), &[]);
@@ -312,16 +329,39 @@ fn malformed_tx_packets_are_returned_unread_and_the_device_keeps_serving() {
         ("header too short", Box::new(move |g| vec![(put_header(g, hdr(0)), 20, 0, 0)])),
         ("header outside RAM", Box::new(move |_| vec![(ram_end - 20, 44, 0, 0)])),
         ("header address wraps", Box::new(|_| vec![(u64::MAX - 10, 44, 0, 0)])),
-        ("payload over 64 KiB", Box::new(move |g| vec![(put_header(g, hdr(70_000)), 44, F_NEXT, 41), (virtq::HEAP, 70_000, 0, 0)])),
-        ("payload shorter than its header says", Box::new(move |g| vec![(put_header(g, hdr(100)), 44, F_NEXT, 41), (virtq::HEAP, 50, 0, 0)])),
+        (
+            "payload over 64 KiB",
+            Box::new(move |g| vec![(put_header(g, hdr(70_000)), 44, F_NEXT, 41), (virtq::HEAP, 70_000, 0, 0)]),
+        ),
+        (
+            "payload shorter than its header says",
+            Box::new(move |g| vec![(put_header(g, hdr(100)), 44, F_NEXT, 41), (virtq::HEAP, 50, 0, 0)]),
+        ),
         ("payload missing", Box::new(move |g| vec![(put_header(g, hdr(100)), 44, 0, 0)])),
-        ("payload device-writable", Box::new(move |g| vec![(put_header(g, hdr(8)), 44, F_NEXT, 41), (virtq::HEAP, 8, F_WRITE, 0)])),
-        ("payload outside RAM", Box::new(move |g| vec![(put_header(g, hdr(64)), 44, F_NEXT, 41), (ram_end - 32, 64, 0, 0)])),
-        ("three descriptors", Box::new(move |g| vec![(put_header(g, hdr(8)), 44, F_NEXT, 41), (virtq::HEAP, 4, F_NEXT, 42), (virtq::HEAP + 4, 4, 0, 0)])),
+        (
+            "payload device-writable",
+            Box::new(move |g| vec![(put_header(g, hdr(8)), 44, F_NEXT, 41), (virtq::HEAP, 8, F_WRITE, 0)]),
+        ),
+        (
+            "payload outside RAM",
+            Box::new(move |g| vec![(put_header(g, hdr(64)), 44, F_NEXT, 41), (ram_end - 32, 64, 0, 0)]),
+        ),
+        (
+            "three descriptors",
+            Box::new(move |g| {
+                vec![(put_header(g, hdr(8)), 44, F_NEXT, 41), (virtq::HEAP, 4, F_NEXT, 42), (virtq::HEAP + 4, 4, 0, 0)]
+            }),
+        ),
         ("a loop", Box::new(move |g| vec![(put_header(g, hdr(8)), 44, F_NEXT, 41), (virtq::HEAP, 8, F_NEXT, 40)])),
         ("next past the table", Box::new(move |g| vec![(put_header(g, hdr(8)), 44, F_NEXT, 200)])),
-        ("from another CID", Box::new(|g| vec![(put_header(g, Header { src_cid: 9, ..header(OP_REQUEST, 1025, 5000, 0) }), 44, 0, 0)])),
-        ("to a CID other than the host", Box::new(|g| vec![(put_header(g, Header { dst_cid: 4, ..header(OP_REQUEST, 1025, 5000, 0) }), 44, 0, 0)])),
+        (
+            "from another CID",
+            Box::new(|g| vec![(put_header(g, Header { src_cid: 9, ..header(OP_REQUEST, 1025, 5000, 0) }), 44, 0, 0)]),
+        ),
+        (
+            "to a CID other than the host",
+            Box::new(|g| vec![(put_header(g, Header { dst_cid: 4, ..header(OP_REQUEST, 1025, 5000, 0) }), 44, 0, 0)]),
+        ),
     ];
     for (what, build) in cases {
         let dir = TempDir::new();
@@ -331,11 +371,19 @@ fn malformed_tx_packets_are_returned_unread_and_the_device_keeps_serving() {
         g.d.kick(TXQ);
         assert_eq!(g.tx_used(), vec![(40, 0)], "{what}: returned");
         let device_stats = g.d.t().device().stats();
-        assert_eq!((device_stats.bad_buffers, device_stats.tx_packets), (1, 0), "{what}: {:?}", g.d.t().device().last_error());
+        assert_eq!(
+            (device_stats.bad_buffers, device_stats.tx_packets),
+            (1, 0),
+            "{what}: {:?}",
+            g.d.t().device().last_error()
+        );
         assert!(g.recv().is_empty(), "{what}: nothing answered");
         assert_still_serving(&mut g, what);
         assert_eq!(g.d.ram.stats().pinned_pages, 0, "{what}: no pin left behind");
-        assert!(g.d.ram.read_obj::<u64>(memory::GuestAddress(ram_end - 8)).unwrap() == 0, "{what}: nothing written past RAM's end");
+        assert!(
+            g.d.ram.read_obj::<u64>(memory::GuestAddress(ram_end - 8)).unwrap() == 0,
+            "{what}: nothing written past RAM's end"
+        );
     }
 }
 
@@ -358,7 +406,11 @@ fn malformed_rx_buffers_are_returned_empty_and_the_next_one_is_used() {
         g.d.kick(RXQ);
         g.send(header(OP_RW, 3333, 4444, 0), &[]);
         let used = g.d.take_used(RXQ);
-        assert_eq!(used.iter().map(|&(h, l)| (h, l == 0)).collect::<Vec<_>>(), vec![(40, true), (good, false)], "{what}");
+        assert_eq!(
+            used.iter().map(|&(h, l)| (h, l == 0)).collect::<Vec<_>>(),
+            vec![(40, true), (good, false)],
+            "{what}"
+        );
         assert_eq!(g.d.t().device().stats().bad_buffers, 1, "{what}");
         assert_eq!(g.d.ram.stats().pinned_pages, 0, "{what}");
     }

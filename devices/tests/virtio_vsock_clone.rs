@@ -45,7 +45,12 @@ fn restore(captured: &Captured, uds_path: &Path, resume: bool) -> GuestVsock {
     // Each clone of the capture gets RAM of its own.
     let ram = Arc::new(captured.ram.clone_cow().unwrap());
     let clock = ManualClock::new();
-    let args = VsockArgs { ram: Arc::clone(&ram), interrupt: DeviceInterrupt::polled(), uds_path: uds_path.to_path_buf(), clock: clock.clone() };
+    let args = VsockArgs {
+        ram: Arc::clone(&ram),
+        interrupt: DeviceInterrupt::polled(),
+        uds_path: uds_path.to_path_buf(),
+        clock: clock.clone(),
+    };
     let device = VsockDevice::restore(args, &captured.state).unwrap();
     let transport = MmioTransport::restore(device, &captured.transport).unwrap();
     let clone = GuestVsock::resume(&captured.guest, ram, transport, clock);
@@ -206,7 +211,11 @@ fn rx_held_at_a_capture_lands_whole_in_the_source_and_comes_back_empty_in_the_cl
     let mut clone = restore(&captured, &dir.path("clone.sock"), true);
     clone.d.t().device_mut().hold_rx(false);
     let got = clone.recv();
-    assert_eq!(got.iter().map(|p| (p.head, p.used_len)).collect::<Vec<_>>(), vec![(captured.state.rx_in_flight[0], 0)], "given back empty");
+    assert_eq!(
+        got.iter().map(|p| (p.head, p.used_len)).collect::<Vec<_>>(),
+        vec![(captured.state.rx_in_flight[0], 0)],
+        "given back empty"
+    );
 }
 
 #[test]
@@ -215,7 +224,12 @@ fn restore_refuses_bad_states_before_building_anything() {
     let g = GuestVsock::new(&dir.path("v.sock"));
     let Captured { state: good, ram, .. } = capture(&g);
     let try_restore = |state: &VsockState| {
-        let args = VsockArgs { ram: Arc::clone(&ram), interrupt: DeviceInterrupt::polled(), uds_path: dir.path("r.sock"), clock: ManualClock::new() };
+        let args = VsockArgs {
+            ram: Arc::clone(&ram),
+            interrupt: DeviceInterrupt::polled(),
+            uds_path: dir.path("r.sock"),
+            clock: ManualClock::new(),
+        };
         VsockDevice::restore(args, state).err()
     };
     type Spoil = Box<dyn Fn(&mut VsockState)>;
@@ -227,10 +241,13 @@ fn restore_refuses_bad_states_before_building_anything() {
         ("rings outside RAM", Box::new(|s| s.queues[2].desc_table = 1 << 40)),
         ("head outside the queue", Box::new(|s| s.tx_in_flight = vec![64])),
         ("head twice", Box::new(|s| s.rx_in_flight = vec![1, 1])),
-        ("in flight without queues", Box::new(|s| {
-            s.queues.clear();
-            s.tx_in_flight = vec![0];
-        })),
+        (
+            "in flight without queues",
+            Box::new(|s| {
+                s.queues.clear();
+                s.tx_in_flight = vec![0];
+            }),
+        ),
     ];
     for (what, spoil) in cases {
         let mut state = good.clone();

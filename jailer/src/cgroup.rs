@@ -52,7 +52,10 @@ impl CgroupError {
     pub fn is_bad_input(&self) -> bool {
         matches!(
             self,
-            CgroupError::NoController { .. } | CgroupError::Exists(_) | CgroupError::NoFile { .. } | CgroupError::Value { .. }
+            CgroupError::NoController { .. }
+                | CgroupError::Exists(_)
+                | CgroupError::NoFile { .. }
+                | CgroupError::Value { .. }
         )
     }
 }
@@ -97,7 +100,8 @@ fn v1_files(setting: &CgroupSetting) -> Vec<(String, String)> {
         "cpu.max" => {
             let mut parts = setting.value.split_whitespace();
             let quota = unlimited(parts.next().unwrap_or("max"));
-            let mut files: Vec<(String, String)> = parts.next().map(|p| ("cpu.cfs_period_us".into(), p.to_string())).into_iter().collect();
+            let mut files: Vec<(String, String)> =
+                parts.next().map(|p| ("cpu.cfs_period_us".into(), p.to_string())).into_iter().collect();
             files.push(("cpu.cfs_quota_us".into(), quota));
             files
         }
@@ -122,7 +126,9 @@ pub struct CgroupPlan {
 impl CgroupPlan {
     /// Places each setting in the hierarchy of its controller on this host.
     pub fn new(settings: &[CgroupSetting]) -> Result<CgroupPlan, CgroupError> {
-        let read = |path: &Path| std::fs::read_to_string(path).map_err(|source| CgroupError::Read { path: path.into(), source });
+        let read = |path: &Path| {
+            std::fs::read_to_string(path).map_err(|source| CgroupError::Read { path: path.into(), source })
+        };
         let mounts = parse_mountinfo(&read(Path::new("/proc/self/mountinfo"))?);
         let v2_controllers = match &mounts.v2 {
             Some(root) => read(&root.join("cgroup.controllers"))?,
@@ -175,7 +181,11 @@ impl CgroupPlan {
 }
 
 fn write(path: &Path, value: &str) -> Result<(), CgroupError> {
-    std::fs::write(path, value).map_err(|source| CgroupError::Write { path: path.to_path_buf(), value: value.to_string(), source })
+    std::fs::write(path, value).map_err(|source| CgroupError::Write {
+        path: path.to_path_buf(),
+        value: value.to_string(),
+        source,
+    })
 }
 
 /// The VM's cgroup in one hierarchy.
@@ -240,11 +250,19 @@ impl VmCgroups {
                 // cgroupfs answers a write to a file it lacks with EACCES: look first.
                 if !path.is_file() {
                     let version = if h.v2 { 2 } else { 1 };
-                    return Err(CgroupError::NoFile { file: setting.file.clone(), dir: vm_dir, file_here: file, version });
+                    return Err(CgroupError::NoFile {
+                        file: setting.file.clone(),
+                        dir: vm_dir,
+                        file_here: file,
+                        version,
+                    });
                 }
                 match write(&path, &value) {
                     Err(CgroupError::Write { source, .. }) if source.raw_os_error() == Some(libc::EINVAL) => {
-                        return Err(CgroupError::Value { setting: format!("{}={}", setting.file, setting.value), path });
+                        return Err(CgroupError::Value {
+                            setting: format!("{}={}", setting.file, setting.value),
+                            path,
+                        });
                     }
                     other => other?,
                 }
@@ -262,7 +280,11 @@ impl VmCgroups {
             if let (Some(procs), Some(dir)) = (group.procs.as_mut(), &group.dir) {
                 // "0": the writing process, whatever its pid namespace calls it.
                 let entered = procs.write_all(b"0");
-                entered.map_err(|source| CgroupError::Write { path: dir.join("cgroup.procs"), value: "0".into(), source })?;
+                entered.map_err(|source| CgroupError::Write {
+                    path: dir.join("cgroup.procs"),
+                    value: "0".into(),
+                    source,
+                })?;
             }
         }
         Ok(())
@@ -316,11 +338,14 @@ mod tests {
         assert_eq!(m.v2, Some(PathBuf::from("/sys/fs/cgroup/unified")));
         let v1: Vec<(&str, Vec<&str>)> =
             m.v1.iter().map(|(p, c)| (p.to_str().unwrap(), c.iter().map(String::as_str).collect())).collect();
-        assert_eq!(v1, vec![
-            ("/sys/fs/cgroup/cpu", vec!["cpu"]),
-            ("/sys/fs/cgroup/memory", vec!["memory"]),
-            ("/sys/fs/cgroup/cpu,cpuacct", vec!["cpu", "cpuacct"]),
-        ]);
+        assert_eq!(
+            v1,
+            vec![
+                ("/sys/fs/cgroup/cpu", vec!["cpu"]),
+                ("/sys/fs/cgroup/memory", vec!["memory"]),
+                ("/sys/fs/cgroup/cpu,cpuacct", vec!["cpu", "cpuacct"]),
+            ]
+        );
     }
 
     fn settings(args: &[&str]) -> Vec<CgroupSetting> {
@@ -330,20 +355,27 @@ mod tests {
     #[test]
     fn settings_go_to_the_hierarchy_of_their_controller_and_v2_is_always_joined() {
         let hybrid = parse_mountinfo(HYBRID);
-        let plan = CgroupPlan::place(&hybrid, "hugetlb\n", &settings(&["memory.max=1", "hugetlb.2MB.max=0", "cpu.max=max"])).unwrap();
+        let plan =
+            CgroupPlan::place(&hybrid, "hugetlb\n", &settings(&["memory.max=1", "hugetlb.2MB.max=0", "cpu.max=max"]))
+                .unwrap();
         let placed: Vec<(&str, bool, Vec<&str>)> = plan
             .hierarchies
             .iter()
             .map(|h| (h.root.to_str().unwrap(), h.v2, h.settings.iter().map(|s| s.file.as_str()).collect()))
             .collect();
-        assert_eq!(placed, vec![
-            ("/sys/fs/cgroup/unified", true, vec!["hugetlb.2MB.max"]),
-            ("/sys/fs/cgroup/memory", false, vec!["memory.max"]),
-            ("/sys/fs/cgroup/cpu", false, vec!["cpu.max"]),
-        ]);
+        assert_eq!(
+            placed,
+            vec![
+                ("/sys/fs/cgroup/unified", true, vec!["hugetlb.2MB.max"]),
+                ("/sys/fs/cgroup/memory", false, vec!["memory.max"]),
+                ("/sys/fs/cgroup/cpu", false, vec!["cpu.max"]),
+            ]
+        );
 
         let unified = Mounts { v2: Some(PathBuf::from("/sys/fs/cgroup")), v1: Vec::new() };
-        let plan = CgroupPlan::place(&unified, "cpuset cpu io memory pids\n", &settings(&["memory.max=1", "cpu.max=max"])).unwrap();
+        let plan =
+            CgroupPlan::place(&unified, "cpuset cpu io memory pids\n", &settings(&["memory.max=1", "cpu.max=max"]))
+                .unwrap();
         assert_eq!(plan.hierarchies.len(), 1);
         assert_eq!(plan.hierarchies[0].settings.len(), 2);
         assert!(CgroupPlan::place(&unified, "", &[]).unwrap().hierarchies[0].v2);

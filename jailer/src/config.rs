@@ -198,10 +198,13 @@ impl TryFrom<Args> for Config {
         };
         let cgroups = args.cgroups.iter().map(|c| parse_cgroup(c)).collect::<Result<Vec<_>, _>>()?;
         let parent_cgroup = args.parent_cgroup.unwrap_or_else(|| PathBuf::from(&exec_name));
-        if parent_cgroup.as_os_str().is_empty() || !parent_cgroup.components().all(|c| matches!(c, Component::Normal(_))) {
+        if parent_cgroup.as_os_str().is_empty()
+            || !parent_cgroup.components().all(|c| matches!(c, Component::Normal(_)))
+        {
             return Err(ConfigError::ParentCgroup(parent_cgroup));
         }
-        let resource_limits = args.resource_limits.iter().map(|r| parse_resource_limit(r)).collect::<Result<Vec<_>, _>>()?;
+        let resource_limits =
+            args.resource_limits.iter().map(|r| parse_resource_limit(r)).collect::<Result<Vec<_>, _>>()?;
         let mut files: Vec<JailFile> = Vec::new();
         let copies = args.copy_files.iter().map(|p| (p, Placement::Copy, "--copy-file"));
         let links = args.link_files.iter().map(|p| (p, Placement::HardLink, "--link-file"));
@@ -213,7 +216,11 @@ impl TryFrom<Args> for Config {
                 || name == exec_name
                 || files.iter().any(|f| f.name == name);
             if taken || name.is_empty() {
-                return Err(ConfigError::FileName { flag, name: name.to_string_lossy().into_owned(), path: path.clone() });
+                return Err(ConfigError::FileName {
+                    flag,
+                    name: name.to_string_lossy().into_owned(),
+                    path: path.clone(),
+                });
             }
             files.push(JailFile { source, name, placement });
         }
@@ -252,7 +259,16 @@ mod tests {
     fn cgroup_settings_name_a_controller_and_one_file() {
         let s = parse_cgroup("cpu.max=50000 100000").unwrap();
         assert_eq!((s.controller.as_str(), s.file.as_str(), s.value.as_str()), ("cpu", "cpu.max", "50000 100000"));
-        for bad in ["memory.max", "max=1", "memory.=1", ".max=1", "memory.max=", "../memory.max=1", "memory/x.max=1", "memory.max=1\n2"] {
+        for bad in [
+            "memory.max",
+            "max=1",
+            "memory.=1",
+            ".max=1",
+            "memory.max=",
+            "../memory.max=1",
+            "memory/x.max=1",
+            "memory.max=1\n2",
+        ] {
             assert!(parse_cgroup(bad).is_err(), "{bad:?}");
         }
     }

@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 /// Where the glibc loader looks after RUNPATH (its built-in system directories on Debian's
 /// x86-64, multiarch first). The jail gets every library at the path it was found at here, so
 /// the loader inside finds it the same way without an ld.so.cache.
-const SYSTEM_DIRS: [&str; 6] = ["/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/lib64", "/usr/lib64", "/lib", "/usr/lib"];
+const SYSTEM_DIRS: [&str; 6] =
+    ["/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/lib64", "/usr/lib64", "/lib", "/usr/lib"];
 
 const PT_LOAD: u32 = 1;
 const PT_DYNAMIC: u32 = 2;
@@ -55,7 +56,9 @@ impl Elf<'_> {
 
     fn bytes(&self, offset: u64, len: u64) -> Result<&[u8], ElfError> {
         let start = usize::try_from(offset).map_err(|_| self.bad("offset"))?;
-        let end = start.checked_add(usize::try_from(len).map_err(|_| self.bad("length"))?).ok_or_else(|| self.bad("length"))?;
+        let end = start
+            .checked_add(usize::try_from(len).map_err(|_| self.bad("length"))?)
+            .ok_or_else(|| self.bad("length"))?;
         self.data.get(start..end).ok_or_else(|| self.bad("range past the end"))
     }
 
@@ -75,7 +78,8 @@ impl Elf<'_> {
         if self.bytes(0, 6)? != b"\x7fELF\x02\x01" {
             return Err(self.bad("header"));
         }
-        let (phoff, phentsize, phnum) = (self.u64_at(0x20)?, u64::from(self.u16_at(0x36)?), u64::from(self.u16_at(0x38)?));
+        let (phoff, phentsize, phnum) =
+            (self.u64_at(0x20)?, u64::from(self.u16_at(0x36)?), u64::from(self.u16_at(0x38)?));
         if phentsize < 56 {
             return Err(self.bad("program header size"));
         }
@@ -94,7 +98,8 @@ impl Elf<'_> {
 
     /// The NUL-terminated string at file offset `offset`.
     fn string(&self, offset: u64) -> Result<String, ElfError> {
-        let start = usize::try_from(offset).ok().filter(|&s| s <= self.data.len()).ok_or_else(|| self.bad("string offset"))?;
+        let start =
+            usize::try_from(offset).ok().filter(|&s| s <= self.data.len()).ok_or_else(|| self.bad("string offset"))?;
         let rest = &self.data[start..];
         let len = rest.iter().position(|&b| b == 0).ok_or_else(|| self.bad("unterminated string"))?;
         String::from_utf8(rest[..len].to_vec()).map_err(|_| self.bad("string is not UTF-8"))
@@ -137,7 +142,9 @@ fn needs(path: &Path, data: &[u8]) -> Result<Needs, ElfError> {
     let strtab = entries.iter().find(|e| e.0 == DT_STRTAB).map(|e| e.1);
     let strtab = match strtab {
         Some(vaddr) => Elf::file_offset(&segments, vaddr).ok_or_else(|| elf.bad("string table address"))?,
-        None if entries.iter().any(|e| matches!(e.0, DT_NEEDED | DT_RPATH | DT_RUNPATH)) => return Err(elf.bad("no string table")),
+        None if entries.iter().any(|e| matches!(e.0, DT_NEEDED | DT_RPATH | DT_RUNPATH)) => {
+            return Err(elf.bad("no string table"))
+        }
         None => return Ok(needs),
     };
     for (tag, value) in entries {
@@ -162,10 +169,11 @@ fn resolve(name: &str, by: &Path, search: &[String]) -> Result<PathBuf, ElfError
         .map(|d| PathBuf::from(d.replace("$ORIGIN", &origin).replace("${ORIGIN}", &origin)))
         .chain(SYSTEM_DIRS.iter().map(PathBuf::from))
         .collect();
-    dirs.iter()
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-        .ok_or_else(|| ElfError::NotFound { needed: name.to_string(), by: by.to_path_buf(), dirs })
+    dirs.iter().map(|d| d.join(name)).find(|p| p.is_file()).ok_or_else(|| ElfError::NotFound {
+        needed: name.to_string(),
+        by: by.to_path_buf(),
+        dirs,
+    })
 }
 
 /// Every file `exe` needs to start, as the absolute paths the loader will open: the

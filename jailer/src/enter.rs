@@ -82,8 +82,10 @@ pub fn enter(entry: &Entry, cgroups: &mut VmCgroups, netns: Option<&File>, keep_
 fn steps(entry: &Entry, cgroups: &mut VmCgroups, netns: Option<&File>, keep_fd: RawFd) -> Result<(), StepError> {
     cgroups.enter().map_err(|e| StepError { step: "entering the VM's cgroups".into(), source: Error::other(e) })?;
     match netns {
-        // SAFETY: setns on an open namespace fd the caller owns; no memory is passed.
-        Some(ns) => check(unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) }.into(), || "joining --netns".into())?,
+        Some(ns) => {
+            // SAFETY: setns on an open namespace fd the caller owns; no memory is passed.
+            check(unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) }.into(), || "joining --netns".into())?
+        }
         // SAFETY: unshare takes flags only.
         None => check(unsafe { libc::unshare(libc::CLONE_NEWNET) }.into(), || "new network namespace".into())?,
     }

@@ -106,7 +106,8 @@ fn mknod_like(host: &'static str, path: &Path, uid: u32, gid: u32) -> Result<(),
     if !meta.file_type().is_char_device() {
         return Err(JailError::HostDevice { path: host, source: std::io::Error::other("not a character device") });
     }
-    let c_path = CString::new(path.as_os_str().as_bytes()).map_err(|_| io("mknod", path)(ErrorKind::InvalidInput.into()))?;
+    let c_path =
+        CString::new(path.as_os_str().as_bytes()).map_err(|_| io("mknod", path)(ErrorKind::InvalidInput.into()))?;
     // SAFETY: c_path is a NUL-terminated path that outlives the call; mknod reads nothing else.
     let made = unsafe { libc::mknod(c_path.as_ptr(), libc::S_IFCHR | 0o600, meta.rdev()) };
     if made != 0 {
@@ -118,7 +119,8 @@ fn mknod_like(host: &'static str, path: &Path, uid: u32, gid: u32) -> Result<(),
 
 /// True when `dir` is on a mount that ignores device nodes.
 fn on_nodev_mount(dir: &Path) -> Result<bool, JailError> {
-    let c_dir = CString::new(dir.as_os_str().as_bytes()).map_err(|_| io("statvfs", dir)(ErrorKind::InvalidInput.into()))?;
+    let c_dir =
+        CString::new(dir.as_os_str().as_bytes()).map_err(|_| io("statvfs", dir)(ErrorKind::InvalidInput.into()))?;
     // SAFETY: all-zero bytes are a valid statvfs (plain integers), which statvfs overwrites.
     let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
     // SAFETY: c_dir is NUL-terminated and `stat` is a valid, writable statvfs for the call.
@@ -190,8 +192,16 @@ impl JailDir {
                 }
                 Placement::HardLink => match std::fs::hard_link(&file.source, &to) {
                     Ok(()) => {}
-                    Err(e) if e.raw_os_error() == Some(libc::EXDEV) => return Err(JailError::CrossDevice(file.source.clone())),
-                    Err(source) => return Err(JailError::Io { what: "hard-link into the jail", path: file.source.clone(), source }),
+                    Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
+                        return Err(JailError::CrossDevice(file.source.clone()))
+                    }
+                    Err(source) => {
+                        return Err(JailError::Io {
+                            what: "hard-link into the jail",
+                            path: file.source.clone(),
+                            source,
+                        })
+                    }
                 },
             }
         }

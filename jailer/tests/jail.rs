@@ -62,8 +62,10 @@ fn a_jailed_vm_sees_only_its_jail_runs_as_its_user_in_its_cgroups_and_clones_and
     let mountinfo = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
     let points: Vec<&str> = mountinfo.lines().filter_map(|l| l.split(' ').nth(4)).collect();
     assert_eq!(points, ["/", "/proc"], "{mountinfo}");
-    let mut seen: Vec<String> =
-        std::fs::read_dir(format!("/proc/{pid}/root")).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    let mut seen: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/root"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
     seen.sort();
     assert_eq!(seen, ["api.sock", "dev", "disk.img", "lib", "lib64", "proc", "tmp", "zygote"]);
     // Its own PID, mount and network namespaces; PID 1 in its.
@@ -98,7 +100,10 @@ fn a_jailed_vm_sees_only_its_jail_runs_as_its_user_in_its_cgroups_and_clones_and
         assert_eq!(read(&cpu, "cpu.max"), "50000 100000");
     } else {
         assert_eq!(read(&memory, "memory.limit_in_bytes"), "268435456");
-        assert_eq!((read(&cpu, "cpu.cfs_quota_us"), read(&cpu, "cpu.cfs_period_us")), ("50000".into(), "100000".into()));
+        assert_eq!(
+            (read(&cpu, "cpu.cfs_quota_us"), read(&cpu, "cpu.cfs_period_us")),
+            ("50000".into(), "100000".into())
+        );
     }
 
     // A clone and a snapshot through the API, the files inside the jail and the user's.

@@ -25,7 +25,7 @@ fn main() {
     populate(&ram);
     let _pins = pin_64(&ram);
     drop(ram.snapshot().expect("first freeze")); // everything up to now is in the base image
-    // Rounds alternate the reference and the measurement, so both see the same host load.
+                                                 // Rounds alternate the reference and the measurement, so both see the same host load.
     let anchor = ram.clone_cow().expect("anchor clone"); // keeps the base shared: layer path
     let (fork, layered) = alternate(time_fork, || time_clone(&ram, &runs));
     drop(anchor);
@@ -63,7 +63,12 @@ fn main() {
     let _pins: Vec<_> = rams.iter().map(pin_64).collect();
     let _anchors: Vec<_> = rams.iter().map(|r| r.clone_cow().expect("anchor clone")).collect();
     let (one, eight) = alternate(|| time_clone(&rams[0], &runs), || time_clone(&rams[1], &runs));
-    println!("clone with the same dirty set: 1 GiB {}  8 GiB {}  ratio 8/1 = {:.2}", us(one), us(eight), ratio(eight, one));
+    println!(
+        "clone with the same dirty set: 1 GiB {}  8 GiB {}  ratio 8/1 = {:.2}",
+        us(one),
+        us(eight),
+        ratio(eight, one)
+    );
 }
 
 /// Medians of `a` and `b` over ROUNDS rounds that run one of each.
@@ -96,7 +101,9 @@ fn populate(ram: &GuestRam) {
 }
 
 fn pin_64(ram: &GuestRam) -> Vec<PinGuard> {
-    (0..64).map(|i| ram.pin(GuestAddress((i * 977 * PAGE_SIZE) as u64), PAGE_SIZE, Access::Write).expect("pin")).collect()
+    (0..64)
+        .map(|i| ram.pin(GuestAddress((i * 977 * PAGE_SIZE) as u64), PAGE_SIZE, Access::Write).expect("pin"))
+        .collect()
 }
 
 /// Time of one `clone_cow` after dirtying `runs` with fresh bytes; the clone is dropped untimed.

@@ -39,7 +39,8 @@ fn main() {
         v.sort();
         v[v.len() / 2].as_secs_f64() * 1e9 / pages
     };
-    let (clone, anon, read_then_write, fresh) = (ns(&mut clone), ns(&mut anon), ns(&mut read_then_write), ns(&mut fresh));
+    let (clone, anon, read_then_write, fresh) =
+        (ns(&mut clone), ns(&mut anon), ns(&mut read_then_write), ns(&mut fresh));
     println!(
         "{{\"pages\":{pages},\"clone_first_write_ns\":{clone:.0},\"anon_fault_ns\":{anon:.0},\"first_write_vs_anon_fault\":{:.2},\
          \"clone_read_then_write_ns\":{read_then_write:.0},\"fresh_ram_first_write_ns\":{fresh:.0}}}",
@@ -71,7 +72,14 @@ fn touch_every_page(base: *mut u8, read_first: bool) -> Duration {
 fn anonymous_first_writes() -> Duration {
     // SAFETY: a new private anonymous mapping at a kernel-chosen address; checked below.
     let addr = unsafe {
-        libc::mmap(std::ptr::null_mut(), SIZE, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)
+        libc::mmap(
+            std::ptr::null_mut(),
+            SIZE,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
     };
     assert_ne!(addr, libc::MAP_FAILED, "mmap");
     // SAFETY: advice on the mapping made above.

@@ -44,7 +44,9 @@ fn measure(size: usize, dir: &std::path::Path) {
     let mut parent = ram.snapshot().expect("snapshot");
     for round in 0..ROUNDS {
         let path = dir.join(format!("full-{round}"));
-        full.measure(size, &path, FileKind::Full, |file| parent.write_region(0, file).and_then(|r| file.sync_all().map(|()| r).map_err(memory::MemoryError::FileIo)));
+        full.measure(size, &path, FileKind::Full, |file| {
+            parent.write_region(0, file).and_then(|r| file.sync_all().map(|()| r).map_err(memory::MemoryError::FileIo))
+        });
 
         for i in 0..CHANGED_PAGES {
             let page = spread(i * 7 + round, CHANGED_PAGES * 7 + ROUNDS, pages);
@@ -52,7 +54,11 @@ fn measure(size: usize, dir: &std::path::Path) {
         }
         let child = ram.snapshot().expect("snapshot");
         let path = dir.join(format!("diff-{round}"));
-        diff.measure(size, &path, FileKind::Diff, |file| child.write_region_diff(&parent, 0, file).and_then(|r| file.sync_all().map(|()| r).map_err(memory::MemoryError::FileIo)));
+        diff.measure(size, &path, FileKind::Diff, |file| {
+            child
+                .write_region_diff(&parent, 0, file)
+                .and_then(|r| file.sync_all().map(|()| r).map_err(memory::MemoryError::FileIo))
+        });
         parent = child;
     }
     let mib = size / MIB;
@@ -76,7 +82,13 @@ struct Phases {
 
 impl Phases {
     /// Writes one file at `path` with `write`, then times its checks and its floor.
-    fn measure(&mut self, size: usize, path: &std::path::Path, kind: FileKind, write: impl FnOnce(&File) -> Result<Vec<FileRun>, memory::MemoryError>) {
+    fn measure(
+        &mut self,
+        size: usize,
+        path: &std::path::Path,
+        kind: FileKind,
+        write: impl FnOnce(&File) -> Result<Vec<FileRun>, memory::MemoryError>,
+    ) {
         let file = File::create(path).expect("RAM file");
         let start = Instant::now();
         let runs = write(&file).expect("write RAM file");

@@ -38,11 +38,8 @@ fn main() {
             clone
         })
         .collect();
-    let ranges: Vec<(u64, u64)> = clones
-        .iter()
-        .map(|ram| ram.kvm_regions()[0])
-        .map(|r| (r.userspace_addr, r.memory_size))
-        .collect();
+    let ranges: Vec<(u64, u64)> =
+        clones.iter().map(|ram| ram.kvm_regions()[0]).map(|r| (r.userspace_addr, r.memory_size)).collect();
 
     let mut private = 0;
     let scan = time(|| {
@@ -109,7 +106,10 @@ fn smaps_anonymous_kib(start: u64, len: u64) -> u64 {
     for line in smaps.lines() {
         let mut fields = line.split_whitespace();
         let first = fields.next().unwrap_or_default();
-        if let Some((lo, hi)) = first.split_once('-').and_then(|(a, b)| Some((u64::from_str_radix(a, 16).ok()?, u64::from_str_radix(b, 16).ok()?))) {
+        if let Some((lo, hi)) = first
+            .split_once('-')
+            .and_then(|(a, b)| Some((u64::from_str_radix(a, 16).ok()?, u64::from_str_radix(b, 16).ok()?)))
+        {
             inside = lo >= start && hi <= start + len;
         } else if inside && first == "Anonymous:" {
             kib += fields.next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);

@@ -83,20 +83,33 @@ impl Snapshot {
         let mut next = 0;
         let mut buf = Vec::new();
         for run in runs {
-            let end = run.first_page.checked_add(run.pages).filter(|&end| run.pages > 0 && run.first_page >= next && end <= pages);
+            let end = run
+                .first_page
+                .checked_add(run.pages)
+                .filter(|&end| run.pages > 0 && run.first_page >= next && end <= pages);
             let Some(end) = end else {
-                return Err(MemoryError::BadFileRun { first_page: run.first_page, pages: run.pages, region_pages: pages });
+                return Err(MemoryError::BadFileRun {
+                    first_page: run.first_page,
+                    pages: run.pages,
+                    region_pages: pages,
+                });
             };
             let mut crc = crc32fast::Hasher::new();
             for chunk in (run.first_page..end).step_by(256) {
                 let n = (end - chunk).min(256) * PAGE_SIZE;
                 buf.resize(n, 0);
-                std::os::unix::fs::FileExt::read_exact_at(file, &mut buf, (chunk * PAGE_SIZE) as u64).map_err(MemoryError::FileIo)?;
+                std::os::unix::fs::FileExt::read_exact_at(file, &mut buf, (chunk * PAGE_SIZE) as u64)
+                    .map_err(MemoryError::FileIo)?;
                 crc.update(&buf);
             }
             let crc = crc.finalize();
             if crc != run.crc32 {
-                return Err(MemoryError::FileChecksum { first_page: run.first_page, pages: run.pages, expected: run.crc32, actual: crc });
+                return Err(MemoryError::FileChecksum {
+                    first_page: run.first_page,
+                    pages: run.pages,
+                    expected: run.crc32,
+                    actual: crc,
+                });
             }
             next = end;
         }
@@ -172,7 +185,8 @@ fn check_zero_outside(file: &File, size: usize, listed: &PageSet) -> Result<(), 
         let first = offset as usize / PAGE_SIZE;
         let end = (offset + len).div_ceil(PAGE_SIZE as u64) as usize;
         for page in (first..end).filter(|&p| !listed.contains(p)) {
-            std::os::unix::fs::FileExt::read_exact_at(file, &mut buf, (page * PAGE_SIZE) as u64).map_err(MemoryError::FileIo)?;
+            std::os::unix::fs::FileExt::read_exact_at(file, &mut buf, (page * PAGE_SIZE) as u64)
+                .map_err(MemoryError::FileIo)?;
             if buf.iter().any(|&b| b != 0) {
                 return Err(MemoryError::DataOutsideRuns { page });
             }

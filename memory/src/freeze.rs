@@ -156,7 +156,12 @@ impl RegionState {
     /// One pre-copy round for this region (harvested by the caller): writes every changed,
     /// unpinned page not already pre-copied into the image the next freeze will write, and
     /// the `pinned` pages, untrusted.
-    pub(crate) fn precopy(&mut self, region: &RamRegion, pinned: &[usize], report: &mut PrecopyReport) -> Result<(), MemoryError> {
+    pub(crate) fn precopy(
+        &mut self,
+        region: &RamRegion,
+        pinned: &[usize],
+        report: &mut PrecopyReport,
+    ) -> Result<(), MemoryError> {
         let capacity = region.pages();
         let fold = self.stack.exclusive_from();
         let mut wanted = match fold {
@@ -189,7 +194,8 @@ impl RegionState {
         report.written_pages += wanted.len();
         precopy.clean.union_with(&wanted);
         // One page per run: pins are few, and a set of them costs O(RAM) (see `pinned_pages`).
-        let pinned: Vec<(usize, usize)> = pinned.iter().filter(|&&p| !precopy.clean.contains(p)).map(|&p| (p, 1)).collect();
+        let pinned: Vec<(usize, usize)> =
+            pinned.iter().filter(|&&p| !precopy.clean.contains(p)).map(|&p| (p, 1)).collect();
         write_runs(region, image, &pinned)?;
         report.pinned_pages += pinned.len();
         Ok(())

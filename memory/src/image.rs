@@ -109,7 +109,14 @@ impl Image {
         // SAFETY: a new shared mapping of our own memfd at a kernel-chosen address touches no
         // existing memory; the result is checked.
         let addr = unsafe {
-            libc::mmap(std::ptr::null_mut(), self.len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, self.fd(), 0)
+            libc::mmap(
+                std::ptr::null_mut(),
+                self.len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                self.fd(),
+                0,
+            )
         };
         if addr == libc::MAP_FAILED {
             return Err(MemoryError::os("mmap image writer", self.len));
@@ -131,7 +138,13 @@ impl Image {
             // `checked_ptr`) and `done < len`, so the kernel writes only inside it.
             let n = unsafe { libc::pread(self.fd(), dst.add(done).cast(), len - done, (offset + done) as libc::off_t) };
             match usize::try_from(n) {
-                Ok(0) => return Err(MemoryError::os_error("pread from image", len, std::io::ErrorKind::UnexpectedEof.into())),
+                Ok(0) => {
+                    return Err(MemoryError::os_error(
+                        "pread from image",
+                        len,
+                        std::io::ErrorKind::UnexpectedEof.into(),
+                    ))
+                }
                 Ok(n) => done += n,
                 Err(_) => {
                     let err = std::io::Error::last_os_error();

@@ -138,8 +138,14 @@ mod tests {
         let host = HostRange::reserve(4 * PAGE_SIZE).unwrap();
         let image = Image::new(4 * PAGE_SIZE).unwrap();
         for (offset, len) in [(4 * PAGE_SIZE, PAGE_SIZE), (3 * PAGE_SIZE, 2 * PAGE_SIZE), (PAGE_SIZE, usize::MAX)] {
-            assert!(matches!(host.map_file(offset, len, image.fd()), Err(MemoryError::OutOfBounds { .. })), "{offset:#x}+{len:#x}");
-            assert!(matches!(host.populate_write(offset, len), Err(MemoryError::OutOfBounds { .. })), "{offset:#x}+{len:#x}");
+            assert!(
+                matches!(host.map_file(offset, len, image.fd()), Err(MemoryError::OutOfBounds { .. })),
+                "{offset:#x}+{len:#x}"
+            );
+            assert!(
+                matches!(host.populate_write(offset, len), Err(MemoryError::OutOfBounds { .. })),
+                "{offset:#x}+{len:#x}"
+            );
         }
         assert!(matches!(host.map_file(100, PAGE_SIZE, image.fd()), Err(MemoryError::OutOfBounds { .. })), "unaligned");
         host.map_file(0, 4 * PAGE_SIZE, image.fd()).unwrap();

@@ -90,8 +90,11 @@ impl GuestRam {
             arcs.push(Arc::new(RamRegion::new(start, host)?));
             state.push(RegionState::new(stack, size / PAGE_SIZE));
         }
-        let regions = GuestRegions::from_arc_regions(arcs.clone())
-            .map_err(|e| MemoryError::Os { op: "region collection", len: 0, source: std::io::Error::other(e) })?;
+        let regions = GuestRegions::from_arc_regions(arcs.clone()).map_err(|e| MemoryError::Os {
+            op: "region collection",
+            len: 0,
+            source: std::io::Error::other(e),
+        })?;
         Ok(GuestRam {
             arcs,
             regions,

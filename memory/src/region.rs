@@ -10,8 +10,8 @@ use vm_memory::bitmap::{AtomicBitmap, BS};
 use vm_memory::mmap::MmapRegion;
 use vm_memory::volatile_memory::VolatileSlice;
 use vm_memory::{
-    GuestAddress, GuestMemoryError, GuestMemoryRegion, GuestMemoryRegionBytes, GuestRegionCollection,
-    GuestUsize, MemoryRegionAddress,
+    GuestAddress, GuestMemoryError, GuestMemoryRegion, GuestMemoryRegionBytes, GuestRegionCollection, GuestUsize,
+    MemoryRegionAddress,
 };
 
 use crate::mapping::HostRange;
@@ -112,7 +112,11 @@ impl RamRegion {
     }
 
     /// Volatile access to `len` bytes at region offset `offset`, marking the bitmap on write.
-    pub(crate) fn slice(&self, offset: usize, len: usize) -> Result<VolatileSlice<'_, BS<'_, AtomicBitmap>>, MemoryError> {
+    pub(crate) fn slice(
+        &self,
+        offset: usize,
+        len: usize,
+    ) -> Result<VolatileSlice<'_, BS<'_, AtomicBitmap>>, MemoryError> {
         self.get_slice(MemoryRegionAddress(offset as u64), len)
             .map_err(|e| MemoryError::Access(self.guest_base.0 + offset as u64, e))
     }

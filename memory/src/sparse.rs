@@ -45,7 +45,10 @@ pub fn data_extents(file: &File, size: u64) -> Result<Vec<(u64, u64)>> {
 /// kernel copies them (copy_file_range), falling back to the buffer across filesystems that
 /// cannot.
 pub fn copy_extent(from: &File, to: &File, offset: u64, len: u64, crc: Option<&mut crc32fast::Hasher>) -> Result<()> {
-    offset.checked_add(len).filter(|&end| i64::try_from(end).is_ok()).ok_or_else(|| Error::from(ErrorKind::InvalidInput))?;
+    offset
+        .checked_add(len)
+        .filter(|&end| i64::try_from(end).is_ok())
+        .ok_or_else(|| Error::from(ErrorKind::InvalidInput))?;
     match crc {
         Some(crc) => copy_through_buffer(from, to, offset, len, Some(crc)),
         None => match copy_in_kernel(from, to, offset, len) {
@@ -78,7 +81,13 @@ fn copy_in_kernel(from: &File, to: &File, offset: u64, len: u64) -> Result<()> {
     Ok(())
 }
 
-fn copy_through_buffer(from: &File, to: &File, offset: u64, len: u64, mut crc: Option<&mut crc32fast::Hasher>) -> Result<()> {
+fn copy_through_buffer(
+    from: &File,
+    to: &File,
+    offset: u64,
+    len: u64,
+    mut crc: Option<&mut crc32fast::Hasher>,
+) -> Result<()> {
     let mut buf = vec![0u8; COPY_CHUNK.min(len) as usize];
     let mut done = 0;
     while done < len {

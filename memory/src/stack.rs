@@ -131,10 +131,12 @@ impl ImageStack {
     /// Splits `offset..offset+len` into maximal stretches whose pages come from one image.
     /// Refuses a range outside the region.
     pub(crate) fn stretches(&self, offset: usize, len: usize) -> Result<Vec<Stretch<'_>>, MemoryError> {
-        let end = offset
-            .checked_add(len)
-            .filter(|&end| end <= self.len())
-            .ok_or(MemoryError::OutOfBounds { what: "image stack read", offset, len, size: self.len() })?;
+        let end = offset.checked_add(len).filter(|&end| end <= self.len()).ok_or(MemoryError::OutOfBounds {
+            what: "image stack read",
+            offset,
+            len,
+            size: self.len(),
+        })?;
         let mut out: Vec<Stretch<'_>> = Vec::new();
         let mut at = offset;
         while at < end {
@@ -155,7 +157,12 @@ impl ImageStack {
     /// the caller must know no pin or running vCPU relies on those pages.
     pub(crate) fn map_onto(&self, host: &HostRange) -> Result<(), MemoryError> {
         if self.len() != host.len() {
-            return Err(MemoryError::OutOfBounds { what: "image stack mapping", offset: 0, len: self.len(), size: host.len() });
+            return Err(MemoryError::OutOfBounds {
+                what: "image stack mapping",
+                offset: 0,
+                len: self.len(),
+                size: host.len(),
+            });
         }
         host.map_file(0, host.len(), self.base().fd())?;
         for layer in &self.layers()[1..] {

@@ -153,7 +153,8 @@ fn read_pagemap(start: u64, len: usize) -> Result<PageCounts, MemoryError> {
     while done < pages {
         let n = (pages - done).min(buf.len() / 8);
         let offset = (start / PAGE_SIZE as u64 + done as u64) * 8;
-        file.read_exact_at(&mut buf[..n * 8], offset).map_err(|e| MemoryError::os_error("read /proc/self/pagemap", len, e))?;
+        file.read_exact_at(&mut buf[..n * 8], offset)
+            .map_err(|e| MemoryError::os_error("read /proc/self/pagemap", len, e))?;
         for entry in buf[..n * 8].chunks_exact(8).map(|b| u64::from_ne_bytes(b.try_into().expect("8 bytes"))) {
             if entry & FILE == 0 && entry & (PRESENT | SWAPPED) != 0 {
                 counts.private += 1;

@@ -61,7 +61,8 @@ fn clones_taken_during_dma_hold_a_prefix_and_the_source_gets_it_all() {
         clone.read_slice(&mut buf, GuestAddress(BUF)).unwrap();
         // Chunks finished before the clone are there; later ones are absent, except at most one
         // torn chunk at the boundary (the copy raced the device, which rule 2 allows).
-        let done = (0..CHUNKS).take_while(|&c| buf[c * CHUNK..(c + 1) * CHUNK] == full[c * CHUNK..(c + 1) * CHUNK]).count();
+        let done =
+            (0..CHUNKS).take_while(|&c| buf[c * CHUNK..(c + 1) * CHUNK] == full[c * CHUNK..(c + 1) * CHUNK]).count();
         assert!(done >= *done_before, "clone lost finished DMA: {done} < {done_before}");
         let untouched = (done + 1).min(CHUNKS);
         assert!(buf[untouched * CHUNK..].iter().all(|&b| b == 0xEE), "DMA after the clone leaked into it");

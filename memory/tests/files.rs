@@ -13,7 +13,13 @@ fn layout() -> Vec<(GuestAddress, usize)> {
 fn files(dir: &std::path::Path, stem: &str) -> Vec<File> {
     (0..2)
         .map(|i| {
-            File::options().read(true).write(true).create(true).truncate(true).open(dir.join(format!("{stem}.{i}"))).unwrap()
+            File::options()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(dir.join(format!("{stem}.{i}")))
+                .unwrap()
         })
         .collect()
 }
@@ -33,7 +39,8 @@ fn read(ram: &GuestRam, addr: u64, len: usize) -> Vec<u8> {
 }
 
 fn tempdir() -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("zygote-files-{}-{:?}", std::process::id(), std::thread::current().id()));
+    let dir =
+        std::env::temp_dir().join(format!("zygote-files-{}-{:?}", std::process::id(), std::thread::current().id()));
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
@@ -58,7 +65,11 @@ fn full_and_diff_files_restore_the_same_bytes() {
     for (i, f) in files(&dir, "diff").iter().enumerate() {
         diffs.push(later.write_region_diff(&full, i, f).unwrap());
     }
-    assert_eq!(diffs[0].iter().map(FileRun::page_run).collect::<Vec<_>>(), vec![(9, 1)], "a diff holds only what changed");
+    assert_eq!(
+        diffs[0].iter().map(FileRun::page_run).collect::<Vec<_>>(),
+        vec![(9, 1)],
+        "a diff holds only what changed"
+    );
     assert!(diffs[1].is_empty());
 
     for ((file, runs), &(_, size)) in reopen(&dir, "full").iter().zip(&full_runs).zip(&layout()) {
@@ -131,7 +142,10 @@ fn files_of_the_wrong_shape_are_refused() {
     short[0].set_len(4096).unwrap();
     short[1].set_len(2 * PAGE_SIZE as u64).unwrap();
     assert!(matches!(Snapshot::from_files(&layout(), short), Err(MemoryError::FileSize { .. })));
-    assert!(matches!(Snapshot::from_files(&layout(), Vec::new()), Err(MemoryError::FileCount { expected: 2, actual: 0 })));
+    assert!(matches!(
+        Snapshot::from_files(&layout(), Vec::new()),
+        Err(MemoryError::FileCount { expected: 2, actual: 0 })
+    ));
     let a = GuestRam::new(&layout()).unwrap().snapshot().unwrap();
     let b = GuestRam::new(&layout()).unwrap().snapshot().unwrap();
     assert!(matches!(b.write_region_diff(&a, 0, &files(&dir, "x")[0]), Err(MemoryError::NotADescendant { region: 0 })));
@@ -155,7 +169,10 @@ fn a_full_file_costs_its_data_not_the_region_size() {
     assert_eq!(listed, vec![(0, 1), (5, 3), (256, 1), (4000, 1), (16383, 1)]);
     let allocated = std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&path).unwrap()) * 512;
     assert!(allocated <= 64 * PAGE_SIZE as u64, "{allocated} bytes allocated for 7 pages of data");
-    let restored = GuestRam::from_snapshot(&Snapshot::from_files(&[(GuestAddress(0), size)], vec![File::open(&path).unwrap()]).unwrap()).unwrap();
+    let restored = GuestRam::from_snapshot(
+        &Snapshot::from_files(&[(GuestAddress(0), size)], vec![File::open(&path).unwrap()]).unwrap(),
+    )
+    .unwrap();
     assert_eq!(read(&restored, 4000 * PAGE_SIZE as u64, 4), vec![(4000 % 251) as u8 + 1; 4]);
     assert_eq!(read(&restored, 0x10_0000, 8), vec![0xee; 8]);
     drop(snap);
@@ -200,7 +217,8 @@ fn verify_refuses_a_changed_byte_stray_data_and_bad_runs() {
 /// Pss of `ram`'s mappings from /proc/self/smaps (what `GuestRam::stats` no longer reads: it
 /// costs O(every mapping of the process)).
 pub fn pss_bytes(ram: &memory::GuestRam) -> u64 {
-    let ranges: Vec<(u64, u64)> = ram.kvm_regions().iter().map(|r| (r.userspace_addr, r.userspace_addr + r.memory_size)).collect();
+    let ranges: Vec<(u64, u64)> =
+        ram.kvm_regions().iter().map(|r| (r.userspace_addr, r.userspace_addr + r.memory_size)).collect();
     let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
     let mut inside = false;
     let mut pss = 0;

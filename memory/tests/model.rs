@@ -17,25 +17,75 @@ const MAX_VMS: usize = 6;
 
 #[derive(Clone, Debug)]
 enum Op {
-    Write { vm: usize, page: usize, off: usize, len: usize, byte: u8 },
+    Write {
+        vm: usize,
+        page: usize,
+        off: usize,
+        len: usize,
+        byte: u8,
+    },
     /// A guest write: only the VM's vCPU dirty log learns of it.
-    VcpuWrite { vm: usize, page: usize, off: usize, len: usize, byte: u8 },
+    VcpuWrite {
+        vm: usize,
+        page: usize,
+        off: usize,
+        len: usize,
+        byte: u8,
+    },
     /// A pre-copy round while the VM "runs".
-    Precopy { vm: usize },
-    Pin { vm: usize, page: usize, pages: usize, write: bool },
-    GuardWrite { guard: usize, off: usize, len: usize, byte: u8 },
+    Precopy {
+        vm: usize,
+    },
+    Pin {
+        vm: usize,
+        page: usize,
+        pages: usize,
+        write: bool,
+    },
+    GuardWrite {
+        guard: usize,
+        off: usize,
+        len: usize,
+        byte: u8,
+    },
     /// A write the kernel makes into a pinned buffer behind the VMM's back (io_uring, O_DIRECT).
-    KernelDma { guard: usize, off: usize, len: usize, byte: u8 },
-    Unpin { guard: usize },
-    Clone { vm: usize },
+    KernelDma {
+        guard: usize,
+        off: usize,
+        len: usize,
+        byte: u8,
+    },
+    Unpin {
+        guard: usize,
+    },
+    Clone {
+        vm: usize,
+    },
     /// A clone in two steps, the source writing `page` in between (as it does once resumed).
-    CloneSplit { vm: usize, page: usize, byte: u8 },
-    Snapshot { vm: usize },
-    FromSnapshot { snap: usize },
-    Reset { vm: usize, snap: usize },
-    DropVm { vm: usize },
-    DropSnapshot { snap: usize },
-    TakeDirty { vm: usize },
+    CloneSplit {
+        vm: usize,
+        page: usize,
+        byte: u8,
+    },
+    Snapshot {
+        vm: usize,
+    },
+    FromSnapshot {
+        snap: usize,
+    },
+    Reset {
+        vm: usize,
+        snap: usize,
+    },
+    DropVm {
+        vm: usize,
+    },
+    DropSnapshot {
+        snap: usize,
+    },
+    TakeDirty {
+        vm: usize,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {

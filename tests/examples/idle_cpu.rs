@@ -37,7 +37,9 @@ fn main() {
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--vms" => vms = args.next().and_then(|v| v.parse().ok()).filter(|&v| v >= 1).expect("--vms N (N >= 1)"),
-            "--seconds" => seconds = args.next().and_then(|v| v.parse().ok()).filter(|&v| v >= 1).expect("--seconds S (S >= 1)"),
+            "--seconds" => {
+                seconds = args.next().and_then(|v| v.parse().ok()).filter(|&v| v >= 1).expect("--seconds S (S >= 1)")
+            }
             "--disk" => disk = true,
             other => panic!("unknown argument {other:?}; expected --vms N, --seconds S, --disk"),
         }

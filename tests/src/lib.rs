@@ -74,7 +74,8 @@ pub fn spin_vm(vcpus: u32, vm_id: u64) -> vmm::Vmm {
 pub fn spin_vm_with_disk(vm_id: u64, disk: &Path) -> vmm::Vmm {
     let (config, _) = captured(1);
     let config = VmConfig { vm_id, disk: Some(disk.to_path_buf()), ..config };
-    vmm::build_tiny_vm(&config, vmm::guests::find("spin").expect("spin is bundled"), 0).expect("building spin with a disk")
+    vmm::build_tiny_vm(&config, vmm::guests::find("spin").expect("spin is bundled"), 0)
+        .expect("building spin with a disk")
 }
 
 /// Each vCPU's `spin` counter.

@@ -7,7 +7,11 @@ use std::path::{Path, PathBuf};
 pub fn artifact(var: &str, name: &str) -> PathBuf {
     std::env::var_os(var).map(PathBuf::from).unwrap_or_else(|| {
         let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
-        std::env::var_os("ZYGOTE_CACHE").map(PathBuf::from).unwrap_or(home.join(".cache/zygote")).join("linux").join(name)
+        std::env::var_os("ZYGOTE_CACHE")
+            .map(PathBuf::from)
+            .unwrap_or(home.join(".cache/zygote"))
+            .join("linux")
+            .join(name)
     })
 }
 

@@ -77,7 +77,8 @@ fn clone_mid_transfer(parent: &mut Vm, id: u64, round: u64, via_clone_vm: bool) 
 
     let mut clone = match via_clone_vm {
         true => {
-            let (clone, report) = clone_vm(&mut parent.vmm, id, &Console::capture().0, Some(GuestAddress(VM_ID_ADDR))).unwrap();
+            let (clone, report) =
+                clone_vm(&mut parent.vmm, id, &Console::capture().0, Some(GuestAddress(VM_ID_ADDR))).unwrap();
             assert!(report.eager_copied_pages > 0, "clone {id}: pinned pages were not copied eagerly: {report:?}");
             clone
         }
@@ -88,7 +89,10 @@ fn clone_mid_transfer(parent: &mut Vm, id: u64, round: u64, via_clone_vm: bool) 
             parent.vmm.resume(token);
             let devices = &image.state.devices;
             let dma = devices.dma.as_ref().expect("DMA state");
-            assert!(dma.in_flight.is_some() && dma.progress == u64::from(DMA_CHUNK), "clone {id}: DMA not mid-transfer: {dma:?}");
+            assert!(
+                dma.in_flight.is_some() && dma.progress == u64::from(DMA_CHUNK),
+                "clone {id}: DMA not mid-transfer: {dma:?}"
+            );
             let block = devices.block.as_ref().expect("virtio-blk state");
             assert_eq!(block.device.in_flight.len(), 1, "clone {id}: the read is in flight");
             assert_eq!(block.device.in_flight[0].data[0].addr, READ_BUF);
@@ -108,13 +112,20 @@ fn clone_mid_transfer(parent: &mut Vm, id: u64, round: u64, via_clone_vm: bool) 
     assert_eq!(BlkDriver::wait(&parent.vmm, read), 0, "source {}: read status", parent.id);
     assert_eq!(read_bytes(&parent.vmm, READ_BUF, READ_LEN), disk_bytes(sector, READ_LEN), "source {} read", parent.id);
     assert_eq!(wait_dma_idle(&parent.vmm), 2, "source {}: DMA done", parent.id);
-    assert!(read_bytes(&parent.vmm, DMA_DST, DMA_LEN) == pattern_bytes(pattern, DMA_LEN), "source {}: DMA data", parent.id);
+    assert!(
+        read_bytes(&parent.vmm, DMA_DST, DMA_LEN) == pattern_bytes(pattern, DMA_LEN),
+        "source {}: DMA data",
+        parent.id
+    );
 
     // The clone had the clone-instant bytes (0xaa, a part-written pattern) and re-executed both.
     assert_eq!(BlkDriver::wait(&clone, read), 0, "clone {id}: read status");
     assert_eq!(read_bytes(&clone, READ_BUF, READ_LEN), disk_bytes(sector, READ_LEN), "clone {id}: re-executed read");
     assert_eq!(wait_dma_idle(&clone), 2, "clone {id}: DMA done");
-    assert!(read_bytes(&clone, DMA_DST, DMA_LEN) == pattern_bytes(pattern, DMA_LEN), "clone {id}: re-executed DMA data");
+    assert!(
+        read_bytes(&clone, DMA_DST, DMA_LEN) == pattern_bytes(pattern, DMA_LEN),
+        "clone {id}: re-executed DMA data"
+    );
     // A request unpins right after its used-ring entry is written.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while clone.ram().stats().pinned_pages > 0 {

@@ -14,11 +14,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use memory::{GuestAddress, PAGE_SIZE};
+use vmm::clone::{clone_vm, CloneReport};
 use vmm::layout::{
     DMA_GUEST_BLK_BUF, DMA_GUEST_BLK_LEN, DMA_GUEST_DMA_BUF, DMA_GUEST_DMA_CHUNK, DMA_GUEST_DMA_LEN,
     DMA_GUEST_RESULTS_ADDR, DMA_GUEST_WRITE_ID, VM_ID_ADDR,
 };
-use vmm::clone::{clone_vm, CloneReport};
 use vmm::{Console, VmOutcome, Vmm};
 use zygote_tests::blk_driver::{dma_busy, hold_dma, step_dma, BlkDriver};
 use zygote_tests::dma_guest::{bytes, disk_bytes, dma_vm, expected_output, pattern_bytes, TempDisk};
@@ -44,7 +44,6 @@ fn clone_of(source: &mut GuestVm, id: u64) -> (GuestVm, CloneReport) {
     (GuestVm { id, vmm, out }, report)
 }
 
-
 /// The sector every VM's guest ends with: its id, 64 times.
 fn id_sector(id: u64) -> Vec<u8> {
     id.to_le_bytes().repeat(64)
@@ -56,13 +55,27 @@ fn check_finished(vm: &GuestVm) {
     let last = DISK_SECTORS - 1;
     assert_eq!(read_u64(ram, DMA_GUEST_RESULTS_ADDR + 24), 0, "VM {}: exit code in its results", vm.id);
     assert_eq!(text(&vm.out), expected_output(DMA_GUEST_BLK_LEN as usize), "VM {}: guest output", vm.id);
-    assert!(bytes(ram, DMA_GUEST_DMA_BUF, DMA_GUEST_DMA_LEN) == pattern_bytes(DMA_GUEST_DMA_LEN as usize), "VM {}: DMA data", vm.id);
-    assert!(bytes(ram, DMA_GUEST_BLK_BUF, DMA_GUEST_BLK_LEN) == disk_bytes(0, DMA_GUEST_BLK_LEN as usize), "VM {}: read data", vm.id);
+    assert!(
+        bytes(ram, DMA_GUEST_DMA_BUF, DMA_GUEST_DMA_LEN) == pattern_bytes(DMA_GUEST_DMA_LEN as usize),
+        "VM {}: DMA data",
+        vm.id
+    );
+    assert!(
+        bytes(ram, DMA_GUEST_BLK_BUF, DMA_GUEST_BLK_LEN) == disk_bytes(0, DMA_GUEST_BLK_LEN as usize),
+        "VM {}: read data",
+        vm.id
+    );
     assert_eq!(read_u64(ram, DMA_GUEST_RESULTS_ADDR + 32), last, "VM {}: the sector it wrote", vm.id);
     // Its disk, read back through its own device (the guest is done with it).
     let mut driver = BlkDriver::setup(&vm.vmm);
     assert_eq!(driver.read(&vm.vmm, last, 512), id_sector(vm.id), "VM {}: its disk lacks its own write", vm.id);
-    assert_eq!(driver.read(&vm.vmm, last - 1, 512), disk_bytes((last - 1) * 512, 512), "VM {}: sector {}", vm.id, last - 1);
+    assert_eq!(
+        driver.read(&vm.vmm, last - 1, 512),
+        disk_bytes((last - 1) * 512, 512),
+        "VM {}: sector {}",
+        vm.id,
+        last - 1
+    );
 }
 
 #[test]
@@ -91,7 +104,10 @@ fn ten_guest_driven_clones_mid_transfer_end_complete_and_their_disks_diverge() {
     let mut progress_at_clone = Vec::new();
     for id in 100..110 {
         let (mut clone, report) = clone_of(&mut source, id);
-        assert_eq!(report.reexecuted_requests, 2, "clone {id}: the DMA transfer and the read were in flight: {report:?}");
+        assert_eq!(
+            report.reexecuted_requests, 2,
+            "clone {id}: the DMA transfer and the read were in flight: {report:?}"
+        );
         assert!(report.eager_copied_pages >= pinned_pages, "clone {id}: pinned pages copied eagerly: {report:?}");
         progress_at_clone.push(step_dma(&source.vmm, 0));
         clone.vmm.start();
@@ -101,7 +117,11 @@ fn ten_guest_driven_clones_mid_transfer_end_complete_and_their_disks_diverge() {
     let expected: Vec<u64> = (0..10).map(|i| (CHUNKS_BEFORE + i * CHUNKS_BETWEEN) * DMA_GUEST_DMA_CHUNK).collect();
     assert_eq!(progress_at_clone, expected, "clones at spread-out instants");
     // A clone of a clone, mid-way through the first clone's re-executed transfer.
-    assert_eq!(step_dma(&vms[0].vmm, CHUNKS_BETWEEN), CHUNKS_BETWEEN * DMA_GUEST_DMA_CHUNK, "clone 100 restarted its transfer");
+    assert_eq!(
+        step_dma(&vms[0].vmm, CHUNKS_BETWEEN),
+        CHUNKS_BETWEEN * DMA_GUEST_DMA_CHUNK,
+        "clone 100 restarted its transfer"
+    );
     let (mut grandchild, report) = clone_of(&mut vms[0], 200);
     assert!(report.reexecuted_requests >= 1, "clone 200: its parent's transfer was in flight: {report:?}");
     assert_eq!(step_dma(&grandchild.vmm, 0), 0, "clone 200 restarted it from byte 0");

@@ -8,13 +8,12 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use devices::dma::MAX_PACING_US;
 use memory::{Bytes, GuestAddress, GuestRam, PAGE_SIZE};
 use vmm::layout::{
-    DMA_GUEST_AVAIL_ADDR, DMA_GUEST_BLK_BUF, DMA_GUEST_BLK_LEN, DMA_GUEST_DMA_BUF, DMA_GUEST_DMA_CHUNK, DMA_GUEST_DMA_LEN,
-    DMA_GUEST_PATTERN,
-    DMA_GUEST_RESULTS_ADDR, DMA_GUEST_USED_ADDR,
+    DMA_GUEST_AVAIL_ADDR, DMA_GUEST_BLK_BUF, DMA_GUEST_BLK_LEN, DMA_GUEST_DMA_BUF, DMA_GUEST_DMA_CHUNK,
+    DMA_GUEST_DMA_LEN, DMA_GUEST_PATTERN, DMA_GUEST_RESULTS_ADDR, DMA_GUEST_USED_ADDR,
 };
-use devices::dma::MAX_PACING_US;
 use vmm::VmOutcome;
 use zygote_tests::dma_guest::{bytes, disk_bytes, dma_vm, expected_output, fnv1a64, pattern_bytes, TempDisk};
 use zygote_tests::{read_u64, run_zygote, text};

@@ -113,7 +113,11 @@ fn a_clone_of_a_vm_with_an_irqchip_gets_the_same_irqfds_and_ioeventfd() {
     assert!(queue_notify_is_an_ioeventfd(&clone), "the clone's QueueNotify is an ioeventfd");
     assert_eq!(pic_irr(&clone) & DEVICE_IRQ_BITS, 0, "no device interrupt before the clone runs");
     run_to_end(&mut clone, &out);
-    assert_eq!(wait_for_pic_irr(&clone, DEVICE_IRQ_BITS), DEVICE_IRQ_BITS, "the clone's devices interrupted through KVM");
+    assert_eq!(
+        wait_for_pic_irr(&clone, DEVICE_IRQ_BITS),
+        DEVICE_IRQ_BITS,
+        "the clone's devices interrupted through KVM"
+    );
     assert!(matches!(clone.stop(), VmOutcome::Exited(0)), "{}", text(&out));
 }
 

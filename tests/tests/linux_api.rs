@@ -34,7 +34,11 @@ impl Served {
     fn wait_for(&self, what: impl Fn(&str) -> bool, describe: &str) {
         let deadline = Instant::now() + TIMEOUT;
         while !self.lines.lock().unwrap().iter().any(|l| what(l)) {
-            assert!(Instant::now() < deadline, "no {describe} within {TIMEOUT:?}:\n{}", self.lines.lock().unwrap().join("\n"));
+            assert!(
+                Instant::now() < deadline,
+                "no {describe} within {TIMEOUT:?}:\n{}",
+                self.lines.lock().unwrap().join("\n")
+            );
             std::thread::sleep(Duration::from_millis(5));
         }
     }
@@ -65,7 +69,9 @@ fn linux_through_the_api_clones_snapshots_and_restores_mid_boot() {
     let lines = Arc::new(Mutex::new(Vec::new()));
     let stdout = child.stdout.take().expect("piped stdout");
     let sink = Arc::clone(&lines);
-    std::thread::spawn(move || BufReader::new(stdout).lines().map_while(Result::ok).for_each(|l| sink.lock().unwrap().push(l)));
+    std::thread::spawn(move || {
+        BufReader::new(stdout).lines().map_while(Result::ok).for_each(|l| sink.lock().unwrap().push(l))
+    });
     let mut served = Served { child, lines };
     wait_for_api_socket(&socket);
     for (path, body) in [
@@ -117,7 +123,10 @@ fn linux_through_the_api_clones_snapshots_and_restores_mid_boot() {
     for vm in 0..3 {
         let prefix = format!("[vm{vm}] ");
         let lines = served.lines.lock().unwrap();
-        assert!(lines.iter().any(|l| l.starts_with(&prefix) && l.contains("virtio_blk virtio0")), "vm{vm} never probed its disk");
+        assert!(
+            lines.iter().any(|l| l.starts_with(&prefix) && l.contains("virtio_blk virtio0")),
+            "vm{vm} never probed its disk"
+        );
     }
     let _ = std::fs::remove_dir_all(&dir);
 }

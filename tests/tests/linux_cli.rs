@@ -70,7 +70,8 @@ fn run_zygote_timed(args: &[&str]) -> TimedRun {
 /// `zygote run` of `kernel` with the initramfs and 256 MiB, plus `extra` arguments.
 fn boot(kernel: &Path, extra: &[&str]) -> TimedRun {
     let (_, initrd) = kernel_and_initrd();
-    let mut args = vec!["run", "--kernel", kernel.to_str().unwrap(), "--initrd", initrd.to_str().unwrap(), "--mem", "256"];
+    let mut args =
+        vec!["run", "--kernel", kernel.to_str().unwrap(), "--initrd", initrd.to_str().unwrap(), "--mem", "256"];
     args.extend_from_slice(extra);
     run_zygote_timed(&args)
 }

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use memory::{Access, GuestAddress, MemoryError};
 use vmm::layout::{COUNTERS_ADDR, DIRTY_ADDR, DIRTY_PAGES};
-use vmm::snapshot::{VmSnapshotError, VmSnapshot};
+use vmm::snapshot::{VmSnapshot, VmSnapshotError};
 use vmm::{build_tiny_vm, guests, VmOutcome};
 use zygote_tests::{captured, first_difference, read_u64};
 

@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use memory::{Bytes, GuestAddress, MemoryError};
-use vmm::snapshot::{VmSnapshotError, VmSnapshot};
+use vmm::snapshot::{VmSnapshot, VmSnapshotError};
 use vmm::vstate::VmState;
 use zygote_tests::blk_driver::{
     hold_blk_submissions, hold_dma, read_bytes, start_dma_pattern, step_dma, wait_dma_idle, BlkDriver, DATA,

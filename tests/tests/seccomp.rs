@@ -26,30 +26,19 @@ struct Task {
 }
 
 fn field(status: &str, name: &str) -> u32 {
-    let line = status
-        .lines()
-        .find(|l| l.starts_with(name))
-        .unwrap_or_else(|| panic!("no {name} in {status}"));
-    line[name.len()..]
-        .trim()
-        .parse()
-        .unwrap_or_else(|_| panic!("bad {line}"))
+    let line = status.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("no {name} in {status}"));
+    line[name.len()..].trim().parse().unwrap_or_else(|_| panic!("bad {line}"))
 }
 
 fn tasks(pid: u32) -> Vec<Task> {
     let mut tasks = Vec::new();
     for entry in std::fs::read_dir(format!("/proc/{pid}/task")).expect("the process is alive") {
         let dir = entry.expect("task entry").path();
-        let tid = dir
-            .file_name()
-            .and_then(|n| n.to_str())
-            .and_then(|n| n.parse().ok())
-            .expect("a tid");
+        let tid = dir.file_name().and_then(|n| n.to_str()).and_then(|n| n.parse().ok()).expect("a tid");
         // A thread may end between the listing and the read: it has no status to check then.
-        let (Ok(status), Ok(name)) = (
-            std::fs::read_to_string(dir.join("status")),
-            std::fs::read_to_string(dir.join("comm")),
-        ) else {
+        let (Ok(status), Ok(name)) =
+            (std::fs::read_to_string(dir.join("status")), std::fs::read_to_string(dir.join("comm")))
+        else {
             continue;
         };
         tasks.push(Task {
@@ -66,15 +55,8 @@ fn spawn_served(dir: &Path, extra: &[&str], forbidden: Option<&str>) -> Child {
     let disk = dir.join("disk.img");
     std::fs::write(&disk, vec![0x5a; 1 << 20]).expect("writing the disk");
     let mut command = Command::new(zygote_bin());
-    command
-        .args(["run", "--guest", "spin", "--disk"])
-        .arg(&disk)
-        .arg("--api-sock")
-        .arg(dir.join("api.sock"));
-    command
-        .args(extra)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+    command.args(["run", "--guest", "spin", "--disk"]).arg(&disk).arg("--api-sock").arg(dir.join("api.sock"));
+    command.args(extra).stdout(Stdio::null()).stderr(Stdio::piped());
     match forbidden {
         Some(class) => command.env(FORBIDDEN, class),
         None => command.env_remove(FORBIDDEN),
@@ -118,20 +100,12 @@ fn every_thread_of_a_served_vm_with_a_disk_its_clone_and_a_restored_snapshot_is_
     // long after it was filtered.
     assert_eq!(ok(&socket, "PUT", "/clone", "{}")["vm_id"], 1);
     let snapshot = dir.join("s.json");
-    ok(
-        &socket,
-        "PUT",
-        "/snapshot/create",
-        &format!(r#"{{"snapshot_path": "{}"}}"#, snapshot.display()),
-    );
+    ok(&socket, "PUT", "/snapshot/create", &format!(r#"{{"snapshot_path": "{}"}}"#, snapshot.display()));
     let loaded = ok(
         &socket,
         "PUT",
         "/snapshot/load",
-        &format!(
-            r#"{{"snapshot_path": "{}", "resume_vm": true}}"#,
-            snapshot.display()
-        ),
+        &format!(r#"{{"snapshot_path": "{}", "resume_vm": true}}"#, snapshot.display()),
     );
     assert_eq!(loaded["vm_id"], 2);
     ok(&socket, "PUT", "/reset", r#"{"vm_id": 1}"#);
@@ -140,11 +114,7 @@ fn every_thread_of_a_served_vm_with_a_disk_its_clone_and_a_restored_snapshot_is_
     // A worker installs its filter as its first step, which the test cannot see begin: wait
     // (20 s at most) until every worker is past it, then check every thread.
     let deadline = Instant::now() + Duration::from_secs(20);
-    let worker = |t: &Task| {
-        ["vcpu", "virtio-blk", "dma-engine"]
-            .iter()
-            .any(|p| t.name.starts_with(p))
-    };
+    let worker = |t: &Task| ["vcpu", "virtio-blk", "dma-engine"].iter().any(|p| t.name.starts_with(p));
     while tasks(pid).iter().any(|t| worker(t) && t.filters < 2) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -152,20 +122,11 @@ fn every_thread_of_a_served_vm_with_a_disk_its_clone_and_a_restored_snapshot_is_
     for task in &tasks {
         assert_eq!(task.mode, 2, "not filtered: {task:?} (all: {tasks:?})");
     }
-    let main = tasks
-        .iter()
-        .find(|t| t.tid == pid)
-        .expect("the main thread");
-    assert_eq!(
-        main.filters, 1,
-        "the VMM thread has its own filter only: {main:?}"
-    );
+    let main = tasks.iter().find(|t| t.tid == pid).expect("the main thread");
+    assert_eq!(main.filters, 1, "the VMM thread has its own filter only: {main:?}");
     // Each worker narrowed the VMM filter it inherited with its class's own.
     for (prefix, count) in [("vcpu", 3), ("virtio-blk", 3), ("dma-engine", 3)] {
-        let class: Vec<&Task> = tasks
-            .iter()
-            .filter(|t| t.name.starts_with(prefix))
-            .collect();
+        let class: Vec<&Task> = tasks.iter().filter(|t| t.name.starts_with(prefix)).collect();
         assert_eq!(class.len(), count, "one {prefix} thread per VM: {tasks:?}");
         assert!(class.iter().all(|t| t.filters == 2), "{prefix}: {class:?}");
     }
@@ -181,11 +142,7 @@ fn a_forbidden_syscall_kills_the_process_with_sigsys_in_every_thread_class() {
         let mut child = spawn_served(&dir, &[], Some(class));
         let status = wait(&mut child);
         let stderr = stderr_of(&mut child);
-        assert_eq!(
-            status.signal(),
-            Some(libc::SIGSYS),
-            "{class}: {status}, stderr: {stderr}"
-        );
+        assert_eq!(status.signal(), Some(libc::SIGSYS), "{class}: {status}, stderr: {stderr}");
         assert!(!stderr.contains("was allowed"), "{class}: {stderr}");
     }
 }
@@ -200,28 +157,20 @@ fn seccomp_log_lets_the_forbidden_syscall_through_and_no_seccomp_installs_nothin
         // The VM is built and its vCPU thread started once the API answers about it.
         ok(&socket, "GET", "/", "");
         let modes: Vec<u32> = tasks(child.id()).iter().map(|t| t.mode).collect();
-        assert!(
-            modes.iter().all(|&m| m == if filtered { 2 } else { 0 }),
-            "{flag}: {modes:?}"
-        );
+        assert!(modes.iter().all(|&m| m == if filtered { 2 } else { 0 }), "{flag}: {modes:?}");
         ok(&socket, "PUT", "/actions", r#"{"action_type": "Shutdown"}"#);
         let status = wait(&mut child);
         let stderr = stderr_of(&mut child);
         assert!(status.success(), "{flag}: {status}: {stderr}");
         // With --seccomp-log the hook's syscall was logged and allowed; without filters the hook
         // never runs.
-        assert_eq!(
-            stderr.contains("the vcpu thread's forbidden syscall was allowed"),
-            filtered,
-            "{flag}: {stderr}"
-        );
+        assert_eq!(stderr.contains("the vcpu thread's forbidden syscall was allowed"), filtered, "{flag}: {stderr}");
     }
 }
 
 #[test]
 fn the_two_seccomp_flags_conflict() {
-    let out =
-        zygote_tests::run_zygote(&["run", "--guest", "hello", "--no-seccomp", "--seccomp-log"]);
+    let out = zygote_tests::run_zygote(&["run", "--guest", "hello", "--no-seccomp", "--seccomp-log"]);
     assert_eq!(out.status.code(), Some(2), "{out:?}");
 }
 
@@ -232,10 +181,7 @@ fn collect_lines(child: &mut Child) -> std::sync::Arc<std::sync::Mutex<Vec<Strin
     let stdout = child.stdout.take().expect("piped stdout");
     let sink = std::sync::Arc::clone(&lines);
     std::thread::spawn(move || {
-        std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-            .for_each(|l| sink.lock().unwrap().push(l));
+        std::io::BufReader::new(stdout).lines().map_while(Result::ok).for_each(|l| sink.lock().unwrap().push(l));
     });
     lines
 }
@@ -244,17 +190,8 @@ fn collect_lines(child: &mut Child) -> std::sync::Arc<std::sync::Mutex<Vec<Strin
 fn wait_for_line(lines: &std::sync::Mutex<Vec<String>>, vm: u64, text: &str) {
     let prefix = format!("[vm{vm}] ");
     let deadline = Instant::now() + Duration::from_secs(300);
-    while !lines
-        .lock()
-        .unwrap()
-        .iter()
-        .any(|l| l.starts_with(&prefix) && l.contains(text))
-    {
-        assert!(
-            Instant::now() < deadline,
-            "no {prefix}{text:?} within 300 s:\n{}",
-            lines.lock().unwrap().join("\n")
-        );
+    while !lines.lock().unwrap().iter().any(|l| l.starts_with(&prefix) && l.contains(text)) {
+        assert!(Instant::now() < deadline, "no {prefix}{text:?} within 300 s:\n{}", lines.lock().unwrap().join("\n"));
         std::thread::sleep(Duration::from_millis(5));
     }
 }
@@ -272,10 +209,7 @@ fn a_linux_guest_with_a_disk_runs_and_clones_with_every_thread_filtered() {
     let expected = write_checksum_disk(&disk, 0x5365_6363_6f6d_7021);
     let socket = dir.join("api.sock");
     // Without `quiet`: the test clones on a kernel line printed before virtio-mmio's probe.
-    let cmdline = format!(
-        "{} zygote_blk=1",
-        vmm::linux::DEFAULT_CMDLINE.replace(" quiet", "")
-    );
+    let cmdline = format!("{} zygote_blk=1", vmm::linux::DEFAULT_CMDLINE.replace(" quiet", ""));
     let mut child = Command::new(zygote_bin())
         .args(["run", "--kernel"])
         .arg(&kernel)
@@ -292,55 +226,27 @@ fn a_linux_guest_with_a_disk_runs_and_clones_with_every_thread_filtered() {
     let lines = collect_lines(&mut child);
     wait_for_api_socket(&socket);
     wait_for_line(&lines, 0, "devtmpfs: initialized");
-    ok(
-        &socket,
-        "PATCH",
-        "/vm",
-        r#"{"state": "Paused", "vm_id": 0}"#,
-    );
+    ok(&socket, "PATCH", "/vm", r#"{"state": "Paused", "vm_id": 0}"#);
     assert_eq!(ok(&socket, "PUT", "/clone", r#"{"vm_id": 0}"#)["vm_id"], 1);
     // A clone of a paused VM starts paused.
-    ok(
-        &socket,
-        "PATCH",
-        "/vm",
-        r#"{"state": "Resumed", "vm_id": 1}"#,
-    );
+    ok(&socket, "PATCH", "/vm", r#"{"state": "Resumed", "vm_id": 1}"#);
     wait_for_line(&lines, 1, &expected);
 
     let pid = child.id();
     let deadline = Instant::now() + Duration::from_secs(20);
-    while tasks(pid)
-        .iter()
-        .any(|t| t.name.starts_with("virtio-blk") && t.filters < 2)
-        && Instant::now() < deadline
-    {
+    while tasks(pid).iter().any(|t| t.name.starts_with("virtio-blk") && t.filters < 2) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(5));
     }
     let tasks = tasks(pid);
-    assert!(
-        tasks.iter().all(|t| t.mode == 2),
-        "not every thread filtered: {tasks:?}"
-    );
-    let vm0 = tasks
-        .iter()
-        .filter(|t| t.name.starts_with("vcpu") || t.name.starts_with("virtio-blk"))
-        .count();
+    assert!(tasks.iter().all(|t| t.mode == 2), "not every thread filtered: {tasks:?}");
+    let vm0 = tasks.iter().filter(|t| t.name.starts_with("vcpu") || t.name.starts_with("virtio-blk")).count();
     assert!(vm0 >= 2, "VM 0's vCPU and event loop threads: {tasks:?}");
     assert!(
-        tasks
-            .iter()
-            .filter(|t| t.name.starts_with("vcpu") || t.name.starts_with("virtio-blk"))
-            .all(|t| t.filters == 2),
+        tasks.iter().filter(|t| t.name.starts_with("vcpu") || t.name.starts_with("virtio-blk")).all(|t| t.filters == 2),
         "{tasks:?}"
     );
 
-    ok(
-        &socket,
-        "PATCH",
-        "/vm",
-        r#"{"state": "Resumed", "vm_id": 0}"#,
-    );
+    ok(&socket, "PATCH", "/vm", r#"{"state": "Resumed", "vm_id": 0}"#);
     wait_for_line(&lines, 0, &expected);
     // VM 0's init resets it when done, which ends the process.
     let status = wait(&mut child);

@@ -43,7 +43,9 @@ fn full_and_diff_snapshots_restore_to_the_same_output() {
     assert!(wait_for_lines(&out, 3));
     let token = vm.pause().unwrap();
     let before_full = text(&out);
-    let full = write_snapshot(&VmSnapshot::take(&vm, &token).unwrap(), &dir.join("full.json"), &dir, SnapshotKind::Full, None).unwrap();
+    let full =
+        write_snapshot(&VmSnapshot::take(&vm, &token).unwrap(), &dir.join("full.json"), &dir, SnapshotKind::Full, None)
+            .unwrap();
     vm.resume(token);
     assert!(wait_for_lines(&out, 7));
     let token = vm.pause().unwrap();
@@ -61,7 +63,9 @@ fn full_and_diff_snapshots_restore_to_the_same_output() {
         std::fs::read_dir(&dir)
             .unwrap()
             .filter_map(Result::ok)
-            .filter(|e| e.file_name().to_string_lossy().starts_with(name) && e.file_name().to_string_lossy().ends_with(".raw"))
+            .filter(|e| {
+                e.file_name().to_string_lossy().starts_with(name) && e.file_name().to_string_lossy().ends_with(".raw")
+            })
             .map(|e| std::os::unix::fs::MetadataExt::blocks(&e.metadata().unwrap()) * 512)
             .sum()
     };
@@ -84,19 +88,29 @@ fn truncated_corrupted_and_wrong_version_snapshots_are_refused() {
         assert!(err.to_string().contains("s.json"), "error names the file: {err}");
         err
     };
-    assert!(matches!(refused(&good[..good.len() - 10]), SnapshotError::Format { source: FormatError::Truncated { .. }, .. }));
+    assert!(matches!(
+        refused(&good[..good.len() - 10]),
+        SnapshotError::Format { source: FormatError::Truncated { .. }, .. }
+    ));
     let mut flipped = good.clone();
     let last = flipped.len() - 20;
     flipped[last] ^= 0x01;
     assert!(matches!(refused(&flipped), SnapshotError::Format { source: FormatError::Corrupted { .. }, .. }));
     let text = String::from_utf8(good.clone()).unwrap();
     let v2 = text.replacen(&format!("\"format_version\":{FORMAT_VERSION}"), "\"format_version\":2", 1);
-    assert!(matches!(refused(v2.as_bytes()), SnapshotError::Format { source: FormatError::Version { found: 2, .. }, .. }));
+    assert!(matches!(
+        refused(v2.as_bytes()),
+        SnapshotError::Format { source: FormatError::Version { found: 2, .. }, .. }
+    ));
     assert!(matches!(refused(b"hello\n"), SnapshotError::Format { source: FormatError::NotASnapshot, .. }));
 
     // A truncated or corrupted RAM file.
     std::fs::write(&path, &good).unwrap();
-    let ram = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).find(|p| p.extension().is_some_and(|e| e == "raw")).unwrap();
+    let ram = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "raw"))
+        .unwrap();
     let f = std::fs::OpenOptions::new().write(true).open(&ram).unwrap();
     let len = f.metadata().unwrap().len();
     std::os::unix::fs::FileExt::write_all_at(&f, b"x", 0x10_0000).unwrap();
@@ -135,7 +149,8 @@ fn diffs_go_on_after_the_memory_layer_flattens_its_stack() {
     let mut vm = zygote_tests::spin_vm(1, 0);
     let token = vm.pause().unwrap();
     let mut parent =
-        write_snapshot(&VmSnapshot::take(&vm, &token).unwrap(), &dir.join("full.json"), &dir, SnapshotKind::Full, None).unwrap();
+        write_snapshot(&VmSnapshot::take(&vm, &token).unwrap(), &dir.join("full.json"), &dir, SnapshotKind::Full, None)
+            .unwrap();
     // 50 scattered pages a round: more runs than the memory layer stacks (512) by round 11.
     let offsets: Vec<u64> = (0..50u64).map(|i| vmm::layout::TOUCH_ADDR + i * 8 * PAGE_SIZE as u64).collect();
     for round in 0..14u8 {
@@ -143,7 +158,8 @@ fn diffs_go_on_after_the_memory_layer_flattens_its_stack() {
             vm.ram().write_slice(&[round + 1; PAGE_SIZE], GuestAddress(offset)).unwrap();
         }
         let snap = VmSnapshot::take(&vm, &token).unwrap();
-        parent = write_snapshot(&snap, &dir.join(format!("d{round}.json")), &dir, SnapshotKind::Diff, Some(&parent)).unwrap();
+        parent = write_snapshot(&snap, &dir.join(format!("d{round}.json")), &dir, SnapshotKind::Diff, Some(&parent))
+            .unwrap();
     }
     let loaded = load_snapshot(&parent.state_path).unwrap();
     for &offset in &offsets {

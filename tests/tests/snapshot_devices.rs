@@ -138,8 +138,9 @@ fn disk_writes_before_a_snapshot_are_in_its_file_and_later_ones_are_not() {
     drop(clone.stop());
     driver.write(&vm, 20, &[b'B'; 512]);
     let token = vm.pause().unwrap();
-    let full = write_snapshot(&VmSnapshot::take(&vm, &token).unwrap(), &dir.join("full.json"), &dir, SnapshotKind::Full, None)
-        .unwrap();
+    let full =
+        write_snapshot(&VmSnapshot::take(&vm, &token).unwrap(), &dir.join("full.json"), &dir, SnapshotKind::Full, None)
+            .unwrap();
     vm.resume(token);
     let at_full = driver;
     driver.write(&vm, 10, &[b'C'; 512]);
@@ -151,11 +152,20 @@ fn disk_writes_before_a_snapshot_are_in_its_file_and_later_ones_are_not() {
     // The diff's disk file holds only the sectors written since the full one (and those the
     // full one held privately), sparse elsewhere.
     let diff_disk = &body_of(&dir.join("diff.json"))["disk"];
-    let runs: Vec<(u64, u64)> =
-        diff_disk["runs"].as_array().unwrap().iter().map(|r| (r[0].as_u64().unwrap(), r[1].as_u64().unwrap())).collect();
+    let runs: Vec<(u64, u64)> = diff_disk["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r[0].as_u64().unwrap(), r[1].as_u64().unwrap()))
+        .collect();
     assert_eq!((runs, &diff_disk["diff"]), (vec![(10, 1), (20, 2)], &serde_json::json!(true)), "{diff_disk}");
-    let allocated = |file: &serde_json::Value| std::fs::metadata(dir.join(file.as_str().unwrap())).unwrap().blocks() * 512;
-    assert!(allocated(&diff_disk["file"]) <= 16 << 10, "diff disk file allocates {} bytes", allocated(&diff_disk["file"]));
+    let allocated =
+        |file: &serde_json::Value| std::fs::metadata(dir.join(file.as_str().unwrap())).unwrap().blocks() * 512;
+    assert!(
+        allocated(&diff_disk["file"]) <= 16 << 10,
+        "diff disk file allocates {} bytes",
+        allocated(&diff_disk["file"])
+    );
     assert!(allocated(&body_of(&dir.join("full.json"))["disk"]["file"]) >= 256 << 10, "the full one holds the disk");
     let at_diff = driver;
     driver.write(&vm, 10, &[b'D'; 2048]);
@@ -168,7 +178,11 @@ fn disk_writes_before_a_snapshot_are_in_its_file_and_later_ones_are_not() {
     };
     let (vm_full, mut d) = (restored("full.json", 3), at_full);
     assert_eq!(d.read(&vm_full, 10, 1024), vec![b'A'; 1024], "written before the full snapshot");
-    assert_eq!(d.read(&vm_full, 20, 1024), [vec![b'B'; 512], sector_bytes(21, 512)].concat(), "overlay sectors and the base");
+    assert_eq!(
+        d.read(&vm_full, 20, 1024),
+        [vec![b'B'; 512], sector_bytes(21, 512)].concat(),
+        "overlay sectors and the base"
+    );
     let (vm_diff, mut d) = (restored("diff.json", 4), at_diff);
     assert_eq!(d.read(&vm_diff, 10, 1024), [vec![b'C'; 512], vec![b'A'; 512]].concat(), "written before the diff");
     assert_eq!(d.read(&vm_diff, 20, 1536), [vec![b'B'; 512], vec![b'C'; 512], sector_bytes(22, 512)].concat());
@@ -210,7 +224,10 @@ fn bad_disk_files_and_mismatched_devices_are_refused() {
     assert!(matches!(&err, SnapshotError::Corrupted { path, .. } if path == &disk_file), "{err:?}");
     std::fs::write(&disk_file, &good_disk[..good_disk.len() - 512]).unwrap();
     let err = refused();
-    assert!(matches!(&err, SnapshotError::DiskFileSize { expected, actual, .. } if *expected == *actual + 512), "{err:?}");
+    assert!(
+        matches!(&err, SnapshotError::DiskFileSize { expected, actual, .. } if *expected == *actual + 512),
+        "{err:?}"
+    );
     std::fs::remove_file(&disk_file).unwrap();
     let err = refused();
     assert!(matches!(&err, SnapshotError::Io { path, .. } if path == &disk_file), "{err:?}");

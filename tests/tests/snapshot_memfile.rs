@@ -7,7 +7,9 @@ use std::os::unix::fs::MetadataExt;
 use std::time::Duration;
 
 use memory::{Bytes, GuestAddress, PAGE_SIZE};
-use vmm::snapshot::file::{load_snapshot, load_snapshot_with, write_snapshot_to, LoadOptions, MemTarget, SnapshotError, SnapshotKind};
+use vmm::snapshot::file::{
+    load_snapshot, load_snapshot_with, write_snapshot_to, LoadOptions, MemTarget, SnapshotError, SnapshotKind,
+};
 use vmm::snapshot::VmSnapshot;
 use vmm::{build_tiny_vm, guests, VmConfig, VmOutcome};
 use zygote_tests::snapshot_file::body_of;
@@ -35,9 +37,14 @@ fn a_full_and_a_diff_in_single_memory_files_restore_the_run() {
     let token = vm.pause().unwrap();
     let before_full = text(&out);
     let mem = dir.join("mem");
-    let full =
-        write_snapshot_to(&VmSnapshot::take(&vm, &token).unwrap(), &dir.join("snap"), MemTarget::File(&mem), SnapshotKind::Full, None)
-            .unwrap();
+    let full = write_snapshot_to(
+        &VmSnapshot::take(&vm, &token).unwrap(),
+        &dir.join("snap"),
+        MemTarget::File(&mem),
+        SnapshotKind::Full,
+        None,
+    )
+    .unwrap();
     assert_eq!(std::fs::metadata(&mem).unwrap().len(), config.mem_mib << 20, "one file holds all of RAM");
     assert!(std::fs::metadata(&mem).unwrap().blocks() * 512 < 8 << 20, "sparse: only pages with data");
     vm.resume(token);
@@ -48,7 +55,8 @@ fn a_full_and_a_diff_in_single_memory_files_restore_the_run() {
     let snap = VmSnapshot::take(&vm, &token).unwrap();
     write_snapshot_to(&snap, &dir.join("diff"), MemTarget::File(&diff_mem), SnapshotKind::Diff, Some(&full)).unwrap();
     // A diff over its parent's memory file would destroy the parent.
-    let err = write_snapshot_to(&snap, &dir.join("diff2"), MemTarget::File(&mem), SnapshotKind::Diff, Some(&full)).unwrap_err();
+    let err = write_snapshot_to(&snap, &dir.join("diff2"), MemTarget::File(&mem), SnapshotKind::Diff, Some(&full))
+        .unwrap_err();
     assert!(matches!(err, SnapshotError::OverItsParent { .. }), "{err:?}");
     vm.resume(token);
     assert!(vm.wait_timeout(Duration::from_secs(30)));
@@ -86,8 +94,14 @@ fn a_memory_file_outside_the_directory_loads_only_when_named() {
     let mut vm = zygote_tests::spin_vm(1, 0);
     let token = vm.pause().unwrap();
     let mem = elsewhere.join("mem.bin");
-    write_snapshot_to(&VmSnapshot::take(&vm, &token).unwrap(), &dir.join("s.json"), MemTarget::File(&mem), SnapshotKind::Full, None)
-        .unwrap();
+    write_snapshot_to(
+        &VmSnapshot::take(&vm, &token).unwrap(),
+        &dir.join("s.json"),
+        MemTarget::File(&mem),
+        SnapshotKind::Full,
+        None,
+    )
+    .unwrap();
     drop((token, vm.stop()));
     let err = load_snapshot(&dir.join("s.json")).unwrap_err();
     assert!(matches!(err, SnapshotError::Escapes { .. }), "a path read from the file is not followed out: {err:?}");
@@ -95,8 +109,14 @@ fn a_memory_file_outside_the_directory_loads_only_when_named() {
     // Written again: the file is replaced whole, through a temporary file beside it.
     let mut vm = zygote_tests::spin_vm(1, 0);
     let token = vm.pause().unwrap();
-    write_snapshot_to(&VmSnapshot::take(&vm, &token).unwrap(), &dir.join("s.json"), MemTarget::File(&mem), SnapshotKind::Full, None)
-        .unwrap();
+    write_snapshot_to(
+        &VmSnapshot::take(&vm, &token).unwrap(),
+        &dir.join("s.json"),
+        MemTarget::File(&mem),
+        SnapshotKind::Full,
+        None,
+    )
+    .unwrap();
     drop((token, vm.stop()));
     assert_eq!(std::fs::read_dir(&elsewhere).unwrap().count(), 1, "no temporary file left");
     assert!(load_snapshot_with(&dir.join("s.json"), &LoadOptions { mem_file: Some(mem) }).is_ok());
@@ -115,8 +135,14 @@ fn regions_sit_one_after_the_other_in_the_file() {
     let high = layout[1].0 + 5 * PAGE_SIZE as u64;
     vm.ram().write_slice(&[0xabu8; PAGE_SIZE], GuestAddress(high)).unwrap();
     let mem = dir.join("mem");
-    let full = write_snapshot_to(&VmSnapshot::take(&vm, &token).unwrap(), &dir.join("s"), MemTarget::File(&mem), SnapshotKind::Full, None)
-        .unwrap();
+    let full = write_snapshot_to(
+        &VmSnapshot::take(&vm, &token).unwrap(),
+        &dir.join("s"),
+        MemTarget::File(&mem),
+        SnapshotKind::Full,
+        None,
+    )
+    .unwrap();
     // Firecracker's layout: the high region's page at (size of the low region + its offset).
     let mut page = vec![0u8; PAGE_SIZE];
     let at = layout[0].1 as u64 + 5 * PAGE_SIZE as u64;
@@ -126,12 +152,15 @@ fn regions_sit_one_after_the_other_in_the_file() {
     assert_eq!(body["regions"][1]["file_offset"], layout[0].1 as u64);
     vm.ram().write_slice(&[0xcdu8; PAGE_SIZE], GuestAddress(high)).unwrap();
     let snap = VmSnapshot::take(&vm, &token).unwrap();
-    write_snapshot_to(&snap, &dir.join("d"), MemTarget::File(&dir.join("dmem")), SnapshotKind::Diff, Some(&full)).unwrap();
+    write_snapshot_to(&snap, &dir.join("d"), MemTarget::File(&dir.join("dmem")), SnapshotKind::Diff, Some(&full))
+        .unwrap();
     drop((token, vm.stop()));
     assert!(page_at(&load_snapshot(&dir.join("s")).unwrap().snapshot, high).iter().all(|&b| b == 0xab));
     assert!(page_at(&load_snapshot(&dir.join("d")).unwrap().snapshot, high).iter().all(|&b| b == 0xcd));
     // A region moved onto another in the file is refused before anything is read.
-    zygote_tests::snapshot_file::rewrite_body(&dir.join("s"), |b| b["regions"][1]["file_offset"] = serde_json::json!(4096));
+    zygote_tests::snapshot_file::rewrite_body(&dir.join("s"), |b| {
+        b["regions"][1]["file_offset"] = serde_json::json!(4096)
+    });
     let err = load_snapshot(&dir.join("s")).unwrap_err();
     assert!(err.to_string().contains("invalid"), "{err}");
 }

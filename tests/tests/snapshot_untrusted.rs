@@ -22,7 +22,9 @@ use zygote_tests::{scratch_dir, spin_vm, spin_vm_with_disk, zygote_bin, SpinServ
 fn snapshots(dir: &Path) -> (SnapshotOnDisk, SnapshotOnDisk) {
     let mut vm = spin_vm(1, 0);
     let token = vm.pause().unwrap();
-    let base = write_snapshot(&VmSnapshot::take(&vm, &token).unwrap(), &dir.join("base.json"), dir, SnapshotKind::Full, None).unwrap();
+    let base =
+        write_snapshot(&VmSnapshot::take(&vm, &token).unwrap(), &dir.join("base.json"), dir, SnapshotKind::Full, None)
+            .unwrap();
     vm.resume(token);
     let token = vm.pause().unwrap();
     let snap = VmSnapshot::take(&vm, &token).unwrap();
@@ -33,7 +35,8 @@ fn snapshots(dir: &Path) -> (SnapshotOnDisk, SnapshotOnDisk) {
     let mut vm = spin_vm_with_disk(1, &disk);
     BlkDriver::setup(&vm);
     let token = vm.pause().unwrap();
-    write_snapshot(&VmSnapshot::take(&vm, &token).unwrap(), &dir.join("disk.json"), dir, SnapshotKind::Full, None).unwrap();
+    write_snapshot(&VmSnapshot::take(&vm, &token).unwrap(), &dir.join("disk.json"), dir, SnapshotKind::Full, None)
+        .unwrap();
     drop((token, vm.stop()));
     (base, diff)
 }
@@ -61,11 +64,13 @@ fn crafted(dir: &Path) -> Vec<(PathBuf, Expected)> {
     use ValidateError as V;
     let mut cases: Vec<(PathBuf, Expected)> = Vec::new();
     // A diff that names itself as its parent, and two diffs naming each other.
-    cases
-        .push((edited(dir, "diff.json", "self.json", |b| b["parent"]["file"] = json!("self.json")), |e| matches!(e, E::ChainCycle { .. })));
+    cases.push((edited(dir, "diff.json", "self.json", |b| b["parent"]["file"] = json!("self.json")), |e| {
+        matches!(e, E::ChainCycle { .. })
+    }));
     edited(dir, "diff.json", "ping.json", |b| b["parent"]["file"] = json!("pong.json"));
-    cases
-        .push((edited(dir, "diff.json", "pong.json", |b| b["parent"]["file"] = json!("ping.json")), |e| matches!(e, E::ChainCycle { .. })));
+    cases.push((edited(dir, "diff.json", "pong.json", |b| b["parent"]["file"] = json!("ping.json")), |e| {
+        matches!(e, E::ChainCycle { .. })
+    }));
     // A chain of 70 diffs: longer than any loader follows.
     for i in 0..70 {
         let parent = if i == 69 { "base.json".to_string() } else { format!("chain{}.json", i + 1) };
@@ -73,28 +78,42 @@ fn crafted(dir: &Path) -> Vec<(PathBuf, Expected)> {
     }
     cases.push((dir.join("chain0.json"), |e| matches!(e, E::ChainTooLong { max: 64, .. })));
     // A parent that changed, a parent outside the directory, a full snapshot with a parent.
-    cases.push((edited(dir, "diff.json", "changed.json", |b| b["parent"]["crc32"] = json!(1)), |e| matches!(e, E::ParentChanged { .. })));
-    cases.push((edited(dir, "diff.json", "up.json", |b| b["parent"]["file"] = json!("../base.json")), |e| matches!(e, E::Escapes { .. })));
-    cases.push((edited(dir, "base.json", "full-parent.json", |b| b["parent"] = json!({"file": "base.json", "crc32": 0})), |e| {
-        matches!(e, E::Invalid { source: V::Parent { .. }, .. })
+    cases.push((edited(dir, "diff.json", "changed.json", |b| b["parent"]["crc32"] = json!(1)), |e| {
+        matches!(e, E::ParentChanged { .. })
     }));
+    cases.push((edited(dir, "diff.json", "up.json", |b| b["parent"]["file"] = json!("../base.json")), |e| {
+        matches!(e, E::Escapes { .. })
+    }));
+    cases.push((
+        edited(dir, "base.json", "full-parent.json", |b| b["parent"] = json!({"file": "base.json", "crc32": 0})),
+        |e| matches!(e, E::Invalid { source: V::Parent { .. }, .. }),
+    ));
     // Sizes that wrap: a disk of 2^55 + 2048 sectors, a run past the end of its region.
-    cases.push((edited(dir, "disk.json", "sectors.json", |b| b["disk"]["sectors"] = json!((1u64 << 55) + 2048)), |e| {
-        matches!(e, E::Invalid { source: V::DiskSectors { .. }, .. })
-    }));
+    cases
+        .push((edited(dir, "disk.json", "sectors.json", |b| b["disk"]["sectors"] = json!((1u64 << 55) + 2048)), |e| {
+            matches!(e, E::Invalid { source: V::DiskSectors { .. }, .. })
+        }));
     cases.push((edited(dir, "base.json", "run.json", |b| b["regions"][0]["runs"] = json!([[1, u64::MAX, 0]])), |e| {
         matches!(e, E::Invalid { source: V::BadRun { .. }, .. })
     }));
-    cases.push((edited(dir, "disk.json", "disk-run.json", |b| b["disk"]["runs"] = json!([[u64::MAX - 1, 4, 0]])), |e| {
-        matches!(e, E::Invalid { source: V::BadRun { .. }, .. })
-    }));
+    cases.push((
+        edited(dir, "disk.json", "disk-run.json", |b| b["disk"]["runs"] = json!([[u64::MAX - 1, 4, 0]])),
+        |e| matches!(e, E::Invalid { source: V::BadRun { .. }, .. }),
+    ));
     // Shapes no VM can have: 0 and 300 vCPUs, a region with no layout entry, too much RAM.
     cases.push((edited(dir, "base.json", "vcpus0.json", |b| b["vm"]["vcpus"] = json!([])), |e| {
         matches!(e, E::Invalid { source: V::VcpuCount { count: 0 }, .. })
     }));
-    cases.push((edited(dir, "base.json", "vcpus300.json", |b| b["vm"]["vcpus"] = json!(vec![b["vm"]["vcpus"][0].clone(); 300])), |e| {
-        matches!(e, E::Invalid { source: V::VcpuCount { count: 300 }, .. } | E::Format { source: FormatError::TooLarge { .. }, .. })
-    }));
+    cases.push((
+        edited(dir, "base.json", "vcpus300.json", |b| b["vm"]["vcpus"] = json!(vec![b["vm"]["vcpus"][0].clone(); 300])),
+        |e| {
+            matches!(
+                e,
+                E::Invalid { source: V::VcpuCount { count: 300 }, .. }
+                    | E::Format { source: FormatError::TooLarge { .. }, .. }
+            )
+        },
+    ));
     cases.push((
         edited(dir, "base.json", "region.json", |b| {
             let mut extra = b["regions"][0].clone();
@@ -122,7 +141,9 @@ fn crafted(dir: &Path) -> Vec<(PathBuf, Expected)> {
         |e| matches!(e, E::Invalid { source: V::OutsideRam { .. }, .. }),
     ));
     cases.push((
-        edited(dir, "disk.json", "ring.json", |b| b["vm"]["devices"]["block"]["transport"]["queues"][0]["desc_table"] = json!(u64::MAX - 8)),
+        edited(dir, "disk.json", "ring.json", |b| {
+            b["vm"]["devices"]["block"]["transport"]["queues"][0]["desc_table"] = json!(u64::MAX - 8)
+        }),
         |e| matches!(e, E::Invalid { source: V::OutsideRam { .. }, .. }),
     ));
     // File names outside the snapshot's directory, special files, wrong sizes.
@@ -130,7 +151,9 @@ fn crafted(dir: &Path) -> Vec<(PathBuf, Expected)> {
     mkfifo(&dir.join("fifo.raw"));
     std::fs::write(dir.join("small.raw"), b"tiny").unwrap();
     for (name, file) in [("abs.json", "/etc/passwd"), ("dotdot.json", "../base.json"), ("symlink.json", "link.raw")] {
-        cases.push((edited(dir, "base.json", name, |b| b["regions"][0]["file"] = json!(file)), |e| matches!(e, E::Escapes { .. })));
+        cases.push((edited(dir, "base.json", name, |b| b["regions"][0]["file"] = json!(file)), |e| {
+            matches!(e, E::Escapes { .. })
+        }));
     }
     cases.push((edited(dir, "disk.json", "disk-abs.json", |b| b["disk"]["file"] = json!("/etc/passwd")), |e| {
         matches!(e, E::Escapes { .. })
@@ -207,8 +230,14 @@ fn truncations_and_bit_flips_are_errors() {
 
 /// Runs `zygote run --restore path`; its exit code (killed after 60 s: a hang fails).
 fn restore_exit_code(path: &Path) -> (i32, String) {
-    let mut child =
-        Command::new(zygote_bin()).arg("run").arg("--restore").arg(path).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut child = Command::new(zygote_bin())
+        .arg("run")
+        .arg("--restore")
+        .arg(path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
     while child.try_wait().unwrap().is_none() {
         if Instant::now() > deadline {

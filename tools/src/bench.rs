@@ -17,7 +17,7 @@ use vmm::layout::{COUNTERS_ADDR, GUEST_CODE_ADDR, TOUCH_ADDR, VM_ID_ADDR};
 use vmm::longmode::write_tables;
 use vmm::machine::{VmOutcome, VmmError};
 use vmm::regs::{setup_tiny_guest_vcpu, EntryArgs};
-use vmm::snapshot::{VmSnapshotError, VmSnapshot};
+use vmm::snapshot::{VmSnapshot, VmSnapshotError};
 use vmm::vm::Vm;
 
 /// What failed while benchmarking.
@@ -243,7 +243,12 @@ fn kvm_run_round_trip(samples: usize) -> Result<Duration, BenchError> {
 
 /// Clones a running `spin` VM of `mem_mib` MiB `clones` times along each of `paths` (taking
 /// turns), the guest rewriting `dirty_percent` % of its RAM between clones.
-pub fn bench_clone(mem_mib: u64, clones: usize, dirty_percent: u64, paths: &[ClonePath]) -> Result<CloneBench, BenchError> {
+pub fn bench_clone(
+    mem_mib: u64,
+    clones: usize,
+    dirty_percent: u64,
+    paths: &[ClonePath],
+) -> Result<CloneBench, BenchError> {
     let clones = clones.max(1);
     let paths = if paths.is_empty() { &[ClonePath::Precopy][..] } else { paths };
     let pages = (mem_mib << 20) / PAGE_SIZE as u64 * dirty_percent / 100;

@@ -10,13 +10,13 @@ use std::time::{Duration, Instant};
 use memory::{Bytes, GuestAddress, PAGE_SIZE};
 use serde::Serialize;
 
-use vmm::snapshot::file::{load_snapshot, write_snapshot, SnapshotError, SnapshotKind, SnapshotOnDisk};
-use vmm::snapshot::{VmSnapshotError, VmSnapshot};
 use vmm::builder::{build_tiny_vm, BuildError, VmConfig};
 use vmm::device_manager::Console;
 use vmm::guests;
 use vmm::layout::TOUCH_ADDR;
 use vmm::machine::VmmError;
+use vmm::snapshot::file::{load_snapshot, write_snapshot, SnapshotError, SnapshotKind, SnapshotOnDisk};
+use vmm::snapshot::{VmSnapshot, VmSnapshotError};
 
 /// What failed while benchmarking snapshots.
 #[derive(Debug, thiserror::Error)]
@@ -98,7 +98,12 @@ fn floor_write(path: &Path, len: u64, offsets: &[u64], bytes: &[u8]) -> Result<D
 }
 
 /// Runs the benchmark in `dir` (created; its snapshot files removed after).
-pub fn bench_snapshot(mem_mib: u64, dirty_pages: u64, rounds: usize, dir: &Path) -> Result<SnapshotBench, SnapshotBenchError> {
+pub fn bench_snapshot(
+    mem_mib: u64,
+    dirty_pages: u64,
+    rounds: usize,
+    dir: &Path,
+) -> Result<SnapshotBench, SnapshotBenchError> {
     if !(1..=MAX_ROUNDS).contains(&rounds) {
         return Err(SnapshotBenchError::Rounds { max: MAX_ROUNDS });
     }
@@ -109,7 +114,8 @@ pub fn bench_snapshot(mem_mib: u64, dirty_pages: u64, rounds: usize, dir: &Path)
         return Err(SnapshotBenchError::TooSmall { mem_mib, dirty_pages });
     }
     std::fs::create_dir_all(dir).map_err(|source| SnapshotBenchError::Floor { path: dir.into(), source })?;
-    let config = VmConfig { mem_mib, vcpus: 1, vm_id: 0, console: Console::Prefixed(String::new()), disk: None, irqchip: false };
+    let config =
+        VmConfig { mem_mib, vcpus: 1, vm_id: 0, console: Console::Prefixed(String::new()), disk: None, irqchip: false };
     let mut vm = build_tiny_vm(&config, guests::find("spin").expect("spin is bundled"), 0)?;
     let token = vm.pause()?;
     // Every page above the guest's own holds data: a Full snapshot writes all of RAM.
@@ -122,7 +128,12 @@ pub fn bench_snapshot(mem_mib: u64, dirty_pages: u64, rounds: usize, dir: &Path)
     let full = write_snapshot(&VmSnapshot::take(&vm, &token)?, &dir.join("full.json"), dir, SnapshotKind::Full, None)?;
     let full_call = start.elapsed();
     let full_ram_bytes = full.timing.ram_bytes;
-    let full_floor = floor_write(&dir.join("floor-full"), ram_bytes, &[0], &vec![0x5au8; usize::try_from(full_ram_bytes).unwrap_or(0)])?;
+    let full_floor = floor_write(
+        &dir.join("floor-full"),
+        ram_bytes,
+        &[0],
+        &vec![0x5au8; usize::try_from(full_ram_bytes).unwrap_or(0)],
+    )?;
 
     // Each round rewrites `dirty_pages` pages spread over RAM, then takes a Diff over the last.
     let stride = (room / dirty_pages).max(1) * page;
@@ -137,7 +148,8 @@ pub fn bench_snapshot(mem_mib: u64, dirty_pages: u64, rounds: usize, dir: &Path)
         let start = Instant::now();
         let snap = VmSnapshot::take(&vm, &token)?;
         let take = start.elapsed();
-        let diff = write_snapshot(&snap, &dir.join(format!("diff{round}.json")), dir, SnapshotKind::Diff, Some(&parent))?;
+        let diff =
+            write_snapshot(&snap, &dir.join(format!("diff{round}.json")), dir, SnapshotKind::Diff, Some(&parent))?;
         let call = start.elapsed();
         calls.push(us(call));
         parts.push((us(call), us(take), us(diff.timing.ram), us(diff.timing.state)));

@@ -11,9 +11,9 @@ use serde::Serialize;
 
 use devices::block::CowDisk;
 
+use crate::builder::{build_restored, BuildError};
 use crate::device_manager::{Console, RestoreReason};
 use crate::machine::{Paused, Vmm, VmmError};
-use crate::builder::{build_restored, BuildError};
 use crate::vstate::{StateError, VmState};
 
 /// What failed cloning a VM. The source is resumed whatever failed.
@@ -176,7 +176,10 @@ impl FrozenClone {
     /// Maps the frozen RAM as the clone's; needs no pause (a frozen image never changes).
     pub fn map(self, source: &Vmm) -> Result<CloneImage, CloneError> {
         let start = Instant::now();
-        let ram = source.ram().clone_from_frozen(&self.frozen).map_err(|e| CloneError::Memory { vm: self.source_id, source: e })?;
+        let ram = source
+            .ram()
+            .clone_from_frozen(&self.frozen)
+            .map_err(|e| CloneError::Memory { vm: self.source_id, source: e })?;
         let map_us = micros(start.elapsed());
         Ok(CloneImage {
             source_id: self.source_id,

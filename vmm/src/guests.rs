@@ -64,7 +64,7 @@ pub fn names() -> String {
 #[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
-    use crate::layout::{TRAP_STUB_SIZE, GUEST_CODE_MAX};
+    use crate::layout::{GUEST_CODE_MAX, TRAP_STUB_SIZE};
 
     #[test]
     fn every_guest_is_embedded_and_fits() {

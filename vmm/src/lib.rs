@@ -5,9 +5,9 @@ pub mod acpi;
 pub mod api;
 pub mod boot;
 pub mod builder;
+pub mod bus;
 pub mod cli;
 pub mod clone;
-pub mod bus;
 pub mod device_manager;
 pub mod exit;
 pub mod guests;
@@ -23,6 +23,8 @@ pub mod vm;
 pub mod vstate;
 
 pub use boot::{boot_linux, build_linux_vm, BootError, LinuxConfig};
-pub use builder::{build_restored, build_tiny_vm, build_vm, run_tiny_guest, BuildError, ConfigError, Filling, VmConfig};
+pub use builder::{
+    build_restored, build_tiny_vm, build_vm, run_tiny_guest, BuildError, ConfigError, Filling, VmConfig,
+};
 pub use device_manager::Console;
 pub use machine::{Paused, VmOutcome, Vmm, VmmError};

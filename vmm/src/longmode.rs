@@ -226,7 +226,8 @@ mod tests {
         let pde: u64 = ram.read_obj(GuestAddress(PD_ADDR + dir * 0x1000 + 8 * ((page % GIB) / HUGE_PAGE))).unwrap();
         assert_eq!(pde, page | 0x87);
         assert!(MMIO_DEVICES_END <= page + HUGE_PAGE, "both device pages in one 2 MiB page");
-        let before: u64 = ram.read_obj(GuestAddress(PD_ADDR + dir * 0x1000 + 8 * ((page % GIB) / HUGE_PAGE - 1))).unwrap();
+        let before: u64 =
+            ram.read_obj(GuestAddress(PD_ADDR + dir * 0x1000 + 8 * ((page % GIB) / HUGE_PAGE - 1))).unwrap();
         assert_eq!(before, 0, "the rest of the MMIO gap stays unmapped");
     }
 

@@ -54,8 +54,23 @@ pub(crate) struct BlockCore {
 }
 
 impl BlockCore {
-    pub fn new(ram: Arc<GuestRam>, disk: CowDisk, interrupt: Arc<DeviceInterrupt>, id: [u8; ID_BYTES]) -> Result<Self, BlockError> {
-        Ok(BlockCore { ram, disk, queue: None, interrupt, id, broken: false, held: false, uring: Uring::new()?, slots: Vec::new() })
+    pub fn new(
+        ram: Arc<GuestRam>,
+        disk: CowDisk,
+        interrupt: Arc<DeviceInterrupt>,
+        id: [u8; ID_BYTES],
+    ) -> Result<Self, BlockError> {
+        Ok(BlockCore {
+            ram,
+            disk,
+            queue: None,
+            interrupt,
+            id,
+            broken: false,
+            held: false,
+            uring: Uring::new()?,
+            slots: Vec::new(),
+        })
     }
 
     /// Makes io_uring signal `event` on every completion (the event loop's subscriber).
@@ -132,7 +147,10 @@ impl BlockCore {
             RequestKind::GetId => {
                 let seg = request.data[0];
                 let n = (seg.len as usize).min(ID_BYTES);
-                let written = self.ram.pin(GuestAddress(seg.addr), n, Access::Write).and_then(|pin| pin.write_at(0, &self.id[..n]));
+                let written = self
+                    .ram
+                    .pin(GuestAddress(seg.addr), n, Access::Write)
+                    .and_then(|pin| pin.write_at(0, &self.id[..n]));
                 let code = if written.is_ok() { VIRTIO_BLK_S_OK } else { VIRTIO_BLK_S_IOERR };
                 self.complete_now(queue, head, Some(status), code, if written.is_ok() { n as u32 } else { 0 });
             }
@@ -190,7 +208,10 @@ impl BlockCore {
                 DiskLayer::Base => self.disk.base().unwrap_or(self.disk.top()),
             };
             let aligned = disk_offset.is_multiple_of(DIRECT_IO_ALIGN)
-                && iov.0.iter().all(|v| (v.iov_base as u64).is_multiple_of(DIRECT_IO_ALIGN) && (v.iov_len as u64).is_multiple_of(DIRECT_IO_ALIGN));
+                && iov.0.iter().all(|v| {
+                    (v.iov_base as u64).is_multiple_of(DIRECT_IO_ALIGN)
+                        && (v.iov_len as u64).is_multiple_of(DIRECT_IO_ALIGN)
+                });
             let fd = file.fd(aligned);
             entry.iovecs.push(iov);
             let iovecs = entry.iovecs.last().expect("just pushed");
@@ -293,7 +314,11 @@ impl BlockCore {
         let Some(entry) = self.slots[slot].request.take() else { return };
         if deliver {
             let code = if entry.failed { VIRTIO_BLK_S_IOERR } else { VIRTIO_BLK_S_OK };
-            let written = if entry.request.kind == RequestKind::In && !entry.failed { entry.request.data_len() as u32 } else { 0 };
+            let written = if entry.request.kind == RequestKind::In && !entry.failed {
+                entry.request.data_len() as u32
+            } else {
+                0
+            };
             if let Some(mut queue) = self.queue.take() {
                 self.complete_now(&mut queue, entry.request.head, Some(entry.request.status), code, written);
                 self.queue = Some(queue);

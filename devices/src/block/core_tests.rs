@@ -75,7 +75,11 @@ fn a_failed_submit_fails_only_what_the_kernel_never_took_and_unpins_nothing_it_h
     assert_eq!((d.status(status_a), d.status(status_b)), (OK, IOERR), "B failed: one of its operations never ran");
     assert_eq!(d.bytes(buf_a, 8192), disk_bytes(40 * 512, 8192), "A's data is in the RAM that owns it");
     let b = d.bytes(buf_b, 2048);
-    assert_eq!((&b[..512], &b[512..1024]), (&disk_bytes(20 * 512, 512)[..], &[b'W'; 512][..]), "B's operations the kernel ran");
+    assert_eq!(
+        (&b[..512], &b[512..1024]),
+        (&disk_bytes(20 * 512, 512)[..], &[b'W'; 512][..]),
+        "B's operations the kernel ran"
+    );
     assert_eq!(&b[1024..], &[BEFORE; 1024][..], "B's dead operation never ran");
     assert_eq!(pinned_pages(&d), 0);
     let mut at_clone = vec![0u8; 512];

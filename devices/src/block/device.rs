@@ -39,12 +39,17 @@ impl BlockState {
     pub fn check(&self, disk_sectors: u64) -> Result<Option<Queue>, BlockError> {
         let Some(saved) = self.queue else {
             return match self.in_flight.first() {
-                Some(r) => Err(BlockError::BadSavedRequest { head: r.head, reason: "in flight without a queue".into() }),
+                Some(r) => {
+                    Err(BlockError::BadSavedRequest { head: r.head, reason: "in flight without a queue".into() })
+                }
                 None => Ok(None),
             };
         };
         if saved.max_size != BLOCK_QUEUE_SIZE {
-            return Err(BlockError::BadState(format!("queue max size {}, the device has {BLOCK_QUEUE_SIZE}", saved.max_size)));
+            return Err(BlockError::BadState(format!(
+                "queue max size {}, the device has {BLOCK_QUEUE_SIZE}",
+                saved.max_size
+            )));
         }
         let queue = Queue::try_from(saved).map_err(|e| BlockError::BadState(e.to_string()))?;
         for request in &self.in_flight {
@@ -95,7 +100,11 @@ impl BlockDevice {
 
     /// The state, read under the device lock `core` the caller holds.
     fn state_locked(&self, core: &BlockCore) -> BlockState {
-        BlockState { features: self.features, queue: core.queue.as_ref().map(Queue::state), in_flight: core.in_flight() }
+        BlockState {
+            features: self.features,
+            queue: core.queue.as_ref().map(Queue::state),
+            in_flight: core.in_flight(),
+        }
     }
 
     /// The clone instant, atomic against completions: with the device locked (so no request
@@ -112,7 +121,10 @@ impl BlockDevice {
     /// The snapshot instant: like `capture_and_clone`, but the disk is frozen (a clone no VM
     /// writes, `CowDisk::freeze`). Sectors of writes in flight count as changed since the
     /// freeze: they may land after it, and a reset re-executes them.
-    pub fn capture_and_freeze<R>(&self, freeze_ram: impl FnOnce() -> R) -> Result<(BlockState, FrozenDisk, R), BlockError> {
+    pub fn capture_and_freeze<R>(
+        &self,
+        freeze_ram: impl FnOnce() -> R,
+    ) -> Result<(BlockState, FrozenDisk, R), BlockError> {
         let mut core = self.lock();
         let state = self.state_locked(&core);
         let mut frozen = core.disk.freeze()?;

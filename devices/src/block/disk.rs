@@ -189,8 +189,14 @@ impl CowDisk {
     pub(super) fn fork(&self) -> Result<CowDisk, BlockError> {
         let top = self.new_overlay()?;
         for (first, count) in self.written.runs() {
-            copy_extent(&self.top.buffered, &top.buffered, first as u64 * SECTOR_SIZE, count as u64 * SECTOR_SIZE, None)
-                .map_err(|source| BlockError::Overlay { dir: self.overlay_dir.clone(), source })?;
+            copy_extent(
+                &self.top.buffered,
+                &top.buffered,
+                first as u64 * SECTOR_SIZE,
+                count as u64 * SECTOR_SIZE,
+                None,
+            )
+            .map_err(|source| BlockError::Overlay { dir: self.overlay_dir.clone(), source })?;
         }
         Ok(CowDisk {
             sectors: self.sectors,

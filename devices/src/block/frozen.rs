@@ -107,7 +107,10 @@ impl FrozenDisk {
     /// A saved disk file as a frozen disk, opened read-only (it must never change: VMs
     /// started from it write their own overlays in `overlay_dir`).
     pub fn open(path: &Path, overlay_dir: &Path) -> Result<FrozenDisk, BlockError> {
-        let file = OpenOptions::new().read(true).open(path).map_err(|source| BlockError::Open { path: path.to_path_buf(), source })?;
+        let file = OpenOptions::new()
+            .read(true)
+            .open(path)
+            .map_err(|source| BlockError::Open { path: path.to_path_buf(), source })?;
         Self::open_file(file, path, overlay_dir)
     }
 

@@ -40,12 +40,20 @@ impl FrozenDisk {
     /// `path` (sized to the disk; `write_sectors_to` wrote it). The parent's private sectors
     /// and these go into a new overlay over the parent's base; no VM writes either.
     pub fn open_diff(parent: &FrozenDisk, path: &Path, sectors: &SectorSet) -> Result<FrozenDisk, BlockError> {
-        let file = OpenOptions::new().read(true).open(path).map_err(|source| BlockError::Open { path: path.to_path_buf(), source })?;
+        let file = OpenOptions::new()
+            .read(true)
+            .open(path)
+            .map_err(|source| BlockError::Open { path: path.to_path_buf(), source })?;
         Self::open_diff_file(parent, file, path, sectors)
     }
 
     /// `open_diff` for a file the caller opened (and checked) itself; `path` names it in errors.
-    pub fn open_diff_file(parent: &FrozenDisk, file: File, path: &Path, sectors: &SectorSet) -> Result<FrozenDisk, BlockError> {
+    pub fn open_diff_file(
+        parent: &FrozenDisk,
+        file: File,
+        path: &Path,
+        sectors: &SectorSet,
+    ) -> Result<FrozenDisk, BlockError> {
         let open_error = |source| BlockError::Open { path: path.to_path_buf(), source };
         let len = file.metadata().map_err(open_error)?.len();
         if len != parent.disk.sectors * SECTOR_SIZE || sectors.capacity() as u64 != parent.disk.sectors {
@@ -120,11 +128,14 @@ mod tests {
         let child = disk.freeze().unwrap();
         assert_eq!(child.changed_since(&parent).unwrap().runs(), vec![(9, 3)], "writes in flight at the parent");
 
-        let other = CowDisk::open(&{
-            let path = dir.join("other.img");
-            std::fs::write(&path, vec![0u8; (SECTORS * SECTOR_SIZE) as usize]).unwrap();
-            path
-        }, &dir)
+        let other = CowDisk::open(
+            &{
+                let path = dir.join("other.img");
+                std::fs::write(&path, vec![0u8; (SECTORS * SECTOR_SIZE) as usize]).unwrap();
+                path
+            },
+            &dir,
+        )
         .map(|mut d| d.freeze().unwrap())
         .unwrap();
         assert!(child.changed_since(&other).is_none(), "no shared base: no diff");

@@ -130,7 +130,8 @@ where
     let mut data = Vec::with_capacity(data_descs.len());
     for d in data_descs {
         let (addr, len) = (d.addr().0, d.len());
-        if matches!(kind, RequestKind::In | RequestKind::Out | RequestKind::GetId) && d.is_write_only() != device_writes {
+        if matches!(kind, RequestKind::In | RequestKind::Out | RequestKind::GetId) && d.is_write_only() != device_writes
+        {
             return Err(bad(BlockError::WrongDirection { addr, len, write_only: d.is_write_only() }));
         }
         if len == 0 || len > SIZE_MAX {
@@ -195,7 +196,12 @@ fn check_lengths(r: &BlockRequest, disk_sectors: u64) -> Result<(), BlockError> 
 }
 
 /// Length, range and overlap checks on a parsed request.
-fn check_request(r: &BlockRequest, header: Descriptor, disk_sectors: u64, reserved: &[(u64, u64)]) -> Result<(), BlockError> {
+fn check_request(
+    r: &BlockRequest,
+    header: Descriptor,
+    disk_sectors: u64,
+    reserved: &[(u64, u64)],
+) -> Result<(), BlockError> {
     check_lengths(r, disk_sectors)?;
     let mut ranges: Vec<(u64, u64)> = vec![(header.addr().0, u64::from(HEADER_SIZE)), (r.status, 1)];
     ranges.extend(r.data.iter().map(|s| (s.addr, u64::from(s.len))));

@@ -57,9 +57,19 @@ unsafe impl Send for IoVecs {}
 
 /// One kernel operation on behalf of an in-flight request.
 pub(crate) enum Op<'a> {
-    Read { fd: RawFd, offset: u64, iovecs: &'a IoVecs },
-    Write { fd: RawFd, offset: u64, iovecs: &'a IoVecs },
-    Fsync { fd: RawFd },
+    Read {
+        fd: RawFd,
+        offset: u64,
+        iovecs: &'a IoVecs,
+    },
+    Write {
+        fd: RawFd,
+        offset: u64,
+        iovecs: &'a IoVecs,
+    },
+    Fsync {
+        fd: RawFd,
+    },
     /// Touches no memory; lets tests put a completion with any tag on the ring.
     #[cfg(test)]
     Nop,

@@ -37,7 +37,10 @@ pub struct DmaEngine {
 
 impl std::fmt::Debug for DmaEngine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DmaEngine").field("programmed", &self.programmed).field("progress", &self.progress).finish_non_exhaustive()
+        f.debug_struct("DmaEngine")
+            .field("programmed", &self.programmed)
+            .field("progress", &self.progress)
+            .finish_non_exhaustive()
     }
 }
 
@@ -60,7 +63,8 @@ impl DmaState {
 }
 
 fn set_half(value: &mut u64, data: u32, high: bool) {
-    *value = if high { (*value & 0xffff_ffff) | (u64::from(data) << 32) } else { (*value & !0xffff_ffff) | u64::from(data) };
+    *value =
+        if high { (*value & 0xffff_ffff) | (u64::from(data) << 32) } else { (*value & !0xffff_ffff) | u64::from(data) };
 }
 
 impl DmaEngine {
@@ -159,9 +163,11 @@ impl DmaEngine {
         }
         check_pacing(spec.pacing_us)?;
         let pin = |addr: u64, access| {
-            self.ram
-                .pin(GuestAddress(addr), spec.len as usize, access)
-                .map_err(|source| DmaError::Pin { addr, len: spec.len, source })
+            self.ram.pin(GuestAddress(addr), spec.len as usize, access).map_err(|source| DmaError::Pin {
+                addr,
+                len: spec.len,
+                source,
+            })
         };
         let src = match spec.source {
             DmaSource::Guest(src) => {

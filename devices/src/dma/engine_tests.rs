@@ -74,10 +74,16 @@ fn a_copy_transfer_moves_guest_bytes() {
 fn bad_programs_set_the_error_register() {
     let ram = ram();
     let mut engine = DmaEngine::new(Arc::clone(&ram), DeviceInterrupt::polled());
-    for (dst, len, chunk, code) in [(0x8000, 0, 16, 2), (0x8000, 16, 0, 2), ((1 << 20) - 8, 16, 16, 4), (u64::MAX - 4, 16, 16, 4)] {
+    for (dst, len, chunk, code) in
+        [(0x8000, 0, 16, 2), (0x8000, 16, 0, 2), ((1 << 20) - 8, 16, 16, 4), (u64::MAX - 4, 16, 16, 4)]
+    {
         program(&mut engine, dst, len, chunk);
         reg(&mut engine, DMA_REG_CONTROL, 1);
-        assert_eq!((read(&mut engine, DMA_REG_ERROR), read(&mut engine, DMA_REG_STATUS)), (code, DMA_STATUS_ERROR), "{dst:#x}");
+        assert_eq!(
+            (read(&mut engine, DMA_REG_ERROR), read(&mut engine, DMA_REG_STATUS)),
+            (code, DMA_STATUS_ERROR),
+            "{dst:#x}"
+        );
     }
     reg(&mut engine, DMA_REG_SRC_LOW, 0x8008);
     program(&mut engine, 0x8000, 64, 16);
@@ -96,7 +102,8 @@ fn the_runner_finishes_transfers_in_the_background() {
     let ram = ram();
     let engine = Arc::new(Mutex::new(DmaEngine::new(Arc::clone(&ram), DeviceInterrupt::polled())));
     let _runner = DmaRunner::spawn(Arc::clone(&engine)).unwrap();
-    let spec = TransferSpec { source: DmaSource::Pattern(u64::MAX), dst: 0x4000, len: 8192, chunk: 1024, pacing_us: 100 };
+    let spec =
+        TransferSpec { source: DmaSource::Pattern(u64::MAX), dst: 0x4000, len: 8192, chunk: 1024, pacing_us: 100 };
     engine.lock().unwrap().start(spec).unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     while engine.lock().unwrap().busy() {
@@ -146,7 +153,8 @@ fn pacing_is_capped_in_the_register_at_start_and_at_restore() {
     assert_eq!((read(&mut engine, DMA_REG_ERROR), engine.pacing_us()), (0, MAX_PACING_US));
     engine.run_to_completion();
 
-    let too_slow = TransferSpec { source: DmaSource::Pattern(1), dst: 0x8000, len: 64, chunk: 16, pacing_us: MAX_PACING_US + 1 };
+    let too_slow =
+        TransferSpec { source: DmaSource::Pattern(1), dst: 0x8000, len: 64, chunk: 16, pacing_us: MAX_PACING_US + 1 };
     let err = engine.start(too_slow).unwrap_err();
     assert_eq!(err.code(), 5);
     assert!(err.to_string().contains(&(MAX_PACING_US + 1).to_string()), "{err}");
@@ -172,7 +180,8 @@ fn a_runner_dropped_mid_transfer_at_the_longest_pacing_leaves_the_rest_undone() 
     let ram = ram();
     let engine = Arc::new(Mutex::new(DmaEngine::new(Arc::clone(&ram), DeviceInterrupt::polled())));
     let runner = DmaRunner::spawn(Arc::clone(&engine)).unwrap();
-    let spec = TransferSpec { source: DmaSource::Pattern(7), dst: 0x4000, len: 1 << 16, chunk: 1, pacing_us: MAX_PACING_US };
+    let spec =
+        TransferSpec { source: DmaSource::Pattern(7), dst: 0x4000, len: 1 << 16, chunk: 1, pacing_us: MAX_PACING_US };
     engine.lock().unwrap().start(spec).unwrap();
     // Stopping wakes the runner's pause (doorbell tests prove it with an hour-long sleep); the
     // transfer, 65536 chunks 100 ms apart, is still in flight and still pinned.

@@ -70,7 +70,13 @@ fn overlaps(a: (u64, u64), b: (u64, u64)) -> bool {
 }
 
 /// Bounds of one buffer: non-empty, inside guest RAM, and (for receive) off every ring.
-fn check_segment(kind: QueueKind, head: u16, seg: Segment, ram: &GuestRam, rings: &[(u64, u64)]) -> Result<(), NetError> {
+fn check_segment(
+    kind: QueueKind,
+    head: u16,
+    seg: Segment,
+    ram: &GuestRam,
+    rings: &[(u64, u64)],
+) -> Result<(), NetError> {
     let queue = kind.name();
     let Segment { addr, len } = seg;
     if len == 0 {
@@ -151,7 +157,13 @@ where
 impl NetChain {
     /// The checks a popped chain passed, for one read back from a saved state (a snapshot file
     /// is input): head inside a queue of `queue_size`, descriptor count, every buffer's bounds.
-    pub(crate) fn check_saved(&self, kind: QueueKind, queue_size: u16, ram: &GuestRam, rings: &[(u64, u64)]) -> Result<(), NetError> {
+    pub(crate) fn check_saved(
+        &self,
+        kind: QueueKind,
+        queue_size: u16,
+        ram: &GuestRam,
+        rings: &[(u64, u64)],
+    ) -> Result<(), NetError> {
         let field = match kind {
             QueueKind::Rx => "rx_in_flight",
             QueueKind::Tx => "tx_in_flight",
@@ -160,7 +172,10 @@ impl NetChain {
             return Err(NetError::bad_state(field, format!("head {} outside a queue of {queue_size}", self.head)));
         }
         if self.segments.is_empty() || self.segments.len() > MAX_SEGMENTS {
-            return Err(NetError::bad_state(field, format!("chain {} has {} buffers, 1..={MAX_SEGMENTS} allowed", self.head, self.segments.len())));
+            return Err(NetError::bad_state(
+                field,
+                format!("chain {} has {} buffers, 1..={MAX_SEGMENTS} allowed", self.head, self.segments.len()),
+            ));
         }
         for &seg in &self.segments {
             check_segment(kind, self.head, seg, ram, rings).map_err(|e| NetError::bad_state(field, e.to_string()))?;

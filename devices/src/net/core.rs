@@ -85,7 +85,11 @@ pub(crate) fn tap_offloads(features: u64) -> u32 {
         return 0;
     }
     let mut flags = libc::TUN_F_CSUM;
-    for (bit, flag) in [(VIRTIO_NET_F_GUEST_TSO4, libc::TUN_F_TSO4), (VIRTIO_NET_F_GUEST_TSO6, libc::TUN_F_TSO6), (VIRTIO_NET_F_GUEST_UFO, libc::TUN_F_UFO)] {
+    for (bit, flag) in [
+        (VIRTIO_NET_F_GUEST_TSO4, libc::TUN_F_TSO4),
+        (VIRTIO_NET_F_GUEST_TSO6, libc::TUN_F_TSO6),
+        (VIRTIO_NET_F_GUEST_UFO, libc::TUN_F_UFO),
+    ] {
         if has(bit) {
             flags |= flag;
         }
@@ -232,9 +236,12 @@ impl NetCore {
             .segments
             .iter()
             .map(|s| {
-                self.ram
-                    .pin(GuestAddress(s.addr), s.len as usize, access)
-                    .map_err(|source| NetError::Pin { head: chain.head, addr: s.addr, len: s.len, source })
+                self.ram.pin(GuestAddress(s.addr), s.len as usize, access).map_err(|source| NetError::Pin {
+                    head: chain.head,
+                    addr: s.addr,
+                    len: s.len,
+                    source,
+                })
             })
             .collect()
     }
@@ -286,7 +293,8 @@ mod tests {
         assert_eq!(tap_offloads(0), 0);
         assert_eq!(tap_offloads(f(&[VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_UFO])), 0, "TSO without CSUM");
         assert_eq!(tap_offloads(f(&[VIRTIO_NET_F_GUEST_CSUM])), libc::TUN_F_CSUM);
-        let all = f(&[VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_GUEST_UFO]);
+        let all =
+            f(&[VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_GUEST_UFO]);
         assert_eq!(tap_offloads(all), libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6 | libc::TUN_F_UFO);
     }
 }

@@ -7,9 +7,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use memory::GuestRam;
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use virtio_bindings::virtio_net::{
-    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_GUEST_UFO,
-    VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_HOST_UFO, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF,
-    VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
+    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
+    VIRTIO_NET_F_GUEST_UFO, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_HOST_UFO, VIRTIO_NET_F_MAC,
+    VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
 };
 use virtio_queue::{Queue, QueueT};
 
@@ -54,7 +54,12 @@ impl NetDevice {
     /// A device on `ram`, interrupting through `interrupt`, attached to `backend` (link up)
     /// or to nothing (link down). With `mac` it offers VIRTIO_NET_F_MAC; without, the driver
     /// picks a MAC.
-    pub fn new(ram: Arc<GuestRam>, interrupt: Arc<DeviceInterrupt>, backend: Option<Tap>, mac: Option<MacAddr>) -> NetDevice {
+    pub fn new(
+        ram: Arc<GuestRam>,
+        interrupt: Arc<DeviceInterrupt>,
+        backend: Option<Tap>,
+        mac: Option<MacAddr>,
+    ) -> NetDevice {
         let core = NetCore::new(ram, Arc::clone(&interrupt), backend);
         NetDevice { core: Arc::new(Mutex::new(core)), interrupt, mac }
     }
@@ -167,7 +172,11 @@ impl NetDevice {
     /// `reset_ram`: checks `state`, then with the device locked runs `reset_ram` (refused
     /// while buffers are pinned, which covers every chain in flight; then nothing changed),
     /// drops what is in flight and takes the queues, features and stepping of `state`.
-    pub fn reset_with<E: From<NetError>>(&mut self, state: &NetState, reset_ram: impl FnOnce() -> Result<(), E>) -> Result<(), E> {
+    pub fn reset_with<E: From<NetError>>(
+        &mut self,
+        state: &NetState,
+        reset_ram: impl FnOnce() -> Result<(), E>,
+    ) -> Result<(), E> {
         let mut core = self.lock();
         if state.mac != self.mac {
             return Err(NetError::bad_state("mac", format!("{:?}, this device has {:?}", state.mac, self.mac)).into());
@@ -212,7 +221,8 @@ impl VirtioDevice for NetDevice {
         let status = if self.link_up() { VIRTIO_NET_S_LINK_UP as u16 } else { 0 };
         config[6..8].copy_from_slice(&status.to_le_bytes());
         for (i, byte) in data.iter_mut().enumerate() {
-            *byte = offset.checked_add(i as u64).and_then(|o| config.get(usize::try_from(o).ok()?)).copied().unwrap_or(0);
+            *byte =
+                offset.checked_add(i as u64).and_then(|o| config.get(usize::try_from(o).ok()?)).copied().unwrap_or(0);
         }
     }
 

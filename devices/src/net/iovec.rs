@@ -43,7 +43,10 @@ impl<'a> PinnedIoVecs<'a> {
     /// The iovecs for a kernel read of guest memory (`writev`).
     pub fn for_kernel_read(&self) -> io::Result<&[libc::iovec]> {
         if self.iov.len() > IOV_MAX {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{} buffers, more than {IOV_MAX}", self.iov.len())));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{} buffers, more than {IOV_MAX}", self.iov.len()),
+            ));
         }
         Ok(&self.iov)
     }

@@ -25,7 +25,8 @@ impl FromStr for MacAddr {
         let mut parts = text.split(':');
         for byte in &mut bytes {
             // from_str_radix alone would take "+6".
-            let part = parts.next().filter(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit())).ok_or_else(bad)?;
+            let part =
+                parts.next().filter(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit())).ok_or_else(bad)?;
             *byte = u8::from_str_radix(part, 16).map_err(|_| bad())?;
         }
         match parts.next() {
@@ -55,7 +56,15 @@ mod tests {
 
     #[test]
     fn refuses_anything_else() {
-        for text in ["", "06:00:ac:10:00", "06:00:ac:10:00:02:03", "6:00:ac:10:00:02", "06-00-ac-10-00-02", "0g:00:ac:10:00:02", "+6:00:ac:10:00:02"] {
+        for text in [
+            "",
+            "06:00:ac:10:00",
+            "06:00:ac:10:00:02:03",
+            "6:00:ac:10:00:02",
+            "06-00-ac-10-00-02",
+            "0g:00:ac:10:00:02",
+            "+6:00:ac:10:00:02",
+        ] {
             assert_eq!(text.parse::<MacAddr>(), Err(MacParseError { text: text.to_string() }), "{text:?}");
         }
     }

@@ -28,8 +28,8 @@ mod rx;
 pub mod tap;
 mod tx;
 
-pub use chain::{NetChain, Segment};
 pub use self::core::NetCounters;
+pub use chain::{NetChain, Segment};
 pub use device::{NetDevice, NetStep};
 pub use events::NetTapEvents;
 pub use mac::{MacAddr, MacParseError};

@@ -67,22 +67,32 @@ impl NetState {
             return Err(NetError::BadFeatures { features: self.features, offered });
         }
         if self.queues.is_empty() {
-            if !self.rx_in_flight.is_empty() || self.rx_filled.is_some() || self.tx_in_flight.is_some() || self.tx_sent {
+            if !self.rx_in_flight.is_empty() || self.rx_filled.is_some() || self.tx_in_flight.is_some() || self.tx_sent
+            {
                 return Err(NetError::bad_state("queues", "chains in flight without live queues"));
             }
             if self.features != 0 {
-                return Err(NetError::bad_state("queues", format!("features {:#x} accepted without live queues", self.features)));
+                return Err(NetError::bad_state(
+                    "queues",
+                    format!("features {:#x} accepted without live queues", self.features),
+                ));
             }
             return Ok(None);
         }
         if self.features & VIRTIO_F_VERSION_1 == 0 {
-            return Err(NetError::bad_state("features", format!("{:#x} without VERSION_1 on live queues", self.features)));
+            return Err(NetError::bad_state(
+                "features",
+                format!("{:#x} without VERSION_1 on live queues", self.features),
+            ));
         }
         let [rx, tx] = <[QueueState; 2]>::try_from(self.queues.as_slice())
             .map_err(|_| NetError::bad_state("queues", format!("{} queues, the device has 2", self.queues.len())))?;
         let [rx, tx] = [rx, tx].map(|q| {
             if q.max_size != NET_QUEUE_SIZE {
-                return Err(NetError::bad_state("queues", format!("max size {}, the device has {NET_QUEUE_SIZE}", q.max_size)));
+                return Err(NetError::bad_state(
+                    "queues",
+                    format!("max size {}, the device has {NET_QUEUE_SIZE}", q.max_size),
+                ));
             }
             let queue = Queue::try_from(q).map_err(|e| NetError::bad_state("queues", e.to_string()))?;
             if !queue.is_valid(ram) {
@@ -94,7 +104,10 @@ impl NetState {
         let rings = rings_of(&rx, &tx);
         let claimed = self.rx_in_flight.len();
         if usize::from(popped_unused(&rx)) != claimed {
-            return Err(NetError::bad_state("rx_in_flight", format!("{claimed} chains, the queue has {} popped and unused", popped_unused(&rx))));
+            return Err(NetError::bad_state(
+                "rx_in_flight",
+                format!("{claimed} chains, the queue has {} popped and unused", popped_unused(&rx)),
+            ));
         }
         for chain in &self.rx_in_flight {
             chain.check_saved(QueueKind::Rx, rx.size(), ram, &rings)?;
@@ -102,12 +115,18 @@ impl NetState {
         if let Some(filled) = self.rx_filled {
             let capacity: u64 = self.rx_in_flight.iter().map(NetChain::len).sum();
             if !(VNET_HDR_LEN..=MAX_FRAME_LEN).contains(&filled) || u64::from(filled) > capacity {
-                return Err(NetError::bad_state("rx_filled", format!("{filled} bytes in {capacity} bytes of claimed buffers")));
+                return Err(NetError::bad_state(
+                    "rx_filled",
+                    format!("{filled} bytes in {capacity} bytes of claimed buffers"),
+                ));
             }
         }
         let sending = usize::from(self.tx_in_flight.is_some());
         if usize::from(popped_unused(&tx)) != sending || (self.tx_sent && sending == 0) {
-            return Err(NetError::bad_state("tx_in_flight", format!("{sending} chains, the queue has {} popped and unused", popped_unused(&tx))));
+            return Err(NetError::bad_state(
+                "tx_in_flight",
+                format!("{sending} chains, the queue has {} popped and unused", popped_unused(&tx)),
+            ));
         }
         if let Some(chain) = &self.tx_in_flight {
             chain.check_saved(QueueKind::Tx, tx.size(), ram, &rings)?;

@@ -5,7 +5,9 @@
 //! popped), so an idle device holds no pins. Host-stepped, each call moves one stage.
 
 use memory::Access;
-use virtio_bindings::virtio_net::{VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_GUEST_UFO, VIRTIO_NET_F_MRG_RXBUF};
+use virtio_bindings::virtio_net::{
+    VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_GUEST_UFO, VIRTIO_NET_F_MRG_RXBUF,
+};
 use virtio_queue::QueueT;
 
 use super::chain::QueueKind;

@@ -27,7 +27,9 @@ use super::VNET_HDR_LEN;
 pub enum TapError {
     #[error("TAP name {name:?} is not an interface name (1 to 15 bytes, no '/', ':', NUL or space)")]
     BadName { name: String },
-    #[error("TAP {name} does not exist in this network namespace (create it first: ip tuntap add dev {name} mode tap)")]
+    #[error(
+        "TAP {name} does not exist in this network namespace (create it first: ip tuntap add dev {name} mode tap)"
+    )]
     NotFound { name: String },
     #[error("cannot open /dev/net/tun for TAP {name}")]
     OpenTun {

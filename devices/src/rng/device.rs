@@ -78,7 +78,10 @@ pub struct RngDevice {
 
 impl std::fmt::Debug for RngDevice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RngDevice").field("stats", &self.stats).field("blocked_until", &self.blocked_until).finish_non_exhaustive()
+        f.debug_struct("RngDevice")
+            .field("stats", &self.stats)
+            .field("blocked_until", &self.blocked_until)
+            .finish_non_exhaustive()
     }
 }
 
@@ -178,7 +181,9 @@ impl RngDevice {
     fn check_request(&self, head: u16, descriptors: &[Descriptor]) -> Result<u32, RngError> {
         match descriptors.last() {
             None => return Err(RngError::BrokenChain { head }),
-            Some(_) if descriptors.len() > MAX_DESCRIPTORS => return Err(RngError::ChainTooLong { head, max: MAX_DESCRIPTORS }),
+            Some(_) if descriptors.len() > MAX_DESCRIPTORS => {
+                return Err(RngError::ChainTooLong { head, max: MAX_DESCRIPTORS })
+            }
             // The iterator stops early, silently, on a loop, a `next` past the table or an
             // unreadable descriptor: the last one it gave still says "next" then.
             Some(last) if last.has_next() => return Err(RngError::BrokenChain { head }),
@@ -225,7 +230,11 @@ impl RngDevice {
 
     /// The state, read at one instant (the caller holds the transport's lock).
     fn state(&self) -> RngState {
-        RngState { features: self.features, queue: self.queue.as_ref().map(Queue::state), rate_limiter: self.limiter.state() }
+        RngState {
+            features: self.features,
+            queue: self.queue.as_ref().map(Queue::state),
+            rate_limiter: self.limiter.state(),
+        }
     }
 }
 
@@ -234,7 +243,10 @@ impl RngState {
     pub fn check(&self) -> Result<Option<Queue>, RngError> {
         let Some(saved) = self.queue else { return Ok(None) };
         if saved.max_size != RNG_QUEUE_SIZE {
-            return Err(RngError::BadState(format!("queue max size {}, the device has {RNG_QUEUE_SIZE}", saved.max_size)));
+            return Err(RngError::BadState(format!(
+                "queue max size {}, the device has {RNG_QUEUE_SIZE}",
+                saved.max_size
+            )));
         }
         Queue::try_from(saved).map(Some).map_err(|e| RngError::BadState(e.to_string()))
     }

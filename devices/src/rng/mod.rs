@@ -12,7 +12,9 @@ mod device;
 mod rate_limiter;
 
 pub use device::{RngArgs, RngDevice, RngState, RngStats, RNG_QUEUE_SIZE};
-pub use rate_limiter::{BadLimiterState, RateLimiter, RateLimiterConfig, RateLimiterState, TokenBucketConfig, TokenBucketState};
+pub use rate_limiter::{
+    BadLimiterState, RateLimiter, RateLimiterConfig, RateLimiterState, TokenBucketConfig, TokenBucketState,
+};
 
 /// What went wrong with one entropy request, or with a saved state.
 #[derive(Debug, thiserror::Error)]

@@ -129,18 +129,28 @@ pub struct BadLimiterState {
     pub reason: String,
 }
 
-fn restore_bucket(which: &'static str, saved: Option<TokenBucketState>, now: Duration) -> Result<Option<TokenBucket>, BadLimiterState> {
+fn restore_bucket(
+    which: &'static str,
+    saved: Option<TokenBucketState>,
+    now: Duration,
+) -> Result<Option<TokenBucket>, BadLimiterState> {
     let Some(saved) = saved else { return Ok(None) };
     let bad = |reason: String| BadLimiterState { which, reason };
     let Some(mut bucket) = TokenBucket::new(saved.config, now) else {
-        return Err(bad(format!("size {} or refill_time {} is zero or too large", saved.config.size, saved.config.refill_time)));
+        return Err(bad(format!(
+            "size {} or refill_time {} is zero or too large",
+            saved.config.size, saved.config.refill_time
+        )));
     };
     // Debt is at most one request, and a request is at most u32::MAX bytes.
     if saved.budget > bucket.size() || saved.budget < -i64::from(u32::MAX) {
         return Err(bad(format!("budget {} outside -{}..={}", saved.budget, u32::MAX, bucket.size())));
     }
     if saved.one_time_burst > saved.config.one_time_burst {
-        return Err(bad(format!("burst left {} above the configured {}", saved.one_time_burst, saved.config.one_time_burst)));
+        return Err(bad(format!(
+            "burst left {} above the configured {}",
+            saved.one_time_burst, saved.config.one_time_burst
+        )));
     }
     bucket.budget = saved.budget;
     bucket.one_time_burst = saved.one_time_burst;
@@ -166,7 +176,10 @@ impl RateLimiter {
     /// A limiter as saved, refilling from `now` on (the time a VM was not running earns
     /// nothing). Every number is checked.
     pub fn restore(state: &RateLimiterState, now: Duration) -> Result<RateLimiter, BadLimiterState> {
-        Ok(RateLimiter { bandwidth: restore_bucket("bandwidth", state.bandwidth, now)?, ops: restore_bucket("ops", state.ops, now)? })
+        Ok(RateLimiter {
+            bandwidth: restore_bucket("bandwidth", state.bandwidth, now)?,
+            ops: restore_bucket("ops", state.ops, now)?,
+        })
     }
 
     pub fn state(&self) -> RateLimiterState {
@@ -181,7 +194,10 @@ impl RateLimiter {
     /// Takes one operation of `bytes` at clock time `now`, or says when to try again (nothing
     /// is taken then).
     pub fn consume(&mut self, bytes: u64, now: Duration) -> Result<(), Duration> {
-        let waits = [self.bandwidth.as_mut().and_then(|b| b.wait_for(bytes, now)), self.ops.as_mut().and_then(|b| b.wait_for(1, now))];
+        let waits = [
+            self.bandwidth.as_mut().and_then(|b| b.wait_for(bytes, now)),
+            self.ops.as_mut().and_then(|b| b.wait_for(1, now)),
+        ];
         if let Some(retry) = waits.into_iter().flatten().max() {
             return Err(retry);
         }
@@ -207,7 +223,8 @@ mod tests {
 
     #[test]
     fn bytes_refill_linearly_and_the_retry_time_is_exact() {
-        let mut limiter = RateLimiter::new(RateLimiterConfig { bandwidth: bucket(1000, 0, 100), ops: None }, Duration::ZERO);
+        let mut limiter =
+            RateLimiter::new(RateLimiterConfig { bandwidth: bucket(1000, 0, 100), ops: None }, Duration::ZERO);
         assert_eq!(limiter.consume(600, Duration::ZERO), Ok(()));
         // 400 left; 600 more need 200 tokens = 20 ms.
         assert_eq!(limiter.consume(600, Duration::ZERO), Err(20 * MS));
@@ -218,7 +235,8 @@ mod tests {
 
     #[test]
     fn ops_bucket_and_one_time_burst() {
-        let mut limiter = RateLimiter::new(RateLimiterConfig { bandwidth: None, ops: bucket(2, 1, 1000) }, Duration::ZERO);
+        let mut limiter =
+            RateLimiter::new(RateLimiterConfig { bandwidth: None, ops: bucket(2, 1, 1000) }, Duration::ZERO);
         for _ in 0..3 {
             assert_eq!(limiter.consume(1 << 20, Duration::ZERO), Ok(()), "2 ops + 1 burst");
         }
@@ -228,7 +246,8 @@ mod tests {
 
     #[test]
     fn a_request_bigger_than_the_bucket_waits_for_a_full_bucket_then_leaves_debt() {
-        let mut limiter = RateLimiter::new(RateLimiterConfig { bandwidth: bucket(100, 0, 10), ops: None }, Duration::ZERO);
+        let mut limiter =
+            RateLimiter::new(RateLimiterConfig { bandwidth: bucket(100, 0, 10), ops: None }, Duration::ZERO);
         assert_eq!(limiter.consume(250, Duration::ZERO), Ok(()), "full bucket: let through");
         assert_eq!(limiter.state().bandwidth.unwrap().budget, -150);
         // Needs 1 token back from -150: 151 tokens = 15.1 ms.
@@ -252,14 +271,18 @@ mod tests {
 
     #[test]
     fn no_limit_without_size_or_refill_time() {
-        let mut limiter = RateLimiter::new(RateLimiterConfig { bandwidth: bucket(0, 0, 10), ops: bucket(5, 0, 0) }, Duration::ZERO);
+        let mut limiter =
+            RateLimiter::new(RateLimiterConfig { bandwidth: bucket(0, 0, 10), ops: bucket(5, 0, 0) }, Duration::ZERO);
         assert!(!limiter.is_limited());
         assert_eq!(limiter.consume(u64::MAX, Duration::ZERO), Ok(()));
     }
 
     #[test]
     fn restore_checks_every_number() {
-        let mut limiter = RateLimiter::new(RateLimiterConfig { bandwidth: bucket(100, 50, 10), ops: bucket(4, 0, 10) }, Duration::ZERO);
+        let mut limiter = RateLimiter::new(
+            RateLimiterConfig { bandwidth: bucket(100, 50, 10), ops: bucket(4, 0, 10) },
+            Duration::ZERO,
+        );
         limiter.consume(120, Duration::ZERO).unwrap();
         let state = limiter.state();
         let restored = RateLimiter::restore(&state, Duration::from_secs(99)).unwrap();

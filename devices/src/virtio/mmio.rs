@@ -6,12 +6,12 @@
 //! wrong time, bad queue sizes) never panics: the write is refused, the error is kept in
 //! `last_error`, and the device reports DEVICE_NEEDS_RESET with a configuration interrupt.
 
+use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_ACKNOWLEDGE as ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER as DRIVER,
     VIRTIO_CONFIG_S_DRIVER_OK as DRIVER_OK, VIRTIO_CONFIG_S_FAILED as FAILED,
     VIRTIO_CONFIG_S_FEATURES_OK as FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET as NEEDS_RESET,
 };
-use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueState, QueueT};
 
 use super::{VirtioDevice, VirtioError, VIRTIO_F_VERSION_1};
@@ -319,7 +319,9 @@ impl<D: VirtioDevice> MmioTransport<D> {
             REG_QUEUE_READY => queue.set_ready(value == 1),
             REG_QUEUE_DESC_LOW | REG_QUEUE_DESC_HIGH => {
                 let addr = half(queue.desc_table(), offset == REG_QUEUE_DESC_HIGH);
-                queue.try_set_desc_table_address(vm_memory::GuestAddress(addr)).map_err(|_| bad_addr("descriptor", addr))?
+                queue
+                    .try_set_desc_table_address(vm_memory::GuestAddress(addr))
+                    .map_err(|_| bad_addr("descriptor", addr))?
             }
             REG_QUEUE_AVAIL_LOW | REG_QUEUE_AVAIL_HIGH => {
                 let addr = half(queue.avail_ring(), offset == REG_QUEUE_AVAIL_HIGH);

@@ -77,6 +77,9 @@ mod tests {
         let json = serde_json::to_string(&holder).unwrap();
         assert!(json.contains("\"next_avail\":7"), "{json}");
         assert_eq!(serde_json::from_str::<Holder>(&json).unwrap(), holder);
-        assert!(serde_json::from_str::<Holder>(r#"{"one":{"max_size":1},"many":[]}"#).is_err(), "missing fields refused");
+        assert!(
+            serde_json::from_str::<Holder>(r#"{"one":{"max_size":1},"many":[]}"#).is_err(),
+            "missing fields refused"
+        );
     }
 }

@@ -22,11 +22,15 @@ const CREDIT_UPDATE_THRESHOLD: u32 = CONN_BUF_ALLOC / 4;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum ConnState {
     /// Host-initiated: REQUEST sent to the guest, waiting for RESPONSE until `deadline`.
-    LocalInit { deadline: Duration },
+    LocalInit {
+        deadline: Duration,
+    },
     Established,
     /// The guest shut down both directions: flushing its last bytes to the host, then RST
     /// (at `deadline` at the latest).
-    Draining { deadline: Duration },
+    Draining {
+        deadline: Duration,
+    },
 }
 
 /// What a read from the host stream gave.

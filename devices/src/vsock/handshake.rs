@@ -74,7 +74,15 @@ mod tests {
         assert_eq!(parse_connect(b"CONNECT 52"), Some(52));
         assert_eq!(parse_connect(b"CONNECT 4294967295"), Some(u32::MAX));
         assert_eq!(parse_connect(b"CONNECT 52\r"), Some(52));
-        for bad in [&b"CONNECT"[..], b"CONNECT ", b"connect 52", b"CONNECT -1", b"CONNECT 4294967296", b"CONNECT 5 2", b"CONNECT +5"] {
+        for bad in [
+            &b"CONNECT"[..],
+            b"CONNECT ",
+            b"connect 52",
+            b"CONNECT -1",
+            b"CONNECT 4294967296",
+            b"CONNECT 5 2",
+            b"CONNECT +5",
+        ] {
             assert_eq!(parse_connect(bad), None, "{:?}", String::from_utf8_lossy(bad));
         }
     }

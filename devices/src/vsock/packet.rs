@@ -127,7 +127,8 @@ where
 {
     let head = chain.head_index();
     let descs = descriptors(&chain)?;
-    let packet = VsockPacket::from_tx_virtq_chain(ram, &mut chain, MAX_PKT_DATA).map_err(|source| VsockError::BadPacket { head, source })?;
+    let packet = VsockPacket::from_tx_virtq_chain(ram, &mut chain, MAX_PKT_DATA)
+        .map_err(|source| VsockError::BadPacket { head, source })?;
     let header = Header::from_packet(&packet);
     let header_at = descs[0].addr().0;
     let data = match (header.len, descs.get(1)) {
@@ -145,13 +146,17 @@ pub(crate) type RxPacket<'a> = VsockPacket<'a, BS<'a, AtomicBitmap>>;
 /// Checks the RX chain `chain` with the crate (device-writable, a header-sized first buffer,
 /// data inside guest RAM) and says where its buffers are. The device writes the packet through
 /// the crate's slices once it has pinned them.
-pub(crate) fn parse_rx<'a, M>(ram: &'a GuestRam, mut chain: DescriptorChain<M>) -> Result<(RxLayout, RxPacket<'a>), VsockError>
+pub(crate) fn parse_rx<'a, M>(
+    ram: &'a GuestRam,
+    mut chain: DescriptorChain<M>,
+) -> Result<(RxLayout, RxPacket<'a>), VsockError>
 where
     M: Deref<Target = GuestRam> + Clone,
 {
     let head = chain.head_index();
     let descs = descriptors(&chain)?;
-    let packet = VsockPacket::from_rx_virtq_chain(ram, &mut chain, MAX_PKT_DATA).map_err(|source| VsockError::BadPacket { head, source })?;
+    let packet = VsockPacket::from_rx_virtq_chain(ram, &mut chain, MAX_PKT_DATA)
+        .map_err(|source| VsockError::BadPacket { head, source })?;
     let capacity = packet.data_slice().map_or(0, |s| s.len());
     let capacity = u32::try_from(capacity).unwrap_or(MAX_PKT_DATA).min(MAX_PKT_DATA);
     let header_at = descs[0].addr().0;

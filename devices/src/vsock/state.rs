@@ -67,7 +67,10 @@ impl VsockState {
         let mut queues = Vec::with_capacity(3);
         for (index, &saved) in self.queues.iter().enumerate() {
             if saved.max_size != VSOCK_QUEUE_SIZE {
-                return Err(VsockError::BadState(format!("queue {index} max size {}, the device has {VSOCK_QUEUE_SIZE}", saved.max_size)));
+                return Err(VsockError::BadState(format!(
+                    "queue {index} max size {}, the device has {VSOCK_QUEUE_SIZE}",
+                    saved.max_size
+                )));
             }
             let queue = Queue::try_from(saved).map_err(|e| VsockError::BadState(format!("queue {index}: {e}")))?;
             if !queue.is_valid(ram) {

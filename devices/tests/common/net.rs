@@ -149,7 +149,8 @@ impl Peer {
         assert!(index > 0, "no interface {name}");
         let protocol = (libc::ETH_P_ALL as u16).to_be();
         // SAFETY: plain socket creation; the fd is owned right below.
-        let raw = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::c_int::from(protocol)) };
+        let raw =
+            unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::c_int::from(protocol)) };
         check(raw, "packet socket");
         // SAFETY: `raw` is a fresh fd nobody else owns.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
@@ -173,7 +174,10 @@ impl Peer {
     fn set<T>(fd: &OwnedFd, level: libc::c_int, name: libc::c_int, value: &T) {
         let len = std::mem::size_of::<T>() as libc::socklen_t;
         // SAFETY: `value` points at `len` readable bytes for the call.
-        check(unsafe { libc::setsockopt(fd.as_raw_fd(), level, name, std::ptr::from_ref(value).cast(), len) }, "setsockopt");
+        check(
+            unsafe { libc::setsockopt(fd.as_raw_fd(), level, name, std::ptr::from_ref(value).cast(), len) },
+            "setsockopt",
+        );
     }
 
     /// Sends one Ethernet frame out on the interface (to the device).
@@ -191,7 +195,14 @@ impl Peer {
             let mut from_len = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
             // SAFETY: `buf` is writable for its length, `from` for `from_len` bytes.
             let n = unsafe {
-                libc::recvfrom(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), flags, std::ptr::from_mut(&mut from).cast(), &mut from_len)
+                libc::recvfrom(
+                    self.fd.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    flags,
+                    std::ptr::from_mut(&mut from).cast(),
+                    &mut from_len,
+                )
             };
             if n < 0 {
                 let e = std::io::Error::last_os_error();

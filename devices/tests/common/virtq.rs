@@ -128,7 +128,13 @@ impl<D: VirtioDevice> GuestDriver<D> {
     /// them. The clone's RAM holds the same rings.
     pub fn resume(ram: Arc<GuestRam>, transport: MmioTransport<D>, at: &DriverState) -> GuestDriver<D> {
         let at = at.clone();
-        GuestDriver { ram, transport: Arc::new(Mutex::new(transport)), rings: at.rings, features: at.features, next_heap: at.next_heap }
+        GuestDriver {
+            ram,
+            transport: Arc::new(Mutex::new(transport)),
+            rings: at.rings,
+            features: at.features,
+            next_heap: at.next_heap,
+        }
     }
 
     /// The transport, locked.

@@ -11,8 +11,8 @@ use std::sync::Arc;
 
 use devices::clock::ManualClock;
 use devices::host_events::HostEvents;
-use devices::vsock::{Header, VsockArgs, VsockDevice, EVQ, HOST_CID, PKT_HEADER_SIZE, RXQ, TXQ, TYPE_STREAM};
 use devices::virtio::MmioTransport;
+use devices::vsock::{Header, VsockArgs, VsockDevice, EVQ, HOST_CID, PKT_HEADER_SIZE, RXQ, TXQ, TYPE_STREAM};
 use devices::DeviceInterrupt;
 use memory::{Bytes, GuestAddress, GuestRam};
 
@@ -90,7 +90,12 @@ pub struct GuestVsock {
 }
 
 pub fn device(ram: &Arc<GuestRam>, uds_path: &Path, clock: &Arc<ManualClock>) -> VsockDevice {
-    let args = VsockArgs { ram: Arc::clone(ram), interrupt: DeviceInterrupt::polled(), uds_path: uds_path.to_path_buf(), clock: clock.clone() };
+    let args = VsockArgs {
+        ram: Arc::clone(ram),
+        interrupt: DeviceInterrupt::polled(),
+        uds_path: uds_path.to_path_buf(),
+        clock: clock.clone(),
+    };
     VsockDevice::new(args, GUEST_CID).unwrap()
 }
 
@@ -124,7 +129,12 @@ impl GuestVsock {
     }
 
     /// The guest as `at` was, on a restored device.
-    pub fn resume(at: &GuestVsockState, ram: Arc<GuestRam>, transport: MmioTransport<VsockDevice>, clock: Arc<ManualClock>) -> GuestVsock {
+    pub fn resume(
+        at: &GuestVsockState,
+        ram: Arc<GuestRam>,
+        transport: MmioTransport<VsockDevice>,
+        clock: Arc<ManualClock>,
+    ) -> GuestVsock {
         let d = GuestDriver::resume(ram, transport, &at.driver);
         GuestVsock { d, clock, rx: at.rx.clone(), ev: at.ev.clone() }
     }
@@ -158,7 +168,11 @@ impl GuestVsock {
             let mut raw = [0u8; PKT_HEADER_SIZE];
             self.d.ram.read_slice(&mut raw, GuestAddress(hdr_at)).unwrap();
             let header = Header::from_bytes(&raw);
-            let data = if used_len as usize > PKT_HEADER_SIZE { self.d.bytes(data_at, header.len as usize) } else { Vec::new() };
+            let data = if used_len as usize > PKT_HEADER_SIZE {
+                self.d.bytes(data_at, header.len as usize)
+            } else {
+                Vec::new()
+            };
             out.push(Packet { head, used_len, header, data });
             self.post_rx();
         }

@@ -62,7 +62,13 @@ impl ScriptedVcpuLog {
 
 impl VcpuDirtyLog for ScriptedVcpuLog {
     fn fetch(&self, index: usize, _pages: usize) -> std::io::Result<Vec<u64>> {
-        Ok(self.regions.lock().unwrap_or_else(|e| e.into_inner()).get_mut(index).map(std::mem::take).unwrap_or_default())
+        Ok(self
+            .regions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_mut(index)
+            .map(std::mem::take)
+            .unwrap_or_default())
     }
 }
 
@@ -115,7 +121,8 @@ impl RamModel {
         let ram = GuestRam::new(layout).map_err(|e| ModelViolation(format!("cannot create RAM: {e}")))?;
         let layout = ram.layout();
         let pages = layout.iter().map(|r| r.1 / PAGE_SIZE).sum::<usize>();
-        let mut model = RamModel { layout, max_vms, vms: Vec::new(), snaps: Vec::new(), pins: Vec::new(), ghosts: Vec::new() };
+        let mut model =
+            RamModel { layout, max_vms, vms: Vec::new(), snaps: Vec::new(), pins: Vec::new(), ghosts: Vec::new() };
         model.add_vm(ram, vec![0; pages * PAGE_SIZE]);
         Ok(model)
     }
@@ -190,7 +197,11 @@ impl RamModel {
 
     /// Model pages pinned now in VM `vm`.
     pub fn pinned_pages(&self, vm: usize) -> BTreeSet<usize> {
-        self.pins.iter().filter(|p| p.vm == Some(vm) && p.guard.is_some()).flat_map(|p| p.first..p.first + p.pages).collect()
+        self.pins
+            .iter()
+            .filter(|p| p.vm == Some(vm) && p.guard.is_some())
+            .flat_map(|p| p.first..p.first + p.pages)
+            .collect()
     }
 
     fn add_vm(&mut self, ram: GuestRam, bytes: Vec<u8>) -> usize {

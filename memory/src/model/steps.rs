@@ -211,7 +211,11 @@ impl RamModel {
     pub fn reset(&mut self, vm: usize, snap: usize) -> Checked {
         let pinned = !self.pinned_pages(vm).is_empty();
         let (snap, bytes) = &self.snaps[snap];
-        let v = self.vms.get_mut(vm).and_then(Option::as_mut).ok_or_else(|| ModelViolation(format!("VM {vm} is not live")))?;
+        let v = self
+            .vms
+            .get_mut(vm)
+            .and_then(Option::as_mut)
+            .ok_or_else(|| ModelViolation(format!("VM {vm} is not live")))?;
         match v.ram.reset_to(snap) {
             Ok(()) => {
                 ensure!(!pinned, "reset went ahead while a DMA buffer was pinned");
@@ -227,7 +231,11 @@ impl RamModel {
 
     /// Drops VM `vm`; its pins keep its bytes.
     pub fn drop_vm(&mut self, vm: usize) -> Checked {
-        let v = self.vms.get_mut(vm).and_then(Option::take).ok_or_else(|| ModelViolation(format!("VM {vm} is not live")))?;
+        let v = self
+            .vms
+            .get_mut(vm)
+            .and_then(Option::take)
+            .ok_or_else(|| ModelViolation(format!("VM {vm} is not live")))?;
         self.ghosts.push(v.bytes);
         for p in self.pins.iter_mut().filter(|p| p.vm == Some(vm)) {
             p.vm = None;
@@ -251,7 +259,8 @@ impl RamModel {
         let v = self.vm(vm)?;
         let missed: Vec<_> = v.dirty.difference(&got).collect();
         ensure!(missed.is_empty(), "take_dirty missed written pages {missed:?}");
-        let extra: Vec<_> = got.iter().filter(|p| !v.dirty.contains(p) && !v.excused.contains(p) && !pinned.contains(p)).collect();
+        let extra: Vec<_> =
+            got.iter().filter(|p| !v.dirty.contains(p) && !v.excused.contains(p) && !pinned.contains(p)).collect();
         ensure!(extra.is_empty(), "take_dirty reported unwritten pages {extra:?}");
         v.dirty.clear();
         v.excused.clear();

@@ -3,8 +3,8 @@
 use clap::Subcommand;
 use vmm::clone::ClonePath;
 
-use vmm::cli::{report, EXIT_BAD_INPUT, EXIT_FAILURE};
 use vmm::builder::{MAX_MEM_MIB, MIN_MEM_MIB};
+use vmm::cli::{report, EXIT_BAD_INPUT, EXIT_FAILURE};
 
 /// Most rounds and clones one bench run takes (each one's timings are kept for the percentiles).
 const MAX_ROUNDS: u64 = 10_000_000;
@@ -52,25 +52,28 @@ pub(super) enum BenchCommand {
 
 pub(super) fn bench(command: BenchCommand) -> i32 {
     let result = match command {
-        BenchCommand::Reset { rounds, disk } => tools::bench::bench_reset(usize::try_from(rounds).unwrap_or(usize::MAX), disk).map(|r| {
-            println!(
-                "reset: {} rounds, {:.0} loops/s (run + pause + reset), reset p50 {:.1} us p99 {:.1} us \
+        BenchCommand::Reset { rounds, disk } => {
+            tools::bench::bench_reset(usize::try_from(rounds).unwrap_or(usize::MAX), disk).map(|r| {
+                println!(
+                    "reset: {} rounds, {:.0} loops/s (run + pause + reset), reset p50 {:.1} us p99 {:.1} us \
                  (RAM {:.1} us + state {:.1} us), {} dirty pages: memcpy {:.2} us + KVM_RUN {:.1} us, ratio {:.2}",
-                r.rounds,
-                r.loops_per_s,
-                r.reset_us_p50,
-                r.reset_us_p99,
-                r.reset_ram_us_p50,
-                r.reset_state_us_p50,
-                r.dirty_pages,
-                r.memcpy_us,
-                r.kvm_run_us,
-                r.ratio
-            );
-            serde_json::to_string(&r)
-        }),
+                    r.rounds,
+                    r.loops_per_s,
+                    r.reset_us_p50,
+                    r.reset_us_p99,
+                    r.reset_ram_us_p50,
+                    r.reset_state_us_p50,
+                    r.dirty_pages,
+                    r.memcpy_us,
+                    r.kvm_run_us,
+                    r.ratio
+                );
+                serde_json::to_string(&r)
+            })
+        }
         BenchCommand::Clone { mem, clones, dirty_percent, no_precopy } => {
-            let paths: &[ClonePath] = if no_precopy { &[ClonePath::InPause] } else { &[ClonePath::InPause, ClonePath::Precopy] };
+            let paths: &[ClonePath] =
+                if no_precopy { &[ClonePath::InPause] } else { &[ClonePath::InPause, ClonePath::Precopy] };
             tools::bench::bench_clone(mem, usize::try_from(clones).unwrap_or(usize::MAX), dirty_percent, paths).map(|r| {
                 println!("clone: {} MiB, {} clones per path, {} pages dirty per clone", r.mem_mib, r.clones, r.dirty_pages);
                 for p in &r.paths {
@@ -101,7 +104,8 @@ pub(super) fn bench(command: BenchCommand) -> i32 {
             })
         }
         BenchCommand::Snapshot { mem, dirty_pages, rounds, dir } => {
-            let dir = dir.unwrap_or_else(|| std::env::temp_dir().join(format!("zygote-bench-snapshot-{}", std::process::id())));
+            let dir = dir
+                .unwrap_or_else(|| std::env::temp_dir().join(format!("zygote-bench-snapshot-{}", std::process::id())));
             match tools::snapshot_bench::bench_snapshot(mem, dirty_pages, rounds, &dir) {
                 Ok(r) => {
                     println!(

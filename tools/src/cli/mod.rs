@@ -93,7 +93,11 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> i32 {
         Command::Fuzz(args) => tools::fuzz::command::run(&tools::fuzz::command::FuzzOptions {
             runs: args.runs,
             seed: args.seed,
-            mode: if args.mode == "vm" { tools::fuzz::command::FuzzMode::Vm } else { tools::fuzz::command::FuzzMode::Memory },
+            mode: if args.mode == "vm" {
+                tools::fuzz::command::FuzzMode::Vm
+            } else {
+                tools::fuzz::command::FuzzMode::Memory
+            },
             jobs: usize::try_from(args.jobs).unwrap_or(1),
             replay: args.replay,
             plant_bug: args.plant_bug,

@@ -79,9 +79,14 @@ fn fuzz<W: World>(opts: &FuzzOptions) -> i32 {
     );
     let Some(repro) = report.found else { return 0 };
     print_reproducer(&repro);
-    let path = opts.out.clone().unwrap_or_else(|| PathBuf::from(format!("zygote-fuzz-seed{}-run{}.json", repro.seed, repro.run)));
+    let path = opts
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("zygote-fuzz-seed{}-run{}.json", repro.seed, repro.run)));
     match save(&repro, &path) {
-        Ok(()) => println!("reproducer written to {} (replay: zygote fuzz --replay {})", path.display(), path.display()),
+        Ok(()) => {
+            println!("reproducer written to {} (replay: zygote fuzz --replay {})", path.display(), path.display())
+        }
         Err(e) => eprintln!("zygote: {e}"),
     }
     1
@@ -122,6 +127,8 @@ fn plant(name: Option<&str>) -> Result<(), String> {
 fn plant(name: Option<&str>) -> Result<(), String> {
     match name {
         None => Ok(()),
-        Some(n) => Err(format!("cannot plant {n:?}: this build lacks the planted-bugs feature (cargo build --features planted-bugs)")),
+        Some(n) => Err(format!(
+            "cannot plant {n:?}: this build lacks the planted-bugs feature (cargo build --features planted-bugs)"
+        )),
     }
 }

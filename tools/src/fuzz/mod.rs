@@ -77,11 +77,19 @@ impl World for MemoryWorld {
 #[derive(Debug, thiserror::Error)]
 pub enum FuzzError {
     #[error("cannot read replay file {path}")]
-    ReadReplay { path: PathBuf, #[source] source: std::io::Error },
+    ReadReplay {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("replay file {path} is not a schedule: {reason}")]
     BadReplay { path: PathBuf, reason: String },
     #[error("cannot write reproducer {path}")]
-    WriteReplay { path: PathBuf, #[source] source: std::io::Error },
+    WriteReplay {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// A violating schedule, as saved for `--replay`.
@@ -192,7 +200,8 @@ pub fn campaign<W: World>(seed: u64, runs: u64, jobs: usize, planted: Option<&st
     let elapsed = start.elapsed();
     let found = found.into_inner().unwrap_or_else(|e| e.into_inner()).map(|(run, schedule, _)| {
         let steps = shrink::<W>(&schedule);
-        let violation = execute::<W>(&steps).err().map_or_else(|| "not reproduced after shrinking".into(), |(_, v)| v.0);
+        let violation =
+            execute::<W>(&steps).err().map_or_else(|| "not reproduced after shrinking".into(), |(_, v)| v.0);
         Reproducer {
             format: 1,
             mode: W::MODE.into(),
@@ -217,7 +226,9 @@ pub fn load(path: &Path) -> Result<AnyReproducer, FuzzError> {
     let bad = |reason: String| FuzzError::BadReplay { path: path.into(), reason };
     let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
     match value.get("mode").and_then(serde_json::Value::as_str) {
-        Some(MemoryWorld::MODE) => serde_json::from_value(value).map(AnyReproducer::Memory).map_err(|e| bad(e.to_string())),
+        Some(MemoryWorld::MODE) => {
+            serde_json::from_value(value).map(AnyReproducer::Memory).map_err(|e| bad(e.to_string()))
+        }
         Some(VmWorld::MODE) => serde_json::from_value(value).map(AnyReproducer::Vm).map_err(|e| bad(e.to_string())),
         Some(other) => Err(bad(format!("unknown mode {other:?}"))),
         None => Err(bad("no \"mode\" field".into())),
@@ -279,7 +290,14 @@ mod planted_tests {
             let repro = report.found.unwrap_or_else(|| panic!("{} not found in {runs} {} runs", bug.name(), W::MODE));
             assert_eq!(repro.mode, W::MODE);
             assert!(execute::<W>(&repro.steps).is_err(), "{}: the shrunk schedule does not reproduce", bug.name());
-            eprintln!("{}: found after {} {} runs, {} steps: {}", bug.name(), report.runs, W::MODE, repro.steps.len(), repro.violation);
+            eprintln!(
+                "{}: found after {} {} runs, {} steps: {}",
+                bug.name(),
+                report.runs,
+                W::MODE,
+                repro.steps.len(),
+                repro.violation
+            );
             plant(None);
             assert!(execute::<W>(&repro.steps).is_ok(), "{}: the schedule fails without the bug", bug.name());
         }

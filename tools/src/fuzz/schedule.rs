@@ -10,26 +10,62 @@ use serde::{Deserialize, Serialize};
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Step {
     /// A guest (vCPU or host-side emulation) write of `len` bytes of `byte`.
-    GuestWrite { vm: u8, page: u16, offset: u16, len: u16, byte: u8 },
+    GuestWrite {
+        vm: u8,
+        page: u16,
+        offset: u16,
+        len: u16,
+        byte: u8,
+    },
     /// A device pins `pages` pages and starts a transfer of `pattern` in `chunk`-byte chunks
     /// (a DMA to memory when `write`, else a read of memory that must see the VM's writes).
-    DmaStart { vm: u8, page: u16, pages: u8, write: bool, pattern: u8, chunk: u16 },
+    DmaStart {
+        vm: u8,
+        page: u16,
+        pages: u8,
+        write: bool,
+        pattern: u8,
+        chunk: u16,
+    },
     /// The device moves one chunk.
-    DmaStep { dma: u8 },
+    DmaStep {
+        dma: u8,
+    },
     /// The device moves every remaining chunk and signals completion.
-    DmaComplete { dma: u8 },
+    DmaComplete {
+        dma: u8,
+    },
     /// The device releases the buffer (unpin), whether or not the transfer finished.
-    Unpin { dma: u8 },
+    Unpin {
+        dma: u8,
+    },
     /// Clone a VM (of any depth) while its DMAs may be in flight.
-    Clone { vm: u8 },
-    Snapshot { vm: u8 },
-    Restore { snap: u8 },
-    Reset { vm: u8, snap: u8 },
-    DropVm { vm: u8 },
-    DropSnapshot { snap: u8 },
-    TakeDirty { vm: u8 },
+    Clone {
+        vm: u8,
+    },
+    Snapshot {
+        vm: u8,
+    },
+    Restore {
+        snap: u8,
+    },
+    Reset {
+        vm: u8,
+        snap: u8,
+    },
+    DropVm {
+        vm: u8,
+    },
+    DropSnapshot {
+        snap: u8,
+    },
+    TakeDirty {
+        vm: u8,
+    },
     /// A pre-copy round of a VM, which then goes on being written (and DMA'd into).
-    Precopy { vm: u8 },
+    Precopy {
+        vm: u8,
+    },
 }
 
 /// A deterministic generator (splitmix64): the same seed gives the same schedule everywhere.
@@ -86,7 +122,17 @@ const WEIGHTS: [(u8, u64); 13] =
 pub fn draw_step(e: &mut impl Entropy, pages: u16) -> Step {
     let total: u64 = WEIGHTS.iter().map(|w| w.1).sum();
     let mut pick = e.below(total);
-    let kind = WEIGHTS.iter().find(|w| if pick < w.1 { true } else { pick -= w.1; false }).map_or(0, |w| w.0);
+    let kind = WEIGHTS
+        .iter()
+        .find(|w| {
+            if pick < w.1 {
+                true
+            } else {
+                pick -= w.1;
+                false
+            }
+        })
+        .map_or(0, |w| w.0);
     let mut b = |n: u64| e.below(n);
     match kind {
         0 => Step::GuestWrite {

@@ -75,10 +75,12 @@ impl From<SnapshotError> for ApiError {
 impl From<VmSnapshotError> for ApiError {
     fn from(e: VmSnapshotError) -> ApiError {
         match e {
-            VmSnapshotError::Memory { vm, source: MemoryError::Pinned { pages, first } } => ApiError::Pinned { vm, pages, first },
-            VmSnapshotError::State { vm, .. } | VmSnapshotError::Build { vm, .. } | VmSnapshotError::Memory { vm, .. } => {
-                ApiError::Vm(vm, chain(&e))
+            VmSnapshotError::Memory { vm, source: MemoryError::Pinned { pages, first } } => {
+                ApiError::Pinned { vm, pages, first }
             }
+            VmSnapshotError::State { vm, .. }
+            | VmSnapshotError::Build { vm, .. }
+            | VmSnapshotError::Memory { vm, .. } => ApiError::Vm(vm, chain(&e)),
         }
     }
 }

@@ -7,13 +7,13 @@ use clap::{Args, Parser, Subcommand};
 
 mod ctl;
 
-pub use ctl::CtlArgs;
-use ctl::ctl;
-use crate::builder::{DEFAULT_MEM_MIB, MAX_MEM_MIB, MAX_VCPUS, MIN_MEM_MIB};
 use crate::api::Controller;
+use crate::builder::{DEFAULT_MEM_MIB, MAX_MEM_MIB, MAX_VCPUS, MIN_MEM_MIB};
 use crate::snapshot::file::{load_snapshot, SnapshotOnDisk};
-use crate::{boot_linux, build_linux_vm, run_tiny_guest, ConfigError, Console, LinuxConfig, VmConfig, VmOutcome, Vmm};
 use crate::vstate::ClockOnRestore;
+use crate::{boot_linux, build_linux_vm, run_tiny_guest, ConfigError, Console, LinuxConfig, VmConfig, VmOutcome, Vmm};
+use ctl::ctl;
+pub use ctl::CtlArgs;
 
 /// Exit code for bad input (bad flags, values, files).
 pub const EXIT_BAD_INPUT: i32 = 2;
@@ -98,7 +98,10 @@ fn instance_id(id: &str) -> Result<String, String> {
 /// Clap's message on one line: the error and its hints, without the usage block.
 pub fn one_line(err: &clap::Error) -> String {
     let text = err.render().to_string();
-    let lines: Vec<&str> = text.lines().map(str::trim).take_while(|l| !l.starts_with("Usage:"))
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .take_while(|l| !l.starts_with("Usage:"))
         .filter(|l| !l.starts_with("For more information"))
         .collect();
     let mut msg = lines.into_iter().filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" ");
@@ -143,7 +146,14 @@ fn run(args: RunArgs) -> i32 {
             }
         }
     }
-    let vm = VmConfig { mem_mib: args.mem, vcpus: args.vcpus, vm_id: 0, console: Console::Stdout, disk: args.disk, irqchip: false };
+    let vm = VmConfig {
+        mem_mib: args.mem,
+        vcpus: args.vcpus,
+        vm_id: 0,
+        console: Console::Stdout,
+        disk: args.disk,
+        irqchip: false,
+    };
     let clock = match args.clock_realtime {
         true => ClockOnRestore::AdvanceToHostRealtime,
         false => ClockOnRestore::Resume,
@@ -159,7 +169,9 @@ fn run(args: RunArgs) -> i32 {
         };
     }
     let root = match (args.guest, args.kernel, args.restore) {
-        (_, Some(kernel), _) => Some(Root::Linux(LinuxConfig { vm, kernel, initrd: args.initrd, cmdline: args.cmdline })),
+        (_, Some(kernel), _) => {
+            Some(Root::Linux(LinuxConfig { vm, kernel, initrd: args.initrd, cmdline: args.cmdline }))
+        }
         (_, None, Some(path)) => Some(Root::Restore(path, clock)),
         (Some(name), None, None) => Some(Root::Tiny { vm, name, arg: args.arg.unwrap_or(0) }),
         (None, None, None) => None,
@@ -187,7 +199,11 @@ fn enable_seccomp(args: &RunArgs) -> Result<(), crate::seccomp::SeccompError> {
 
 /// What `zygote run` starts as VM 0.
 enum Root {
-    Tiny { vm: VmConfig, name: String, arg: u64 },
+    Tiny {
+        vm: VmConfig,
+        name: String,
+        arg: u64,
+    },
     Linux(LinuxConfig),
     /// A snapshot's state file, and what the restored guest's clock does.
     Restore(PathBuf, ClockOnRestore),
@@ -201,7 +217,8 @@ fn restore(path: &std::path::Path, console: &Console, clock: ClockOnRestore) -> 
     let loaded = load_snapshot(path).map_err(|e| fail(&e, true))?;
     let vmm = loaded.snapshot.restore(0, console).map_err(|e| fail(&e, true))?;
     if clock == ClockOnRestore::AdvanceToHostRealtime {
-        crate::vstate::clock::advance_to_host_realtime(&vmm, &loaded.snapshot.state.clock).map_err(|e| fail(&e, true))?;
+        crate::vstate::clock::advance_to_host_realtime(&vmm, &loaded.snapshot.state.clock)
+            .map_err(|e| fail(&e, true))?;
     }
     Ok((vmm, loaded))
 }
@@ -228,7 +245,8 @@ impl Root {
             Root::Tiny { vm, name, arg } => {
                 let guest = crate::guests::find(&name)
                     .ok_or_else(|| fail(&ConfigError::UnknownGuest { name, known: crate::guests::names() }, true))?;
-                let mut root = crate::build_tiny_vm(&prefixed(vm), guest, arg).map_err(|e| fail(&e, e.is_bad_input()))?;
+                let mut root =
+                    crate::build_tiny_vm(&prefixed(vm), guest, arg).map_err(|e| fail(&e, e.is_bad_input()))?;
                 root.start();
                 Ok(Controller::new(root, Some(memory::GuestAddress(crate::layout::VM_ID_ADDR))))
             }

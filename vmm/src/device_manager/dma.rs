@@ -25,7 +25,8 @@ impl DmaSlot {
     fn plug(space: &mut DeviceSpace, engine: DmaEngine) -> Result<DmaSlot, DeviceError> {
         let engine = Arc::new(Mutex::new(engine));
         space.insert_mmio(SLOT, engine.clone())?;
-        let _runner = DmaRunner::spawn_with(Arc::clone(&engine), crate::seccomp::dma_thread_start).map_err(DeviceError::Thread)?;
+        let _runner = DmaRunner::spawn_with(Arc::clone(&engine), crate::seccomp::dma_thread_start)
+            .map_err(DeviceError::Thread)?;
         Ok(DmaSlot { engine, _runner })
     }
 

@@ -71,7 +71,11 @@ impl std::fmt::Debug for DeviceEventLoop {
     }
 }
 
-fn add(manager: &mut EventManager<Subscriber>, what: &'static str, subscriber: Subscriber) -> Result<(), EventLoopError> {
+fn add(
+    manager: &mut EventManager<Subscriber>,
+    what: &'static str,
+    subscriber: Subscriber,
+) -> Result<(), EventLoopError> {
     manager.add_subscriber(Arc::clone(&subscriber));
     match subscriber.lock().unwrap_or_else(|e| e.into_inner()).take_init_error() {
         Some(source) => Err(EventLoopError::Register { what, source }),

@@ -32,10 +32,7 @@ pub fn thread() -> Vec<Allow> {
         // realloc of a large allocation (glibc moves it with mremap, e.g. a growing read buffer).
         any(libc::SYS_mremap),
         no_exec(libc::SYS_mprotect),
-        mmap(&[
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-        ]),
+        mmap(&[libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE]),
         arg_in(libc::SYS_madvise, 2, &[libc::MADV_DONTNEED as u64]),
         // Error messages on stderr (a device loop's, a panic's).
         any(libc::SYS_write),
@@ -50,14 +47,7 @@ pub fn spawning() -> Vec<Allow> {
     vec![
         any(libc::SYS_clone3),
         // glibc falls back to clone without clone3: only for threads.
-        when(
-            libc::SYS_clone,
-            vec![vec![masked(
-                0,
-                libc::CLONE_THREAD as u64,
-                libc::CLONE_THREAD as u64,
-            )]],
-        ),
+        when(libc::SYS_clone, vec![vec![masked(0, libc::CLONE_THREAD as u64, libc::CLONE_THREAD as u64)]]),
         any(libc::SYS_rseq),
         any(libc::SYS_set_robust_list),
         any(libc::SYS_sched_getaffinity),
@@ -93,11 +83,7 @@ pub fn event_loop() -> Vec<Allow> {
         arg_in(
             libc::SYS_epoll_ctl,
             1,
-            &[
-                libc::EPOLL_CTL_ADD as u64,
-                libc::EPOLL_CTL_MOD as u64,
-                libc::EPOLL_CTL_DEL as u64,
-            ],
+            &[libc::EPOLL_CTL_ADD as u64, libc::EPOLL_CTL_MOD as u64, libc::EPOLL_CTL_DEL as u64],
         ),
         any(libc::SYS_read),
         any(libc::SYS_readv),
@@ -116,24 +102,13 @@ pub fn event_loop() -> Vec<Allow> {
         any(libc::SYS_sendto),
         any(libc::SYS_sendmsg),
         any(libc::SYS_shutdown),
-        arg_in(
-            libc::SYS_fcntl,
-            1,
-            &[
-                libc::F_GETFL as u64,
-                libc::F_SETFL as u64,
-                libc::F_GETFD as u64,
-            ],
-        ),
+        arg_in(libc::SYS_fcntl, 1, &[libc::F_GETFL as u64, libc::F_SETFL as u64, libc::F_GETFD as u64]),
     ]
 }
 
 /// The DMA engine's runner: writes guest memory through pins, sleeps on its doorbell.
 pub fn dma() -> Vec<Allow> {
-    vec![
-        arg_in(libc::SYS_madvise, 2, &[libc::MADV_POPULATE_WRITE as u64]),
-        any(libc::SYS_close),
-    ]
+    vec![arg_in(libc::SYS_madvise, 2, &[libc::MADV_POPULATE_WRITE as u64]), any(libc::SYS_close)]
 }
 
 /// The API server's threads (tiny_http's acceptor and its connection workers): accept on the
@@ -150,23 +125,13 @@ pub fn api() -> Vec<Allow> {
         any(libc::SYS_shutdown),
         any(libc::SYS_close),
         any(libc::SYS_poll),
-        arg_in(
-            libc::SYS_fcntl,
-            1,
-            &[libc::F_DUPFD_CLOEXEC as u64, libc::F_GETFD as u64],
-        ),
+        arg_in(libc::SYS_fcntl, 1, &[libc::F_DUPFD_CLOEXEC as u64, libc::F_GETFD as u64]),
         // Read and write timeouts on a client's socket.
         when(
             libc::SYS_setsockopt,
             vec![
-                vec![
-                    eq(1, libc::SOL_SOCKET as u64),
-                    eq(2, libc::SO_RCVTIMEO as u64),
-                ],
-                vec![
-                    eq(1, libc::SOL_SOCKET as u64),
-                    eq(2, libc::SO_SNDTIMEO as u64),
-                ],
+                vec![eq(1, libc::SOL_SOCKET as u64), eq(2, libc::SO_RCVTIMEO as u64)],
+                vec![eq(1, libc::SOL_SOCKET as u64), eq(2, libc::SO_SNDTIMEO as u64)],
             ],
         ),
     ]);
@@ -195,21 +160,13 @@ pub fn vmm() -> Vec<Allow> {
         arg_in(
             libc::SYS_madvise,
             2,
-            &[
-                libc::MADV_POPULATE_WRITE as u64,
-                libc::MADV_DONTNEED as u64,
-                libc::MADV_REMOVE as u64,
-            ],
+            &[libc::MADV_POPULATE_WRITE as u64, libc::MADV_DONTNEED as u64, libc::MADV_REMOVE as u64],
         ),
         any(libc::SYS_getpid),
         any(libc::SYS_getrandom),
         any(libc::SYS_rt_sigaction),
         // The vCPU kick signal (`vcpu::kick`: the first real-time signal).
-        arg_in(
-            libc::SYS_tgkill,
-            2,
-            &[u64::from(vmm_sys_util::signal::SIGRTMIN().unsigned_abs())],
-        ),
+        arg_in(libc::SYS_tgkill, 2, &[u64::from(vmm_sys_util::signal::SIGRTMIN().unsigned_abs())]),
         // Files: kernels, disks, snapshot state and RAM files (written through temporary
         // files, renamed or linked into place), /dev/kvm, /dev/net/tun.
         any(libc::SYS_openat),
@@ -277,11 +234,7 @@ pub fn vmm() -> Vec<Allow> {
         arg_in(libc::SYS_setns, 1, &[libc::CLONE_NEWNET as u64]),
         // Each new thread installs its own class's filter.
         arg_in(libc::SYS_prctl, 0, &[libc::PR_SET_NO_NEW_PRIVS as u64]),
-        arg_in(
-            libc::SYS_seccomp,
-            0,
-            &[u64::from(libc::SECCOMP_SET_MODE_FILTER)],
-        ),
+        arg_in(libc::SYS_seccomp, 0, &[u64::from(libc::SECCOMP_SET_MODE_FILTER)]),
     ]);
     allows
 }
@@ -298,24 +251,13 @@ fn futex() -> Allow {
         libc::FUTEX_REQUEUE,
         libc::FUTEX_CMP_REQUEUE,
     ];
-    when(
-        libc::SYS_futex,
-        cmds.iter()
-            .map(|&cmd| vec![masked(1, CMD_MASK, u64::from(cmd.unsigned_abs()))])
-            .collect(),
-    )
+    when(libc::SYS_futex, cmds.iter().map(|&cmd| vec![masked(1, CMD_MASK, u64::from(cmd.unsigned_abs()))]).collect())
 }
 
 /// mmap never executable, and only with one of `flags` (the whole flags word).
 fn mmap(flags: &[libc::c_int]) -> Allow {
     let no_exec = masked(2, libc::PROT_EXEC as u64, 0);
-    when(
-        libc::SYS_mmap,
-        flags
-            .iter()
-            .map(|&f| vec![no_exec, eq(3, u64::from(f.unsigned_abs()))])
-            .collect(),
-    )
+    when(libc::SYS_mmap, flags.iter().map(|&f| vec![no_exec, eq(3, u64::from(f.unsigned_abs()))]).collect())
 }
 
 /// mprotect never to executable: no thread writes code.

@@ -7,10 +7,9 @@
 use std::mem::size_of;
 
 use kvm_bindings::{
-    kvm_clock_data, kvm_cpuid2, kvm_debugregs, kvm_dirty_log, kvm_fpu, kvm_ioeventfd, kvm_irqchip,
-    kvm_irqfd, kvm_lapic_state, kvm_mp_state, kvm_msr_list, kvm_msrs, kvm_pit_config,
-    kvm_pit_state2, kvm_regs, kvm_sregs, kvm_userspace_memory_region, kvm_vcpu_events, kvm_xcrs,
-    kvm_xsave,
+    kvm_clock_data, kvm_cpuid2, kvm_debugregs, kvm_dirty_log, kvm_fpu, kvm_ioeventfd, kvm_irqchip, kvm_irqfd,
+    kvm_lapic_state, kvm_mp_state, kvm_msr_list, kvm_msrs, kvm_pit_config, kvm_pit_state2, kvm_regs, kvm_sregs,
+    kvm_userspace_memory_region, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
 };
 use vmm_sys_util::ioctl::{ioctl_expr, _IOC_NONE, _IOC_READ, _IOC_WRITE};
 
@@ -151,13 +150,7 @@ pub const KVM_VMM: &[u64] = &[
 pub const KVM_VCPU: &[u64] = &[KVM_RUN, KVM_GET_REGS, KVM_GET_SREGS, KVM_KVMCLOCK_CTRL];
 
 /// The VMM thread's other ioctls: page counts, TAP setup, non-blocking sockets.
-pub const HOST_VMM: &[u64] = &[
-    PAGEMAP_SCAN,
-    TUNSETIFF,
-    TUNSETVNETHDRSZ,
-    TUNSETOFFLOAD,
-    FIONBIO,
-];
+pub const HOST_VMM: &[u64] = &[PAGEMAP_SCAN, TUNSETIFF, TUNSETVNETHDRSZ, TUNSETOFFLOAD, FIONBIO];
 
 #[cfg(test)]
 mod tests {
@@ -181,9 +174,6 @@ mod tests {
     fn the_vcpu_list_is_part_of_the_vmm_list_but_kvm_run() {
         // The VMM thread never enters a guest: only the vCPU threads do.
         assert!(!KVM_VMM.contains(&KVM_RUN));
-        assert!(KVM_VCPU
-            .iter()
-            .filter(|&&n| n != KVM_RUN)
-            .all(|n| KVM_VMM.contains(n)));
+        assert!(KVM_VCPU.iter().filter(|&&n| n != KVM_RUN).all(|n| KVM_VMM.contains(n)));
     }
 }

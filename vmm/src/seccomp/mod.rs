@@ -40,13 +40,8 @@ pub enum ThreadClass {
 }
 
 impl ThreadClass {
-    pub const ALL: [ThreadClass; 5] = [
-        ThreadClass::Vmm,
-        ThreadClass::Api,
-        ThreadClass::Vcpu,
-        ThreadClass::EventLoop,
-        ThreadClass::Dma,
-    ];
+    pub const ALL: [ThreadClass; 5] =
+        [ThreadClass::Vmm, ThreadClass::Api, ThreadClass::Vcpu, ThreadClass::EventLoop, ThreadClass::Dma];
 
     /// The class's name in messages, the README and the test hook's variable.
     pub fn name(self) -> &'static str {
@@ -66,12 +61,7 @@ impl ThreadClass {
             ThreadClass::Vmm => {
                 allows.extend(classes::vmm());
                 // Inherited by every thread it spawns, before they narrow to their class.
-                for class in [
-                    ThreadClass::Api,
-                    ThreadClass::Vcpu,
-                    ThreadClass::EventLoop,
-                    ThreadClass::Dma,
-                ] {
+                for class in [ThreadClass::Api, ThreadClass::Vcpu, ThreadClass::EventLoop, ThreadClass::Dma] {
                     allows.extend(class.allows());
                 }
             }
@@ -116,17 +106,9 @@ pub enum SeccompError {
     #[error("cannot compile the seccomp filters")]
     Compile(#[source] seccompiler::BackendError),
     #[error("cannot compile the seccomp filter of the {class} threads")]
-    Program {
-        class: &'static str,
-        source: seccompiler::BackendError,
-    },
-    #[error(
-        "cannot install the seccomp filter of the {class} threads (--no-seccomp runs without)"
-    )]
-    Install {
-        class: &'static str,
-        source: seccompiler::Error,
-    },
+    Program { class: &'static str, source: seccompiler::BackendError },
+    #[error("cannot install the seccomp filter of the {class} threads (--no-seccomp runs without)")]
+    Install { class: &'static str, source: seccompiler::Error },
     #[error("seccomp filters are already enabled")]
     AlreadyEnabled,
 }
@@ -141,25 +123,17 @@ pub fn enable(mode: SeccompMode) -> Result<(), SeccompError> {
         SeccompMode::Kill => SeccompAction::KillProcess,
         SeccompMode::Log => SeccompAction::Log,
     };
-    let programs = ThreadClass::ALL
-        .iter()
-        .map(|&class| compile(class, mismatch.clone()))
-        .collect::<Result<Vec<_>, _>>()?;
+    let programs =
+        ThreadClass::ALL.iter().map(|&class| compile(class, mismatch.clone())).collect::<Result<Vec<_>, _>>()?;
     resolve_malloc_arena_limit();
-    PROGRAMS
-        .set(programs)
-        .map_err(|_| SeccompError::AlreadyEnabled)?;
+    PROGRAMS.set(programs).map_err(|_| SeccompError::AlreadyEnabled)?;
     install(ThreadClass::Vmm)
 }
 
 fn compile(class: ThreadClass, mismatch: SeccompAction) -> Result<BpfProgram, SeccompError> {
-    let program = |source| SeccompError::Program {
-        class: class.name(),
-        source,
-    };
+    let program = |source| SeccompError::Program { class: class.name(), source };
     let rules = to_rule_map(&class.merged())?;
-    let filter = SeccompFilter::new(rules, mismatch, SeccompAction::Allow, TargetArch::x86_64)
-        .map_err(program)?;
+    let filter = SeccompFilter::new(rules, mismatch, SeccompAction::Allow, TargetArch::x86_64).map_err(program)?;
     filter.try_into().map_err(program)
 }
 
@@ -181,15 +155,10 @@ pub fn install(class: ThreadClass) -> Result<(), SeccompError> {
     let Some(programs) = PROGRAMS.get() else {
         return Ok(());
     };
-    let index = ThreadClass::ALL
-        .iter()
-        .position(|&c| c == class)
-        .unwrap_or(0);
+    let index = ThreadClass::ALL.iter().position(|&c| c == class).unwrap_or(0);
     let forbidden = test_hook::armed(class);
-    seccompiler::apply_filter(&programs[index]).map_err(|source| SeccompError::Install {
-        class: class.name(),
-        source,
-    })?;
+    seccompiler::apply_filter(&programs[index])
+        .map_err(|source| SeccompError::Install { class: class.name(), source })?;
     if forbidden {
         test_hook::forbidden_syscall(class);
     }
@@ -251,21 +220,11 @@ mod test_hook {
         // SAFETY: plain syscalls with constant arguments; a result (if any) is closed.
         let fd = unsafe {
             match class {
-                ThreadClass::Vmm => {
-                    libc::syscall(libc::SYS_socket, libc::AF_INET, libc::SOCK_STREAM, 0)
-                }
-                _ => libc::syscall(
-                    libc::SYS_openat,
-                    libc::AT_FDCWD,
-                    c"/dev/null".as_ptr(),
-                    libc::O_RDONLY,
-                ),
+                ThreadClass::Vmm => libc::syscall(libc::SYS_socket, libc::AF_INET, libc::SOCK_STREAM, 0),
+                _ => libc::syscall(libc::SYS_openat, libc::AT_FDCWD, c"/dev/null".as_ptr(), libc::O_RDONLY),
             }
         };
-        eprintln!(
-            "zygote: the {} thread's forbidden syscall was allowed ({fd})",
-            class.name()
-        );
+        eprintln!("zygote: the {} thread's forbidden syscall was allowed ({fd})", class.name());
     }
 }
 

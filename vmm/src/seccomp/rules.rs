@@ -35,27 +35,12 @@ pub enum Op {
 
 /// Allowed with any arguments.
 pub fn any(nr: libc::c_long) -> Allow {
-    Allow {
-        nr,
-        rules: Vec::new(),
-    }
+    Allow { nr, rules: Vec::new() }
 }
 
 /// Allowed when argument `arg` equals one of `values`.
 pub fn arg_in(nr: libc::c_long, arg: u8, values: &[u64]) -> Allow {
-    Allow {
-        nr,
-        rules: values
-            .iter()
-            .map(|&value| {
-                vec![Cond {
-                    arg,
-                    op: Op::Eq,
-                    value,
-                }]
-            })
-            .collect(),
-    }
+    Allow { nr, rules: values.iter().map(|&value| vec![Cond { arg, op: Op::Eq, value }]).collect() }
 }
 
 /// Allowed when every rule's conditions hold for one of `rules`.
@@ -65,20 +50,12 @@ pub fn when(nr: libc::c_long, rules: Vec<Vec<Cond>>) -> Allow {
 
 /// `arg == value`.
 pub fn eq(arg: u8, value: u64) -> Cond {
-    Cond {
-        arg,
-        op: Op::Eq,
-        value,
-    }
+    Cond { arg, op: Op::Eq, value }
 }
 
 /// `arg & mask == value`.
 pub fn masked(arg: u8, mask: u64, value: u64) -> Cond {
-    Cond {
-        arg,
-        op: Op::Masked(mask),
-        value,
-    }
+    Cond { arg, op: Op::Masked(mask), value }
 }
 
 /// Adds `allows` to `map`: a syscall allowed outright stays so; otherwise the rules add up.
@@ -100,17 +77,12 @@ pub fn merge(map: &mut BTreeMap<libc::c_long, Option<Vec<Vec<Cond>>>>, allows: &
 }
 
 /// The seccompiler form of a merged map.
-pub fn to_rule_map(
-    map: &BTreeMap<libc::c_long, Option<Vec<Vec<Cond>>>>,
-) -> Result<RuleMap, SeccompError> {
+pub fn to_rule_map(map: &BTreeMap<libc::c_long, Option<Vec<Vec<Cond>>>>) -> Result<RuleMap, SeccompError> {
     let mut out = RuleMap::new();
     for (&nr, rules) in map {
         let rules = match rules {
             None => Vec::new(),
-            Some(rules) => rules
-                .iter()
-                .map(|conds| to_rule(conds))
-                .collect::<Result<Vec<_>, _>>()?,
+            Some(rules) => rules.iter().map(|conds| to_rule(conds)).collect::<Result<Vec<_>, _>>()?,
         };
         out.insert(nr, rules);
     }
@@ -128,11 +100,7 @@ fn to_rule(conds: &[Cond]) -> Result<SeccompRule, SeccompError> {
             // The arguments checked here are C ints (fds, ioctl commands: the kernel takes
             // `unsigned int cmd`, flags, domains): their register's upper half is undefined,
             // so they compare as 32 bits.
-            let len = if u32::try_from(widest).is_ok() {
-                SeccompCmpArgLen::Dword
-            } else {
-                SeccompCmpArgLen::Qword
-            };
+            let len = if u32::try_from(widest).is_ok() { SeccompCmpArgLen::Dword } else { SeccompCmpArgLen::Qword };
             SeccompCondition::new(c.arg, len, op, c.value)
         })
         .collect::<Result<Vec<_>, _>>()

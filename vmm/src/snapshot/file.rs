@@ -107,7 +107,9 @@ pub fn write_snapshot_to(
     let canonical = dir.join(name);
     let inside = |what, path: &Path| match path.strip_prefix(&dir) {
         Ok(relative) => Ok(relative.to_path_buf()),
-        Err(_) => Err(SnapshotError::OutsideDir { path: state_path.into(), what, outside: path.into(), dir: dir.clone() }),
+        Err(_) => {
+            Err(SnapshotError::OutsideDir { path: state_path.into(), what, outside: path.into(), dir: dir.clone() })
+        }
     };
     let parent_ref = match parent {
         Some(p) => {
@@ -165,7 +167,13 @@ pub fn write_snapshot_to(
             for (&(start, size), (file_offset, runs)) in snap.ram.layout().iter().zip(written) {
                 timing.ram_bytes += runs.iter().map(|r| (r.pages * PAGE_SIZE) as u64).sum::<u64>();
                 let runs = runs.iter().map(to_run).collect();
-                regions.push(RamFile { start: start.0, size: size as u64, file: name_in_body.clone(), file_offset, runs });
+                regions.push(RamFile {
+                    start: start.0,
+                    size: size as u64,
+                    file: name_in_body.clone(),
+                    file_offset,
+                    runs,
+                });
             }
             mem_file = Some((tmp, target, mem_dir));
         }
@@ -193,7 +201,8 @@ pub fn write_snapshot_to(
     };
     timing.disk = started.elapsed() - timing.ram;
     let body = Body { regions, parent: parent_ref, disk, vm: clone_state(&snap.state) };
-    let body_bytes = serde_json::to_vec(&body).map_err(|source| SnapshotError::Body { path: state_path.into(), source })?;
+    let body_bytes =
+        serde_json::to_vec(&body).map_err(|source| SnapshotError::Body { path: state_path.into(), source })?;
     let (bytes, crc32) = super::format::encode(kind, HostCpu::current(), &body_bytes);
     let with: Vec<(&File, &Path)> = to_sync.iter().map(|(f, p)| (f, p.as_path())).collect();
     write_atomically(&mut created, &canonical, &bytes, &with, |created| {
@@ -223,16 +232,17 @@ fn old_files(dir: &Path, name: &Path) -> Vec<PathBuf> {
         let path = dir.join(name);
         let file = open_beneath(&open_dir(dir)?, dir, name, &path)?;
         let bytes = read_limited(&file, &path, super::format::MAX_STATE_FILE_BYTES)?;
-        let (_, body) = super::format::decode(&bytes).map_err(|source| SnapshotError::Format { path: path.clone(), source })?;
+        let (_, body) =
+            super::format::decode(&bytes).map_err(|source| SnapshotError::Format { path: path.clone(), source })?;
         let body: Body = serde_json::from_slice(body).map_err(|source| SnapshotError::Body { path, source })?;
         Ok(body.regions.into_iter().map(|r| r.file).chain(body.disk.map(|d| d.file)).collect())
     };
     let stem = name.to_string_lossy();
     // Only names this writer gives (an edited state file cannot make it remove other files).
     let ours = |f: &PathBuf| {
-        f.file_name()
-            .map(|n| n.to_string_lossy())
-            .is_some_and(|n| (n.starts_with(&format!("{stem}-mem")) || n.starts_with(&format!("{stem}-disk"))) && n.ends_with(".raw"))
+        f.file_name().map(|n| n.to_string_lossy()).is_some_and(|n| {
+            (n.starts_with(&format!("{stem}-mem")) || n.starts_with(&format!("{stem}-disk"))) && n.ends_with(".raw")
+        })
     };
     read().unwrap_or_default().into_iter().filter(ours).collect()
 }

@@ -66,8 +66,15 @@ pub fn producer() -> String {
 
 /// A state file: header line for `body` (taken on `host_cpu`), then `body`; and its CRC32.
 pub fn encode(kind: SnapshotKind, host_cpu: HostCpu, body: &[u8]) -> (Vec<u8>, u32) {
-    let header =
-        Header { magic: MAGIC.into(), format_version: FORMAT_VERSION, producer: producer(), host_cpu, kind, body_len: 0, crc32: 0 };
+    let header = Header {
+        magic: MAGIC.into(),
+        format_version: FORMAT_VERSION,
+        producer: producer(),
+        host_cpu,
+        kind,
+        body_len: 0,
+        crc32: 0,
+    };
     let crc32 = checksum(&Header { body_len: body.len() as u64, ..header.clone() }, body);
     (seal(header, body), crc32)
 }
@@ -105,7 +112,8 @@ pub fn decode(bytes: &[u8]) -> Result<(Header, &[u8]), FormatError> {
     }
     let found = loose.get("format_version").and_then(serde_json::Value::as_u64).ok_or(FormatError::NotASnapshot)?;
     if found != u64::from(FORMAT_VERSION) {
-        let producer = loose.get("producer").and_then(serde_json::Value::as_str).unwrap_or("an older zygote").to_string();
+        let producer =
+            loose.get("producer").and_then(serde_json::Value::as_str).unwrap_or("an older zygote").to_string();
         return Err(FormatError::Version { found: u32::try_from(found).unwrap_or(u32::MAX), producer });
     }
     let header: Header = serde_json::from_value(loose).map_err(|_| FormatError::NotASnapshot)?;
@@ -133,7 +141,10 @@ mod tests {
         let bytes = file();
         let (header, body) = decode(&bytes).unwrap();
         assert_eq!(body, b"{\"x\":1}");
-        assert_eq!((header.kind, header.format_version, header.producer), (SnapshotKind::Full, FORMAT_VERSION, producer()));
+        assert_eq!(
+            (header.kind, header.format_version, header.producer),
+            (SnapshotKind::Full, FORMAT_VERSION, producer())
+        );
     }
 
     #[test]
@@ -153,7 +164,11 @@ mod tests {
 
     #[test]
     fn other_versions_and_oversized_files_are_named() {
-        let text = String::from_utf8(file()).unwrap().replacen(&format!("\"format_version\":{FORMAT_VERSION}"), "\"format_version\":3", 1);
+        let text = String::from_utf8(file()).unwrap().replacen(
+            &format!("\"format_version\":{FORMAT_VERSION}"),
+            "\"format_version\":3",
+            1,
+        );
         assert!(matches!(decode(text.as_bytes()), Err(FormatError::Version { found: 3, .. })));
         let huge = vec![b' '; usize::try_from(MAX_STATE_FILE_BYTES).unwrap() + 1];
         assert_eq!(decode(&huge), Err(FormatError::TooLarge { size: MAX_STATE_FILE_BYTES + 1 }));

@@ -36,8 +36,11 @@ fn check_regular(file: &File, path: &Path) -> Result<(), SnapshotError> {
 
 /// Opens `path` (given by the user) read-only if it is a regular file.
 pub fn open_regular(path: &Path) -> Result<File, SnapshotError> {
-    let file =
-        OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC).open(path).map_err(io(path))?;
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(io(path))?;
     check_regular(&file, path)?;
     Ok(file)
 }
@@ -51,7 +54,11 @@ pub fn open_dir(path: &Path) -> Result<File, SnapshotError> {
 /// from `dir_path`), if it is a regular file there.
 pub fn open_beneath(dir: &File, dir_path: &Path, name: &Path, state_path: &Path) -> Result<File, SnapshotError> {
     let shown = dir_path.join(name);
-    let escapes = || SnapshotError::Escapes { path: state_path.to_path_buf(), name: name.to_path_buf(), dir: dir_path.to_path_buf() };
+    let escapes = || SnapshotError::Escapes {
+        path: state_path.to_path_buf(),
+        name: name.to_path_buf(),
+        dir: dir_path.to_path_buf(),
+    };
     if name.as_os_str().is_empty() || !name.components().all(|c| matches!(c, Component::Normal(_))) {
         return Err(escapes());
     }
@@ -62,8 +69,15 @@ pub fn open_beneath(dir: &File, dir_path: &Path, name: &Path, state_path: &Path)
     how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_MAGICLINKS;
     // SAFETY: openat2 reads `cname` (NUL-terminated, alive) and `how` (size passed) and
     // returns a new fd or -1; `dir` is an open directory fd we borrow.
-    let fd =
-        unsafe { libc::syscall(libc::SYS_openat2, dir.as_raw_fd(), cname.as_ptr(), &raw const how, std::mem::size_of::<libc::open_how>()) };
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            dir.as_raw_fd(),
+            cname.as_ptr(),
+            &raw const how,
+            std::mem::size_of::<libc::open_how>(),
+        )
+    };
     if fd < 0 {
         let err = std::io::Error::last_os_error();
         return Err(match err.raw_os_error() {
@@ -81,7 +95,10 @@ pub fn open_beneath(dir: &File, dir_path: &Path, name: &Path, state_path: &Path)
 /// Reads all of `file` (from `path`), refusing one longer than `limit` before reading it.
 pub fn read_limited(file: &File, path: &Path, limit: u64) -> Result<Vec<u8>, SnapshotError> {
     let size = file.metadata().map_err(io(path))?.len();
-    let too_large = |size| SnapshotError::Format { path: path.to_path_buf(), source: super::format::FormatError::TooLarge { size } };
+    let too_large = |size| SnapshotError::Format {
+        path: path.to_path_buf(),
+        source: super::format::FormatError::TooLarge { size },
+    };
     if size > limit {
         return Err(too_large(size));
     }
@@ -161,7 +178,9 @@ pub fn write_atomically(
     let all: Vec<(&File, &Path)> = with.iter().copied().chain([(&file, tmp.as_path())]).collect();
     std::thread::scope(|scope| {
         let syncs: Vec<_> = all.iter().map(|&(f, p)| scope.spawn(move || f.sync_all().map_err(io(p)))).collect();
-        syncs.into_iter().try_for_each(|s| s.join().unwrap_or_else(|_| Err(io(path)(std::io::Error::other("fsync thread panicked")))))
+        syncs.into_iter().try_for_each(|s| {
+            s.join().unwrap_or_else(|_| Err(io(path)(std::io::Error::other("fsync thread panicked"))))
+        })
     })?;
     before_rename(created)?;
     std::fs::rename(&tmp, path).map_err(io(path))?;
@@ -200,12 +219,26 @@ mod tests {
         let open = |name: &str| open_beneath(&d, &dir, Path::new(name), Path::new("s.json"));
         assert!(open("sub/ok.raw").is_ok());
         assert!(open("in-link").is_ok(), "a symlink that stays inside is followed");
-        for name in ["/etc/passwd", "../zygote-fsio-outside", "sub/../../zygote-fsio-outside", "abs-link", "up-link", "", "./sub/ok.raw"] {
+        for name in [
+            "/etc/passwd",
+            "../zygote-fsio-outside",
+            "sub/../../zygote-fsio-outside",
+            "abs-link",
+            "up-link",
+            "",
+            "./sub/ok.raw",
+        ] {
             assert!(matches!(open(name), Err(SnapshotError::Escapes { .. })), "{name}: {:?}", open(name));
         }
         assert!(matches!(open("sub"), Err(SnapshotError::NotRegular { kind: "directory", .. })));
-        assert!(matches!(open("fifo"), Err(SnapshotError::NotRegular { kind: "FIFO", .. })), "and the open did not block");
-        assert!(matches!(open_regular(Path::new("/dev/zero")), Err(SnapshotError::NotRegular { kind: "character device", .. })));
+        assert!(
+            matches!(open("fifo"), Err(SnapshotError::NotRegular { kind: "FIFO", .. })),
+            "and the open did not block"
+        );
+        assert!(matches!(
+            open_regular(Path::new("/dev/zero")),
+            Err(SnapshotError::NotRegular { kind: "character device", .. })
+        ));
         assert!(matches!(open_regular(&dir.join("fifo")), Err(SnapshotError::NotRegular { kind: "FIFO", .. })));
     }
 

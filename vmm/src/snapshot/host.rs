@@ -6,8 +6,15 @@
 use serde::{Deserialize, Serialize};
 
 /// The CPUID (leaf, subleaf, register) words recorded, in `HostCpu::features` order.
-pub const FEATURE_WORDS: [(u32, u32, &str); 7] =
-    [(1, 0, "ecx"), (1, 0, "edx"), (7, 0, "ebx"), (7, 0, "ecx"), (7, 0, "edx"), (0x8000_0001, 0, "ecx"), (0x8000_0001, 0, "edx")];
+pub const FEATURE_WORDS: [(u32, u32, &str); 7] = [
+    (1, 0, "ecx"),
+    (1, 0, "edx"),
+    (7, 0, "ebx"),
+    (7, 0, "ecx"),
+    (7, 0, "edx"),
+    (0x8000_0001, 0, "ecx"),
+    (0x8000_0001, 0, "edx"),
+];
 
 /// Bits that differ between hosts and guests without changing what a guest may use: leaf 1
 /// ECX bit 27 (OSXSAVE, mirrors the OS's CR4) and EBX-like per-CPU values are not recorded;

@@ -60,7 +60,11 @@ pub fn load_snapshot_with(state_path: &Path, options: &LoadOptions) -> Result<Sn
     for (depth, level) in levels.into_iter().enumerate().rev() {
         let mem_file = if depth == 0 { options.mem_file.as_deref() } else { None };
         let path = &level.path;
-        level.header.host_cpu.check_runs_on(&host).map_err(|source| SnapshotError::Host { path: path.clone(), source })?;
+        level
+            .header
+            .host_cpu
+            .check_runs_on(&host)
+            .map_err(|source| SnapshotError::Host { path: path.clone(), source })?;
         if let (Some(expected), Some(parent)) = (&level.body.parent, &loaded) {
             if expected.crc32 != parent.crc32 {
                 return Err(SnapshotError::ParentChanged { path: path.clone(), parent: parent.state_path.clone() });
@@ -80,7 +84,8 @@ pub fn load_snapshot_with(state_path: &Path, options: &LoadOptions) -> Result<Sn
 pub fn check_state_file(bytes: &[u8]) -> Result<SnapshotKind, SnapshotError> {
     let path = PathBuf::from("<state file>");
     let (header, body) = decode(bytes).map_err(|source| SnapshotError::Format { path: path.clone(), source })?;
-    let body: Body = serde_json::from_slice(body).map_err(|source| SnapshotError::Body { path: path.clone(), source })?;
+    let body: Body =
+        serde_json::from_slice(body).map_err(|source| SnapshotError::Body { path: path.clone(), source })?;
     check_body(header.kind, &body).map_err(|source| SnapshotError::Invalid { path, source })?;
     Ok(header.kind)
 }
@@ -103,7 +108,8 @@ fn read_chain(state_path: &Path) -> Result<Vec<Level>, SnapshotError> {
         seen.push((meta.dev(), meta.ino()));
         let bytes = read_limited(&file, &path, MAX_STATE_FILE_BYTES)?;
         let (header, body) = decode(&bytes).map_err(|source| SnapshotError::Format { path: path.clone(), source })?;
-        let body: Body = serde_json::from_slice(body).map_err(|source| SnapshotError::Body { path: path.clone(), source })?;
+        let body: Body =
+            serde_json::from_slice(body).map_err(|source| SnapshotError::Body { path: path.clone(), source })?;
         check_body(header.kind, &body).map_err(|source| SnapshotError::Invalid { path: path.clone(), source })?;
         let dir_path = parent_dir(&path).to_path_buf();
         let dir = open_dir(&dir_path)?;
@@ -120,7 +126,11 @@ fn read_chain(state_path: &Path) -> Result<Vec<Level>, SnapshotError> {
 
 /// Opens, checks and maps the files of one validated level over `parent` (present exactly for
 /// a diff, as `check_body` made sure).
-fn load_level(level: Level, parent: Option<&SnapshotOnDisk>, mem_file: Option<&Path>) -> Result<SnapshotOnDisk, SnapshotError> {
+fn load_level(
+    level: Level,
+    parent: Option<&SnapshotOnDisk>,
+    mem_file: Option<&Path>,
+) -> Result<SnapshotOnDisk, SnapshotError> {
     let kind = match level.header.kind {
         SnapshotKind::Full => FileKind::Full,
         SnapshotKind::Diff => FileKind::Diff,
@@ -159,11 +169,11 @@ fn load_level(level: Level, parent: Option<&SnapshotOnDisk>, mem_file: Option<&P
             });
             Snapshot::from_diff_files(&parent.snapshot.ram, diffs.collect()).map_err(SnapshotError::Memory)?
         }
-        None => {
-            Snapshot::from_files(&level.body.vm.regions(), files.into_iter().map(|r| r.file).collect()).map_err(SnapshotError::Memory)?
-        }
+        None => Snapshot::from_files(&level.body.vm.regions(), files.into_iter().map(|r| r.file).collect())
+            .map_err(SnapshotError::Memory)?,
     };
-    let canonical = level.dir_path.canonicalize().map_err(io(&level.dir_path))?.join(level.path.file_name().unwrap_or_default());
+    let canonical =
+        level.dir_path.canonicalize().map_err(io(&level.dir_path))?.join(level.path.file_name().unwrap_or_default());
     let mut chain = vec![canonical];
     chain.extend(mem_paths);
     chain.extend(parent.iter().flat_map(|p| p.chain.iter().cloned()));
@@ -187,7 +197,11 @@ fn load_disk(level: &Level, parent: Option<&SnapshotOnDisk>) -> Result<Option<Fr
         (Some(_), Some(disk)) => disk,
         (saved, disk) => {
             let has = |b: bool| if b { "has" } else { "has no" };
-            return Err(mismatch(format!("the state {} virtio-blk, the snapshot {} disk file", has(saved.is_some()), has(disk.is_some()))));
+            return Err(mismatch(format!(
+                "the state {} virtio-blk, the snapshot {} disk file",
+                has(saved.is_some()),
+                has(disk.is_some())
+            )));
         }
     };
     let path = level.dir_path.join(&disk.file);
@@ -200,11 +214,16 @@ fn load_disk(level: &Level, parent: Option<&SnapshotOnDisk>) -> Result<Option<Fr
     }
     verify_runs(&file, &path, expected, SECTOR_SIZE, &disk.runs, !disk.diff)?;
     let overlay_dir = std::env::temp_dir();
-    let sectors = usize::try_from(disk.sectors).map_err(|_| SnapshotError::DiskFileSize { path: path.clone(), expected, actual })?;
+    let sectors = usize::try_from(disk.sectors).map_err(|_| SnapshotError::DiskFileSize {
+        path: path.clone(),
+        expected,
+        actual,
+    })?;
     let opened = match (disk.diff, parent.and_then(|p| p.snapshot.disk.as_deref())) {
         (false, _) => FrozenDisk::open_file(file, &path, &overlay_dir),
         (true, Some(parent_disk)) => {
-            let runs: Vec<(usize, usize)> = disk.runs.iter().map(|&Run(first, count, _)| (first as usize, count as usize)).collect();
+            let runs: Vec<(usize, usize)> =
+                disk.runs.iter().map(|&Run(first, count, _)| (first as usize, count as usize)).collect();
             FrozenDisk::open_diff_file(parent_disk, file, &path, &BlockSet::from_runs(sectors, &runs))
         }
         (true, None) => return Err(mismatch("a diff disk file with no parent disk under it".into())),
@@ -230,7 +249,8 @@ mod tests {
             let (file, _) = encode(kind, HostCpu::current(), &seed[1..]);
             assert_eq!(check_state_file(&file).unwrap(), kind);
             // And one edit of a listed field is refused.
-            let text = String::from_utf8(seed[1..].to_vec()).unwrap().replacen("\"vcpus\":[", "\"vcpus\":[],\"x\":[", 1);
+            let text =
+                String::from_utf8(seed[1..].to_vec()).unwrap().replacen("\"vcpus\":[", "\"vcpus\":[],\"x\":[", 1);
             assert!(check_state_file(&encode(kind, HostCpu::current(), text.as_bytes()).0).is_err());
         }
     }

@@ -27,7 +27,12 @@ use super::runs::verify_runs;
 /// memory layer flattens a stack of too many runs into a new base: the pages changed since
 /// the parent are then unknown, and the diff holds every data page of the region instead
 /// (loaded over the parent like any diff file).
-pub fn write_region(ram: &Snapshot, parent: Option<&Snapshot>, index: usize, out: &File) -> Result<Vec<FileRun>, SnapshotError> {
+pub fn write_region(
+    ram: &Snapshot,
+    parent: Option<&Snapshot>,
+    index: usize,
+    out: &File,
+) -> Result<Vec<FileRun>, SnapshotError> {
     match parent {
         None => ram.write_region(index, out),
         Some(p) => match ram.write_region_diff(p, index, out) {
@@ -41,7 +46,8 @@ pub fn write_region(ram: &Snapshot, parent: Option<&Snapshot>, index: usize, out
 /// An unnamed file in `dir` (O_TMPFILE), or in the temporary directory if `dir` cannot have one.
 fn unnamed_file(dir: &Path) -> Result<File, SnapshotError> {
     for dir in [dir, &std::env::temp_dir()] {
-        let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(|_| io(dir)(std::io::ErrorKind::InvalidInput.into()))?;
+        let c = std::ffi::CString::new(dir.as_os_str().as_bytes())
+            .map_err(|_| io(dir)(std::io::ErrorKind::InvalidInput.into()))?;
         // SAFETY: open reads a NUL-terminated path; the result is a new fd or -1.
         let fd = unsafe { libc::open(c.as_ptr(), libc::O_TMPFILE | libc::O_RDWR | libc::O_CLOEXEC, 0o600) };
         if fd >= 0 {
@@ -122,19 +128,35 @@ pub struct RegionFile {
 
 fn file_run(&Run(first, count, crc32): &Run) -> FileRun {
     // Validated: inside a region of at most MAX_MEM_MIB.
-    FileRun { first_page: usize::try_from(first).unwrap_or(usize::MAX), pages: usize::try_from(count).unwrap_or(0), crc32 }
+    FileRun {
+        first_page: usize::try_from(first).unwrap_or(usize::MAX),
+        pages: usize::try_from(count).unwrap_or(0),
+        crc32,
+    }
 }
 
 /// Verifies `file` (`path`), which holds `regions` (the body's entries naming it) of a `kind`
 /// snapshot, and returns one `RegionFile` per region, in order.
-pub fn open_regions(file: File, path: &Path, regions: &[&RamFile], kind: FileKind) -> Result<Vec<RegionFile>, SnapshotError> {
-    let size_of =
-        |r: &RamFile| usize::try_from(r.size).map_err(|_| SnapshotError::RamFileSize { path: path.into(), expected: r.size, actual: 0 });
+pub fn open_regions(
+    file: File,
+    path: &Path,
+    regions: &[&RamFile],
+    kind: FileKind,
+) -> Result<Vec<RegionFile>, SnapshotError> {
+    let size_of = |r: &RamFile| {
+        usize::try_from(r.size).map_err(|_| SnapshotError::RamFileSize {
+            path: path.into(),
+            expected: r.size,
+            actual: 0,
+        })
+    };
     if let [region] = regions {
         if region.file_offset == 0 {
             let (size, runs) = (size_of(region)?, region.runs.iter().map(file_run).collect::<Vec<_>>());
             Snapshot::verify_file(&file, size, &runs, kind).map_err(|source| match source {
-                MemoryError::FileSize { expected, actual } => SnapshotError::RamFileSize { path: path.into(), expected, actual },
+                MemoryError::FileSize { expected, actual } => {
+                    SnapshotError::RamFileSize { path: path.into(), expected, actual }
+                }
                 source => SnapshotError::RamFile { path: path.into(), source },
             })?;
             return Ok(vec![RegionFile { file, runs, size }]);
@@ -147,8 +169,10 @@ pub fn open_regions(file: File, path: &Path, regions: &[&RamFile], kind: FileKin
         return Err(SnapshotError::RamFileSize { path: path.into(), expected, actual });
     }
     let page = PAGE_SIZE as u64;
-    let mut global: Vec<Run> =
-        regions.iter().flat_map(|r| r.runs.iter().map(|&Run(f, c, crc)| Run(r.file_offset / page + f, c, crc))).collect();
+    let mut global: Vec<Run> = regions
+        .iter()
+        .flat_map(|r| r.runs.iter().map(|&Run(f, c, crc)| Run(r.file_offset / page + f, c, crc)))
+        .collect();
     global.sort_by_key(|r| r.0);
     verify_runs(&file, path, expected, page, &global, kind == FileKind::Full)?;
     let scratch_dir = super::fsio::parent_dir(path);
@@ -159,7 +183,8 @@ pub fn open_regions(file: File, path: &Path, regions: &[&RamFile], kind: FileKin
             let own = unnamed_file(scratch_dir)?;
             own.set_len(region.size).map_err(io(path))?;
             for &Run(first, count, _) in &region.runs {
-                copy_range(&file, region.file_offset + first * page, &own, first * page, count * page).map_err(io(path))?;
+                copy_range(&file, region.file_offset + first * page, &own, first * page, count * page)
+                    .map_err(io(path))?;
             }
             Ok(RegionFile { file: own, runs: region.runs.iter().map(file_run).collect(), size })
         })

@@ -19,9 +19,9 @@ use memory::{GuestRam, MemoryError, Snapshot};
 
 use devices::block::FrozenDisk;
 
+use crate::builder::{build_restored, BuildError};
 use crate::device_manager::{Console, DeviceError, ResetArgs, RestoreReason};
 use crate::machine::{Paused, Vmm};
-use crate::builder::{build_restored, BuildError};
 use crate::vstate::{StateError, VmState};
 pub use file::{load_snapshot, write_snapshot, SnapshotError, SnapshotKind, SnapshotOnDisk};
 
@@ -92,7 +92,9 @@ impl VmSnapshot {
         let ram = GuestRam::from_snapshot(&self.ram).map_err(|source| VmSnapshotError::Memory { vm: id, source })?;
         let build_error = |source| VmSnapshotError::Build { vm: id, source };
         let disk = match &self.disk {
-            Some(frozen) => Some(frozen.instantiate().map_err(|e| build_error(BuildError::Devices(DeviceError::Disk(e))))?),
+            Some(frozen) => {
+                Some(frozen.instantiate().map_err(|e| build_error(BuildError::Devices(DeviceError::Disk(e))))?)
+            }
             None => None,
         };
         build_restored(id, Arc::new(ram), console, &self.state, disk, RestoreReason::Snapshot).map_err(build_error)
@@ -104,7 +106,12 @@ impl VmSnapshot {
     /// are re-executed), vCPUs, legacy devices, clock. Refused with `MemoryError::Pinned`,
     /// changing nothing, while a device holds a pin; `wait_for_pins` retries until the pins are
     /// released or it runs out. Returns where the time went.
-    pub fn reset(&self, vmm: &mut Vmm, token: &Paused, wait_for_pins: Option<std::time::Duration>) -> Result<ResetTiming, VmSnapshotError> {
+    pub fn reset(
+        &self,
+        vmm: &mut Vmm,
+        token: &Paused,
+        wait_for_pins: Option<std::time::Duration>,
+    ) -> Result<ResetTiming, VmSnapshotError> {
         let vm = vmm.id();
         let start = Instant::now();
         self.state.check_shape(vmm.ram()).map_err(|source| VmSnapshotError::State { vm, source })?;
@@ -119,7 +126,9 @@ impl VmSnapshot {
             let result = vmm.devices().reset(&self.state.devices, &args, reset_ram);
             match result {
                 Ok(()) => break,
-                Err(DeviceError::Ram(MemoryError::Pinned { .. })) if wait_for_pins.is_some_and(|limit| start.elapsed() < limit) => {
+                Err(DeviceError::Ram(MemoryError::Pinned { .. }))
+                    if wait_for_pins.is_some_and(|limit| start.elapsed() < limit) =>
+                {
                     std::thread::sleep(std::time::Duration::from_micros(100));
                 }
                 Err(DeviceError::Ram(source)) => return Err(VmSnapshotError::Memory { vm, source }),

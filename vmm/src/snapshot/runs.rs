@@ -45,12 +45,21 @@ pub fn data_runs(file: &File, size: u64, unit: u64) -> std::io::Result<Vec<(u64,
 
 /// The runs (first, count) of `unit`-byte units of `file`, each with its CRC32.
 pub fn checksum_runs(file: &File, path: &Path, unit: u64, runs: &[(u64, u64)]) -> Result<Vec<Run>, SnapshotError> {
-    runs.iter().map(|&(first, count)| Ok(Run(first, count, crc_of(file, first * unit, count * unit).map_err(io(path))?))).collect()
+    runs.iter()
+        .map(|&(first, count)| Ok(Run(first, count, crc_of(file, first * unit, count * unit).map_err(io(path))?)))
+        .collect()
 }
 
 /// Checks `file` (`path`) against `runs` of `unit`-byte units (validated: inside the file):
 /// each run's CRC32, and with `zero_elsewhere`, that the file holds only zeros outside them.
-pub fn verify_runs(file: &File, path: &Path, size: u64, unit: u64, runs: &[Run], zero_elsewhere: bool) -> Result<(), SnapshotError> {
+pub fn verify_runs(
+    file: &File,
+    path: &Path,
+    size: u64,
+    unit: u64,
+    runs: &[Run],
+    zero_elsewhere: bool,
+) -> Result<(), SnapshotError> {
     for &Run(first, count, expected) in runs {
         let (offset, len) = (first * unit, count * unit);
         let actual = crc_of(file, offset, len).map_err(io(path))?;
@@ -61,7 +70,9 @@ pub fn verify_runs(file: &File, path: &Path, size: u64, unit: u64, runs: &[Run],
     if !zero_elsewhere {
         return Ok(());
     }
-    let listed = |offset: u64| runs.iter().any(|&Run(first, count, _)| offset >= first * unit && offset < (first + count) * unit);
+    let listed = |offset: u64| {
+        runs.iter().any(|&Run(first, count, _)| offset >= first * unit && offset < (first + count) * unit)
+    };
     let mut buf = vec![0u8; usize::try_from(unit).unwrap_or(0)];
     for (first, count) in data_runs(file, size, unit).map_err(io(path))? {
         for u in (first..first + count).filter(|&u| !listed(u * unit)) {

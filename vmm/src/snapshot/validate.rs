@@ -64,12 +64,20 @@ pub fn check_body(kind: SnapshotKind, body: &Body) -> Result<(), ValidateError> 
         check_runs(&format!("regions[{index}].runs"), &file.runs, file.size / PAGE_SIZE as u64)?;
         let end = file.file_offset.checked_add(file.size).filter(|_| file.file_offset.is_multiple_of(PAGE_SIZE as u64));
         let Some(end) = end else {
-            return Err(ValidateError::FileOffset { index, offset: file.file_offset, reason: "not page-aligned or past any file" });
+            return Err(ValidateError::FileOffset {
+                index,
+                offset: file.file_offset,
+                reason: "not page-aligned or past any file",
+            });
         };
         // Regions sharing a file (a single memory file) must not share bytes of it.
         let shared = body.regions[..index].iter().filter(|r| r.file == file.file);
         if shared.into_iter().any(|r| r.file_offset < end && file.file_offset < r.file_offset.saturating_add(r.size)) {
-            return Err(ValidateError::FileOffset { index, offset: file.file_offset, reason: "overlaps another region in the same file" });
+            return Err(ValidateError::FileOffset {
+                index,
+                offset: file.file_offset,
+                reason: "overlaps another region in the same file",
+            });
         }
     }
     match (kind, &body.parent) {
@@ -113,8 +121,10 @@ fn check_layout(layout: &[(u64, usize)]) -> Result<(), ValidateError> {
             return Err(bad("overlaps or precedes the region before it"));
         }
         prev_end = end;
-        total =
-            total.checked_add(size).filter(|&t| t <= max).ok_or(ValidateError::TooMuchRam { bytes: total.saturating_add(size), max })?;
+        total = total
+            .checked_add(size)
+            .filter(|&t| t <= max)
+            .ok_or(ValidateError::TooMuchRam { bytes: total.saturating_add(size), max })?;
     }
     Ok(())
 }
@@ -137,7 +147,9 @@ fn check_device_addresses(body: &Body) -> Result<(), ValidateError> {
     let layout = &body.vm.ram_layout;
     let inside = |field: String, addr: u64, len: u64| -> Result<(), ValidateError> {
         let fits = addr.checked_add(len).is_some_and(|end| {
-            layout.iter().any(|&(start, size)| addr >= start && start.checked_add(size as u64).is_some_and(|r| end <= r))
+            layout
+                .iter()
+                .any(|&(start, size)| addr >= start && start.checked_add(size as u64).is_some_and(|r| end <= r))
         });
         match fits {
             true => Ok(()),
@@ -146,15 +158,26 @@ fn check_device_addresses(body: &Body) -> Result<(), ValidateError> {
     };
     let devices = &body.vm.devices;
     if let Some(block) = &devices.block {
-        let queues = block.transport.queues.iter().enumerate().map(|(i, q)| (format!("vm.devices.block.transport.queues[{i}]"), q));
-        for (field, queue) in queues.chain(block.device.queue.iter().map(|q| ("vm.devices.block.device.queue".to_string(), q))) {
+        let queues = block
+            .transport
+            .queues
+            .iter()
+            .enumerate()
+            .map(|(i, q)| (format!("vm.devices.block.transport.queues[{i}]"), q));
+        for (field, queue) in
+            queues.chain(block.device.queue.iter().map(|q| ("vm.devices.block.device.queue".to_string(), q)))
+        {
             for (ring, addr, len) in ring_ranges(queue) {
                 inside(format!("{field}.{ring}"), addr, len)?;
             }
         }
         for (r, request) in block.device.in_flight.iter().enumerate() {
             for (s, segment) in request.data.iter().enumerate() {
-                inside(format!("vm.devices.block.device.in_flight[{r}].data[{s}]"), segment.addr, u64::from(segment.len))?;
+                inside(
+                    format!("vm.devices.block.device.in_flight[{r}].data[{s}]"),
+                    segment.addr,
+                    u64::from(segment.len),
+                )?;
             }
             inside(format!("vm.devices.block.device.in_flight[{r}].status"), request.status, 1)?;
         }
@@ -175,7 +198,11 @@ fn ring_ranges(q: &QueueState) -> Vec<(&'static str, u64, u64)> {
     }
     let size = u64::from(q.size);
     // virtio 1.x split rings: 16-byte descriptors; flags, idx, ring[size], used_event/avail_event.
-    vec![("desc_table", q.desc_table, 16 * size), ("avail_ring", q.avail_ring, 6 + 2 * size), ("used_ring", q.used_ring, 6 + 8 * size)]
+    vec![
+        ("desc_table", q.desc_table, 16 * size),
+        ("avail_ring", q.avail_ring, 6 + 2 * size),
+        ("used_ring", q.used_ring, 6 + 8 * size),
+    ]
 }
 
 /// `err` and its sources, joined with ": ".
@@ -202,7 +229,10 @@ mod tests {
         assert!(matches!(check_layout(&[(0, 0)]), Err(ValidateError::Region { .. })));
         assert!(matches!(check_layout(&[(1, page)]), Err(ValidateError::Region { .. })));
         assert!(matches!(check_layout(&[(u64::MAX - 4095, page)]), Err(ValidateError::Region { .. })));
-        assert!(matches!(check_layout(&[(0, 2 * page), (page as u64, page)]), Err(ValidateError::Region { index: 1, .. })));
+        assert!(matches!(
+            check_layout(&[(0, 2 * page), (page as u64, page)]),
+            Err(ValidateError::Region { index: 1, .. })
+        ));
         let huge = usize::try_from(MAX_MEM_MIB << 20).unwrap();
         assert!(matches!(check_layout(&[(0, huge), (1 << 50, page)]), Err(ValidateError::TooMuchRam { .. })));
     }
@@ -210,7 +240,8 @@ mod tests {
     #[test]
     fn runs_are_checked_without_overflow() {
         assert!(check_runs("r", &[Run(0, 1, 0), Run(1, 2, 0)], 3).is_ok());
-        for bad in [vec![Run(0, 0, 0)], vec![Run(2, 2, 0)], vec![Run(1, 1, 0), Run(0, 1, 0)], vec![Run(u64::MAX, 2, 0)]] {
+        for bad in [vec![Run(0, 0, 0)], vec![Run(2, 2, 0)], vec![Run(1, 1, 0), Run(0, 1, 0)], vec![Run(u64::MAX, 2, 0)]]
+        {
             assert!(matches!(check_runs("r", &bad, 3), Err(ValidateError::BadRun { .. })), "{bad:?}");
         }
     }

@@ -18,8 +18,8 @@ use memory::GuestRam;
 
 use crate::bus::Bus;
 use crate::exit::{handle_exit, ExitAction, StopReason};
-pub use kick::{install_kick_handler, lock_vcpu, SharedVcpuFd};
 use kick::KickableVcpu;
+pub use kick::{install_kick_handler, lock_vcpu, SharedVcpuFd};
 pub use report::{exception_name, RegisterDump, TrapFrame, VcpuError};
 
 /// What the VMM tells a vCPU thread.

@@ -132,14 +132,8 @@ impl TrapFrame {
     /// The interrupted context: `stub_regs` with what the CPU and the stub saved put back.
     #[allow(clippy::cast_possible_truncation)]
     pub fn interrupted(&self, stub_regs: kvm_regs) -> RegisterDump {
-        let regs = kvm_regs {
-            rax: self.rax,
-            rdx: self.rdx,
-            rip: self.rip,
-            rsp: self.rsp,
-            rflags: self.rflags,
-            ..stub_regs
-        };
+        let regs =
+            kvm_regs { rax: self.rax, rdx: self.rdx, rip: self.rip, rsp: self.rsp, rflags: self.rflags, ..stub_regs };
         // Selectors are 16 bits; the CPU pushed them zero-extended.
         RegisterDump::from_parts(regs, self.cs as u16, self.ss as u16)
     }

@@ -76,7 +76,6 @@ pub fn advance_to_host_realtime(vmm: &Vmm, saved: &kvm_clock_data) -> Result<(),
     Ok(())
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -89,7 +89,11 @@ impl VmState {
     /// respect to the devices: device state is saved and `freeze_ram` runs while no device
     /// can complete a request in between (devices doing DMA on their own threads take their
     /// lock around both, e.g. virtio-blk's `capture_and_clone`). The disk is left alone.
-    pub fn capture_with<R>(vmm: &Vmm, token: &Paused, freeze_ram: impl FnOnce() -> R) -> Result<(VmState, R), StateError> {
+    pub fn capture_with<R>(
+        vmm: &Vmm,
+        token: &Paused,
+        freeze_ram: impl FnOnce() -> R,
+    ) -> Result<(VmState, R), StateError> {
         Self::capture_devices_with(vmm, token, CaptureMode::Leave, freeze_ram).map(|(state, _, frozen)| (state, frozen))
     }
 

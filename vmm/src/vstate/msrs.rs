@@ -38,7 +38,8 @@ pub fn saved_msr_indices() -> Result<&'static [u32], kvm_ioctls::Error> {
 /// Reads `indices`; returns the (index, value) pairs KVM read, which stop at the first it could
 /// not read.
 pub fn read_msrs(vcpu: &VcpuFd, indices: &[u32]) -> Result<Vec<(u32, u64)>, kvm_ioctls::Error> {
-    let entries: Vec<kvm_msr_entry> = indices.iter().map(|&index| kvm_msr_entry { index, ..Default::default() }).collect();
+    let entries: Vec<kvm_msr_entry> =
+        indices.iter().map(|&index| kvm_msr_entry { index, ..Default::default() }).collect();
     let mut msrs = Msrs::from_entries(&entries).map_err(|_| kvm_ioctls::Error::new(libc::E2BIG))?;
     let read = vcpu.get_msrs(&mut msrs)?;
     Ok(msrs.as_slice()[..read].iter().map(|e| (e.index, e.data)).collect())

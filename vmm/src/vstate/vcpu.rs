@@ -4,8 +4,8 @@
 use std::sync::OnceLock;
 
 use kvm_bindings::{
-    kvm_cpuid_entry2, kvm_debugregs, kvm_lapic_state, kvm_mp_state, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId,
-    KVM_MAX_CPUID_ENTRIES,
+    kvm_cpuid_entry2, kvm_debugregs, kvm_lapic_state, kvm_mp_state, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs,
+    kvm_xsave, CpuId, KVM_MAX_CPUID_ENTRIES,
 };
 use kvm_ioctls::{Cap, Kvm, VcpuFd};
 use serde::{Deserialize, Serialize};
@@ -97,8 +97,11 @@ impl VcpuState {
     /// `with_cpuid` is for a vCPU that never ran (KVM refuses CPUID changes after KVM_RUN).
     pub fn restore(&self, index: usize, fd: &VcpuFd, with_cpuid: bool) -> Result<(), VcpuStateError> {
         if with_cpuid {
-            let cpuid = CpuId::from_entries(&self.cpuid)
-                .map_err(|_| VcpuStateError::Ioctl { vcpu: index, op: "CPUID size", source: kvm_ioctls::Error::new(libc::E2BIG) })?;
+            let cpuid = CpuId::from_entries(&self.cpuid).map_err(|_| VcpuStateError::Ioctl {
+                vcpu: index,
+                op: "CPUID size",
+                source: kvm_ioctls::Error::new(libc::E2BIG),
+            })?;
             ioctl(index, "KVM_SET_CPUID2", fd.set_cpuid2(&cpuid))?;
         }
         ioctl(index, "KVM_SET_MP_STATE", fd.set_mp_state(self.mp_state))?;

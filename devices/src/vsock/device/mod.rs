@@ -96,13 +96,18 @@ pub struct VsockDevice {
 
 impl std::fmt::Debug for VsockDevice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("VsockDevice").field("cid", &self.cid).field("muxer", &self.muxer).field("stats", &self.stats).finish_non_exhaustive()
+        f.debug_struct("VsockDevice")
+            .field("cid", &self.cid)
+            .field("muxer", &self.muxer)
+            .field("stats", &self.stats)
+            .finish_non_exhaustive()
     }
 }
 
 /// Pins a TX packet's header and payload for read.
 fn pin_tx(ram: &GuestRam, packet: &TxPacket) -> Result<Vec<PinGuard>, VsockError> {
-    let mut pins = vec![ram.pin(GuestAddress(packet.header_at), PKT_HEADER_SIZE, Access::Read).map_err(VsockError::Pin)?];
+    let mut pins =
+        vec![ram.pin(GuestAddress(packet.header_at), PKT_HEADER_SIZE, Access::Read).map_err(VsockError::Pin)?];
     if let Some((addr, len)) = packet.data {
         pins.push(ram.pin(GuestAddress(addr), len as usize, Access::Read).map_err(VsockError::Pin)?);
     }

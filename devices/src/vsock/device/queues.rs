@@ -153,10 +153,16 @@ impl VsockDevice {
     /// Writes `item` into the RX chain: pins the header (and for data the data buffer) for
     /// write, reads host bytes into the pinned buffer, then writes the header through the
     /// crate. Returns the used length and the pins (dropped after publication).
-    pub(super) fn fill_rx(&mut self, ram: &GuestRam, chain: DescriptorChain<Arc<GuestRam>>, item: RxItem) -> Result<Option<(u32, Vec<PinGuard>)>, VsockError> {
+    pub(super) fn fill_rx(
+        &mut self,
+        ram: &GuestRam,
+        chain: DescriptorChain<Arc<GuestRam>>,
+        item: RxItem,
+    ) -> Result<Option<(u32, Vec<PinGuard>)>, VsockError> {
         let head = chain.head_index();
         let (layout, mut packet) = parse_rx(ram, chain)?;
-        let mut pins = vec![ram.pin(GuestAddress(layout.header_at), PKT_HEADER_SIZE, Access::Write).map_err(VsockError::Pin)?];
+        let mut pins =
+            vec![ram.pin(GuestAddress(layout.header_at), PKT_HEADER_SIZE, Access::Write).map_err(VsockError::Pin)?];
         let header = match item {
             RxItem::Control => self.muxer.take_control(),
             RxItem::Data(key) => {
@@ -191,7 +197,9 @@ impl VsockDevice {
                 .filter(|d| d.is_write_only() && d.len() >= 4)
                 .ok_or(VsockError::BadEventBuffer { head })
                 .and_then(|d| ram.pin(d.addr(), 4, Access::Write).map_err(VsockError::Pin))
-                .and_then(|pin| pin.write_at(0, &EVENT_TRANSPORT_RESET.to_le_bytes()).map_err(VsockError::Pin).map(|()| pin));
+                .and_then(|pin| {
+                    pin.write_at(0, &EVENT_TRANSPORT_RESET.to_le_bytes()).map_err(VsockError::Pin).map(|()| pin)
+                });
             match written {
                 Ok(pin) => {
                     self.publish(EVQ, head, 4);

@@ -31,7 +31,9 @@ impl Muxer {
             _ => {
                 let Some(&key) = self.tokens.get(&token) else { return };
                 let Some(conn) = self.conns.get_mut(&key) else { return };
-                if set.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::READ_HANG_UP | EventSet::ERROR) && conn.can_read_host() {
+                if set.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::READ_HANG_UP | EventSet::ERROR)
+                    && conn.can_read_host()
+                {
                     conn.readable = true;
                 }
                 if !conn.flushed() {

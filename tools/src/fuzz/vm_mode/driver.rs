@@ -62,10 +62,14 @@ pub fn run_guest_command(vmm: &mut Vmm, token: Paused, command: GuestCommand) ->
     let seq = read_u64(vmm, MAILBOX_ADDR + MB_ACK)? + 1;
     let (op, addr, len, value, chunk) = match command {
         GuestCommand::Fill { addr, len, byte } => (OP_FILL, addr, len, u64::from(byte), 0),
-        GuestCommand::Dma { source: DmaSource::Pattern(pattern), dst, len, chunk } => (OP_DMA, dst, len, pattern, chunk),
+        GuestCommand::Dma { source: DmaSource::Pattern(pattern), dst, len, chunk } => {
+            (OP_DMA, dst, len, pattern, chunk)
+        }
         GuestCommand::Dma { source: DmaSource::Guest(src), dst, len, chunk } => (OP_COPY, dst, len, src, chunk),
     };
-    for (field, value) in [(MB_OP, op), (MB_ADDR, addr), (MB_LEN, len), (MB_VALUE, value), (MB_CHUNK, chunk), (MB_SEQ, seq)] {
+    for (field, value) in
+        [(MB_OP, op), (MB_ADDR, addr), (MB_LEN, len), (MB_VALUE, value), (MB_CHUNK, chunk), (MB_SEQ, seq)]
+    {
         write_u64(vmm, MAILBOX_ADDR + field, value)?;
     }
     vmm.resume(token);
@@ -76,7 +80,10 @@ pub fn run_guest_command(vmm: &mut Vmm, token: Paused, command: GuestCommand) ->
             return Err(Violation(format!("VM {} ended during a guest command: {outcome:?}", vmm.id())));
         }
         if Instant::now() > deadline {
-            return Err(Violation(format!("VM {}: the guest did not run command {seq} within {GUEST_TIMEOUT:?}", vmm.id())));
+            return Err(Violation(format!(
+                "VM {}: the guest did not run command {seq} within {GUEST_TIMEOUT:?}",
+                vmm.id()
+            )));
         }
         polls += 1;
         match polls < 200 {
@@ -88,7 +95,11 @@ pub fn run_guest_command(vmm: &mut Vmm, token: Paused, command: GuestCommand) ->
 }
 
 fn mmio_write(vmm: &Vmm, addr: u64, value: u32) -> Result<(), Violation> {
-    vmm.buses().1.write(addr, &value.to_le_bytes()).map(|_| ()).map_err(|_| Violation(format!("no device at MMIO {addr:#x}")))
+    vmm.buses()
+        .1
+        .write(addr, &value.to_le_bytes())
+        .map(|_| ())
+        .map_err(|_| Violation(format!("no device at MMIO {addr:#x}")))
 }
 
 fn mmio_read(vmm: &Vmm, addr: u64) -> Result<u32, Violation> {
@@ -110,14 +121,7 @@ pub fn host_dma(vmm: &Vmm, source: DmaSource, dst: u64, len: u32, chunk: u32) ->
     for (offset, value) in select {
         mmio_write(vmm, DMA_ENGINE_MMIO_ADDR + offset, value)?;
     }
-    let writes = [
-        (0x18, dst as u32),
-        (0x1c, (dst >> 32) as u32),
-        (0x20, len),
-        (0x24, chunk),
-        (0x28, 0),
-        (0x30, 1),
-    ];
+    let writes = [(0x18, dst as u32), (0x1c, (dst >> 32) as u32), (0x20, len), (0x24, chunk), (0x28, 0), (0x30, 1)];
     for (offset, value) in writes {
         mmio_write(vmm, DMA_ENGINE_MMIO_ADDR + offset, value)?;
     }
@@ -147,9 +151,20 @@ impl BlkQueue {
     /// (its RAM rings went back, the device's queue position did not).
     pub fn setup(vmm: &Vmm) -> Result<BlkQueue, Violation> {
         let ring_bytes = (HEADERS + 0x1000 - DESC_TABLE) as usize;
-        vmm.ram().write_slice(&vec![0; ring_bytes], GuestAddress(DESC_TABLE)).map_err(|e| ram_err("clearing the virtio queue", e))?;
+        vmm.ram()
+            .write_slice(&vec![0; ring_bytes], GuestAddress(DESC_TABLE))
+            .map_err(|e| ram_err("clearing the virtio queue", e))?;
         let reg = |offset: u64, value: u32| mmio_write(vmm, VIRTIO_BLK_MMIO_ADDR + offset, value);
-        for (offset, value) in [(0x70, 0), (0x70, 1), (0x70, 3), (0x24, 1), (0x20, 1), (0x70, 11), (0x30, 0), (0x38, u32::from(QUEUE_SIZE))] {
+        for (offset, value) in [
+            (0x70, 0),
+            (0x70, 1),
+            (0x70, 3),
+            (0x24, 1),
+            (0x20, 1),
+            (0x70, 11),
+            (0x30, 0),
+            (0x38, u32::from(QUEUE_SIZE)),
+        ] {
             reg(offset, value)?;
         }
         #[allow(clippy::cast_possible_truncation)]
@@ -199,10 +214,15 @@ impl BlkQueue {
 
     /// Checks that every offered request is in the used ring of `vmm`.
     pub fn check_all_used(&self, vmm: &Vmm) -> Result<(), Violation> {
-        let used: u16 = vmm.ram().read_obj(GuestAddress(USED_RING + 2)).map_err(|e| ram_err("reading the used ring", e))?;
+        let used: u16 =
+            vmm.ram().read_obj(GuestAddress(USED_RING + 2)).map_err(|e| ram_err("reading the used ring", e))?;
         match used == self.avail_idx {
             true => Ok(()),
-            false => Err(Violation(format!("VM {}: used index {used} after completion, {} requests offered", vmm.id(), self.avail_idx))),
+            false => Err(Violation(format!(
+                "VM {}: used index {used} after completion, {} requests offered",
+                vmm.id(),
+                self.avail_idx
+            ))),
         }
     }
 }

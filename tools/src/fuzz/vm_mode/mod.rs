@@ -23,13 +23,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use memory::{Bytes, GuestAddress, PAGE_SIZE};
 
 use super::{pick, Violation, World};
+use driver::BlkQueue;
+use model::{first_diff, BlkModel, VmModel};
+pub use steps::{draw_vm_step, generate_vm, VmStep};
 use vmm::builder::{build_tiny_vm, VmConfig};
 use vmm::device_manager::Console;
 use vmm::machine::{Paused, Vmm};
 use vmm::snapshot::VmSnapshot;
-use driver::BlkQueue;
-use model::{first_diff, BlkModel, VmModel};
-pub use steps::{draw_vm_step, generate_vm, VmStep};
 
 /// The guest-physical range every VM's oracle models byte by byte (clear of the guest's code,
 /// mailbox and page tables, and of the virtio queue in `driver`).
@@ -83,11 +83,18 @@ impl World for VmWorld {
         static RUNS: AtomicU64 = AtomicU64::new(0);
         let n = RUNS.fetch_add(1, Ordering::Relaxed);
         let disk = std::env::temp_dir().join(format!("zygote-fuzz-vm-{}-{n}.img", std::process::id()));
-        std::fs::write(&disk, model::initial_disk()).map_err(|e| Violation(format!("cannot write the scratch disk {}: {e}", disk.display())))?;
+        std::fs::write(&disk, model::initial_disk())
+            .map_err(|e| Violation(format!("cannot write the scratch disk {}: {e}", disk.display())))?;
         let mut world = VmWorld { vms: Vec::new(), snaps: Vec::new(), next_id: 1, disk };
-        let config = VmConfig { mem_mib: MEM_MIB, console: quiet_console(), disk: Some(world.disk.clone()), ..VmConfig::default() };
+        let config = VmConfig {
+            mem_mib: MEM_MIB,
+            console: quiet_console(),
+            disk: Some(world.disk.clone()),
+            ..VmConfig::default()
+        };
         let guest = vmm::guests::find("mailbox").expect("the mailbox guest is bundled");
-        let mut vmm = build_tiny_vm(&config, guest, 0).map_err(|e| Violation(format!("cannot build the root VM: {e}")))?;
+        let mut vmm =
+            build_tiny_vm(&config, guest, 0).map_err(|e| Violation(format!("cannot build the root VM: {e}")))?;
         set_host_stepped(&vmm)?;
         let queue = BlkQueue::setup(&vmm)?;
         hold_blk(&vmm, true);
@@ -153,19 +160,35 @@ impl VmWorld {
         let mut buf = vec![0u8; DATA_BYTES];
         for vm in self.vms.iter().flatten() {
             let id = vm.vmm.id();
-            vm.vmm.ram().read_slice(&mut buf, GuestAddress(DATA_ADDR)).map_err(|e| Violation(format!("VM {id}: cannot read RAM: {e}")))?;
+            vm.vmm
+                .ram()
+                .read_slice(&mut buf, GuestAddress(DATA_ADDR))
+                .map_err(|e| Violation(format!("VM {id}: cannot read RAM: {e}")))?;
             if let Some(at) = first_diff(&buf, &vm.model.bytes) {
                 return Err(Violation(format!("VM {id} differs from the model at {at}")));
             }
             let dma = vm.vmm.devices().dma().ok_or_else(|| Violation(format!("VM {id} lost its DMA engine")))?;
             let engine = dma.lock().unwrap_or_else(|e| e.into_inner());
-            ensure!(engine.busy() == vm.model.dma.is_some(), "VM {id}: DMA engine busy {} but the model has {:?}", engine.busy(), vm.model.dma);
+            ensure!(
+                engine.busy() == vm.model.dma.is_some(),
+                "VM {id}: DMA engine busy {} but the model has {:?}",
+                engine.busy(),
+                vm.model.dma
+            );
             if let Some(d) = vm.model.dma {
-                ensure!(engine.progress() == d.done as u64, "VM {id}: DMA progress {} but {} bytes were stepped", engine.progress(), d.done);
+                ensure!(
+                    engine.progress() == d.done as u64,
+                    "VM {id}: DMA progress {} but {} bytes were stepped",
+                    engine.progress(),
+                    d.done
+                );
             }
         }
         for (i, s) in self.snaps.iter().enumerate() {
-            s.snap.ram.read_slice(&mut buf, GuestAddress(DATA_ADDR)).map_err(|e| Violation(format!("snapshot {i}: cannot read: {e}")))?;
+            s.snap
+                .ram
+                .read_slice(&mut buf, GuestAddress(DATA_ADDR))
+                .map_err(|e| Violation(format!("snapshot {i}: cannot read: {e}")))?;
             if let Some(at) = first_diff(&buf, &s.model.bytes) {
                 return Err(Violation(format!("snapshot {i} does not hold its instant's bytes at {at}")));
             }

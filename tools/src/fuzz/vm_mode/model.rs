@@ -121,7 +121,12 @@ impl VmModel {
     /// A clone's model: the clone-instant bytes, a clean dirty set, the transfer in flight
     /// restarted, the same driver, disk and requests (the clone re-executes them).
     pub fn cloned(&self) -> VmModel {
-        VmModel { bytes: self.bytes.clone(), dirty: BTreeSet::new(), dma: self.dma.map(|d| d.restarted()), blk: self.blk.clone() }
+        VmModel {
+            bytes: self.bytes.clone(),
+            dirty: BTreeSet::new(),
+            dma: self.dma.map(|d| d.restarted()),
+            blk: self.blk.clone(),
+        }
     }
 
     pub fn write(&mut self, start: usize, data: &[u8]) {
@@ -193,7 +198,13 @@ mod tests {
     #[test]
     fn dma_steps_write_the_pattern_chunk_by_chunk_and_end_the_transfer() {
         let mut m = VmModel::new(None);
-        m.dma = Some(DmaModel { first: PAGE_SIZE, len: PAGE_SIZE, chunk: 3000, from: DmaFrom::Pattern(0x0807_0605_0403_0201), done: 0 });
+        m.dma = Some(DmaModel {
+            first: PAGE_SIZE,
+            len: PAGE_SIZE,
+            chunk: 3000,
+            from: DmaFrom::Pattern(0x0807_0605_0403_0201),
+            done: 0,
+        });
         assert!(m.dma_step());
         assert_eq!(m.bytes[PAGE_SIZE..PAGE_SIZE + 9], [1, 2, 3, 4, 5, 6, 7, 8, 1]);
         assert_eq!(m.bytes[PAGE_SIZE + 3000], 0);
@@ -207,7 +218,8 @@ mod tests {
 
     #[test]
     fn requests_conflict_on_shared_pages_or_on_sectors_one_of_them_writes() {
-        let r = |kind, sector, buf| BlkRequestModel { kind, sector, sectors: 2, buf, submitted: Submitted { status: 0 } };
+        let r =
+            |kind, sector, buf| BlkRequestModel { kind, sector, sectors: 2, buf, submitted: Submitted { status: 0 } };
         assert!(r(BlkKind::Read, 0, 0).conflicts(&r(BlkKind::Read, 9, 512)));
         assert!(!r(BlkKind::Read, 0, 0).conflicts(&r(BlkKind::Read, 1, PAGE_SIZE)));
         assert!(r(BlkKind::Write, 0, 0).conflicts(&r(BlkKind::Read, 1, PAGE_SIZE)));

@@ -12,9 +12,9 @@ use super::driver::{host_dma, request_status, run_guest_command, GuestCommand, V
 use super::model::{first_diff, BlkKind, BlkRequestModel, DmaFrom, DmaModel, SECTOR};
 use super::{complete_blk, ensure, pause, pick, quiet_console, FuzzVm, SnapModel, VmStep, VmWorld};
 use super::{DATA_ADDR, DATA_BYTES, DATA_PAGES, DISK_SECTORS, MAX_VMS};
-use vmm::clone::capture_clone;
 use crate::fuzz::Violation;
-use vmm::snapshot::{VmSnapshotError, VmSnapshot};
+use vmm::clone::capture_clone;
+use vmm::snapshot::{VmSnapshot, VmSnapshotError};
 
 /// `len` bytes from `offset` of data page `page`, clipped to the data area: (start, len).
 fn span(page: u8, offset: u16, len: u16) -> (usize, usize) {
@@ -55,7 +55,10 @@ impl VmWorld {
                 let (start, len) = span(page, offset, len);
                 let v = self.vm(i);
                 let id = v.vmm.id();
-                v.vmm.ram().write_slice(&vec![byte; len], GuestAddress(DATA_ADDR + start as u64)).map_err(|e| failed("host write", id, e))?;
+                v.vmm
+                    .ram()
+                    .write_slice(&vec![byte; len], GuestAddress(DATA_ADDR + start as u64))
+                    .map_err(|e| failed("host write", id, e))?;
                 v.model.write(start, &vec![byte; len]);
             }
             VmStep::DmaStart { vm, page, pages, pattern, chunk, by_guest } => {
@@ -94,7 +97,8 @@ impl VmWorld {
                 let Some(i) = pick_vm(vm) else { return Ok(()) };
                 let v = self.vm(i);
                 let id = v.vmm.id();
-                let snap = VmSnapshot::take(&v.vmm, v.token.as_ref().expect("paused")).map_err(|e| failed("snapshot", id, e))?;
+                let snap = VmSnapshot::take(&v.vmm, v.token.as_ref().expect("paused"))
+                    .map_err(|e| failed("snapshot", id, e))?;
                 let model = v.model.cloned();
                 self.snaps.push(SnapModel { snap, model });
             }
@@ -151,7 +155,15 @@ impl VmWorld {
         Ok(())
     }
 
-    fn dma_start(&mut self, i: usize, page: u8, pages: u8, from: DmaFrom, chunk: u16, by_guest: bool) -> Result<(), Violation> {
+    fn dma_start(
+        &mut self,
+        i: usize,
+        page: u8,
+        pages: u8,
+        from: DmaFrom,
+        chunk: u16,
+        by_guest: bool,
+    ) -> Result<(), Violation> {
         let page = page % DATA_PAGES;
         let first = usize::from(page) * PAGE_SIZE;
         let mut len = usize::from(pages.clamp(1, DATA_PAGES - page)) * PAGE_SIZE;
@@ -215,12 +227,15 @@ impl VmWorld {
         let placeholder = super::driver::Submitted { status: 0 };
         let request = BlkRequestModel { kind, sector, sectors, buf, submitted: placeholder };
         // Requests that could race each other are left out: the model would not know the order.
-        if blk.held.len() + 1 >= usize::from(super::driver::REQUEST_SLOTS) || blk.held.iter().any(|h| h.conflicts(&request)) {
+        if blk.held.len() + 1 >= usize::from(super::driver::REQUEST_SLOTS)
+            || blk.held.iter().any(|h| h.conflicts(&request))
+        {
             return Ok(());
         }
         let virtio_kind = if kind == BlkKind::Read { VIRTIO_BLK_T_IN } else { VIRTIO_BLK_T_OUT };
         #[allow(clippy::cast_possible_truncation)] // at most 8 sectors
-        let submitted = blk.queue.submit(&v.vmm, virtio_kind, sector as u64, DATA_ADDR + buf as u64, (sectors * SECTOR) as u32)?;
+        let submitted =
+            blk.queue.submit(&v.vmm, virtio_kind, sector as u64, DATA_ADDR + buf as u64, (sectors * SECTOR) as u32)?;
         blk.held.push(BlkRequestModel { submitted, ..request });
         Ok(())
     }
@@ -231,7 +246,8 @@ impl VmWorld {
         let source = self.vm(i);
         let pinned = source.model.pinned_pages().len() as u64;
         let source_id = source.vmm.id();
-        let image = capture_clone(&source.vmm, source.token.as_ref().expect("paused")).map_err(|e| failed("clone", source_id, e))?;
+        let image = capture_clone(&source.vmm, source.token.as_ref().expect("paused"))
+            .map_err(|e| failed("clone", source_id, e))?;
         ensure!(
             image.eager_copied_pages == pinned,
             "VM {source_id}: clone copied {} pages eagerly, {pinned} were pinned",

@@ -12,41 +12,100 @@ use crate::fuzz::schedule::{run_rng, Entropy};
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum VmStep {
     /// The guest's vCPU fills `len` bytes at `offset` of data page `page` with `byte`.
-    GuestWrite { vm: u8, page: u8, offset: u16, len: u16, byte: u8 },
+    GuestWrite {
+        vm: u8,
+        page: u8,
+        offset: u16,
+        len: u16,
+        byte: u8,
+    },
     /// The VMM writes the same through its own mapping of guest RAM.
-    HostWrite { vm: u8, page: u8, offset: u16, len: u16, byte: u8 },
+    HostWrite {
+        vm: u8,
+        page: u8,
+        offset: u16,
+        len: u16,
+        byte: u8,
+    },
     /// A DMA-engine transfer of `pages` pages of `pattern` to data page `page`, `chunk` bytes
     /// per step, programmed by the guest (MMIO exits) or by the VMM (the same registers).
-    DmaStart { vm: u8, page: u8, pages: u8, pattern: u64, chunk: u16, by_guest: bool },
+    DmaStart {
+        vm: u8,
+        page: u8,
+        pages: u8,
+        pattern: u64,
+        chunk: u16,
+        by_guest: bool,
+    },
     /// The same, copying `pages` pages from data page `src_page` (read-pinned: each chunk
     /// reads what the source holds at that step). Overlapping ranges are refused by the engine.
-    DmaCopy { vm: u8, page: u8, pages: u8, src_page: u8, chunk: u16, by_guest: bool },
+    DmaCopy {
+        vm: u8,
+        page: u8,
+        pages: u8,
+        src_page: u8,
+        chunk: u16,
+        by_guest: bool,
+    },
     /// The engine writes one chunk (the last one unpins and completes).
-    DmaStep { vm: u8 },
+    DmaStep {
+        vm: u8,
+    },
     /// The engine writes every remaining chunk.
-    DmaComplete { vm: u8 },
+    DmaComplete {
+        vm: u8,
+    },
     /// virtio-blk reads `sectors` sectors at `sector` into data page `page`; the request is
     /// pinned and queued but held from the kernel until `BlkComplete`.
-    BlkRead { vm: u8, sector: u8, sectors: u8, page: u8 },
+    BlkRead {
+        vm: u8,
+        sector: u8,
+        sectors: u8,
+        page: u8,
+    },
     /// virtio-blk writes `sectors` sectors of data page `page` at `sector` (held likewise).
-    BlkWrite { vm: u8, sector: u8, sectors: u8, page: u8 },
+    BlkWrite {
+        vm: u8,
+        sector: u8,
+        sectors: u8,
+        page: u8,
+    },
     /// The VM's held requests go to the kernel; wait until all are in the used ring.
-    BlkComplete { vm: u8 },
+    BlkComplete {
+        vm: u8,
+    },
     /// `capture_clone` + build: a clone (of any depth), possibly mid-DMA or mid-request.
-    Clone { vm: u8 },
+    Clone {
+        vm: u8,
+    },
     /// `VmSnapshot::take`.
-    Snapshot { vm: u8 },
+    Snapshot {
+        vm: u8,
+    },
     /// `VmSnapshot::restore` into a new VM.
-    Restore { snap: u8 },
+    Restore {
+        snap: u8,
+    },
     /// `VmSnapshot::reset`: refused while anything is pinned.
-    Reset { vm: u8, snap: u8 },
-    DropVm { vm: u8 },
-    DropSnapshot { snap: u8 },
+    Reset {
+        vm: u8,
+        snap: u8,
+    },
+    DropVm {
+        vm: u8,
+    },
+    DropSnapshot {
+        snap: u8,
+    },
     /// `GuestRam::take_dirty`: every page written since the last call must be in it.
-    TakeDirty { vm: u8 },
+    TakeDirty {
+        vm: u8,
+    },
     /// A pre-copy round (`GuestRam::precopy`), as a live clone does before its pause: copies
     /// changed pages ahead, and pinned ones untrusted; no VM may see a byte of it.
-    Precopy { vm: u8 },
+    Precopy {
+        vm: u8,
+    },
 }
 
 /// Relative weights: DMA steps and clones dominate, since their timing is the point.
@@ -56,12 +115,23 @@ const WEIGHTS: [u64; 17] = [6, 3, 5, 10, 3, 4, 3, 4, 6, 3, 1, 3, 1, 1, 3, 3, 3];
 pub fn draw_vm_step(e: &mut impl Entropy) -> VmStep {
     let total: u64 = WEIGHTS.iter().sum();
     let mut pick = e.below(total);
-    let kind = WEIGHTS.iter().position(|&w| if pick < w { true } else { pick -= w; false }).unwrap_or(0);
+    let kind = WEIGHTS
+        .iter()
+        .position(|&w| {
+            if pick < w {
+                true
+            } else {
+                pick -= w;
+                false
+            }
+        })
+        .unwrap_or(0);
     let mut b = |n: u64| e.below(n);
     let pages = u64::from(DATA_PAGES);
     match kind {
         0 | 1 => {
-            let (vm, page, offset, len, byte) = (b(8) as u8, b(pages) as u8, b(4096) as u16, 1 + b(6000) as u16, b(256) as u8);
+            let (vm, page, offset, len, byte) =
+                (b(8) as u8, b(pages) as u8, b(4096) as u16, 1 + b(6000) as u16, b(256) as u8);
             match kind {
                 0 => VmStep::GuestWrite { vm, page, offset, len, byte },
                 _ => VmStep::HostWrite { vm, page, offset, len, byte },

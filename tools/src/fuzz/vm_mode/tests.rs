@@ -31,15 +31,18 @@ fn a_clone_mid_dma_and_mid_read_holds_the_instant_then_both_end_with_the_full_da
     let _clean = one_planting_at_a_time();
     let mut world = VmWorld::new().unwrap();
     let dma = |by_guest| VmStep::DmaStart { vm: 0, page: 4, pages: 2, pattern: PATTERN, chunk: 1024, by_guest };
-    run(&mut world, &[
-        VmStep::GuestWrite { vm: 0, page: 0, offset: 10, len: 100, byte: 7 },
-        VmStep::BlkRead { vm: 0, sector: 4, sectors: 8, page: 2 },
-        dma(true),
-        VmStep::DmaStep { vm: 0 },
-        VmStep::DmaStep { vm: 0 },
-        VmStep::DmaStep { vm: 0 },
-        VmStep::Clone { vm: 0 },
-    ]);
+    run(
+        &mut world,
+        &[
+            VmStep::GuestWrite { vm: 0, page: 0, offset: 10, len: 100, byte: 7 },
+            VmStep::BlkRead { vm: 0, sector: 4, sectors: 8, page: 2 },
+            dma(true),
+            VmStep::DmaStep { vm: 0 },
+            VmStep::DmaStep { vm: 0 },
+            VmStep::DmaStep { vm: 0 },
+            VmStep::Clone { vm: 0 },
+        ],
+    );
     let disk: Vec<u8> = (4 * 512..12 * 512).map(disk_byte).collect();
     // The clone: the source's three chunks, then nothing (its engine restarted from byte 0);
     // its copy of the read was re-executed at the clone step.
@@ -61,24 +64,30 @@ fn a_clone_mid_dma_and_mid_read_holds_the_instant_then_both_end_with_the_full_da
 fn reset_is_refused_while_the_dma_buffer_is_pinned_and_restores_the_snapshot_after() {
     let _clean = one_planting_at_a_time();
     let mut world = VmWorld::new().unwrap();
-    run(&mut world, &[
-        VmStep::HostWrite { vm: 0, page: 1, offset: 0, len: 4096, byte: 1 },
-        VmStep::Snapshot { vm: 0 },
-        VmStep::DmaStart { vm: 0, page: 1, pages: 1, pattern: PATTERN, chunk: 2048, by_guest: false },
-        VmStep::DmaStep { vm: 0 },
-        VmStep::Reset { vm: 0, snap: 0 },
-    ]);
+    run(
+        &mut world,
+        &[
+            VmStep::HostWrite { vm: 0, page: 1, offset: 0, len: 4096, byte: 1 },
+            VmStep::Snapshot { vm: 0 },
+            VmStep::DmaStart { vm: 0, page: 1, pages: 1, pattern: PATTERN, chunk: 2048, by_guest: false },
+            VmStep::DmaStep { vm: 0 },
+            VmStep::Reset { vm: 0, snap: 0 },
+        ],
+    );
     assert_eq!(data(&world, 0, 1, 2048), pattern(2048), "a refused reset changed RAM");
     run(&mut world, &[VmStep::DmaStep { vm: 0 }, VmStep::GuestWrite { vm: 0, page: 3, offset: 0, len: 9, byte: 9 }]);
     run(&mut world, &[VmStep::Reset { vm: 0, snap: 0 }]);
     assert_eq!(data(&world, 0, 1, PAGE_SIZE), vec![1; PAGE_SIZE]);
     assert_eq!(data(&world, 0, 3, 9), vec![0; 9]);
     // The guest runs on from the snapshot's instant; the driver set virtio-blk up again.
-    run(&mut world, &[
-        VmStep::GuestWrite { vm: 0, page: 3, offset: 0, len: 9, byte: 5 },
-        VmStep::BlkRead { vm: 0, sector: 0, sectors: 8, page: 6 },
-        VmStep::BlkComplete { vm: 0 },
-    ]);
+    run(
+        &mut world,
+        &[
+            VmStep::GuestWrite { vm: 0, page: 3, offset: 0, len: 9, byte: 5 },
+            VmStep::BlkRead { vm: 0, sector: 0, sectors: 8, page: 6 },
+            VmStep::BlkComplete { vm: 0 },
+        ],
+    );
     assert_eq!(data(&world, 0, 3, 9), vec![5; 9]);
     assert_eq!(data(&world, 0, 6, PAGE_SIZE), (0..PAGE_SIZE).map(disk_byte).collect::<Vec<_>>());
 }
@@ -98,7 +107,10 @@ fn the_same_schedule_leaves_the_same_bytes() {
     let final_bytes = || {
         let mut world = VmWorld::new().unwrap();
         run(&mut world, &steps);
-        (0..world.vms.len()).filter(|&i| world.vms[i].is_some()).map(|i| data(&world, i, 0, DATA_BYTES)).collect::<Vec<_>>()
+        (0..world.vms.len())
+            .filter(|&i| world.vms[i].is_some())
+            .map(|i| data(&world, i, 0, DATA_BYTES))
+            .collect::<Vec<_>>()
     };
     assert_eq!(final_bytes(), final_bytes());
     assert!(execute::<VmWorld>(&steps).is_ok());
@@ -108,17 +120,20 @@ fn the_same_schedule_leaves_the_same_bytes() {
 fn a_copy_reads_its_source_at_each_chunk_and_a_clone_copies_from_its_own_pages() {
     let _clean = one_planting_at_a_time();
     let mut world = VmWorld::new().unwrap();
-    run(&mut world, &[
-        VmStep::HostWrite { vm: 0, page: 8, offset: 0, len: 4096, byte: 3 },
-        VmStep::DmaCopy { vm: 0, page: 10, pages: 1, src_page: 8, chunk: 2048, by_guest: true },
-        VmStep::DmaStep { vm: 0 },
-        VmStep::Clone { vm: 0 },
-        // The read-pinned source takes a guest write in the source VM, a host write in the clone.
-        VmStep::GuestWrite { vm: 0, page: 8, offset: 2048, len: 2048, byte: 4 },
-        VmStep::HostWrite { vm: 1, page: 8, offset: 0, len: 4096, byte: 5 },
-        VmStep::DmaStep { vm: 0 },
-        VmStep::DmaComplete { vm: 1 },
-    ]);
+    run(
+        &mut world,
+        &[
+            VmStep::HostWrite { vm: 0, page: 8, offset: 0, len: 4096, byte: 3 },
+            VmStep::DmaCopy { vm: 0, page: 10, pages: 1, src_page: 8, chunk: 2048, by_guest: true },
+            VmStep::DmaStep { vm: 0 },
+            VmStep::Clone { vm: 0 },
+            // The read-pinned source takes a guest write in the source VM, a host write in the clone.
+            VmStep::GuestWrite { vm: 0, page: 8, offset: 2048, len: 2048, byte: 4 },
+            VmStep::HostWrite { vm: 1, page: 8, offset: 0, len: 4096, byte: 5 },
+            VmStep::DmaStep { vm: 0 },
+            VmStep::DmaComplete { vm: 1 },
+        ],
+    );
     assert_eq!(data(&world, 0, 10, PAGE_SIZE), [vec![3; 2048], vec![4; 2048]].concat());
     assert_eq!(data(&world, 1, 10, PAGE_SIZE), vec![5; PAGE_SIZE], "the clone's re-executed copy");
     // A copy onto its own source is refused (the step checks the engine's error register).
