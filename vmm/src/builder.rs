@@ -24,7 +24,7 @@ use crate::regs::{setup_tiny_guest_vcpu, EntryArgs};
 use crate::vcpu::{spawn_vcpu, VcpuContext, VcpuError};
 use crate::vm::{Vm, VmError};
 use crate::vstate::validate::validate;
-use crate::vstate::{restore_clock, KvmVcpu, StateError, VcpuArgs, VmState};
+use crate::vstate::{restore_clock, InKernelIrqchip, KvmVcpu, StateError, VcpuArgs, VmState};
 
 /// Most vCPUs a VM may have.
 pub const MAX_VCPUS: u32 = crate::vstate::validate::MAX_VCPUS;
@@ -213,7 +213,7 @@ pub fn build_vm(id: u64, ram: Arc<GuestRam>, console: &Console, mut filling: Fil
     }
     let fds = (0..filling.vcpu_count()).map(|index| vm.create_vcpu(index as u64)).collect::<Result<Vec<_>, _>>()?;
     if let Some(chip) = saved_irqchip {
-        chip.restore(vm.fd())?;
+        InKernelIrqchip::restore(vm.fd(), chip)?;
     }
     let devices = build_devices(&vm, &ram, console, &mut filling)?;
     fill_vcpus(&ram, &devices, &fds, &filling)?;

@@ -1,7 +1,8 @@
 //! The in-kernel interrupt controllers of a VM that has them (KVM_CREATE_IRQCHIP, as Linux
-//! guests get): PIC master and slave, IOAPIC, and the PIT if one was created. The LAPICs are
-//! per vCPU (`VcpuState::lapic`).
+//! guests get): PIC master and slave, IOAPIC, and the PIT if one was created, and their
+//! `Persist` (`InKernelIrqchip`). The LAPICs are per vCPU (`VcpuState::lapic`).
 
+use devices::persist::Persist;
 use kvm_bindings::{
     kvm_irqchip, kvm_pit_config, kvm_pit_state2, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
     KVM_PIT_SPEAKER_DUMMY,
@@ -25,25 +26,19 @@ fn get_chip(vm: &VmFd, chip_id: u32) -> Result<kvm_irqchip, kvm_ioctls::Error> {
     vm.get_irqchip(&mut chip).map(|()| chip)
 }
 
+/// Highest 8254 counter mode (KVM folds the aliases 6 and 7 into 2 and 3).
+const MAX_PIT_MODE: u8 = 5;
+/// The mode KVM gives a counter no guest has programmed yet (`kvm_pit_reset`).
+const PIT_MODE_UNPROGRAMMED: u8 = 0xff;
+
 impl IrqchipState {
     /// The chips of `vm`, or `None` if it has no in-kernel irqchip (KVM answers ENXIO).
     pub fn capture(vm: &VmFd) -> Result<Option<IrqchipState>, StateError> {
-        let pic_master = match get_chip(vm, KVM_IRQCHIP_PIC_MASTER) {
-            Ok(chip) => chip,
-            Err(e) if e.errno() == libc::ENXIO => return Ok(None),
-            Err(source) => return Err(StateError::VmIoctl { op: "KVM_GET_IRQCHIP", source }),
-        };
-        let pit = match vm.get_pit2() {
-            Ok(pit) => Some(pit),
-            Err(e) if e.errno() == libc::ENXIO => None,
-            Err(source) => return Err(StateError::VmIoctl { op: "KVM_GET_PIT2", source }),
-        };
-        Ok(Some(IrqchipState {
-            pic_master,
-            pic_slave: vm_ioctl("KVM_GET_IRQCHIP", get_chip(vm, KVM_IRQCHIP_PIC_SLAVE))?,
-            ioapic: vm_ioctl("KVM_GET_IRQCHIP", get_chip(vm, KVM_IRQCHIP_IOAPIC))?,
-            pit,
-        }))
+        match (InKernelIrqchip { vm }).save() {
+            Ok(chips) => Ok(Some(chips)),
+            Err(StateError::VmIoctl { source, .. }) if source.errno() == libc::ENXIO => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     /// Creates the chips (and the PIT, with a dummy speaker port as Zygote's Linux set-up does)
@@ -57,15 +52,70 @@ impl IrqchipState {
         Ok(())
     }
 
-    /// Writes the saved chip state into `vm`, which has the same chips.
-    pub fn restore(&self, vm: &VmFd) -> Result<(), StateError> {
-        for chip in [&self.pic_master, &self.pic_slave, &self.ioapic] {
-            vm_ioctl("KVM_SET_IRQCHIP", vm.set_irqchip(chip))?;
+    /// Refuses saved chips (a snapshot file is input) KVM would take for something else: a
+    /// chip under another chip's name (KVM_SET_IRQCHIP writes whichever `chip_id` says), or a
+    /// PIT counter in a mode neither the 8254 nor KVM's reset gives it.
+    pub fn check(&self) -> Result<(), StateError> {
+        let named = [
+            ("pic_master", &self.pic_master, KVM_IRQCHIP_PIC_MASTER),
+            ("pic_slave", &self.pic_slave, KVM_IRQCHIP_PIC_SLAVE),
+            ("ioapic", &self.ioapic, KVM_IRQCHIP_IOAPIC),
+        ];
+        for (field, chip, id) in named {
+            if chip.chip_id != id {
+                return Err(StateError::BadIrqchip { field, reason: format!("chip_id {} (it is {id})", chip.chip_id) });
+            }
         }
-        if let Some(pit) = &self.pit {
-            vm_ioctl("KVM_SET_PIT2", vm.set_pit2(pit))?;
+        for (index, channel) in self.pit.iter().flat_map(|pit| pit.channels.iter().enumerate()) {
+            if channel.mode > MAX_PIT_MODE && channel.mode != PIT_MODE_UNPROGRAMMED {
+                return Err(StateError::BadIrqchip {
+                    field: "pit",
+                    reason: format!("channel {index} in mode {} (the 8254 has 0 to {MAX_PIT_MODE}, KVM {PIT_MODE_UNPROGRAMMED} before programming)", channel.mode),
+                });
+            }
         }
         Ok(())
+    }
+}
+
+/// A VM's in-kernel irqchip (and PIT), as its state is saved from it and restored into it.
+pub struct InKernelIrqchip<'a> {
+    pub vm: &'a VmFd,
+}
+
+impl<'a> Persist for InKernelIrqchip<'a> {
+    type State = IrqchipState;
+    /// The VM, its chips already created (`IrqchipState::create_on`, before its vCPUs).
+    type ConstructorArgs = &'a VmFd;
+    type Error = StateError;
+
+    /// Reads the chips; a VM without them fails with ENXIO (`IrqchipState::capture` takes that
+    /// as "no irqchip").
+    fn save(&self) -> Result<IrqchipState, StateError> {
+        let vm = self.vm;
+        let pit = match vm.get_pit2() {
+            Ok(pit) => Some(pit),
+            Err(e) if e.errno() == libc::ENXIO => None,
+            Err(source) => return Err(StateError::VmIoctl { op: "KVM_GET_PIT2", source }),
+        };
+        Ok(IrqchipState {
+            pic_master: vm_ioctl("KVM_GET_IRQCHIP", get_chip(vm, KVM_IRQCHIP_PIC_MASTER))?,
+            pic_slave: vm_ioctl("KVM_GET_IRQCHIP", get_chip(vm, KVM_IRQCHIP_PIC_SLAVE))?,
+            ioapic: vm_ioctl("KVM_GET_IRQCHIP", get_chip(vm, KVM_IRQCHIP_IOAPIC))?,
+            pit,
+        })
+    }
+
+    /// Checks `state`, then writes it into `vm`'s chips.
+    fn restore(vm: &'a VmFd, state: &IrqchipState) -> Result<InKernelIrqchip<'a>, StateError> {
+        state.check()?;
+        for chip in [&state.pic_master, &state.pic_slave, &state.ioapic] {
+            vm_ioctl("KVM_SET_IRQCHIP", vm.set_irqchip(chip))?;
+        }
+        if let Some(pit) = &state.pit {
+            vm_ioctl("KVM_SET_PIT2", vm.set_pit2(pit))?;
+        }
+        Ok(InKernelIrqchip { vm })
     }
 }
 
@@ -102,6 +152,29 @@ mod tests {
             std::thread::sleep(Duration::from_millis(1));
         }
         true
+    }
+
+    #[test]
+    fn check_passes_named_chips_and_refuses_a_swapped_chip_or_a_bad_pit_mode() {
+        let chip = |chip_id| kvm_irqchip { chip_id, ..Default::default() };
+        let good = || IrqchipState {
+            pic_master: chip(KVM_IRQCHIP_PIC_MASTER),
+            pic_slave: chip(KVM_IRQCHIP_PIC_SLAVE),
+            ioapic: chip(KVM_IRQCHIP_IOAPIC),
+            pit: Some(kvm_pit_state2::default()),
+        };
+        assert!(good().check().is_ok());
+        let mut swapped = good();
+        swapped.pic_slave.chip_id = KVM_IRQCHIP_IOAPIC;
+        let mut unprogrammed = good();
+        unprogrammed.pit.as_mut().unwrap().channels[0].mode = 0xff;
+        assert!(unprogrammed.check().is_ok(), "as KVM creates the PIT");
+        let mut pit = good();
+        pit.pit.as_mut().unwrap().channels[2].mode = 6;
+        for (bad, says) in [(swapped, "pic_slave: chip_id 2 (it is 1)"), (pit, "pit: channel 2 in mode 6")] {
+            let err = bad.check().unwrap_err().to_string();
+            assert!(err.contains(says), "{err}");
+        }
     }
 
     fn json<T: Serialize>(value: &T) -> serde_json::Value {

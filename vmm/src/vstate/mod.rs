@@ -5,6 +5,7 @@
 pub mod clock;
 pub mod irqchip;
 pub mod msrs;
+pub mod ram_layout;
 pub mod validate;
 pub mod vcpu;
 
@@ -20,7 +21,8 @@ use crate::device_manager::{CaptureMode, CapturedDisk, DeviceError, DevicesState
 use crate::machine::{Paused, Vmm};
 use crate::vcpu::lock_vcpu;
 pub use clock::ClockOnRestore;
-pub use irqchip::IrqchipState;
+pub use irqchip::{InKernelIrqchip, IrqchipState};
+pub use ram_layout::{RamLayout, VmRam};
 pub use vcpu::{KvmVcpu, VcpuArgs, VcpuState, VcpuStateError};
 
 /// What failed capturing or restoring a VM's state.
@@ -42,6 +44,8 @@ pub enum StateError {
     VcpuCount { state: usize, vm: usize },
     #[error("saved state has {count} vCPUs: a VM has 1..={max}")]
     BadVcpuCount { count: usize, max: u32 },
+    #[error("saved irqchip refused: {field}: {reason}")]
+    BadIrqchip { field: &'static str, reason: String },
     #[error("saved vCPU {vcpu} {} a LAPIC but the VM {} an in-kernel irqchip", if *lapic { "has" } else { "lacks" }, if *lapic { "lacks" } else { "has" })]
     LapicWithoutIrqchip { vcpu: usize, lapic: bool },
     #[error("saved RAM layout {layout:?} is invalid: {reason}")]
@@ -56,7 +60,7 @@ pub enum StateError {
 #[derive(Debug, Serialize, Deserialize)]
 pub struct VmState {
     /// (guest physical start, size) of each RAM region.
-    pub ram_layout: Vec<(u64, usize)>,
+    pub ram_layout: RamLayout,
     pub vcpus: Vec<VcpuState>,
     /// Every device, requests in flight included (a snapshot saves the disk beside it).
     pub devices: DevicesState,
@@ -68,11 +72,6 @@ pub struct VmState {
 /// A VM-level KVM call's result, its failure named by `op`.
 pub(crate) fn vm_ioctl<T>(op: &'static str, result: Result<T, kvm_ioctls::Error>) -> Result<T, StateError> {
     result.map_err(|source| StateError::VmIoctl { op, source })
-}
-
-/// (start, size) of each region of `ram`, as saved.
-pub fn ram_shape(ram: &GuestRam) -> Vec<(u64, usize)> {
-    ram.layout().iter().map(|&(start, size)| (start.0, size)).collect()
 }
 
 fn check_token(vmm: &Vmm, token: &Paused) -> Result<(), StateError> {
@@ -147,7 +146,7 @@ impl VmState {
             .collect::<Result<Vec<_>, _>>()?;
         // Every device stays locked across its capture and the freeze.
         let (devices, disk, frozen) = vmm.devices().capture(mode, freeze_ram)?;
-        Ok((VmState { ram_layout: ram_shape(vmm.ram()), vcpus, devices, clock, irqchip }, disk, frozen))
+        Ok((VmState { ram_layout: VmRam { ram: vmm.ram() }.save()?, vcpus, devices, clock, irqchip }, disk, frozen))
     }
 
     /// Writes this state's irqchip, vCPUs and clock back into `vmm` (same shape), which
@@ -161,7 +160,7 @@ impl VmState {
             return Err(StateError::VcpuCount { state: self.vcpus.len(), vm: vmm.vcpu_count() });
         }
         if let Some(chip) = &self.irqchip {
-            chip.restore(vmm.vm().fd())?;
+            InKernelIrqchip::restore(vmm.vm().fd(), chip)?;
         }
         for (state, handle) in self.vcpus.iter().zip(vmm.vcpu_handles()) {
             KvmVcpu::restore(
@@ -174,18 +173,15 @@ impl VmState {
         Ok(())
     }
 
-    /// Whether `ram` has the regions this state was saved with.
+    /// Whether `ram` has the regions this state was saved with (and they are a layout the
+    /// builder could have made).
     pub fn check_shape(&self, ram: &GuestRam) -> Result<(), StateError> {
-        let shape = ram_shape(ram);
-        match shape == self.ram_layout {
-            true => Ok(()),
-            false => Err(StateError::RamShape { state: self.ram_layout.clone(), ram: shape }),
-        }
+        VmRam::restore(ram, &self.ram_layout).map(drop)
     }
 
     /// The regions as the memory layer takes them.
     pub fn regions(&self) -> Vec<(GuestAddress, usize)> {
-        self.ram_layout.iter().map(|&(start, size)| (GuestAddress(start), size)).collect()
+        self.ram_layout.regions()
     }
 }
 
