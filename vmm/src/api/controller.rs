@@ -12,7 +12,7 @@ use serde::Serialize;
 use super::preboot::VmResources;
 use super::ApiError;
 use crate::clone::{capture_clone, clone_vm, ClonePath, CloneReport};
-use crate::device_manager::Console;
+use crate::device_manager::{Console, DeviceMetrics};
 use crate::machine::{Paused, VmOutcome, Vmm};
 use crate::snapshot::file::{
     load_snapshot_with, write_snapshot_to, LoadOptions, MemTarget, SnapshotKind, SnapshotOnDisk,
@@ -200,6 +200,11 @@ impl Controller {
     pub fn list(&mut self) -> Vec<VmInfo> {
         let ids: Vec<u64> = self.vms.keys().copied().collect();
         ids.into_iter().filter_map(|id| self.info(id).ok()).collect()
+    }
+
+    /// Every VM's device counters, in id order.
+    pub fn device_metrics(&self) -> Vec<(u64, Vec<DeviceMetrics>)> {
+        self.vms.iter().map(|(id, entry)| (*id, entry.vmm.devices().metrics())).collect()
     }
 
     /// Pauses (`true`) or resumes VM `id`; idempotent.

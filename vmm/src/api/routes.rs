@@ -251,8 +251,12 @@ fn answer(
             };
             let kind = req.snapshot_type.unwrap_or(SnapshotKind::Full);
             controller.snapshot_create(req.vm_id.unwrap_or(root), &req.snapshot_path, mem, kind)?;
-            let name = if kind == SnapshotKind::Full { "full_create_snapshot" } else { "diff_create_snapshot" };
+            let (name, count) = match kind {
+                SnapshotKind::Full => ("full_create_snapshot", "full_snapshot_count"),
+                SnapshotKind::Diff => ("diff_create_snapshot", "diff_snapshot_count"),
+            };
             telemetry.latency(name, start.elapsed());
+            telemetry.count("zygote", count, 1);
             done()
         }
         ("PUT", "/snapshot/load") => {
@@ -265,6 +269,7 @@ fn answer(
             };
             let vm_id = controller.snapshot_load_with(&req.snapshot_path, &options, req.resume_vm, clock)?;
             telemetry.latency("load_snapshot", start.elapsed());
+            telemetry.count("zygote", "snapshot_load_count", 1);
             // Into an empty server, as in Firecracker: VM 0, 204. Beside other VMs (an
             // extension Firecracker refuses): the new VM's id.
             match first {
@@ -289,7 +294,7 @@ fn answer(
                 what: "SendCtrlAltDel (Zygote's i8042 has no keyboard to send it through)".into(),
             }),
             ActionType::FlushMetrics => {
-                telemetry.flush(&controller.list())?;
+                telemetry.flush(controller)?;
                 done()
             }
         },
