@@ -33,9 +33,8 @@ pub struct VmResources {
     #[serde(rename = "machine-config")]
     pub machine: MachineConfig,
     pub drives: Vec<Drive>,
-    /// Zygote has none yet: always empty (the network helper's devices land here).
     #[serde(rename = "network-interfaces")]
-    pub network_interfaces: Vec<serde_json::Value>,
+    pub network_interfaces: Vec<super::net::NetworkInterface>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub logger: Option<LoggerConfig>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -146,6 +145,7 @@ impl VmResources {
                 vm_id: 0,
                 console,
                 disk: self.drives.first().and_then(|d| d.path_on_host.clone()),
+                net: super::net::configs(&self.network_interfaces)?,
                 irqchip: false,
             },
             kernel: source.kernel_image_path.clone(),

@@ -6,9 +6,11 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 mod ctl;
+mod net;
 
 use crate::api::Controller;
 use crate::builder::{DEFAULT_MEM_MIB, MAX_MEM_MIB, MAX_VCPUS, MIN_MEM_MIB};
+use crate::device_manager::DeviceOverrides;
 use crate::snapshot::file::{load_snapshot, SnapshotOnDisk};
 use crate::vstate::ClockOnRestore;
 use crate::{boot_linux, build_linux_vm, run_tiny_guest, ConfigError, Console, LinuxConfig, VmConfig, VmOutcome, Vmm};
@@ -65,13 +67,18 @@ pub struct RunArgs {
     /// writes its own overlay and FILE is never written again (so FILE is opened read-write).
     #[arg(long, value_name = "FILE")]
     disk: Option<PathBuf>,
+    /// A virtio-net interface on an existing TAP: `[id=ID,]tap=NAME[,mac=MAC][,netns=PATH]`
+    /// (repeatable; ids eth0, eth1, ... by default). With --restore: the TAP the restored
+    /// interface of that id is attached to (without one it is attached to nothing).
+    #[arg(long, value_name = "SPEC", value_parser = net::parse_net)]
+    net: Vec<net::NetFlag>,
     /// Number of vCPUs.
     #[arg(long, value_name = "N", default_value_t = 1,
           value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_VCPUS)))]
     vcpus: u32,
     /// VM 0 from a Firecracker config file (JSON: boot-source, drives, machine-config, logger,
     /// metrics), started at once; with --api-sock, served as if configured over the API.
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["initrd", "cmdline", "disk", "mem", "vcpus", "arg"])]
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["initrd", "cmdline", "disk", "mem", "vcpus", "arg", "net"])]
     config_file: Option<PathBuf>,
     /// Firecracker's instance id (letters, digits and hyphens, at most 64): `GET /` shows it
     /// as VM 0's `id`.
@@ -152,6 +159,7 @@ fn run(args: RunArgs) -> i32 {
         vm_id: 0,
         console: Console::Stdout,
         disk: args.disk,
+        net: net::configs(&args.net),
         irqchip: false,
     };
     let clock = match args.clock_realtime {
@@ -172,7 +180,10 @@ fn run(args: RunArgs) -> i32 {
         (_, Some(kernel), _) => {
             Some(Root::Linux(LinuxConfig { vm, kernel, initrd: args.initrd, cmdline: args.cmdline }))
         }
-        (_, None, Some(path)) => Some(Root::Restore(path, clock)),
+        (_, None, Some(path)) => {
+            let overrides = DeviceOverrides { net: net::overrides(&args.net) };
+            Some(Root::Restore(path, clock, overrides))
+        }
         (Some(name), None, None) => Some(Root::Tiny { vm, name, arg: args.arg.unwrap_or(0) }),
         (None, None, None) => None,
     };
@@ -205,17 +216,22 @@ enum Root {
         arg: u64,
     },
     Linux(LinuxConfig),
-    /// A snapshot's state file, and what the restored guest's clock does.
-    Restore(PathBuf, ClockOnRestore),
+    /// A snapshot's state file, what the restored guest's clock does, and its own TAPs.
+    Restore(PathBuf, ClockOnRestore, DeviceOverrides),
     /// A Firecracker config file's configuration.
     Configured(Box<crate::api::preboot::VmResources>),
 }
 
 /// VM 0 built from the snapshot at `path`, and the loaded snapshot; on failure, the exit code
 /// after saying why (whatever is wrong comes from the file: bad input).
-fn restore(path: &std::path::Path, console: &Console, clock: ClockOnRestore) -> Result<(Vmm, SnapshotOnDisk), i32> {
+fn restore(
+    path: &std::path::Path,
+    console: &Console,
+    clock: ClockOnRestore,
+    overrides: DeviceOverrides,
+) -> Result<(Vmm, SnapshotOnDisk), i32> {
     let loaded = load_snapshot(path).map_err(|e| fail(&e, true))?;
-    let vmm = loaded.snapshot.restore(0, console).map_err(|e| fail(&e, true))?;
+    let vmm = loaded.snapshot.restore_with(0, console, overrides).map_err(|e| fail(&e, true))?;
     if clock == ClockOnRestore::AdvanceToHostRealtime {
         crate::vstate::clock::advance_to_host_realtime(&vmm, &loaded.snapshot.state.clock)
             .map_err(|e| fail(&e, true))?;
@@ -229,7 +245,9 @@ impl Root {
         let outcome = match self {
             Root::Linux(config) => boot_linux(&config).map_err(|e| fail(&e, e.is_bad_input())),
             Root::Tiny { vm, name, arg } => run_tiny_guest(&vm, &name, arg).map_err(|e| fail(&e, e.is_bad_input())),
-            Root::Restore(path, clock) => restore(&path, &Console::Stdout, clock).map(|(vmm, _)| vmm.run()),
+            Root::Restore(path, clock, overrides) => {
+                restore(&path, &Console::Stdout, clock, overrides).map(|(vmm, _)| vmm.run())
+            }
             Root::Configured(resources) => {
                 resources.build(Console::Stdout).map(Vmm::run).map_err(|e| fail(&e, e.status() < 500))
             }
@@ -256,8 +274,8 @@ impl Root {
                 root.start();
                 Ok(Controller::new(root, None))
             }
-            Root::Restore(path, clock) => {
-                let (mut root, loaded) = restore(&path, &Console::Prefixed("[vm0] ".into()), clock)?;
+            Root::Restore(path, clock, overrides) => {
+                let (mut root, loaded) = restore(&path, &Console::Prefixed("[vm0] ".into()), clock, overrides)?;
                 root.start();
                 Ok(Controller::restored(root, loaded))
             }
