@@ -75,7 +75,7 @@ pub fn load_config_file(path: &Path) -> Result<VmResources, ApiError> {
     }
     for iface in config.network_interfaces {
         let id = iface.iface_id.clone();
-        super::net::set_interface(&mut resources, &id, iface)?;
+        resources.set_network_interface(&id, iface)?;
     }
     resources.logger = config.logger;
     resources.metrics = config.metrics;

@@ -10,9 +10,9 @@ use devices::net::MacAddr;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::preboot::VmResources;
-use super::{ApiError, Controller};
-use crate::device_manager::net::{check_configs, check_iface_id, MAX_INTERFACES};
+use super::ApiError;
+use crate::device_manager::net::check_configs;
+use crate::device_manager::net_config::check_iface_id;
 use crate::device_manager::{DeviceOverrides, NetConfig, NetOverride};
 
 /// `PUT /network-interfaces/{iface_id}` and the config file's `network-interfaces` entries.
@@ -107,47 +107,6 @@ pub fn configs(interfaces: &[NetworkInterface]) -> Result<Vec<NetConfig>, ApiErr
     Ok(configs)
 }
 
-/// `PUT /network-interfaces/{iface_id}` before boot: adds the interface, or replaces the one
-/// with that id.
-pub fn set_interface(resources: &mut VmResources, iface_id: &str, iface: NetworkInterface) -> Result<(), ApiError> {
-    if iface.iface_id != iface_id {
-        return Err(bad(format!("iface_id {:?} in the body, {iface_id:?} in the path", iface.iface_id)));
-    }
-    let mut interfaces = resources.network_interfaces.clone();
-    match interfaces.iter().position(|i| i.iface_id == iface_id) {
-        Some(index) => interfaces[index] = iface,
-        None if interfaces.len() >= MAX_INTERFACES => {
-            return Err(bad(format!("a VM has at most {MAX_INTERFACES} network interfaces")))
-        }
-        None => interfaces.push(iface),
-    }
-    configs(&interfaces)?;
-    resources.network_interfaces = interfaces;
-    Ok(())
-}
-
-/// `PATCH /network-interfaces/{iface_id}`: post-boot, as in Firecracker. Zygote has no rate
-/// limiters: only a patch that sets none is accepted.
-pub fn patch_interface(
-    controller: &Controller,
-    iface_id: &str,
-    patch: PartialNetworkInterface,
-) -> Result<(), ApiError> {
-    if controller.is_empty() {
-        return Err(ApiError::PostBootOnly("PATCH /network-interfaces"));
-    }
-    if patch.iface_id != iface_id {
-        return Err(bad(format!("iface_id {:?} in the body, {iface_id:?} in the path", patch.iface_id)));
-    }
-    if !controller.resources().network_interfaces.iter().any(|i| i.iface_id == iface_id) {
-        return Err(bad(format!("no network interface {iface_id:?}")));
-    }
-    if patch.rx_rate_limiter.is_some() || patch.tx_rate_limiter.is_some() {
-        return Err(ApiError::NotSupported { what: "rx_rate_limiter / tx_rate_limiter".into() });
-    }
-    Ok(())
-}
-
 /// The device overrides `network_overrides` asks for (each interface at most once).
 pub fn overrides(entries: &[NetworkOverride]) -> Result<DeviceOverrides, ApiError> {
     let mut net: Vec<NetOverride> = Vec::with_capacity(entries.len());
@@ -176,6 +135,7 @@ pub fn overrides(entries: &[NetworkOverride]) -> Result<DeviceOverrides, ApiErro
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::preboot::VmResources;
 
     fn iface(id: &str, tap: &str) -> NetworkInterface {
         serde_json::from_value(serde_json::json!({ "iface_id": id, "host_dev_name": tap })).unwrap()
@@ -184,11 +144,11 @@ mod tests {
     #[test]
     fn interfaces_are_checked_by_the_request_that_sets_them() {
         let mut resources = VmResources::default();
-        set_interface(&mut resources, "eth0", iface("eth0", "tap0")).unwrap();
-        set_interface(&mut resources, "eth0", iface("eth0", "tap1")).unwrap();
+        resources.set_network_interface("eth0", iface("eth0", "tap0")).unwrap();
+        resources.set_network_interface("eth0", iface("eth0", "tap1")).unwrap();
         assert_eq!(resources.network_interfaces.len(), 1, "the same id replaces");
         let with_mac = NetworkInterface { guest_mac: Some("06:00:ac:10:00:02".into()), ..iface("eth1", "tap2") };
-        set_interface(&mut resources, "eth1", with_mac).unwrap();
+        resources.set_network_interface("eth1", with_mac).unwrap();
         let configs = configs(&resources.network_interfaces).unwrap();
         assert_eq!(configs[1].guest_mac, Some(MacAddr([6, 0, 0xac, 0x10, 0, 2])));
         for (id, body, needle) in [
@@ -199,7 +159,7 @@ mod tests {
             ("eth2", NetworkInterface { netns: Some("rel".into()), ..iface("eth2", "tap3") }, "absolute"),
             ("eth2", NetworkInterface { rx_rate_limiter: Some(Value::Null), ..iface("eth2", "tap3") }, "rate"),
         ] {
-            let err = set_interface(&mut resources, id, body).unwrap_err().to_string();
+            let err = resources.set_network_interface(id, body).unwrap_err().to_string();
             assert!(err.contains(needle), "{id}: {err}");
         }
         assert_eq!(resources.network_interfaces.len(), 2, "a refused request changes nothing");

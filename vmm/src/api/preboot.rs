@@ -8,6 +8,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
+use super::net::NetworkInterface;
 use super::requests::{BootSource, Drive, LoggerConfig, MachineConfig, MachineConfigPatch, MetricsConfig};
 use super::ApiError;
 use crate::builder::ConfigError;
@@ -34,7 +35,7 @@ pub struct VmResources {
     pub machine: MachineConfig,
     pub drives: Vec<Drive>,
     #[serde(rename = "network-interfaces")]
-    pub network_interfaces: Vec<super::net::NetworkInterface>,
+    pub network_interfaces: Vec<NetworkInterface>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub logger: Option<LoggerConfig>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -106,6 +107,25 @@ impl VmResources {
             });
         }
         self.drives = vec![drive];
+        Ok(())
+    }
+
+    /// `PUT /network-interfaces/{iface_id}` before boot: adds the interface, or replaces the
+    /// one with that id; checked with the others (ids, TAPs, count) before anything changes.
+    pub fn set_network_interface(&mut self, iface_id: &str, iface: NetworkInterface) -> Result<(), ApiError> {
+        if iface.iface_id != iface_id {
+            return Err(ApiError::BadRequest(format!(
+                "iface_id {:?} in the body, {iface_id:?} in the path",
+                iface.iface_id
+            )));
+        }
+        let mut interfaces = self.network_interfaces.clone();
+        match interfaces.iter().position(|i| i.iface_id == iface_id) {
+            Some(index) => interfaces[index] = iface,
+            None => interfaces.push(iface),
+        }
+        super::net::configs(&interfaces)?;
+        self.network_interfaces = interfaces;
         Ok(())
     }
 

@@ -179,12 +179,12 @@ fn answer(
         }
         ("PUT", "/network-interfaces/{iface_id}") => {
             let iface: NetworkInterface = parse(body)?;
-            net::set_interface(controller.preboot("PUT /network-interfaces")?, id, iface)?;
+            controller.preboot("PUT /network-interfaces")?.set_network_interface(id, iface)?;
             done()
         }
         ("PATCH", "/network-interfaces/{iface_id}") => {
             let patch: PartialNetworkInterface = parse(body)?;
-            net::patch_interface(controller, id, patch)?;
+            patch_interface(controller, id, patch)?;
             done()
         }
         ("GET", "/") => {
@@ -344,6 +344,21 @@ fn patch_drive(controller: &mut Controller, id: &str, patch: PartialDrive) -> Re
         }),
         _ => Ok(()),
     }
+}
+
+/// `PATCH /network-interfaces/{id}`: post-boot, as in Firecracker. Zygote has no rate
+/// limiters: only a patch that sets none is accepted.
+fn patch_interface(controller: &Controller, id: &str, patch: PartialNetworkInterface) -> Result<(), ApiError> {
+    if controller.is_empty() {
+        return Err(ApiError::PostBootOnly("PATCH /network-interfaces"));
+    }
+    if patch.iface_id != id {
+        return Err(ApiError::BadRequest(format!("iface_id {:?} in the body, {id:?} in the path", patch.iface_id)));
+    }
+    if patch.rx_rate_limiter.is_some() || patch.tx_rate_limiter.is_some() {
+        return Err(ApiError::NotSupported { what: "rx_rate_limiter / tx_rate_limiter".into() });
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use devices::net::MacAddr;
 
-use crate::device_manager::net::check_iface_id;
+use crate::device_manager::net_config::check_iface_id;
 use crate::device_manager::{NetConfig, NetOverride};
 
 /// One `--net` flag as parsed; the interface id defaults by position.

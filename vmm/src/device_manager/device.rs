@@ -72,7 +72,7 @@ pub enum RestoreReason {
 pub struct DeviceOverrides {
     /// virtio-net: the interfaces attached to a TAP of their own (`network_overrides`); the
     /// others are attached to nothing.
-    pub net: Vec<super::net::NetOverride>,
+    pub net: Vec<super::net_config::NetOverride>,
 }
 
 /// The host side every device is built on.
@@ -89,7 +89,7 @@ pub struct AttachConfig {
     /// Disk image served by virtio-blk; none means no block device.
     pub disk: Option<PathBuf>,
     /// virtio-net interfaces, in guest order.
-    pub net: Vec<super::net::NetConfig>,
+    pub net: Vec<super::net_config::NetConfig>,
 }
 
 /// What a restore builds the devices on.

@@ -15,6 +15,7 @@ pub mod event_loop;
 pub mod legacy;
 pub mod mmio;
 pub mod net;
+pub mod net_config;
 #[macro_use]
 mod persist;
 pub mod serial;
@@ -35,7 +36,8 @@ pub use dma::DmaSlot;
 pub use event_loop::{DeviceEventLoop, EventLoopError};
 use legacy::{ControlPorts, I8042};
 pub use mmio::{virtio_mmio_cmdline, DeviceSpace, MmioSlot, Wiring};
-pub use net::{NetConfig, NetOverride, NetSlot, NetSlotState, NetSlots};
+pub use net::{NetSlot, NetSlotState, NetSlots};
+pub use net_config::{NetConfig, NetOverride};
 pub use serial::{SerialDevice, SerialPort, SerialRegisters, SERIAL_GSI};
 
 // The one list of device kinds, in the order they are built, locked and described.

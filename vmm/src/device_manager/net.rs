@@ -11,7 +11,7 @@
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use devices::net::{MacAddr, NetArgs, NetDevice, NetError, NetState, Tap};
+use devices::net::{NetArgs, NetDevice, NetError, NetState, Tap};
 use devices::virtio::{MmioTransport, MmioTransportState, QueueNotifier, VirtioDevice, REG_QUEUE_NOTIFY};
 use devices::Persist;
 use kvm_ioctls::IoEventAddress;
@@ -22,35 +22,8 @@ use super::device::{
 };
 use super::event_loop::{DeviceEventLoop, Subscriber};
 use super::mmio::{device_interrupt, DeviceSpace, MmioSlot, Wiring};
+use super::net_config::{check_iface_id, NetConfig, MAX_INTERFACES};
 use super::DeviceError;
-
-/// Most interfaces a VM may have (each takes a GSI of the 17 the allocator hands out).
-pub const MAX_INTERFACES: usize = 8;
-/// Longest interface id (it is a URL path segment).
-const MAX_IFACE_ID_LEN: usize = 64;
-
-/// One interface a fresh VM gets: `--net tap=NAME[,mac=MAC]` or `PUT /network-interfaces/{id}`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct NetConfig {
-    pub iface_id: String,
-    /// The existing TAP interface the device attaches to.
-    pub host_dev_name: String,
-    /// The MAC the guest is offered; none lets the guest driver pick one.
-    pub guest_mac: Option<MacAddr>,
-    /// The network namespace to open the TAP in (a path such as `/var/run/netns/NAME`); none:
-    /// the VMM's own.
-    pub netns: Option<PathBuf>,
-}
-
-/// A clone's or restored VM's interface `iface_id` attached to its own TAP
-/// (`network_overrides` entries), and optionally a new MAC.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct NetOverride {
-    pub iface_id: String,
-    pub host_dev_name: String,
-    pub netns: Option<PathBuf>,
-    pub guest_mac: Option<MacAddr>,
-}
 
 /// A virtio-net transport as the bus, the event loop and the tests share it.
 pub type NetTransport = Arc<Mutex<MmioTransport<NetDevice>>>;
@@ -83,16 +56,6 @@ pub struct NetSlotState {
     pub iface_id: String,
     pub transport: MmioTransportState,
     pub device: NetState,
-}
-
-/// Refuses an interface id that cannot be a URL path segment or a name in messages.
-pub fn check_iface_id(id: &str) -> Result<(), String> {
-    let ok = (1..=MAX_IFACE_ID_LEN).contains(&id.len())
-        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.');
-    match ok {
-        true => Ok(()),
-        false => Err(format!("interface id {id:?} must be 1 to {MAX_IFACE_ID_LEN} of A-Z a-z 0-9 _ - .")),
-    }
 }
 
 fn net_error(iface_id: &str, source: NetError) -> DeviceError {
