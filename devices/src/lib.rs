@@ -8,6 +8,7 @@ pub mod clock;
 pub mod dma;
 pub mod host_events;
 pub mod interrupt;
+pub mod metrics;
 pub mod net;
 pub mod persist;
 pub mod rng;

@@ -1,5 +1,6 @@
 //! `PUT /logger` and `PUT /metrics` as Firecracker's users read them: log lines in a file,
-//! metrics as JSON lines (deltas per flush) in a file or FIFO, flushed on `FlushMetrics`.
+//! metrics as JSON lines (deltas per flush) in a file or FIFO, flushed on `FlushMetrics`, with
+//! each device's counters.
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::OpenOptionsExt;
@@ -7,7 +8,12 @@ use std::path::Path;
 
 use serde_json::{json, Value};
 use vmm::api::client::{call, ApiResponse};
-use zygote_tests::{scratch_dir, SpinServer};
+use vmm::api::requests::MetricsConfig;
+use vmm::api::telemetry::Telemetry;
+use vmm::api::Controller;
+use vmm::layout::{DMA_GUEST_BLK_LEN, DMA_GUEST_DMA_LEN};
+use zygote_tests::dma_guest::{dma_vm, TempDisk};
+use zygote_tests::{scratch_dir, text, SpinServer};
 
 /// Requests with JSON bodies, and the 204 most of them answer.
 trait Requests {
@@ -77,6 +83,7 @@ fn logger_and_metrics_write_what_happened() {
     assert_eq!(first["put_api_requests"]["create_snapshot_count"], 1, "{first}");
     assert_eq!(first["put_api_requests"]["drive_fails"], 1, "{first}");
     assert_eq!(first["zygote"]["clone_count"], 1, "{first}");
+    assert_eq!(first["zygote"]["full_snapshot_count"], 1, "{first}");
     assert_eq!((first["zygote"]["pause_count"].as_u64(), first["zygote"]["resume_count"].as_u64()), (Some(1), Some(1)));
     assert!(first["latencies_us"]["full_create_snapshot"].as_u64().unwrap() > 0, "{first}");
     assert!(first["vms"]["vm1"]["shared_pages"].as_u64().unwrap() > 0, "{first}");
@@ -109,4 +116,39 @@ fn metrics_go_to_a_fifo_that_has_a_reader() {
     reader.read_line(&mut line).expect("a metrics line waits in the FIFO");
     let value: Value = serde_json::from_str(&line).unwrap();
     assert_eq!(value["put_api_requests"], json!({ "metrics_count": 2, "metrics_fails": 1 }), "{value}");
+}
+
+#[test]
+fn device_counters_are_flushed_summed_and_per_vm() {
+    // The `dma` guest runs one DMA transfer and one virtio-blk read, prints two lines, exits.
+    let dir = scratch_dir("api-device-metrics");
+    let disk = TempDisk::new(2 * DMA_GUEST_BLK_LEN / 512);
+    let (mut root, out) = dma_vm(Some(&disk), 0, 1);
+    root.start();
+    assert!(root.wait_timeout(std::time::Duration::from_secs(60)), "the dma guest did not finish");
+    let mut controller = Controller::new(root, None);
+    let mut telemetry = Telemetry::default();
+    let metrics = dir.join("metrics.json");
+    telemetry.set_metrics(&MetricsConfig { metrics_path: metrics.clone() }).unwrap();
+    telemetry.flush(&mut controller).unwrap();
+    telemetry.flush(&mut controller).unwrap();
+    let written = lines(&metrics);
+    let first = &written[0];
+    let block = &first["block"];
+    assert_eq!((block["read_count"].as_u64(), block["read_bytes"].as_u64()), (Some(1), Some(DMA_GUEST_BLK_LEN)));
+    assert_eq!((block["write_count"].as_u64(), block["invalid_reqs_count"].as_u64()), (Some(0), Some(0)));
+    let dma = &first["dma_engine"];
+    assert_eq!((dma["transfers_started"].as_u64(), dma["transfers_done"].as_u64()), (Some(1), Some(1)), "{dma}");
+    assert_eq!(dma["bytes_written"].as_u64(), Some(DMA_GUEST_DMA_LEN));
+    let printed = text(&out);
+    assert!(printed.contains("DMA done") && printed.contains("BLK done"), "{printed}");
+    assert_eq!(first["uart"]["write_count"].as_u64(), Some(printed.len() as u64), "{first}");
+    // One VM: its own counters are the sums.
+    for group in ["block", "dma_engine", "uart"] {
+        assert_eq!(first["vms"]["vm0"][group], first[group], "{group}");
+    }
+    // Deltas: nothing happened since.
+    let second = &written[1];
+    assert_eq!(second["block"]["read_count"], 0, "{second}");
+    assert_eq!(second["uart"]["write_count"], 0, "{second}");
 }

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::sync::{mpsc, Arc};
 
 use devices::block::CowDisk;
+use devices::persist::Persist;
 use kvm_ioctls::{Kvm, VcpuFd};
 use memory::{Bytes, GuestAddress, GuestRam, MemoryError};
 
@@ -23,7 +24,7 @@ use crate::regs::{setup_tiny_guest_vcpu, EntryArgs};
 use crate::vcpu::{spawn_vcpu, VcpuContext, VcpuError};
 use crate::vm::{Vm, VmError};
 use crate::vstate::validate::validate;
-use crate::vstate::{restore_clock, StateError, VmState};
+use crate::vstate::{restore_clock, KvmVcpu, StateError, VcpuArgs, VmState};
 
 /// Most vCPUs a VM may have.
 pub const MAX_VCPUS: u32 = crate::vstate::validate::MAX_VCPUS;
@@ -283,7 +284,7 @@ fn fill_vcpus(ram: &GuestRam, devices: &DeviceManager, fds: &[VcpuFd], filling: 
         }
         Filling::Restore { state, .. } => {
             for (index, (saved, fd)) in state.vcpus.iter().zip(fds).enumerate() {
-                saved.restore(index, fd, true).map_err(StateError::from)?;
+                KvmVcpu::restore(VcpuArgs { index, fd, with_cpuid: true }, saved).map_err(StateError::from)?;
             }
         }
     }

@@ -13,6 +13,7 @@ use super::request::{parse_request, BlockRequest, RequestKind};
 use super::uring::{IoVecs, Op, OpTag, Uring};
 use super::BlockError;
 use crate::interrupt::{DeviceInterrupt, INT_USED_RING};
+use crate::metrics::{bump, BlockMetrics};
 
 /// Bytes of the id string GET_ID returns.
 pub const ID_BYTES: usize = 20;
@@ -49,6 +50,7 @@ pub(crate) struct BlockCore {
     pub broken: bool,
     /// While set, requests are queued for the kernel but not handed to it (`submit`).
     pub held: bool,
+    pub metrics: Arc<BlockMetrics>,
     uring: Uring,
     slots: Vec<Slot>,
 }
@@ -68,6 +70,7 @@ impl BlockCore {
             id,
             broken: false,
             held: false,
+            metrics: Arc::default(),
             uring: Uring::new()?,
             slots: Vec::new(),
         })
@@ -119,7 +122,10 @@ impl BlockCore {
             }
             match parse_request(chain, &ram, self.disk.sectors(), &reserved) {
                 Ok(request) => self.start(&mut queue, request),
-                Err(bad) => self.complete_now(&mut queue, bad.head, bad.status, VIRTIO_BLK_S_IOERR, 0),
+                Err(bad) => {
+                    bump(&self.metrics.invalid_reqs_count, 1);
+                    self.complete_now(&mut queue, bad.head, bad.status, VIRTIO_BLK_S_IOERR, 0)
+                }
             }
         }
         self.queue = Some(queue);
@@ -143,7 +149,10 @@ impl BlockCore {
     pub fn start(&mut self, queue: &mut Queue, request: BlockRequest) {
         let (head, status) = (request.head, request.status);
         match request.kind {
-            RequestKind::Unsupported(_) => self.complete_now(queue, head, Some(status), VIRTIO_BLK_S_UNSUPP, 0),
+            RequestKind::Unsupported(_) => {
+                bump(&self.metrics.invalid_reqs_count, 1);
+                self.complete_now(queue, head, Some(status), VIRTIO_BLK_S_UNSUPP, 0)
+            }
             RequestKind::GetId => {
                 let seg = request.data[0];
                 let n = (seg.len as usize).min(ID_BYTES);
@@ -151,11 +160,13 @@ impl BlockCore {
                     .ram
                     .pin(GuestAddress(seg.addr), n, Access::Write)
                     .and_then(|pin| pin.write_at(0, &self.id[..n]));
+                bump(if written.is_ok() { &self.metrics.get_id_count } else { &self.metrics.execute_fails }, 1);
                 let code = if written.is_ok() { VIRTIO_BLK_S_OK } else { VIRTIO_BLK_S_IOERR };
                 self.complete_now(queue, head, Some(status), code, if written.is_ok() { n as u32 } else { 0 });
             }
             RequestKind::In | RequestKind::Out | RequestKind::Flush => {
                 if let Err(_e) = self.queue_io(request) {
+                    bump(&self.metrics.execute_fails, 1);
                     self.complete_now(queue, head, Some(status), VIRTIO_BLK_S_IOERR, 0);
                 }
             }
@@ -313,6 +324,7 @@ impl BlockCore {
     fn finish(&mut self, slot: usize, deliver: bool) {
         let Some(entry) = self.slots[slot].request.take() else { return };
         if deliver {
+            self.count_done(&entry);
             let code = if entry.failed { VIRTIO_BLK_S_IOERR } else { VIRTIO_BLK_S_OK };
             let written = if entry.request.kind == RequestKind::In && !entry.failed {
                 entry.request.data_len() as u32
@@ -325,6 +337,22 @@ impl BlockCore {
             }
         }
         drop(entry); // unpins: the memory layer marks the written pages dirty
+    }
+
+    /// Counts a request delivered to the guest.
+    fn count_done(&self, entry: &InFlight) {
+        let m = &self.metrics;
+        let (count, bytes) = match (entry.failed, entry.request.kind) {
+            (true, _) => (&m.execute_fails, None),
+            (false, RequestKind::In) => (&m.read_count, Some(&m.read_bytes)),
+            (false, RequestKind::Out) => (&m.write_count, Some(&m.write_bytes)),
+            (false, RequestKind::Flush) => (&m.flush_count, None),
+            (false, _) => return,
+        };
+        bump(count, 1);
+        if let Some(bytes) = bytes {
+            bump(bytes, entry.request.data_len());
+        }
     }
 
     /// Writes status `code`, adds `head` to the used ring and raises the interrupt.

@@ -89,6 +89,11 @@ impl BlockDevice {
         Ok(BlockDevice { core: Arc::new(Mutex::new(core)), interrupt, features: 0, sectors })
     }
 
+    /// The device's counters (shared with its serving half; read without its lock).
+    pub fn metrics(&self) -> Arc<crate::metrics::BlockMetrics> {
+        Arc::clone(&self.lock().metrics)
+    }
+
     pub(crate) fn lock(&self) -> MutexGuard<'_, BlockCore> {
         self.core.lock().unwrap_or_else(|e| e.into_inner())
     }

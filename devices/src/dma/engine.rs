@@ -5,11 +5,12 @@ use std::sync::Arc;
 
 use memory::{Access, GuestAddress, GuestRam, PinGuard};
 
+use super::doorbell::Doorbell;
 use super::registers::*;
-use super::runner::Doorbell;
 use super::{DmaError, DmaSource, DmaState, TransferSpec, MAX_PACING_US};
 use crate::bus_device::{BusDevice, VmRequest};
 use crate::interrupt::{DeviceInterrupt, INT_USED_RING};
+use crate::metrics::{bump, DmaMetrics};
 use crate::persist::Persist;
 
 /// A transfer in flight: its pins live until the last chunk is written.
@@ -33,6 +34,7 @@ pub struct DmaEngine {
     host_stepped: bool,
     /// Wakes the background runner when a transfer becomes runnable.
     doorbell: Arc<Doorbell>,
+    metrics: Arc<DmaMetrics>,
 }
 
 impl std::fmt::Debug for DmaEngine {
@@ -80,6 +82,7 @@ impl DmaEngine {
             error: 0,
             host_stepped: false,
             doorbell: Arc::default(),
+            metrics: Arc::default(),
         }
     }
 
@@ -148,6 +151,11 @@ impl DmaEngine {
         self.transfer.as_ref().map_or(0, |t| t.spec.pacing_us)
     }
 
+    /// The engine's counters (read without its lock).
+    pub fn metrics(&self) -> &Arc<DmaMetrics> {
+        &self.metrics
+    }
+
     /// What the background runner waits on.
     pub(crate) fn doorbell(&self) -> &Arc<Doorbell> {
         &self.doorbell
@@ -182,6 +190,7 @@ impl DmaEngine {
         self.transfer = Some(Transfer { spec, done: 0, dst, src });
         self.progress = 0;
         self.completed = false;
+        bump(&self.metrics.transfers_started, 1);
         self.doorbell.ring();
         Ok(())
     }
@@ -206,14 +215,16 @@ impl DmaEngine {
         let written = copied.and_then(|()| t.dst.write_at(t.done as usize, &buf));
         t.done += n as u64;
         self.progress = t.done;
-        if written.is_err() {
-            self.error = 4;
+        match &written {
+            Ok(()) => bump(&self.metrics.bytes_written, n as u64),
+            Err(_) => self.error = 4,
         }
         if t.done < t.spec.len && written.is_ok() {
             return true;
         }
         self.transfer = None; // unpins
         self.completed = written.is_ok();
+        bump(if self.completed { &self.metrics.transfers_done } else { &self.metrics.transfer_fails }, 1);
         self.interrupt.raise(INT_USED_RING);
         false
     }

@@ -73,11 +73,11 @@ impl ApiServer {
         }
         loop {
             if let Some(end) = controller.root_end() {
-                let _ = telemetry.flush(&controller.list());
+                let _ = telemetry.flush(controller);
                 return end;
             }
             if telemetry.flush_due() {
-                let _ = telemetry.flush(&controller.list());
+                let _ = telemetry.flush(controller);
             }
             let Incoming { request, reply, written } = match incoming.recv_timeout(POLL) {
                 Ok(incoming) => incoming,
@@ -91,7 +91,7 @@ impl ApiServer {
                 let _ = written.recv_timeout(super::http::WRITE_TIMEOUT + POLL);
             }
             if shutdown {
-                let _ = telemetry.flush(&controller.list());
+                let _ = telemetry.flush(controller);
                 return (0, None);
             }
         }

@@ -3,7 +3,10 @@
 //! JSON lines of counters, flushed every `FLUSH_INTERVAL` and on the `FlushMetrics` action.
 //! Counters are deltas since the previous flush, as Firecracker's are; the per-VM page gauges
 //! are values. Counter names follow Firecracker's where it has one (`put_api_requests.
-//! drive_count`, `latencies_us.full_create_snapshot`, ...), Zygote's own in `zygote`.
+//! drive_count`, `latencies_us.full_create_snapshot`, `block.read_bytes`, `uart.write_count`,
+//! ...), Zygote's own in `zygote` (clones, snapshots, resets, pauses) and `dma_engine`.
+//! Device counters (`devices::metrics`) are summed over every VM under their group, and
+//! given per VM under `vms.vm<id>.<group>`.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -15,7 +18,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde_json::{json, Value};
 
 use super::requests::{LoggerConfig, MetricsConfig};
-use super::{ApiError, VmInfo};
+use super::{ApiError, Controller};
+use crate::device_manager::DeviceMetrics;
 
 /// How often metrics are written without a `FlushMetrics` (Firecracker's period).
 pub const FLUSH_INTERVAL: Duration = Duration::from_secs(60);
@@ -76,6 +80,9 @@ pub struct Telemetry {
     /// Last values (latencies), reported as they stand.
     latest: BTreeMap<String, u64>,
     last_flush: Option<Instant>,
+    /// Each device counter's value at the last flush, by (VM, group, name): flushes report
+    /// the difference.
+    seen: BTreeMap<(u64, &'static str, &'static str), u64>,
 }
 
 impl Telemetry {
@@ -155,18 +162,20 @@ impl Telemetry {
     }
 
     /// Writes one JSON line: the counters since the last flush (then zeroed), the latest
-    /// latencies and each VM's pages. Refused when no metrics destination is set.
-    pub fn flush(&mut self, vms: &[VmInfo]) -> Result<(), ApiError> {
-        let Some(file) = self.metrics.as_mut() else {
+    /// latencies, each VM's pages and device counters. Refused when no metrics destination is
+    /// set.
+    pub fn flush(&mut self, controller: &mut Controller) -> Result<(), ApiError> {
+        if self.metrics.is_none() {
             return Err(ApiError::BadRequest("the metrics system is not initialized: PUT /metrics first".into()));
-        };
+        }
         let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
         let mut line = json!({ "utc_timestamp_ms": u64::try_from(now.as_millis()).unwrap_or(u64::MAX) });
         for (group, counters) in std::mem::take(&mut self.counters) {
             line[group] = json!(counters);
         }
         line["latencies_us"] = json!(self.latest);
-        let pages: BTreeMap<String, Value> = vms
+        let mut vms: BTreeMap<String, Value> = controller
+            .list()
             .iter()
             .map(|vm| {
                 let gauges = json!({ "private_pages": vm.private_pages, "shared_pages": vm.shared_pages,
@@ -174,10 +183,43 @@ impl Telemetry {
                 (format!("vm{}", vm.id), gauges)
             })
             .collect();
-        line["vms"] = json!(pages);
+        for (group, counters) in self.device_deltas(&controller.device_metrics(), &mut vms) {
+            line[group] = json!(counters);
+        }
+        line["vms"] = json!(vms);
         self.last_flush = Some(Instant::now());
         let text = format!("{line}\n");
+        let file = self.metrics.as_mut().expect("checked above");
         file.write_all(text.as_bytes()).map_err(|e| ApiError::BadRequest(format!("cannot write the metrics: {e}")))
+    }
+
+    /// The device counters' changes since the last flush: summed over the VMs by group, and
+    /// each VM's into its entry of `vms`. A counter lower than last seen belongs to a device
+    /// built since (its count starts from zero).
+    fn device_deltas(
+        &mut self,
+        devices: &[(u64, Vec<DeviceMetrics>)],
+        vms: &mut BTreeMap<String, Value>,
+    ) -> BTreeMap<&'static str, BTreeMap<&'static str, u64>> {
+        let mut seen = BTreeMap::new();
+        let mut sums: BTreeMap<&'static str, BTreeMap<&'static str, u64>> = BTreeMap::new();
+        for (vm, metrics) in devices {
+            let entry = vms.entry(format!("vm{vm}")).or_insert_with(|| json!({}));
+            for DeviceMetrics { group, counters } in metrics {
+                let mut own = BTreeMap::new();
+                for &(name, value) in counters {
+                    let before = self.seen.get(&(*vm, *group, name)).copied().unwrap_or(0);
+                    let delta = if value >= before { value - before } else { value };
+                    seen.insert((*vm, *group, name), value);
+                    own.insert(name, delta);
+                    let sum = sums.entry(group).or_default().entry(name).or_default();
+                    *sum = sum.saturating_add(delta);
+                }
+                entry[*group] = json!(own);
+            }
+        }
+        self.seen = seen;
+        sums
     }
 }
 

@@ -9,7 +9,7 @@ mod ctl;
 
 use crate::api::Controller;
 use crate::builder::{DEFAULT_MEM_MIB, MAX_MEM_MIB, MAX_VCPUS, MIN_MEM_MIB};
-use crate::snapshot::file::{load_snapshot, SnapshotOnDisk};
+use crate::snapshot::file::{load_snapshot_with, LoadOptions, SnapshotOnDisk};
 use crate::vstate::ClockOnRestore;
 use crate::{boot_linux, build_linux_vm, run_tiny_guest, ConfigError, Console, LinuxConfig, VmConfig, VmOutcome, Vmm};
 use ctl::ctl;
@@ -56,6 +56,11 @@ pub struct RunArgs {
     /// clock moves forward as much. Without it the guest resumes its clock where it stopped.
     #[arg(long, requires = "restore")]
     clock_realtime: bool,
+    /// With --restore: the snapshot's single memory file (Firecracker's `mem_file_path`), when
+    /// it is not where the state file names it (a memory file beside the state file is found
+    /// without this).
+    #[arg(long, value_name = "FILE", requires = "restore")]
+    mem_file: Option<PathBuf>,
     /// Guest RAM in MiB.
     #[arg(long, value_name = "MiB", default_value_t = DEFAULT_MEM_MIB,
           value_parser = clap::value_parser!(u64).range(MIN_MEM_MIB..=MAX_MEM_MIB))]
@@ -172,7 +177,7 @@ fn run(args: RunArgs) -> i32 {
         (_, Some(kernel), _) => {
             Some(Root::Linux(LinuxConfig { vm, kernel, initrd: args.initrd, cmdline: args.cmdline }))
         }
-        (_, None, Some(path)) => Some(Root::Restore(path, clock)),
+        (_, None, Some(path)) => Some(Root::Restore(path, LoadOptions { mem_file: args.mem_file }, clock)),
         (Some(name), None, None) => Some(Root::Tiny { vm, name, arg: args.arg.unwrap_or(0) }),
         (None, None, None) => None,
     };
@@ -205,16 +210,21 @@ enum Root {
         arg: u64,
     },
     Linux(LinuxConfig),
-    /// A snapshot's state file, and what the restored guest's clock does.
-    Restore(PathBuf, ClockOnRestore),
+    /// A snapshot's state file, how to load it, and what the restored guest's clock does.
+    Restore(PathBuf, LoadOptions, ClockOnRestore),
     /// A Firecracker config file's configuration.
     Configured(Box<crate::api::preboot::VmResources>),
 }
 
 /// VM 0 built from the snapshot at `path`, and the loaded snapshot; on failure, the exit code
 /// after saying why (whatever is wrong comes from the file: bad input).
-fn restore(path: &std::path::Path, console: &Console, clock: ClockOnRestore) -> Result<(Vmm, SnapshotOnDisk), i32> {
-    let loaded = load_snapshot(path).map_err(|e| fail(&e, true))?;
+fn restore(
+    path: &std::path::Path,
+    options: &LoadOptions,
+    console: &Console,
+    clock: ClockOnRestore,
+) -> Result<(Vmm, SnapshotOnDisk), i32> {
+    let loaded = load_snapshot_with(path, options).map_err(|e| fail(&e, true))?;
     let vmm = loaded.snapshot.restore(0, console).map_err(|e| fail(&e, true))?;
     if clock == ClockOnRestore::AdvanceToHostRealtime {
         crate::vstate::clock::advance_to_host_realtime(&vmm, &loaded.snapshot.state.clock)
@@ -229,7 +239,9 @@ impl Root {
         let outcome = match self {
             Root::Linux(config) => boot_linux(&config).map_err(|e| fail(&e, e.is_bad_input())),
             Root::Tiny { vm, name, arg } => run_tiny_guest(&vm, &name, arg).map_err(|e| fail(&e, e.is_bad_input())),
-            Root::Restore(path, clock) => restore(&path, &Console::Stdout, clock).map(|(vmm, _)| vmm.run()),
+            Root::Restore(path, options, clock) => {
+                restore(&path, &options, &Console::Stdout, clock).map(|(vmm, _)| vmm.run())
+            }
             Root::Configured(resources) => {
                 resources.build(Console::Stdout).map(Vmm::run).map_err(|e| fail(&e, e.status() < 500))
             }
@@ -256,8 +268,8 @@ impl Root {
                 root.start();
                 Ok(Controller::new(root, None))
             }
-            Root::Restore(path, clock) => {
-                let (mut root, loaded) = restore(&path, &Console::Prefixed("[vm0] ".into()), clock)?;
+            Root::Restore(path, options, clock) => {
+                let (mut root, loaded) = restore(&path, &options, &Console::Prefixed("[vm0] ".into()), clock)?;
                 root.start();
                 Ok(Controller::restored(root, loaded))
             }

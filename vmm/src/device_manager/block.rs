@@ -13,7 +13,8 @@ use kvm_ioctls::IoEventAddress;
 use serde::{Deserialize, Serialize};
 
 use super::device::{
-    AttachConfig, CaptureMode, Captured, CapturedDisk, DeviceDescription, DeviceHost, ResetArgs, RestoreArgs, VmDevice,
+    AttachConfig, CaptureMode, Captured, CapturedDisk, DeviceDescription, DeviceHost, DeviceMetrics, ResetArgs,
+    RestoreArgs, VmDevice,
 };
 use super::event_loop::{DeviceEventLoop, Subscriber};
 use super::mmio::{device_interrupt, DeviceSpace, MmioSlot, Wiring};
@@ -26,6 +27,7 @@ pub type BlockTransport = Arc<Mutex<MmioTransport<BlockDevice>>>;
 /// The virtio-blk device on the bus, and the event loop serving it.
 pub struct BlockSlot {
     pub transport: BlockTransport,
+    metrics: Arc<devices::metrics::BlockMetrics>,
     // Declared after `transport`; stops before the device goes (the loop holds its own Arcs).
     _events: DeviceEventLoop,
 }
@@ -63,10 +65,11 @@ fn plug(
     transport: MmioTransport<BlockDevice>,
     wiring: Wiring,
 ) -> Result<BlockSlot, DeviceError> {
+    let metrics = transport.device().metrics();
     let transport = Arc::new(Mutex::new(transport));
     let events = start_events(&transport, wiring)?;
     space.insert_mmio(SLOT, transport.clone())?;
-    Ok(BlockSlot { transport, _events: events })
+    Ok(BlockSlot { transport, metrics, _events: events })
 }
 
 /// Says which of the VM (if known), the saved state and the saved disk have virtio-blk.
@@ -176,5 +179,9 @@ impl VmDevice for BlockSlot {
 
     fn description(&self) -> DeviceDescription {
         DeviceDescription { kind: Self::KIND, mmio: Some(SLOT), virtio: true }
+    }
+
+    fn metrics(&self) -> Option<DeviceMetrics> {
+        Some(DeviceMetrics::of("block", &*self.metrics))
     }
 }

@@ -29,6 +29,20 @@ pub struct DeviceDescription {
     pub virtio: bool,
 }
 
+/// A device's counters for the metrics: its group (Firecracker's name where it has one) and
+/// (name, value) pairs, cumulative since the device was built.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceMetrics {
+    pub group: &'static str,
+    pub counters: Vec<(&'static str, u64)>,
+}
+
+impl DeviceMetrics {
+    pub fn of(group: &'static str, counters: &dyn devices::metrics::Counters) -> DeviceMetrics {
+        DeviceMetrics { group, counters: counters.values() }
+    }
+}
+
 /// What a capture does to a device's host resources at the capture instant.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CaptureMode {
@@ -146,4 +160,9 @@ pub trait VmDevice: Sized {
 
     /// Where the guest finds this device.
     fn description(&self) -> DeviceDescription;
+
+    /// The device's counters, if it keeps any (`devices::metrics`).
+    fn metrics(&self) -> Option<DeviceMetrics> {
+        None
+    }
 }

@@ -7,7 +7,7 @@ use devices::dma::{DmaArgs, DmaEngine, DmaRunner, DmaState, DMA_REGION_SIZE};
 use devices::Persist;
 
 use super::device::{
-    AttachConfig, CaptureMode, Captured, DeviceDescription, DeviceHost, ResetArgs, RestoreArgs, VmDevice,
+    AttachConfig, CaptureMode, Captured, DeviceDescription, DeviceHost, DeviceMetrics, ResetArgs, RestoreArgs, VmDevice,
 };
 use super::mmio::{device_interrupt, DeviceSpace, MmioSlot};
 use super::DeviceError;
@@ -16,6 +16,7 @@ use crate::layout::{DMA_ENGINE_IRQ, DMA_ENGINE_MMIO_ADDR};
 /// The engine on the bus, and its runner.
 pub struct DmaSlot {
     pub engine: Arc<Mutex<DmaEngine>>,
+    metrics: Arc<devices::metrics::DmaMetrics>,
     _runner: DmaRunner,
 }
 
@@ -23,11 +24,12 @@ const SLOT: MmioSlot = MmioSlot { base: DMA_ENGINE_MMIO_ADDR, size: DMA_REGION_S
 
 impl DmaSlot {
     fn plug(space: &mut DeviceSpace, engine: DmaEngine) -> Result<DmaSlot, DeviceError> {
+        let metrics = Arc::clone(engine.metrics());
         let engine = Arc::new(Mutex::new(engine));
         space.insert_mmio(SLOT, engine.clone())?;
         let _runner = DmaRunner::spawn_with(Arc::clone(&engine), crate::seccomp::dma_thread_start)
             .map_err(DeviceError::Thread)?;
-        Ok(DmaSlot { engine, _runner })
+        Ok(DmaSlot { engine, metrics, _runner })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, DmaEngine> {
@@ -90,5 +92,9 @@ impl VmDevice for DmaSlot {
 
     fn description(&self) -> DeviceDescription {
         DeviceDescription { kind: Self::KIND, mmio: Some(SLOT), virtio: false }
+    }
+
+    fn metrics(&self) -> Option<DeviceMetrics> {
+        Some(DeviceMetrics::of("dma_engine", &*self.metrics))
     }
 }

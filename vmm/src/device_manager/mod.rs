@@ -27,8 +27,8 @@ use crate::bus::{Bus, BusError};
 pub use block::{BlockSlot, BlockSlotState, BlockTransport};
 pub use console::Console;
 pub use device::{
-    AttachConfig, CaptureMode, CapturedDisk, DeviceDescription, DeviceHost, DeviceOverrides, ResetArgs, RestoreArgs,
-    RestoreReason, VmDevice,
+    AttachConfig, CaptureMode, CapturedDisk, DeviceDescription, DeviceHost, DeviceMetrics, DeviceOverrides, ResetArgs,
+    RestoreArgs, RestoreReason, VmDevice,
 };
 pub use dma::DmaSlot;
 pub use event_loop::{DeviceEventLoop, EventLoopError};
@@ -166,6 +166,11 @@ impl DeviceManager {
     pub fn kernel_cmdline(&self) -> String {
         let virtio = self.descriptions().into_iter().filter(|d| d.virtio);
         virtio.filter_map(|d| d.mmio).map(|slot| virtio_mmio_cmdline(&slot)).collect::<Vec<_>>().join(" ")
+    }
+
+    /// Every device's counters, in registry order (devices that keep none left out).
+    pub fn metrics(&self) -> Vec<DeviceMetrics> {
+        self.devices.metrics()
     }
 
     /// The port-I/O and MMIO buses.

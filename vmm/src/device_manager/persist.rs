@@ -145,6 +145,14 @@ macro_rules! registry {
                 reset_nested!(devices, state, args, inner; $($field)+)
             }
 
+            fn metrics(&self) -> Vec<DeviceMetrics> {
+                let mut all = Vec::new();
+                $(if let Some(metrics) = self.$field.as_ref().and_then(VmDevice::metrics) {
+                    all.push(metrics);
+                })+
+                all
+            }
+
             fn descriptions(&self) -> Vec<DeviceDescription> {
                 let mut all = Vec::new();
                 $(if let Some(device) = &self.$field {

@@ -7,11 +7,12 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use std::sync::{Arc, Mutex};
 
+use devices::metrics::UartMetrics;
 use devices::Persist;
 
 use super::console::{Console, ConsoleWriter};
 use super::device::{
-    AttachConfig, CaptureMode, Captured, DeviceDescription, DeviceHost, ResetArgs, RestoreArgs, VmDevice,
+    AttachConfig, CaptureMode, Captured, DeviceDescription, DeviceHost, DeviceMetrics, ResetArgs, RestoreArgs, VmDevice,
 };
 use super::mmio::{DeviceSpace, MmioSlot, Wiring};
 use super::DeviceError;
@@ -47,7 +48,7 @@ impl Trigger for IrqLine {
 
 /// The UART as a bus device.
 pub struct SerialDevice {
-    uart: Serial<IrqLine, vm_superio::serial::NoEvents, ConsoleWriter>,
+    uart: Serial<IrqLine, Arc<UartMetrics>, ConsoleWriter>,
     /// Where output goes; kept to give a restored UART a writer.
     console: Console,
 }
@@ -55,7 +56,13 @@ pub struct SerialDevice {
 impl SerialDevice {
     /// A UART writing to `console`, raising `irq` when it wants attention.
     pub fn new(console: &Console, irq: IrqLine) -> SerialDevice {
-        SerialDevice { uart: Serial::new(irq, console.writer()), console: console.clone() }
+        let uart = Serial::with_events(irq, Arc::default(), console.writer());
+        SerialDevice { uart, console: console.clone() }
+    }
+
+    /// The UART's counters, fed by vm-superio's serial events.
+    pub fn metrics(&self) -> &Arc<UartMetrics> {
+        self.uart.events()
     }
 
     /// The interrupt line, for wiring to an irqchip.
@@ -119,6 +126,8 @@ pub struct SerialRegisters(#[serde(with = "SerialStateDef")] pub SerialState);
 pub struct SerialArgs {
     pub console: Console,
     pub irq: IrqLine,
+    /// The counters to go on with (a reset keeps the device's), or fresh ones.
+    pub metrics: Arc<UartMetrics>,
 }
 
 impl Persist for SerialDevice {
@@ -132,7 +141,7 @@ impl Persist for SerialDevice {
 
     /// vm-superio checks the state (a receive FIFO longer than the UART's is refused).
     fn restore(args: SerialArgs, state: &SerialRegisters) -> Result<SerialDevice, DeviceError> {
-        let uart = Serial::from_state(&state.0, args.irq, vm_superio::serial::NoEvents, args.console.writer())
+        let uart = Serial::from_state(&state.0, args.irq, args.metrics, args.console.writer())
             .map_err(|e| DeviceError::BadState { kind: "serial", reason: format!("{e:?}") })?;
         Ok(SerialDevice { uart, console: args.console })
     }
@@ -143,7 +152,8 @@ impl SerialDevice {
     /// irqfd registered on it stays wired.
     pub fn reset_to(&mut self, state: &SerialRegisters) -> Result<(), DeviceError> {
         let irq = self.uart.interrupt_evt().0.try_clone().map_err(DeviceError::IrqLine)?;
-        *self = SerialDevice::restore(SerialArgs { console: self.console.clone(), irq: IrqLine(irq) }, state)?;
+        let args = SerialArgs { console: self.console.clone(), irq: IrqLine(irq), metrics: Arc::clone(self.metrics()) };
+        *self = SerialDevice::restore(args, state)?;
         Ok(())
     }
 }
@@ -154,6 +164,7 @@ pub const SERIAL_GSI: u32 = 4;
 /// COM1 as the device manager keeps it: shared with the port bus.
 pub struct SerialPort {
     pub device: Arc<Mutex<SerialDevice>>,
+    metrics: Arc<UartMetrics>,
 }
 
 /// A trigger that goes nowhere, for checking a saved state without an eventfd.
@@ -179,9 +190,10 @@ impl SerialPort {
                 .map_err(|source| DeviceError::Irqfd { gsi: SERIAL_GSI, source })?;
             device.resend_if_pending().map_err(DeviceError::IrqLine)?;
         }
+        let metrics = Arc::clone(device.metrics());
         let device = Arc::new(Mutex::new(device));
         space.pio.insert(u64::from(SERIAL_PORT), SERIAL_PORT_COUNT, device.clone())?;
-        Ok(SerialPort { device })
+        Ok(SerialPort { device, metrics })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, SerialDevice> {
@@ -219,7 +231,8 @@ impl VmDevice for SerialPort {
 
     fn restore(space: &mut DeviceSpace, state: &SerialRegisters, args: &mut RestoreArgs) -> Result<Self, DeviceError> {
         let irq = IrqLine::new().map_err(DeviceError::IrqLine)?;
-        let device = SerialDevice::restore(SerialArgs { console: args.host.console.clone(), irq }, state)?;
+        let serial = SerialArgs { console: args.host.console.clone(), irq, metrics: Arc::default() };
+        let device = SerialDevice::restore(serial, state)?;
         SerialPort::plug(space, device, args.host.wiring)
     }
 
@@ -240,6 +253,10 @@ impl VmDevice for SerialPort {
 
     fn description(&self) -> DeviceDescription {
         DeviceDescription { kind: Self::KIND, mmio: None, virtio: false }
+    }
+
+    fn metrics(&self) -> Option<DeviceMetrics> {
+        Some(DeviceMetrics::of("uart", &*self.metrics))
     }
 }
 
