@@ -18,6 +18,13 @@ if [ "${1:-}" = "--slow" ]; then
     export ZYGOTE_INITRD=$(sed -n 's/^INITRAMFS=//p' <<<"$paths")
     export ZYGOTE_BZIMAGE=$(sed -n 's/^BZIMAGE=//p' <<<"$paths")
     cargo build -j1 --release -p zygote-tools --bin zygote
+    # The benchmark report, once and quick: it must produce every claim (values are not
+    # checked here: they are timings; restore_vs_qemu needs --peers and is not asked for).
+    target/release/zygote bench report --quick --json target/report.json --out target/report
+    for key in clone_pause_vs_fork clone_8g_vs_1g first_write_vs_anon_fault reset_vs_floor pss_vs_ideal \
+        diff_snapshot_vs_write_floor idle_cpu_paused vms_list_ms_1000 clone_busy_vs_idle; do
+        grep -q "\"key\": \"$key\"" target/report.json || { echo "bench report lacks $key" >&2; exit 1; }
+    done
     # The fuzzer must find the bugs planted in the memory layer (both modes): a build of the
     # tools with the feature, never a release artifact.
     cargo test -j1 -p zygote-tools --features planted-bugs --lib fuzz

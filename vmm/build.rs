@@ -20,6 +20,7 @@ const GUESTS: &[(&str, u64)] = &[
     ("sequence", layout::GUEST_CODE_ADDR),
     ("dirty16", layout::GUEST_CODE_ADDR),
     ("mailbox", layout::GUEST_CODE_ADDR),
+    ("net", layout::GUEST_CODE_ADDR),
 ];
 
 fn symbols() -> Vec<(&'static str, u64)> {
@@ -55,6 +56,13 @@ fn symbols() -> Vec<(&'static str, u64)> {
         ("DMA_GUEST_WRITE_ID", layout::DMA_GUEST_WRITE_ID),
         ("DMA_GUEST_WRITE_REQ_ADDR", layout::DMA_GUEST_WRITE_REQ_ADDR),
         ("MAILBOX_ADDR", layout::MAILBOX_ADDR),
+        ("NET_GUEST_QUEUE_SIZE", layout::NET_GUEST_QUEUE_SIZE),
+        ("NET_GUEST_RX_QUEUE", layout::NET_GUEST_RX_QUEUE),
+        ("NET_GUEST_TX_QUEUE", layout::NET_GUEST_TX_QUEUE),
+        ("NET_GUEST_TX_BUF", layout::NET_GUEST_TX_BUF),
+        ("NET_GUEST_RX_BUFS", layout::NET_GUEST_RX_BUFS),
+        ("NET_GUEST_RX_BUF_LEN", layout::NET_GUEST_RX_BUF_LEN),
+        ("MMIO_DEVICES_END", layout::MMIO_DEVICES_END),
     ]
 }
 

@@ -118,6 +118,9 @@ fn pre_copied_clones_of_a_guest_rewriting_its_pages_hold_the_clone_instant_bytes
         source.resume(token);
     }
     for path in [ClonePath::Precopy, ClonePath::InPause] {
+        // The guest wrote since the last freeze (vCPU threads run at a lower priority than this
+        // one, so a resume alone does not mean they ran), or the pre-copy has nothing to write.
+        wait_for_progress(&source, &spin_counters(&source));
         let (clone, report) = clone_vm_by(&mut source, 9, &Console::capture().0, None, path).unwrap();
         assert_eq!(report.path, path);
         assert_eq!(report.precopy_pages > 0, path == ClonePath::Precopy, "{report:?}");

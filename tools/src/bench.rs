@@ -64,6 +64,9 @@ pub struct ResetBench {
     pub kvm_run_us: f64,
     /// reset p50 ÷ (memcpy of the dirty pages + one KVM_RUN).
     pub ratio: f64,
+    /// Every reset, in µs, sorted (for the report's distribution; not in the JSON).
+    #[serde(skip)]
+    pub samples_us: Vec<f64>,
 }
 
 /// `zygote bench clone`.
@@ -98,6 +101,9 @@ pub struct PathBench {
     pub precopy_rounds_p50: u64,
     pub precopy_pages_p50: u64,
     pub build_us_p50: u64,
+    /// Every clone's source pause, in µs, sorted (for the report's distribution; not in the JSON).
+    #[serde(skip)]
+    pub pause_samples_us: Vec<u64>,
 }
 
 impl PathBench {
@@ -118,6 +124,7 @@ impl PathBench {
             precopy_rounds_p50: p50(|r| r.precopy_rounds),
             precopy_pages_p50: p50(|r| r.precopy_pages),
             build_us_p50: p50(|r| r.build_us),
+            pause_samples_us: sorted(reports, |r| r.pause_us),
         }
     }
 }
@@ -197,6 +204,7 @@ fn reset_rounds(rounds: usize, disk: Option<std::path::PathBuf>) -> Result<Reset
         memcpy_us,
         kvm_run_us,
         ratio: reset_us_p50 / (memcpy_us + kvm_run_us),
+        samples_us: resets.iter().map(|&d| us(d)).collect(),
     })
 }
 
@@ -249,10 +257,21 @@ pub fn bench_clone(
     dirty_percent: u64,
     paths: &[ClonePath],
 ) -> Result<CloneBench, BenchError> {
+    let pages = (mem_mib << 20) / PAGE_SIZE as u64 * dirty_percent / 100;
+    bench_clone_pages(mem_mib, clones, pages, paths)
+}
+
+/// `bench_clone` with the guest rewriting `pages` pages between clones, whatever the RAM size.
+pub fn bench_clone_pages(
+    mem_mib: u64,
+    clones: usize,
+    pages: u64,
+    paths: &[ClonePath],
+) -> Result<CloneBench, BenchError> {
     let clones = clones.max(1);
     let paths = if paths.is_empty() { &[ClonePath::Precopy][..] } else { paths };
-    let pages = (mem_mib << 20) / PAGE_SIZE as u64 * dirty_percent / 100;
-    if TOUCH_ADDR + pages * PAGE_SIZE as u64 > mem_mib << 20 {
+    let end = pages.checked_mul(PAGE_SIZE as u64).and_then(|bytes| bytes.checked_add(TOUCH_ADDR));
+    if end.is_none_or(|end| end > mem_mib << 20) {
         return Err(BenchError::TooSmall { mem_mib, pages });
     }
     let config = VmConfig { mem_mib, vm_id: 1, console: Console::capture().0, ..VmConfig::default() };

@@ -3,6 +3,9 @@
 //! VMM's own `run` and `ctl`.
 
 pub mod bench;
+pub mod bench_fleet;
+pub mod bench_host;
 pub mod demo;
 pub mod fuzz;
+pub mod report;
 pub mod snapshot_bench;

@@ -114,8 +114,15 @@ pub fn bench_snapshot(
         return Err(SnapshotBenchError::TooSmall { mem_mib, dirty_pages });
     }
     std::fs::create_dir_all(dir).map_err(|source| SnapshotBenchError::Floor { path: dir.into(), source })?;
-    let config =
-        VmConfig { mem_mib, vcpus: 1, vm_id: 0, console: Console::Prefixed(String::new()), disk: None, irqchip: false };
+    let config = VmConfig {
+        mem_mib,
+        vcpus: 1,
+        vm_id: 0,
+        console: Console::Prefixed(String::new()),
+        disk: None,
+        net: Vec::new(),
+        irqchip: false,
+    };
     let mut vm = build_tiny_vm(&config, guests::find("spin").expect("spin is bundled"), 0)?;
     let token = vm.pause()?;
     // Every page above the guest's own holds data: a Full snapshot writes all of RAM.

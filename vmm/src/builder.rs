@@ -8,11 +8,13 @@ use std::path::PathBuf;
 use std::sync::{mpsc, Arc};
 
 use devices::block::CowDisk;
+use devices::persist::Persist;
 use kvm_ioctls::{Kvm, VcpuFd};
 use memory::{Bytes, GuestAddress, GuestRam, MemoryError};
 
 use crate::device_manager::{
-    AttachConfig, Console, DeviceError, DeviceHost, DeviceManager, DeviceOverrides, RestoreArgs, RestoreReason, Wiring,
+    AttachConfig, Console, DeviceError, DeviceHost, DeviceManager, DeviceOverrides, NetConfig, RestoreArgs,
+    RestoreReason, Wiring,
 };
 use crate::guests::{self, TinyGuest};
 use crate::layout::{GUEST_CODE_ADDR, HIGH_RAM_START, MIN_RAM, MMIO_GAP_START, VM_ID_ADDR};
@@ -23,7 +25,7 @@ use crate::regs::{setup_tiny_guest_vcpu, EntryArgs};
 use crate::vcpu::{spawn_vcpu, VcpuContext, VcpuError};
 use crate::vm::{Vm, VmError};
 use crate::vstate::validate::validate;
-use crate::vstate::{restore_clock, StateError, VmState};
+use crate::vstate::{restore_clock, KvmVcpu, StateError, VcpuArgs, VmState};
 
 /// Most vCPUs a VM may have.
 pub const MAX_VCPUS: u32 = crate::vstate::validate::MAX_VCPUS;
@@ -44,6 +46,8 @@ pub struct VmConfig {
     pub console: Console,
     /// Disk image served by virtio-blk (`--disk`); none means no block device.
     pub disk: Option<PathBuf>,
+    /// virtio-net interfaces (`--net`), each on an existing TAP.
+    pub net: Vec<NetConfig>,
     /// Give a tiny guest the in-kernel PIC, IOAPIC, LAPICs and PIT a Linux guest always gets,
     /// so its devices interrupt through irqfds and take QueueNotify as an ioeventfd. The tiny
     /// guests run with interrupts off and poll either way; tests use this to check the wiring.
@@ -52,7 +56,15 @@ pub struct VmConfig {
 
 impl Default for VmConfig {
     fn default() -> Self {
-        VmConfig { mem_mib: DEFAULT_MEM_MIB, vcpus: 1, vm_id: 0, console: Console::Stdout, disk: None, irqchip: false }
+        VmConfig {
+            mem_mib: DEFAULT_MEM_MIB,
+            vcpus: 1,
+            vm_id: 0,
+            console: Console::Stdout,
+            disk: None,
+            net: Vec::new(),
+            irqchip: false,
+        }
     }
 }
 
@@ -127,7 +139,11 @@ impl BuildError {
     /// Whether the user's input (not the host) is at fault: the CLI exits 2 for these.
     pub fn is_bad_input(&self) -> bool {
         match self {
-            BuildError::Config(_) | BuildError::Memory { .. } | BuildError::Devices(DeviceError::Disk(_)) => true,
+            BuildError::Config(_)
+            | BuildError::Memory { .. }
+            | BuildError::Devices(DeviceError::Disk(_) | DeviceError::Net { .. } | DeviceError::BadConfig { .. }) => {
+                true
+            }
             // The kernel, initrd or command line, not KVM or the host.
             BuildError::Load(e) => !matches!(
                 e,
@@ -163,7 +179,7 @@ pub enum Filling<'a> {
     /// A Linux kernel, loaded once the devices (and so the command line) are known.
     Linux(&'a LinuxConfig),
     /// A saved state (a clone's or a snapshot's) on its own RAM and disk.
-    Restore { state: &'a VmState, reason: RestoreReason, disk: Option<CowDisk> },
+    Restore { state: &'a VmState, reason: RestoreReason, disk: Option<CowDisk>, overrides: DeviceOverrides },
 }
 
 impl Filling<'_> {
@@ -191,11 +207,11 @@ impl Filling<'_> {
 /// vCPU, restored after); the devices; the vCPUs (boot registers, or their saved state); the
 /// KVM clock last (restores only). Start the VM with `Vmm::start`.
 pub fn build_vm(id: u64, ram: Arc<GuestRam>, console: &Console, mut filling: Filling) -> Result<Vmm, BuildError> {
-    if let Filling::Restore { state, reason, disk } = &mut filling {
+    if let Filling::Restore { state, reason, disk, overrides } = &mut filling {
         // A saved state is input: refused, naming the bad value, before anything is built. The
         // checks read values only, so the wiring (not known before the VM exists) is moot.
         let host = DeviceHost { ram: &ram, wiring: Wiring::Polled, console };
-        let args = RestoreArgs { reason: *reason, overrides: DeviceOverrides::default(), host, disk: disk.take() };
+        let args = RestoreArgs { reason: *reason, overrides: overrides.clone(), host, disk: disk.take() };
         validate(state, &args)?;
         *disk = args.disk;
         state.check_shape(&ram)?;
@@ -247,12 +263,13 @@ fn build_devices(
         false => Wiring::Polled,
     };
     let host = DeviceHost { ram, wiring, console };
-    let attach = |disk: &Option<PathBuf>| DeviceManager::attach(&host, &AttachConfig { disk: disk.clone() });
+    let attach =
+        |vm: &VmConfig| DeviceManager::attach(&host, &AttachConfig { disk: vm.disk.clone(), net: vm.net.clone() });
     Ok(match filling {
-        Filling::Tiny { config, .. } => attach(&config.disk)?,
-        Filling::Linux(config) => attach(&config.vm.disk)?,
-        Filling::Restore { state, reason, disk } => {
-            let args = RestoreArgs { reason: *reason, overrides: DeviceOverrides::default(), host, disk: disk.take() };
+        Filling::Tiny { config, .. } => attach(config)?,
+        Filling::Linux(config) => attach(&config.vm)?,
+        Filling::Restore { state, reason, disk, overrides } => {
+            let args = RestoreArgs { reason: *reason, overrides: std::mem::take(overrides), host, disk: disk.take() };
             DeviceManager::restore(&state.devices, args)?
         }
     })
@@ -283,7 +300,7 @@ fn fill_vcpus(ram: &GuestRam, devices: &DeviceManager, fds: &[VcpuFd], filling: 
         }
         Filling::Restore { state, .. } => {
             for (index, (saved, fd)) in state.vcpus.iter().zip(fds).enumerate() {
-                saved.restore(index, fd, true).map_err(StateError::from)?;
+                KvmVcpu::restore(VcpuArgs { index, fd, with_cpuid: true }, saved).map_err(StateError::from)?;
             }
         }
     }
@@ -306,6 +323,7 @@ pub fn build_tiny_vm(config: &VmConfig, guest: &TinyGuest, arg: u64) -> Result<V
 /// same memslots, irqchip, devices and vCPUs. `disk` is the VM's own copy-on-write disk (a
 /// clone's, from `capture_for_clone`, or one over a snapshot's frozen disk); the devices
 /// re-execute the requests and the DMA transfer in flight in `state` against `ram`.
+/// `overrides` gives the VM host resources of its own (a TAP per network interface).
 pub fn build_restored(
     id: u64,
     ram: Arc<GuestRam>,
@@ -313,8 +331,9 @@ pub fn build_restored(
     state: &VmState,
     disk: Option<CowDisk>,
     reason: RestoreReason,
+    overrides: DeviceOverrides,
 ) -> Result<Vmm, BuildError> {
-    build_vm(id, ram, console, Filling::Restore { state, reason, disk })
+    build_vm(id, ram, console, Filling::Restore { state, reason, disk, overrides })
 }
 
 /// Builds the bundled guest `name` and runs it to the end.

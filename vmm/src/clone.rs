@@ -12,7 +12,7 @@ use serde::Serialize;
 use devices::block::CowDisk;
 
 use crate::builder::{build_restored, BuildError};
-use crate::device_manager::{Console, RestoreReason};
+use crate::device_manager::{Console, DeviceOverrides, RestoreReason};
 use crate::machine::{Paused, Vmm, VmmError};
 use crate::vstate::{StateError, VmState};
 
@@ -210,7 +210,13 @@ impl CloneImage {
 
     /// Builds the clone as a paused VM with id `id` writing to `console`.
     pub fn build(self, id: u64, console: &Console) -> Result<Vmm, CloneError> {
-        build_restored(id, self.ram, console, &self.state, self.disk, RestoreReason::Clone)
+        self.build_with(id, console, DeviceOverrides::default())
+    }
+
+    /// `build`, with host resources of the clone's own (a TAP per network interface named in
+    /// `overrides`; the others are attached to nothing, never to the source's).
+    pub fn build_with(self, id: u64, console: &Console, overrides: DeviceOverrides) -> Result<Vmm, CloneError> {
+        build_restored(id, self.ram, console, &self.state, self.disk, RestoreReason::Clone, overrides)
             .map_err(|source| CloneError::Build { vm: id, source })
     }
 
@@ -275,6 +281,18 @@ pub fn clone_vm_by(
     id_mailbox: Option<GuestAddress>,
     path: ClonePath,
 ) -> Result<(Vmm, CloneReport), CloneError> {
+    clone_vm_with(source, clone_id, console, id_mailbox, path, DeviceOverrides::default())
+}
+
+/// `clone_vm_by`, the clone built with `overrides` (its own TAPs).
+pub fn clone_vm_with(
+    source: &mut Vmm,
+    clone_id: u64,
+    console: &Console,
+    id_mailbox: Option<GuestAddress>,
+    path: ClonePath,
+    overrides: DeviceOverrides,
+) -> Result<(Vmm, CloneReport), CloneError> {
     let vm = source.id();
     let precopy_start = Instant::now();
     let (precopy_rounds, precopy_pages) = match path {
@@ -311,7 +329,7 @@ pub fn clone_vm_by(
         ..image.report(clone_id, path)
     };
     let built = Instant::now();
-    let clone = image.build(clone_id, console)?;
+    let clone = image.build_with(clone_id, console, overrides)?;
     report.build_us = micros(built.elapsed());
     let stats = clone.ram().stats();
     report.clone_private_pages = stats.private_bytes / PAGE_SIZE as u64;

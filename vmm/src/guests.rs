@@ -45,6 +45,11 @@ pub const TINY_GUESTS: &[TinyGuest] = &[
         about: "runs fill and DMA-start commands the VMM leaves at layout::MAILBOX_ADDR, one at a time, and writes nothing else (the fuzzer's guest)",
         code: guest_bin!("mailbox"),
     },
+    TinyGuest {
+        name: "net",
+        about: "drives the first virtio-net device: sends one frame, receives --arg frames (at most 8), prints their FNV-1a 64 checksums",
+        code: guest_bin!("net"),
+    },
 ];
 
 /// Exception stubs every tiny guest gets at `layout::TRAPS_ADDR` (see `resources/guests/traps.s`).

@@ -129,3 +129,18 @@ pub const TRAP_PORT: u16 = 0x503;
 pub const I8042_DATA_PORT: u16 = 0x60;
 /// Writing 0xfe here is the guest asking for a reset.
 pub const I8042_COMMAND_PORT: u16 = 0x64;
+
+// The `net` tiny guest (resources/guests/net.s): its virtio-net queues and buffers, below
+// `DMA_GUEST_MIN_RAM` and clear of the `dma` guest's pages. Its argument (RDX): the number of
+// frames to receive (at most `NET_GUEST_QUEUE_SIZE`).
+/// Queue size of both queues.
+pub const NET_GUEST_QUEUE_SIZE: u64 = 8;
+/// Receive queue: descriptors here, available ring at +0x400, used ring at +0x800.
+pub const NET_GUEST_RX_QUEUE: u64 = 0x16_0000;
+/// Transmit queue, laid out the same way.
+pub const NET_GUEST_TX_QUEUE: u64 = 0x16_1000;
+/// The one frame the guest sends: a 12-byte virtio-net header, then 60 bytes of frame.
+pub const NET_GUEST_TX_BUF: u64 = 0x16_2000;
+/// Receive buffers: `NET_GUEST_QUEUE_SIZE` of `NET_GUEST_RX_BUF_LEN` bytes, one per descriptor.
+pub const NET_GUEST_RX_BUFS: u64 = 0x17_0000;
+pub const NET_GUEST_RX_BUF_LEN: u64 = 0x800;

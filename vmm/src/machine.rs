@@ -79,6 +79,11 @@ pub struct Vmm {
     vm: Vm,
     outcome: Option<VmOutcome>,
     parked: usize,
+    /// Whether any vCPU was ever told to run. Until then every vCPU thread is blocked on its
+    /// command channel (created paused), so a pause needs no handshake: under CPU contention
+    /// the handshake waits for each new thread to be scheduled (hundreds of ms with 100 busy
+    /// vCPUs), and every clone is paused right after it is built.
+    ever_ran: bool,
 }
 
 impl std::fmt::Debug for Vmm {
@@ -96,7 +101,7 @@ impl Vmm {
         events: Receiver<VcpuEvent>,
         devices: DeviceManager,
     ) -> Vmm {
-        Vmm { id, vcpus, events, devices, vm, outcome: None, parked: 0 }
+        Vmm { id, vcpus, events, devices, vm, outcome: None, parked: 0, ever_ran: false }
     }
 
     /// This VM's id (the tiny guests get it in RDI).
@@ -144,6 +149,7 @@ impl Vmm {
 
     /// Lets every vCPU run (they are created paused).
     pub fn start(&mut self) {
+        self.ever_ran = true;
         self.broadcast(VcpuCommand::Resume);
     }
 
@@ -179,8 +185,12 @@ impl Vmm {
         false
     }
 
-    /// Takes every vCPU out of KVM_RUN and waits until all have acknowledged.
+    /// Takes every vCPU out of KVM_RUN and waits until all have acknowledged (at once if no
+    /// vCPU ever ran: they are all blocked on their channels).
     pub fn pause(&mut self) -> Result<Paused, VmmError> {
+        if !self.ever_ran {
+            return Ok(Paused { vm_id: self.id });
+        }
         self.broadcast(VcpuCommand::Pause);
         let total = self.vcpus.len();
         let deadline = Instant::now() + PAUSE_TIMEOUT;
@@ -203,6 +213,7 @@ impl Vmm {
     /// it take this thread's CPU at once, and that time is the guest's, not the pause's.
     pub fn resume(&mut self, token: Paused) -> Instant {
         debug_assert_eq!(token.vm_id, self.id, "resume with another VM's pause token");
+        self.ever_ran = true;
         let mut told = Instant::now();
         for vcpu in &self.vcpus {
             told = Instant::now();

@@ -48,10 +48,77 @@ pub(super) enum BenchCommand {
         #[arg(long)]
         dir: Option<std::path::PathBuf>,
     },
+    /// Every claim of the benchmarks against its reference, in one run: a table, and with
+    /// --json / --out the JSON, a markdown summary and SVG plots.
+    Report {
+        /// Fewer rounds and clones (a few minutes).
+        #[arg(long)]
+        quick: bool,
+        #[arg(long, value_name = "FILE")]
+        json: Option<std::path::PathBuf>,
+        /// Directory for report.md and the SVG plots.
+        #[arg(long, value_name = "DIR")]
+        out: Option<std::path::PathBuf>,
+        /// Scratch directory (snapshot files, the fleet's API socket); default the system's temp dir.
+        #[arg(long, value_name = "DIR")]
+        work_dir: Option<std::path::PathBuf>,
+    },
+    /// CLONES clones of a 64 MiB VM in one `zygote run`, through its API, each writing 1 % of
+    /// its pages: Pss, idle CPU, `GET /vms`, clone calls with BUSY clones running, limits.
+    Fleet {
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+        clones: u64,
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+        busy: u64,
+        #[arg(long, value_name = "DIR")]
+        work_dir: Option<std::path::PathBuf>,
+    },
 }
 
 pub(super) fn bench(command: BenchCommand) -> i32 {
     let result = match command {
+        BenchCommand::Report { quick, json, out, work_dir } => {
+            let options = tools::report::ReportOptions { quick, work_dir: work_dir.unwrap_or_else(std::env::temp_dir) };
+            let written = tools::report::run(&options).and_then(|r| {
+                print!("{}", tools::report::table(&r));
+                tools::report::write(&r, json.as_deref(), out.as_deref())
+            });
+            return match written {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("{}", report(&e));
+                    EXIT_FAILURE
+                }
+            };
+        }
+        BenchCommand::Fleet { clones, busy, work_dir } => {
+            let options = tools::bench_fleet::FleetOptions {
+                clones: usize::try_from(clones).unwrap_or(usize::MAX),
+                mem_mib: 64,
+                busy: usize::try_from(busy).unwrap_or(usize::MAX),
+                checkpoints: vec![100, 300],
+                idle_window: std::time::Duration::from_secs(5),
+                timed_clones: 30,
+            };
+            let exe = match std::env::current_exe() {
+                Ok(exe) => exe,
+                Err(e) => {
+                    eprintln!("zygote: cannot find this program's binary: {e}");
+                    return EXIT_FAILURE;
+                }
+            };
+            let work = work_dir.unwrap_or_else(std::env::temp_dir);
+            return match tools::bench_fleet::bench_fleet(&exe, &work, &options) {
+                Ok(r) => {
+                    println!("{}", serde_json::to_string(&r).unwrap_or_default());
+                    0
+                }
+                Err(e) => {
+                    eprintln!("{}", report(&e));
+                    EXIT_FAILURE
+                }
+            };
+        }
         BenchCommand::Reset { rounds, disk } => {
             tools::bench::bench_reset(usize::try_from(rounds).unwrap_or(usize::MAX), disk).map(|r| {
                 println!(

@@ -26,7 +26,7 @@ struct ConfigFile {
     logger: Option<LoggerConfig>,
     metrics: Option<MetricsConfig>,
     #[serde(rename = "network-interfaces", default)]
-    network_interfaces: Vec<Value>,
+    network_interfaces: Vec<super::net::NetworkInterface>,
     vsock: Option<Value>,
     balloon: Option<Value>,
     #[serde(rename = "mmds-config")]
@@ -55,7 +55,6 @@ pub fn load_config_file(path: &Path) -> Result<VmResources, ApiError> {
     let config: ConfigFile = serde_json::from_slice(&text)
         .map_err(|e| ApiError::BadJson(format!("--config-file {}: {e}", path.display())))?;
     let refused = [
-        ("network-interfaces", !config.network_interfaces.is_empty()),
         ("vsock", config.vsock.is_some()),
         ("balloon", config.balloon.is_some()),
         ("mmds-config", config.mmds_config.is_some()),
@@ -73,6 +72,10 @@ pub fn load_config_file(path: &Path) -> Result<VmResources, ApiError> {
     for drive in config.drives {
         let id = drive.drive_id.clone();
         resources.set_drive(&id, drive)?;
+    }
+    for iface in config.network_interfaces {
+        let id = iface.iface_id.clone();
+        resources.set_network_interface(&id, iface)?;
     }
     resources.logger = config.logger;
     resources.metrics = config.metrics;

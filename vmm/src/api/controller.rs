@@ -11,8 +11,9 @@ use memory::{GuestAddress, PAGE_SIZE};
 use super::preboot::VmResources;
 use super::requests::VmInfo;
 use super::ApiError;
-use crate::clone::{capture_clone, clone_vm, ClonePath, CloneReport};
-use crate::device_manager::{Console, DeviceMetrics};
+use crate::builder::BuildError;
+use crate::clone::{capture_clone, clone_vm_with, ClonePath, CloneReport};
+use crate::device_manager::{Console, DeviceError, DeviceMetrics, DeviceOverrides};
 use crate::machine::{Paused, VmOutcome, Vmm};
 use crate::snapshot::file::{
     load_snapshot_with, write_snapshot_to, LoadOptions, MemTarget, SnapshotKind, SnapshotOnDisk,
@@ -209,13 +210,28 @@ impl Controller {
 
     /// Clones VM `id` into a new VM that starts running (paused if the source is).
     pub fn clone_vm(&mut self, id: u64) -> Result<(u64, CloneReport), ApiError> {
+        self.clone_vm_with(id, DeviceOverrides::default())
+    }
+
+    /// `clone_vm`, the clone given host resources of its own (`network_overrides`: a TAP per
+    /// interface named; the others are attached to nothing).
+    pub fn clone_vm_with(&mut self, id: u64, overrides: DeviceOverrides) -> Result<(u64, CloneReport), ApiError> {
         let new_id = self.next_id;
         let id_mailbox = self.id_mailbox;
         let console = Console::Prefixed(format!("[vm{new_id}] "));
         let entry = self.entry(id)?;
-        let fail = |e: crate::clone::CloneError| ApiError::Vm(id, super::chain(&e));
+        let fail = |e: crate::clone::CloneError| match &e {
+            // The request's overrides (a TAP that is missing or busy, an unknown interface).
+            crate::clone::CloneError::Build {
+                source:
+                    BuildError::Devices(DeviceError::Net { .. } | DeviceError::BadConfig { .. } | DeviceError::Mismatch(_)),
+                ..
+            } => ApiError::BadRequest(super::chain(&e)),
+            _ => ApiError::Vm(id, super::chain(&e)),
+        };
         let (mut clone, report) = match &entry.paused {
-            None => clone_vm(&mut entry.vmm, new_id, &console, id_mailbox).map_err(fail)?,
+            None => clone_vm_with(&mut entry.vmm, new_id, &console, id_mailbox, ClonePath::default(), overrides)
+                .map_err(fail)?,
             Some(token) => {
                 // Already paused by the API: no pause of its own to measure (pause_us stays 0).
                 let image = capture_clone(&entry.vmm, token).map_err(fail)?;
@@ -223,7 +239,7 @@ impl Controller {
                     image.tell_guest_id(mailbox, new_id).map_err(fail)?;
                 }
                 let report = image.report(new_id, ClonePath::InPause);
-                (image.build(new_id, &console).map_err(fail)?, report)
+                (image.build_with(new_id, &console, overrides).map_err(fail)?, report)
             }
         };
         let source_paused = entry.paused.is_some();
@@ -284,24 +300,35 @@ impl Controller {
 
     /// Restores the snapshot at `state_path` as a new VM; runs it if `resume`.
     pub fn snapshot_load(&mut self, state_path: &Path, resume: bool) -> Result<u64, ApiError> {
-        self.snapshot_load_with(state_path, &LoadOptions::default(), resume, ClockOnRestore::Resume)
+        self.snapshot_load_with(
+            state_path,
+            &LoadOptions::default(),
+            resume,
+            ClockOnRestore::Resume,
+            DeviceOverrides::default(),
+        )
     }
 
     /// `snapshot_load` with the user's `options` (a memory file named beside the state file),
-    /// the restored guest's clock resumed or advanced to the host's real time (`clock_realtime`).
+    /// the restored guest's clock resumed or advanced to the host's real time (`clock_realtime`),
+    /// and its own TAPs (`network_overrides`).
     pub fn snapshot_load_with(
         &mut self,
         state_path: &Path,
         options: &LoadOptions,
         resume: bool,
         clock: ClockOnRestore,
+        overrides: DeviceOverrides,
     ) -> Result<u64, ApiError> {
         let loaded = load_snapshot_with(state_path, options)?;
         let new_id = self.next_id;
         let console = Console::Prefixed(format!("[vm{new_id}] "));
         // Everything restored comes from the file: a failure here is the file's (bad devices,
         // buffers outside RAM), answered with a 4xx like the checks of `load_snapshot`.
-        let mut vmm = loaded.snapshot.restore(new_id, &console).map_err(|e| ApiError::Snapshot(super::chain(&e)))?;
+        let mut vmm = loaded
+            .snapshot
+            .restore_with(new_id, &console, overrides)
+            .map_err(|e| ApiError::Snapshot(super::chain(&e)))?;
         if clock == ClockOnRestore::AdvanceToHostRealtime {
             crate::vstate::clock::advance_to_host_realtime(&vmm, &loaded.snapshot.state.clock)
                 .map_err(|e| ApiError::Snapshot(super::chain(&e)))?;

@@ -6,6 +6,7 @@ pub mod client;
 pub mod config_file;
 pub mod controller;
 pub mod http;
+pub mod net;
 pub mod preboot;
 pub mod requests;
 pub mod routes;

@@ -6,6 +6,7 @@
 
 use serde::Serialize;
 
+use super::net::NetworkInterface;
 use super::requests::{BootSource, Drive, LoggerConfig, MachineConfig, MachineConfigPatch, MetricsConfig};
 use super::ApiError;
 use crate::builder::ConfigError;
@@ -20,9 +21,8 @@ pub struct VmResources {
     #[serde(rename = "machine-config")]
     pub machine: MachineConfig,
     pub drives: Vec<Drive>,
-    /// Zygote has none yet: always empty (the network helper's devices land here).
     #[serde(rename = "network-interfaces")]
-    pub network_interfaces: Vec<serde_json::Value>,
+    pub network_interfaces: Vec<NetworkInterface>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub logger: Option<LoggerConfig>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -97,6 +97,25 @@ impl VmResources {
         Ok(())
     }
 
+    /// `PUT /network-interfaces/{iface_id}` before boot: adds the interface, or replaces the
+    /// one with that id; checked with the others (ids, TAPs, count) before anything changes.
+    pub fn set_network_interface(&mut self, iface_id: &str, iface: NetworkInterface) -> Result<(), ApiError> {
+        if iface.iface_id != iface_id {
+            return Err(ApiError::BadRequest(format!(
+                "iface_id {:?} in the body, {iface_id:?} in the path",
+                iface.iface_id
+            )));
+        }
+        let mut interfaces = self.network_interfaces.clone();
+        match interfaces.iter().position(|i| i.iface_id == iface_id) {
+            Some(index) => interfaces[index] = iface,
+            None => interfaces.push(iface),
+        }
+        super::net::configs(&interfaces)?;
+        self.network_interfaces = interfaces;
+        Ok(())
+    }
+
     /// The kernel command line: the boot args (or Zygote's default) and, for a root device,
     /// `root=` as Firecracker appends it.
     fn cmdline(&self, source: &BootSource) -> Option<String> {
@@ -133,6 +152,7 @@ impl VmResources {
                 vm_id: 0,
                 console,
                 disk: self.drives.first().and_then(|d| d.path_on_host.clone()),
+                net: super::net::configs(&self.network_interfaces)?,
                 irqchip: false,
             },
             kernel: source.kernel_image_path.clone(),

@@ -230,13 +230,7 @@ pub enum BackendType {
     Uffd,
 }
 
-/// `network_overrides` entry of `PUT /snapshot/load`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NetworkOverride {
-    pub iface_id: String,
-    pub host_dev_name: String,
-}
+pub use super::net::NetworkOverride;
 
 /// `PUT /snapshot/load`.
 #[derive(Debug, Deserialize)]
@@ -269,12 +263,6 @@ impl SnapshotLoad {
             if backend.backend_type == BackendType::Uffd {
                 return unsupported("mem_backend backend_type Uffd");
             }
-        }
-        if let Some(first) = self.network_overrides.first() {
-            return Err(ApiError::BadRequest(format!(
-                "network_overrides: no network interface {:?} in the snapshot (Zygote has no network devices yet)",
-                first.iface_id
-            )));
         }
         if self.vsock_override.is_some() {
             return Err(ApiError::BadRequest("vsock_override: the snapshot has no vsock device".into()));

@@ -13,9 +13,10 @@ use std::time::{Duration, Instant};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use super::net::{self, CloneRequest, NetworkInterface, PartialNetworkInterface};
 use super::requests::{
     Action, ActionType, BootSource, Drive, InstanceInfo, LoggerConfig, MachineConfig, MachineConfigPatch,
-    MetricsConfig, PartialDrive, PatchVm, Reset, RunState, SnapshotCreate, SnapshotLoad, VmTarget,
+    MetricsConfig, PartialDrive, PatchVm, Reset, RunState, SnapshotCreate, SnapshotLoad,
 };
 use super::telemetry::{request_metric, Level, Telemetry};
 use super::{ApiError, Controller};
@@ -36,6 +37,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("PUT", "/boot-source"),
     ("PUT", "/drives/{drive_id}"),
     ("PATCH", "/drives/{drive_id}"),
+    ("PUT", "/network-interfaces/{iface_id}"),
+    ("PATCH", "/network-interfaces/{iface_id}"),
     ("PUT", "/actions"),
     ("PATCH", "/vm"),
     ("PUT", "/snapshot/create"),
@@ -59,7 +62,6 @@ pub const REFUSED: &[&str] = &[
     "/hotplug/memory",
     "/mmds",
     "/mmds/config",
-    "/network-interfaces/{iface_id}",
     "/pmem/{id}",
     "/serial",
     "/vsock",
@@ -162,7 +164,7 @@ fn answer(
             None => Err(no_route(method, path)),
         };
     };
-    // The one path parameter (`{drive_id}`), if the template has one.
+    // The one path parameter (`{drive_id}`, `{iface_id}`), if the template has one.
     let id = path.rsplit('/').next().unwrap_or_default();
     match (method, template) {
         ("PUT", "/drives/{drive_id}") => {
@@ -173,6 +175,16 @@ fn answer(
         ("PATCH", "/drives/{drive_id}") => {
             let patch: PartialDrive = parse(body)?;
             patch_drive(controller, id, patch)?;
+            done()
+        }
+        ("PUT", "/network-interfaces/{iface_id}") => {
+            let iface: NetworkInterface = parse(body)?;
+            controller.preboot("PUT /network-interfaces")?.set_network_interface(id, iface)?;
+            done()
+        }
+        ("PATCH", "/network-interfaces/{iface_id}") => {
+            let patch: PartialNetworkInterface = parse(body)?;
+            patch_interface(controller, id, patch)?;
             done()
         }
         ("GET", "/") => {
@@ -232,8 +244,9 @@ fn answer(
             done()
         }
         ("PUT", "/clone") => {
-            let req: VmTarget = parse(body)?;
-            let (vm_id, report) = controller.clone_vm(req.vm_id.unwrap_or(root))?;
+            let req: CloneRequest = parse(body)?;
+            let overrides = net::overrides(&req.network_overrides)?;
+            let (vm_id, report) = controller.clone_vm_with(req.vm_id.unwrap_or(root), overrides)?;
             telemetry.latency("clone", start.elapsed());
             telemetry.log(Level::Info, "clone", &format!("VM {vm_id} cloned"));
             Ok(Reply::json(json!({ "vm_id": vm_id, "report": report })))
@@ -267,7 +280,8 @@ fn answer(
                 true => crate::vstate::ClockOnRestore::AdvanceToHostRealtime,
                 false => crate::vstate::ClockOnRestore::Resume,
             };
-            let vm_id = controller.snapshot_load_with(&req.snapshot_path, &options, req.resume_vm, clock)?;
+            let overrides = net::overrides(&req.network_overrides)?;
+            let vm_id = controller.snapshot_load_with(&req.snapshot_path, &options, req.resume_vm, clock, overrides)?;
             telemetry.latency("load_snapshot", start.elapsed());
             telemetry.count("zygote", "snapshot_load_count", 1);
             // Into an empty server, as in Firecracker: VM 0, 204. Beside other VMs (an
@@ -336,6 +350,21 @@ fn patch_drive(controller: &mut Controller, id: &str, patch: PartialDrive) -> Re
     }
 }
 
+/// `PATCH /network-interfaces/{id}`: post-boot, as in Firecracker. Zygote has no rate
+/// limiters: only a patch that sets none is accepted.
+fn patch_interface(controller: &Controller, id: &str, patch: PartialNetworkInterface) -> Result<(), ApiError> {
+    if controller.is_empty() {
+        return Err(ApiError::PostBootOnly("PATCH /network-interfaces"));
+    }
+    if patch.iface_id != id {
+        return Err(ApiError::BadRequest(format!("iface_id {:?} in the body, {id:?} in the path", patch.iface_id)));
+    }
+    if patch.rx_rate_limiter.is_some() || patch.tx_rate_limiter.is_some() {
+        return Err(ApiError::NotSupported { what: "rx_rate_limiter / tx_rate_limiter".into() });
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -347,7 +376,7 @@ mod tests {
             if (*method, *template) == ("PUT", "/actions") {
                 continue; // no body: a bad action, but Shutdown must not be sent
             }
-            let url = template.replace("{drive_id}", "d");
+            let url = template.replace("{drive_id}", "d").replace("{iface_id}", "eth0");
             let reply = route(&mut controller, &mut telemetry, method, &url, b"");
             let text = reply.body.map(|b| b.to_string()).unwrap_or_default();
             assert!(!text.contains("has no handler") && !text.contains("Invalid request"), "{method} {url}: {text}");
@@ -385,7 +414,8 @@ mod tests {
             ("PATCH", "/drives/rootfs", r#"{"drive_id":"rootfs"}"#, "post-boot only"),
             ("PUT", "/balloon", r#"{"amount_mib":1,"deflate_on_oom":true}"#, "/balloon"),
             ("GET", "/mmds", "", "/mmds"),
-            ("PUT", "/network-interfaces/eth0", "{}", "/network-interfaces/{iface_id}"),
+            ("PUT", "/network-interfaces/eth0", "{}", "missing field"),
+            ("PATCH", "/network-interfaces/eth0", r#"{"iface_id":"eth0"}"#, "post-boot only"),
             ("DELETE", "/vm", "", "Invalid request method and/or path: DELETE /vm"),
             ("PUT", "/drives/", "{}", "Invalid request method and/or path"),
             ("PUT", "/actions", r#"{"action_type":"SendCtrlAltDel"}"#, "SendCtrlAltDel"),

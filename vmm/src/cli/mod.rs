@@ -6,9 +6,11 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 mod ctl;
+mod net;
 
 use crate::api::Controller;
 use crate::builder::{DEFAULT_MEM_MIB, MAX_MEM_MIB, MAX_VCPUS, MIN_MEM_MIB};
+use crate::device_manager::DeviceOverrides;
 use crate::snapshot::file::{load_snapshot_with, LoadOptions, SnapshotOnDisk};
 use crate::vstate::ClockOnRestore;
 use crate::{boot_linux, build_linux_vm, run_tiny_guest, ConfigError, Console, LinuxConfig, VmConfig, VmOutcome, Vmm};
@@ -70,13 +72,18 @@ pub struct RunArgs {
     /// writes its own overlay and FILE is never written again (so FILE is opened read-write).
     #[arg(long, value_name = "FILE")]
     disk: Option<PathBuf>,
+    /// A virtio-net interface on an existing TAP: `[id=ID,]tap=NAME[,mac=MAC][,netns=PATH]`
+    /// (repeatable; ids eth0, eth1, ... by default). With --restore: the TAP the restored
+    /// interface of that id is attached to (without one it is attached to nothing).
+    #[arg(long, value_name = "SPEC", value_parser = net::parse_net)]
+    net: Vec<net::NetFlag>,
     /// Number of vCPUs.
     #[arg(long, value_name = "N", default_value_t = 1,
           value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_VCPUS)))]
     vcpus: u32,
     /// VM 0 from a Firecracker config file (JSON: boot-source, drives, machine-config, logger,
     /// metrics), started at once; with --api-sock, served as if configured over the API.
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["initrd", "cmdline", "disk", "mem", "vcpus", "arg"])]
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["initrd", "cmdline", "disk", "mem", "vcpus", "arg", "net"])]
     config_file: Option<PathBuf>,
     /// Firecracker's instance id (letters, digits and hyphens, at most 64): `GET /` shows it
     /// as VM 0's `id`.
@@ -157,6 +164,7 @@ fn run(args: RunArgs) -> i32 {
         vm_id: 0,
         console: Console::Stdout,
         disk: args.disk,
+        net: net::configs(&args.net),
         irqchip: false,
     };
     let clock = match args.clock_realtime {
@@ -177,7 +185,10 @@ fn run(args: RunArgs) -> i32 {
         (_, Some(kernel), _) => {
             Some(Root::Linux(LinuxConfig { vm, kernel, initrd: args.initrd, cmdline: args.cmdline }))
         }
-        (_, None, Some(path)) => Some(Root::Restore(path, LoadOptions { mem_file: args.mem_file }, clock)),
+        (_, None, Some(path)) => {
+            let overrides = DeviceOverrides { net: net::overrides(&args.net) };
+            Some(Root::Restore(path, LoadOptions { mem_file: args.mem_file }, clock, overrides))
+        }
         (Some(name), None, None) => Some(Root::Tiny { vm, name, arg: args.arg.unwrap_or(0) }),
         (None, None, None) => None,
     };
@@ -210,8 +221,9 @@ enum Root {
         arg: u64,
     },
     Linux(LinuxConfig),
-    /// A snapshot's state file, how to load it, and what the restored guest's clock does.
-    Restore(PathBuf, LoadOptions, ClockOnRestore),
+    /// A snapshot's state file, how to load it, what the restored guest's clock does, and its
+    /// own TAPs.
+    Restore(PathBuf, LoadOptions, ClockOnRestore, DeviceOverrides),
     /// A Firecracker config file's configuration.
     Configured(Box<crate::api::preboot::VmResources>),
 }
@@ -223,9 +235,10 @@ fn restore(
     options: &LoadOptions,
     console: &Console,
     clock: ClockOnRestore,
+    overrides: DeviceOverrides,
 ) -> Result<(Vmm, SnapshotOnDisk), i32> {
     let loaded = load_snapshot_with(path, options).map_err(|e| fail(&e, true))?;
-    let vmm = loaded.snapshot.restore(0, console).map_err(|e| fail(&e, true))?;
+    let vmm = loaded.snapshot.restore_with(0, console, overrides).map_err(|e| fail(&e, true))?;
     if clock == ClockOnRestore::AdvanceToHostRealtime {
         crate::vstate::clock::advance_to_host_realtime(&vmm, &loaded.snapshot.state.clock)
             .map_err(|e| fail(&e, true))?;
@@ -239,8 +252,8 @@ impl Root {
         let outcome = match self {
             Root::Linux(config) => boot_linux(&config).map_err(|e| fail(&e, e.is_bad_input())),
             Root::Tiny { vm, name, arg } => run_tiny_guest(&vm, &name, arg).map_err(|e| fail(&e, e.is_bad_input())),
-            Root::Restore(path, options, clock) => {
-                restore(&path, &options, &Console::Stdout, clock).map(|(vmm, _)| vmm.run())
+            Root::Restore(path, options, clock, overrides) => {
+                restore(&path, &options, &Console::Stdout, clock, overrides).map(|(vmm, _)| vmm.run())
             }
             Root::Configured(resources) => {
                 resources.build(Console::Stdout).map(Vmm::run).map_err(|e| fail(&e, e.status() < 500))
@@ -268,8 +281,9 @@ impl Root {
                 root.start();
                 Ok(Controller::new(root, None))
             }
-            Root::Restore(path, options, clock) => {
-                let (mut root, loaded) = restore(&path, &options, &Console::Prefixed("[vm0] ".into()), clock)?;
+            Root::Restore(path, options, clock, overrides) => {
+                let (mut root, loaded) =
+                    restore(&path, &options, &Console::Prefixed("[vm0] ".into()), clock, overrides)?;
                 root.start();
                 Ok(Controller::restored(root, loaded))
             }

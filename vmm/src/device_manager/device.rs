@@ -81,9 +81,13 @@ pub enum RestoreReason {
 
 /// Per-clone or per-restore replacements for host-side settings a saved state cannot carry
 /// over (a TAP name, a vsock socket path). Each device kind that has such settings adds its
-/// field here; none of today's registered devices has one.
+/// field here.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct DeviceOverrides {}
+pub struct DeviceOverrides {
+    /// virtio-net: the interfaces attached to a TAP of their own (`network_overrides`); the
+    /// others are attached to nothing.
+    pub net: Vec<super::net_config::NetOverride>,
+}
 
 /// The host side every device is built on.
 #[derive(Clone, Copy, Debug)]
@@ -98,6 +102,8 @@ pub struct DeviceHost<'a> {
 pub struct AttachConfig {
     /// Disk image served by virtio-blk; none means no block device.
     pub disk: Option<PathBuf>,
+    /// virtio-net interfaces, in guest order.
+    pub net: Vec<super::net_config::NetConfig>,
 }
 
 /// What a restore builds the devices on.
@@ -164,5 +170,11 @@ pub trait VmDevice: Sized {
     /// The device's counters, if it keeps any (`devices::metrics`).
     fn metrics(&self) -> Option<DeviceMetrics> {
         None
+    }
+
+    /// Where the guest finds each device of this kind (a kind with several instances, such as
+    /// virtio-net's interfaces, lists them all).
+    fn descriptions(&self) -> Vec<DeviceDescription> {
+        vec![self.description()]
     }
 }

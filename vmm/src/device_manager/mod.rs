@@ -14,6 +14,8 @@ pub mod dma;
 pub mod event_loop;
 pub mod legacy;
 pub mod mmio;
+pub mod net;
+pub mod net_config;
 #[macro_use]
 mod persist;
 pub mod serial;
@@ -34,6 +36,8 @@ pub use dma::DmaSlot;
 pub use event_loop::{DeviceEventLoop, EventLoopError};
 use legacy::{ControlPorts, I8042};
 pub use mmio::{virtio_mmio_cmdline, DeviceSpace, MmioSlot, Wiring};
+pub use net::{NetSlot, NetSlotState, NetSlots};
+pub use net_config::{NetConfig, NetOverride};
 pub use serial::{SerialDevice, SerialPort, SerialRegisters, SERIAL_GSI};
 
 // The one list of device kinds, in the order they are built, locked and described.
@@ -43,6 +47,7 @@ registry! {
     control: ControlPorts,
     block: BlockSlot,
     dma: DmaSlot,
+    net: NetSlots,
 }
 
 /// What failed building, capturing, restoring or resetting a VM's devices.
@@ -81,6 +86,14 @@ pub enum DeviceError {
     },
     #[error("cannot start a device event loop")]
     EventLoop(#[from] EventLoopError),
+    #[error("virtio-net interface {iface_id}")]
+    Net {
+        iface_id: String,
+        #[source]
+        source: devices::net::NetError,
+    },
+    #[error("{kind}: {reason}")]
+    BadConfig { kind: &'static str, reason: String },
     #[error("saved devices do not match: {0}")]
     Mismatch(String),
     #[error("cannot reset the RAM with the devices")]
@@ -188,6 +201,11 @@ impl DeviceManager {
         self.devices.block.as_ref().map(|b| &b.transport)
     }
 
+    /// The virtio-net interfaces, in the order configured (empty without any).
+    pub fn net(&self) -> &[NetSlot] {
+        self.devices.net.as_ref().map_or(&[], |n| n.interfaces.as_slice())
+    }
+
     /// The DMA test engine.
     pub fn dma(&self) -> Option<&Arc<Mutex<DmaEngine>>> {
         self.devices.dma.as_ref().map(|d| &d.engine)
@@ -207,7 +225,8 @@ mod tests {
         std::fs::write(&file, vec![0u8; 4096]).unwrap();
         let console = Console::capture().0;
         let host = DeviceHost { ram: &ram, wiring: Wiring::Polled, console: &console };
-        let devices = DeviceManager::attach(&host, &AttachConfig { disk: Some(file.clone()) }).unwrap();
+        let devices =
+            DeviceManager::attach(&host, &AttachConfig { disk: Some(file.clone()), net: Vec::new() }).unwrap();
         std::fs::remove_file(&file).unwrap();
         let mmio = devices.buses().1;
         let mut word = [0u8; 4];

@@ -156,7 +156,7 @@ macro_rules! registry {
             fn descriptions(&self) -> Vec<DeviceDescription> {
                 let mut all = Vec::new();
                 $(if let Some(device) = &self.$field {
-                    all.push(device.description());
+                    all.extend(device.descriptions());
                 })+
                 all
             }

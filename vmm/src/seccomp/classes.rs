@@ -53,6 +53,9 @@ pub fn spawning() -> Vec<Allow> {
         any(libc::SYS_sched_getaffinity),
         arg_in(libc::SYS_prctl, 0, &[libc::PR_SET_NAME as u64]),
         mmap(&[libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK]),
+        // A vCPU thread lowers its own priority before its own filter is in (vcpu::lower_priority).
+        arg_in(libc::SYS_getpriority, 0, &[libc::PRIO_PROCESS as u64]),
+        arg_in(libc::SYS_setpriority, 0, &[libc::PRIO_PROCESS as u64]),
     ]
 }
 

@@ -90,6 +90,9 @@ pub const PAGEMAP_SCAN: u64 = 0xc060_6610;
 pub const TUNSETIFF: u64 = libc::TUNSETIFF;
 pub const TUNSETVNETHDRSZ: u64 = libc::TUNSETVNETHDRSZ;
 pub const TUNSETOFFLOAD: u64 = libc::TUNSETOFFLOAD;
+/// `if_nametoindex` (on a socket glibc opens): a TAP must exist before it is attached, since
+/// TUNSETIFF would create it.
+pub const SIOCGIFINDEX: u64 = libc::SIOCGIFINDEX;
 /// What `set_nonblocking` issues (std's sockets, the vsock streams the event loop accepts).
 pub const FIONBIO: u64 = libc::FIONBIO;
 
@@ -150,7 +153,7 @@ pub const KVM_VMM: &[u64] = &[
 pub const KVM_VCPU: &[u64] = &[KVM_RUN, KVM_GET_REGS, KVM_GET_SREGS, KVM_KVMCLOCK_CTRL];
 
 /// The VMM thread's other ioctls: page counts, TAP setup, non-blocking sockets.
-pub const HOST_VMM: &[u64] = &[PAGEMAP_SCAN, TUNSETIFF, TUNSETVNETHDRSZ, TUNSETOFFLOAD, FIONBIO];
+pub const HOST_VMM: &[u64] = &[PAGEMAP_SCAN, TUNSETIFF, TUNSETVNETHDRSZ, TUNSETOFFLOAD, SIOCGIFINDEX, FIONBIO];
 
 #[cfg(test)]
 mod tests {

@@ -21,7 +21,7 @@ use memory::{GuestRam, MemoryError, Snapshot};
 use devices::block::FrozenDisk;
 
 use crate::builder::{build_restored, BuildError};
-use crate::device_manager::{Console, DeviceError, ResetArgs, RestoreReason};
+use crate::device_manager::{Console, DeviceError, DeviceOverrides, ResetArgs, RestoreReason};
 use crate::machine::{Paused, Vmm};
 use crate::vstate::{StateError, VmState};
 pub use file::{load_snapshot, write_snapshot, SnapshotError, SnapshotKind, SnapshotOnDisk};
@@ -90,6 +90,12 @@ impl VmSnapshot {
     /// A new paused VM `id` starting from this snapshot; its RAM maps the snapshot lazily, its
     /// disk is a fresh overlay over the frozen disk, its devices re-execute what was in flight.
     pub fn restore(&self, id: u64, console: &Console) -> Result<Vmm, VmSnapshotError> {
+        self.restore_with(id, console, DeviceOverrides::default())
+    }
+
+    /// `restore`, with host resources of its own for the new VM (`network_overrides`: a TAP
+    /// per interface; interfaces without one are attached to nothing).
+    pub fn restore_with(&self, id: u64, console: &Console, overrides: DeviceOverrides) -> Result<Vmm, VmSnapshotError> {
         let ram = GuestRam::from_snapshot(&self.ram).map_err(|source| VmSnapshotError::Memory { vm: id, source })?;
         let build_error = |source| VmSnapshotError::Build { vm: id, source };
         let disk = match &self.disk {
@@ -98,7 +104,8 @@ impl VmSnapshot {
             }
             None => None,
         };
-        build_restored(id, Arc::new(ram), console, &self.state, disk, RestoreReason::Snapshot).map_err(build_error)
+        let reason = RestoreReason::Snapshot;
+        build_restored(id, Arc::new(ram), console, &self.state, disk, reason, overrides).map_err(build_error)
     }
 
     /// Brings paused `vmm` back to this snapshot: RAM (copying back only its dirty pages when

@@ -147,7 +147,31 @@ pub fn spawn_vcpu(ctx: VcpuContext, events: Sender<VcpuEvent>) -> Result<VcpuHan
     Ok(VcpuHandle { index, fd, commands, thread: Some(thread) })
 }
 
+/// How much nicer than the thread that spawned it a vCPU thread runs. A spinning guest is
+/// always runnable; at equal priority the control path (the API thread building a clone, the
+/// kernel's per-VM workers it waits for) queues behind every busy vCPU at each wake-up: a clone
+/// took 300 ms beside 30 spinning clones on 2 CPUs, against 1.3 ms beside none. A few steps
+/// of nice let the (mostly sleeping) control path preempt vCPUs when it wakes, while vCPUs
+/// still get all the CPU it leaves.
+pub const VCPU_NICE_OFFSET: i32 = 5;
+
+/// Lowers this thread's priority by `VCPU_NICE_OFFSET` (up to nice 19). Raising one's own
+/// nice value needs no privilege; a failure only leaves the thread at its creator's priority.
+fn lower_priority() {
+    // SAFETY: gettid takes nothing and cannot fail.
+    let tid = unsafe { libc::gettid() };
+    let Ok(tid) = libc::id_t::try_from(tid) else { return };
+    // SAFETY: getpriority/setpriority read and set this thread's nice value; no memory is
+    // passed. getpriority returns the nice value itself (-1 is a valid one, so no check).
+    unsafe {
+        let nice = libc::getpriority(libc::PRIO_PROCESS, tid);
+        libc::setpriority(libc::PRIO_PROCESS, tid, (nice + VCPU_NICE_OFFSET).min(19));
+    }
+}
+
 fn run_thread(ctx: VcpuContext, commands: &Receiver<VcpuCommand>, events: &Sender<VcpuEvent>) {
+    // Before the seccomp filter, which has no reason to allow setpriority.
+    lower_priority();
     crate::seccomp::thread_start(crate::seccomp::ThreadClass::Vcpu);
     let VcpuContext { index, fd, pio, mmio, ram } = ctx;
     let vcpu = KickableVcpu::register(fd);

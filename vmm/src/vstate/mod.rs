@@ -8,6 +8,7 @@ pub mod msrs;
 pub mod validate;
 pub mod vcpu;
 
+use devices::persist::Persist;
 use kvm_bindings::kvm_clock_data;
 use kvm_ioctls::VmFd;
 use memory::{GuestAddress, GuestRam};
@@ -20,7 +21,7 @@ use crate::machine::{Paused, Vmm};
 use crate::vcpu::lock_vcpu;
 pub use clock::ClockOnRestore;
 pub use irqchip::IrqchipState;
-pub use vcpu::{VcpuState, VcpuStateError};
+pub use vcpu::{KvmVcpu, VcpuArgs, VcpuState, VcpuStateError};
 
 /// What failed capturing or restoring a VM's state.
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +42,8 @@ pub enum StateError {
     VcpuCount { state: usize, vm: usize },
     #[error("saved state has {count} vCPUs: a VM has 1..={max}")]
     BadVcpuCount { count: usize, max: u32 },
+    #[error("saved vCPU {vcpu} {} a LAPIC but the VM {} an in-kernel irqchip", if *lapic { "has" } else { "lacks" }, if *lapic { "lacks" } else { "has" })]
+    LapicWithoutIrqchip { vcpu: usize, lapic: bool },
     #[error("saved RAM layout {layout:?} is invalid: {reason}")]
     BadRamLayout { layout: Vec<(u64, usize)>, reason: String },
     #[error("cannot capture, restore or reset the devices")]
@@ -140,7 +143,7 @@ impl VmState {
         let vcpus = vmm
             .vcpu_handles()
             .iter()
-            .map(|h| VcpuState::capture(h.index(), &lock_vcpu(h.fd()), irqchip.is_some()))
+            .map(|h| KvmVcpu { index: h.index(), fd: &lock_vcpu(h.fd()), lapic: irqchip.is_some() }.save())
             .collect::<Result<Vec<_>, _>>()?;
         // Every device stays locked across its capture and the freeze.
         let (devices, disk, frozen) = vmm.devices().capture(mode, freeze_ram)?;
@@ -161,7 +164,10 @@ impl VmState {
             chip.restore(vmm.vm().fd())?;
         }
         for (state, handle) in self.vcpus.iter().zip(vmm.vcpu_handles()) {
-            state.restore(handle.index(), &lock_vcpu(handle.fd()), false)?;
+            KvmVcpu::restore(
+                VcpuArgs { index: handle.index(), fd: &lock_vcpu(handle.fd()), with_cpuid: false },
+                state,
+            )?;
         }
         clock::restore(vmm.vm().fd(), &self.clock, ClockOnRestore::Resume)?;
         vmm.rearm(token);

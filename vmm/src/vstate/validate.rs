@@ -11,7 +11,8 @@ pub const MAX_VCPUS: u32 = 32;
 pub const MAX_RAM_BYTES: u64 = 64 << 30;
 const PAGE: u64 = 4096;
 
-/// Refuses `state` unless a VM can be built from it on `args`: 1..=`MAX_VCPUS` vCPUs, a RAM
+/// Refuses `state` unless a VM can be built from it on `args`: 1..=`MAX_VCPUS` vCPUs, each
+/// accepted by `VcpuState::check` and with a LAPIC exactly when the VM has an irqchip, a RAM
 /// layout the builder itself could have made (page-aligned regions, in order, not overlapping,
 /// none in the MMIO gap, at most `MAX_RAM_BYTES`), and every device state accepted by its
 /// device's `check_saved`.
@@ -19,6 +20,12 @@ pub fn validate(state: &VmState, args: &RestoreArgs) -> Result<(), StateError> {
     let vcpus = state.vcpus.len();
     if vcpus == 0 || vcpus > MAX_VCPUS as usize {
         return Err(StateError::BadVcpuCount { count: vcpus, max: MAX_VCPUS });
+    }
+    for (index, vcpu) in state.vcpus.iter().enumerate() {
+        vcpu.check(index)?;
+        if vcpu.lapic.is_some() != state.irqchip.is_some() {
+            return Err(StateError::LapicWithoutIrqchip { vcpu: index, lapic: vcpu.lapic.is_some() });
+        }
     }
     check_ram_layout(&state.ram_layout)?;
     DeviceManager::check_saved(&state.devices, args)?;
