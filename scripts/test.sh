@@ -33,6 +33,12 @@ if [ "${1:-}" = "--slow" ]; then
     ensure_fuzz
     mkdir -p tools/fuzz/corpus/snapshot_state
     (cd tools/fuzz && CARGO_BUILD_JOBS=1 cargo +nightly fuzz run snapshot_state corpus/snapshot_state seeds/snapshot_state -- -max_total_time=60)
+    # The same for the API's HTTP parser and router (client bytes, pipelined requests) and for
+    # virtio-blk request parsing against a guest RAM the input fills.
+    for target in api_request blk_request; do
+        mkdir -p tools/fuzz/corpus/$target
+        (cd tools/fuzz && CARGO_BUILD_JOBS=1 cargo +nightly fuzz run $target corpus/$target seeds/$target -- -max_total_time=60)
+    done
     # A published Firecracker client drives Zygote unchanged; schemathesis checks the API
     # against docs/openapi.yaml (both in a virtualenv the script makes).
     scripts/api-compat.sh target/release/zygote "$ZYGOTE_VMLINUX" "$ZYGOTE_INITRD"

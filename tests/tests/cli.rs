@@ -52,7 +52,7 @@ fn a_fifo_given_as_a_file_is_refused_without_blocking() {
         }
         let out = run_zygote(&args);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
-        assert!(stderr(&out).contains("is not a regular file"), "{args:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains("is a FIFO, not a regular file"), "{args:?}: {}", stderr(&out));
     }
 }
 
@@ -78,7 +78,7 @@ fn bad_input_exits_2_with_one_line() {
         (&["run", "--guest", "hello", "--vcpus", "0"], "--vcpus"),
         (&["run", "--guest", "hello", "--vcpus", "33"], "--vcpus"),
         (&["run", "--guest", "hello", "--frobnicate"], "--frobnicate"),
-        (&["run", "--kernel", "/dev/null"], "--kernel /dev/null is not a regular file"),
+        (&["run", "--kernel", "/dev/null"], "--kernel /dev/null is a character device, not a regular file"),
         (&["run", "--kernel", "README.md", "--initrd", "/"], "--initrd / is a directory"),
         (&["run", "--guest", "hello", "--disk", "/"], "--disk / is a directory"),
         (&["run", "--guest", "hello", "--initrd", "x"], "cannot be used with"),

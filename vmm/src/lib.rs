@@ -16,6 +16,7 @@ pub mod linux;
 pub mod longmode;
 pub mod machine;
 pub mod regs;
+pub mod regular_file;
 pub mod seccomp;
 pub mod snapshot;
 pub mod vcpu;

@@ -38,7 +38,7 @@ struct ConfigFile {
 
 /// VM 0's configuration from the file at `path`; every section is checked as its request is.
 pub fn load_config_file(path: &Path) -> Result<VmResources, ApiError> {
-    super::preboot::check_regular_file(path, "--config-file").map_err(ApiError::BadRequest)?;
+    crate::regular_file::require_regular(path, "--config-file").map_err(ApiError::BadRequest)?;
     let file = std::fs::File::open(path)
         .map_err(|e| ApiError::BadRequest(format!("--config-file {}: {e}", path.display())))?;
     let mut text = Vec::new();

@@ -7,9 +7,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use memory::{GuestAddress, PAGE_SIZE};
-use serde::Serialize;
 
 use super::preboot::VmResources;
+use super::requests::VmInfo;
 use super::ApiError;
 use crate::builder::BuildError;
 use crate::clone::{capture_clone, clone_vm_with, ClonePath, CloneReport};
@@ -31,19 +31,6 @@ struct VmEntry {
     base: Option<VmSnapshot>,
     /// The last snapshot written to disk, the parent of the next diff.
     last_on_disk: Option<SnapshotOnDisk>,
-}
-
-/// One row of `GET /vms`.
-#[derive(Clone, Debug, Serialize)]
-pub struct VmInfo {
-    pub id: u64,
-    pub parent: Option<u64>,
-    pub state: String,
-    pub vcpus: usize,
-    pub mem_mib: u64,
-    pub private_pages: u64,
-    pub shared_pages: u64,
-    pub pinned_pages: u64,
 }
 
 /// The VM tree.

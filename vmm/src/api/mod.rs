@@ -17,7 +17,8 @@ use memory::MemoryError;
 
 use crate::snapshot::file::SnapshotError;
 use crate::snapshot::VmSnapshotError;
-pub use controller::{Controller, VmInfo};
+pub use controller::Controller;
+pub use requests::VmInfo;
 
 /// What a control request did wrong, or what failed serving it.
 #[derive(Debug, thiserror::Error)]

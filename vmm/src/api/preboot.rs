@@ -4,8 +4,6 @@
 //! loaded snapshot on `PUT /snapshot/load`). Once VM 0 exists the configuration is closed, and
 //! what it was stays readable (`GET /vm/config`, `GET /machine-config`).
 
-use std::path::Path;
-
 use serde::Serialize;
 
 use super::net::NetworkInterface;
@@ -14,17 +12,6 @@ use super::ApiError;
 use crate::builder::ConfigError;
 use crate::device_manager::Console;
 use crate::{build_linux_vm, LinuxConfig, VmConfig, Vmm};
-
-/// Refuses `path` unless it is a regular file (a directory, FIFO or device is not a kernel,
-/// initrd or disk; a FIFO would block whoever opens it). `what` names it in the message.
-pub fn check_regular_file(path: &Path, what: &str) -> Result<(), String> {
-    match std::fs::metadata(path) {
-        Ok(meta) if meta.is_file() => Ok(()),
-        Ok(meta) if meta.is_dir() => Err(format!("{what} {} is a directory, not a file", path.display())),
-        Ok(_) => Err(format!("{what} {} is not a regular file", path.display())),
-        Err(e) => Err(format!("{what} {}: {e}", path.display())),
-    }
-}
 
 /// Everything `GET /vm/config` shows (Firecracker's FullVmConfiguration, the parts Zygote has).
 #[derive(Clone, Debug, Serialize)]
@@ -155,7 +142,7 @@ impl VmResources {
         ];
         for (field, path) in files {
             if let Some(path) = path {
-                check_regular_file(path, field).map_err(ApiError::BadRequest)?;
+                crate::regular_file::require_regular(path, field).map_err(ApiError::BadRequest)?;
             }
         }
         let config = LinuxConfig {

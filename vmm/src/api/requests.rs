@@ -318,6 +318,19 @@ pub struct MetricsConfig {
     pub metrics_path: PathBuf,
 }
 
+/// One row of `GET /vms`.
+#[derive(Clone, Debug, Serialize)]
+pub struct VmInfo {
+    pub id: u64,
+    pub parent: Option<u64>,
+    pub state: String,
+    pub vcpus: usize,
+    pub mem_mib: u64,
+    pub private_pages: u64,
+    pub shared_pages: u64,
+    pub pinned_pages: u64,
+}
+
 /// `GET /` (Firecracker's InstanceInfo, plus Zygote's view of the VM).
 #[derive(Debug, Serialize)]
 pub struct InstanceInfo {
@@ -327,7 +340,7 @@ pub struct InstanceInfo {
     pub vmm_version: &'static str,
     /// Extension: the VM's place in the tree and its pages.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub vm: Option<super::VmInfo>,
+    pub vm: Option<VmInfo>,
 }
 
 #[cfg(test)]

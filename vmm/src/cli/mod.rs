@@ -152,7 +152,7 @@ fn run(args: RunArgs) -> i32 {
     let files = [("--kernel", &args.kernel), ("--initrd", &args.initrd), ("--disk", &args.disk)];
     for (flag, path) in files {
         if let Some(path) = path {
-            if let Err(e) = crate::api::preboot::check_regular_file(path, flag) {
+            if let Err(e) = crate::regular_file::require_regular(path, flag) {
                 eprintln!("zygote: {e}");
                 return EXIT_BAD_INPUT;
             }

@@ -24,7 +24,7 @@ pub enum SnapshotError {
         #[source]
         source: FormatError,
     },
-    #[error("{path}: is a {kind}, not a regular file")]
+    #[error("{path} is a {kind}, not a regular file")]
     NotRegular { path: PathBuf, kind: &'static str },
     #[error("{path}: cannot be restored on this host")]
     Host {
@@ -84,6 +84,16 @@ pub enum SnapshotError {
     OutsideDir { path: PathBuf, what: &'static str, outside: PathBuf, dir: PathBuf },
     #[error("RAM images of the snapshot could not be written or mapped")]
     Memory(#[source] MemoryError),
+}
+
+impl From<crate::regular_file::RegularFileError> for SnapshotError {
+    fn from(e: crate::regular_file::RegularFileError) -> SnapshotError {
+        use crate::regular_file::RegularFileError;
+        match e {
+            RegularFileError::Open { path, source } => SnapshotError::Io { path, source },
+            RegularFileError::NotRegular { path, kind } => SnapshotError::NotRegular { path, kind },
+        }
+    }
 }
 
 pub(super) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError + '_ {

@@ -9,40 +9,25 @@ use std::fs::{File, OpenOptions};
 use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Component, Path, PathBuf};
 
 use super::error::{io, SnapshotError};
+use crate::regular_file;
 
 /// The directory holding `path` ("." for a bare name).
 pub fn parent_dir(path: &Path) -> &Path {
     path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."))
 }
 
-/// Fails unless `file` (opened from `path`) is a regular file.
+/// Fails unless `file` (opened from `path`) is a regular file (`crate::regular_file`).
 fn check_regular(file: &File, path: &Path) -> Result<(), SnapshotError> {
-    let kind = file.metadata().map_err(io(path))?.file_type();
-    let name = match kind {
-        k if k.is_file() => return Ok(()),
-        k if k.is_dir() => "directory",
-        k if k.is_fifo() => "FIFO",
-        k if k.is_char_device() => "character device",
-        k if k.is_block_device() => "block device",
-        k if k.is_socket() => "socket",
-        _ => "special file",
-    };
-    Err(SnapshotError::NotRegular { path: path.to_path_buf(), kind: name })
+    regular_file::check_regular(file, path).map_err(SnapshotError::from)
 }
 
 /// Opens `path` (given by the user) read-only if it is a regular file.
 pub fn open_regular(path: &Path) -> Result<File, SnapshotError> {
-    let file = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC)
-        .open(path)
-        .map_err(io(path))?;
-    check_regular(&file, path)?;
-    Ok(file)
+    regular_file::open_regular(path).map_err(SnapshotError::from)
 }
 
 /// Opens directory `path`.
