@@ -66,33 +66,3 @@ fn a_paused_vm_and_its_paused_clone_have_no_thread_that_wakes() {
     assert_eq!(spin_counters(&source), counters);
     drop(clone);
 }
-
-/// The nice value of thread `tid` of this process (field 19 of its stat, after the comm).
-fn thread_nice(tid: &str) -> i64 {
-    let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).unwrap();
-    let after_comm = &stat[stat.rfind(')').unwrap() + 2..];
-    after_comm.split_whitespace().nth(16).unwrap().parse().unwrap()
-}
-
-#[test]
-fn a_built_vm_runs_its_vcpu_threads_nicer_than_the_builder() {
-    let vm = zygote_tests::spin_vm(2, 1);
-    // SAFETY: gettid takes nothing and cannot fail.
-    let me = thread_nice(&unsafe { libc::gettid() }.to_string());
-    let mut vcpus = 0;
-    for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
-        let tid = task.file_name().to_string_lossy().to_string();
-        let name = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
-        if name.starts_with("vcpu") {
-            // A thread lowers its priority first thing; it may not have run yet: wait for it.
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while thread_nice(&tid) == me && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            assert_eq!(thread_nice(&tid), (me + i64::from(vmm::vcpu::VCPU_NICE_OFFSET)).min(19), "{name}");
-            vcpus += 1;
-        }
-    }
-    assert!(vcpus >= 2, "the VM's vCPU threads were not found");
-    drop(vm);
-}

@@ -14,7 +14,7 @@ use vmm::clone::ClonePath;
 
 use crate::bench::{bench_clone_pages, bench_reset, BenchError, CloneBench, ResetBench};
 use crate::bench_fleet::{bench_fleet, FleetBench, FleetBenchError, FleetOptions};
-use crate::bench_host::{bench_first_write, fork_time, FirstWriteBench, HostBenchError};
+use crate::bench_host::{bench_first_write, fork_with_populated, FirstWriteBench, HostBenchError};
 use crate::snapshot_bench::{bench_snapshot, SnapshotBench, SnapshotBenchError};
 pub use plots::PlotError;
 pub use summary::{markdown, table};
@@ -96,15 +96,6 @@ pub struct Report {
 /// The pages 1 % of a 1 GiB RAM holds: the dirty set every clone-size run uses.
 const ONE_PERCENT_OF_1G: u64 = (1 << 30) / 4096 / 100;
 
-fn us(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e6
-}
-
-fn median(values: &mut [f64]) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
-}
-
 fn sweep(bench: &CloneBench) -> Sweep {
     let path = bench.paths.iter().find(|p| p.path == ClonePath::Precopy).unwrap_or(&bench.paths[0]);
     Sweep {
@@ -124,16 +115,10 @@ pub fn run(options: &ReportOptions) -> Result<Report, ReportError> {
     step("reset");
     let reset = bench_reset(q(2_000, 10_000), false)?;
 
-    step("clone of 1 GiB, 1 % dirty, against fork() of this process");
-    let mut forks = Vec::new();
-    for _ in 0..15 {
-        forks.push(us(fork_time()?));
-    }
+    step("clone of 1 GiB, 1 % dirty, against fork() of this process holding 1 GiB");
     let clone = bench_clone_pages(1024, q(20, 100), ONE_PERCENT_OF_1G, &[ClonePath::InPause, ClonePath::Precopy])?;
-    for _ in 0..15 {
-        forks.push(us(fork_time()?));
-    }
-    let fork_us_p50 = median(&mut forks);
+    let forks = fork_with_populated(1024, 15)?;
+    let fork_us_p50 = forks[forks.len() / 2];
 
     step("clone against RAM size and dirty pages");
     let clones = q(10, 30);

@@ -33,7 +33,7 @@ pub(super) fn entries(r: &Report) -> Vec<Entry> {
         ratio(
             "clone_pause_vs_fork",
             (precopy.pause_us_p50 as f64, format!("clone pause p50 (1 GiB, {} pages dirty), us", r.clone.dirty_pages)),
-            (r.fork_us_p50, "fork() of this process p50, us".into()),
+            (r.fork_us_p50, "fork() of this process holding 1 GiB of populated anonymous memory, p50, us".into()),
             1.0,
         ),
         ratio(
