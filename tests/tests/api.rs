@@ -385,6 +385,13 @@ fn firecracker_requests_get_firecracker_answers() {
         serde_json::json!({ "snapshot_type": "Full", "snapshot_path": state, "mem_file_path": mem }).to_string();
     api.done("PUT", "/snapshot/create", Some(&create));
     api.done("PATCH", "/vm", Some(r#"{"state":"Resumed"}"#));
+    // One memory file holding all of the guest's RAM, as Firecracker writes it: no RAM file of
+    // Zygote's own layout beside the state file.
+    let mem_mib = machine["mem_size_mib"].as_u64().unwrap();
+    assert_eq!(std::fs::metadata(&mem).unwrap().len(), mem_mib << 20);
+    let names: Vec<String> =
+        std::fs::read_dir(&api.dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert!(!names.iter().any(|n| n.starts_with("fc.state-mem")), "{names:?}");
     for (method, path, body, needle) in [
         ("PUT", "/machine-config", r#"{"vcpu_count":1,"mem_size_mib":64}"#, "pre-boot only"),
         ("PUT", "/boot-source", r#"{"kernel_image_path":"/k"}"#, "pre-boot only"),
@@ -420,6 +427,22 @@ fn firecracker_requests_get_firecracker_answers() {
     fresh.shutdown();
     let restored =
         Served::start_guest("api-firecracker-restore", &["--restore", state.to_str().unwrap()], Stdio::null());
+    assert_eq!(restored.json("GET", "/", None)["state"], "Running");
+    restored.shutdown();
+    // Moved away from where the state file names it, the memory file is given by path: the
+    // older `mem_file_path` of `PUT /snapshot/load`, and `--restore --mem-file`.
+    let moved = state.with_file_name("moved").join("guest.mem");
+    std::fs::create_dir_all(moved.parent().unwrap()).unwrap();
+    std::fs::rename(&mem, &moved).unwrap();
+    let lost = run_zygote(&["run", "--restore", state.to_str().unwrap()]);
+    assert_eq!(lost.status.code(), Some(2), "{lost:?}");
+    let fresh = Served::start_guest("api-firecracker-load-moved", &[], Stdio::null());
+    let load = serde_json::json!({ "snapshot_path": state, "mem_file_path": moved, "resume_vm": true });
+    fresh.done("PUT", "/snapshot/load", Some(&load.to_string()));
+    assert_eq!(fresh.json("GET", "/", None)["state"], "Running");
+    fresh.shutdown();
+    let restore = ["--restore", state.to_str().unwrap(), "--mem-file", moved.to_str().unwrap()];
+    let restored = Served::start_guest("api-firecracker-restore-moved", &restore, Stdio::null());
     assert_eq!(restored.json("GET", "/", None)["state"], "Running");
     restored.shutdown();
 }

@@ -5,8 +5,8 @@ use std::sync::Arc;
 
 use memory::{Access, GuestAddress, GuestRam, PinGuard};
 
+use super::doorbell::Doorbell;
 use super::registers::*;
-use super::runner::Doorbell;
 use super::{DmaError, DmaSource, DmaState, TransferSpec, MAX_PACING_US};
 use crate::bus_device::{BusDevice, VmRequest};
 use crate::interrupt::{DeviceInterrupt, INT_USED_RING};

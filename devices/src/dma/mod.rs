@@ -11,6 +11,7 @@
 
 use serde::{Deserialize, Serialize};
 
+mod doorbell;
 mod engine;
 mod registers;
 mod runner;

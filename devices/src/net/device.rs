@@ -6,19 +6,16 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use memory::GuestRam;
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
-use virtio_bindings::virtio_net::{
-    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
-    VIRTIO_NET_F_GUEST_UFO, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_HOST_UFO, VIRTIO_NET_F_MAC,
-    VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
-};
+use virtio_bindings::virtio_net::VIRTIO_NET_S_LINK_UP;
 use virtio_queue::{Queue, QueueT};
 
 use super::core::{NetCore, NetCounters, Queues};
 use super::events::NetTapEvents;
 use super::persist::{apply_state, state_of};
-use super::{MacAddr, NetError, NetState, Tap, NET_QUEUE_SIZE};
+use super::{MacAddr, NetArgs, NetError, NetState, Tap, NET_QUEUE_SIZE};
 use crate::interrupt::DeviceInterrupt;
-use crate::virtio::{VirtioDevice, VirtioError, VIRTIO_F_VERSION_1};
+use crate::persist::Persist;
+use crate::virtio::{VirtioDevice, VirtioError};
 
 /// What one `step_rx` / `step_tx` did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -66,20 +63,7 @@ impl NetDevice {
 
     /// The features a device with `mac` offers.
     pub fn offered_features(mac: Option<MacAddr>) -> u64 {
-        let bits = [
-            VIRTIO_NET_F_CSUM,
-            VIRTIO_NET_F_GUEST_CSUM,
-            VIRTIO_NET_F_GUEST_TSO4,
-            VIRTIO_NET_F_GUEST_TSO6,
-            VIRTIO_NET_F_GUEST_UFO,
-            VIRTIO_NET_F_HOST_TSO4,
-            VIRTIO_NET_F_HOST_TSO6,
-            VIRTIO_NET_F_HOST_UFO,
-            VIRTIO_NET_F_MRG_RXBUF,
-            VIRTIO_NET_F_STATUS,
-        ];
-        let mac_bit = mac.map_or(0, |_| 1u64 << VIRTIO_NET_F_MAC);
-        bits.iter().fold(VIRTIO_F_VERSION_1 | mac_bit, |acc, &b| acc | 1u64 << b)
+        super::offered_features(mac)
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, NetCore> {
@@ -193,6 +177,28 @@ impl NetDevice {
     pub fn tap_events(&self) -> Option<NetTapEvents> {
         let fd = self.lock().backend.as_ref().map(std::os::fd::AsRawFd::as_raw_fd)?;
         Some(NetTapEvents::new(Arc::clone(&self.core), fd))
+    }
+}
+
+impl Persist for NetDevice {
+    type State = NetState;
+    type ConstructorArgs = NetArgs;
+    type Error = NetError;
+
+    /// Takes the device lock; on a running VM use `capture_with`, which also freezes the RAM
+    /// under it.
+    fn save(&self) -> Result<NetState, NetError> {
+        Ok(self.state_locked(&self.lock()))
+    }
+
+    /// A device on `args` (the VM's own RAM, interrupt and TAP or none) in `state`, checked
+    /// first. If the link the guest saw differs from the one it gets (a clone without a TAP),
+    /// it raises a configuration interrupt.
+    fn restore(args: NetArgs, state: &NetState) -> Result<NetDevice, NetError> {
+        let queues = state.check(&args.ram)?;
+        let device = NetDevice::new(args.ram, args.interrupt, args.backend, state.mac);
+        apply_state(&mut device.lock(), state, queues);
+        Ok(device)
     }
 }
 

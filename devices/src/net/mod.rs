@@ -36,6 +36,14 @@ pub use mac::{MacAddr, MacParseError};
 pub use persist::{NetArgs, NetState};
 pub use tap::{Tap, TapError};
 
+use virtio_bindings::virtio_net::{
+    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
+    VIRTIO_NET_F_GUEST_UFO, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_HOST_UFO, VIRTIO_NET_F_MAC,
+    VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_STATUS,
+};
+
+use crate::virtio::VIRTIO_F_VERSION_1;
+
 /// Receive queue index.
 pub const RX_QUEUE: u16 = 0;
 /// Transmit queue index.
@@ -102,6 +110,25 @@ pub enum NetError {
     BadState { field: &'static str, reason: String },
     #[error("driver features {features:#x} include features the device does not offer ({offered:#x})")]
     BadFeatures { features: u64, offered: u64 },
+}
+
+/// The features a device with `mac` offers (the device offers them; a saved state is checked
+/// against them).
+pub(crate) fn offered_features(mac: Option<MacAddr>) -> u64 {
+    let bits = [
+        VIRTIO_NET_F_CSUM,
+        VIRTIO_NET_F_GUEST_CSUM,
+        VIRTIO_NET_F_GUEST_TSO4,
+        VIRTIO_NET_F_GUEST_TSO6,
+        VIRTIO_NET_F_GUEST_UFO,
+        VIRTIO_NET_F_HOST_TSO4,
+        VIRTIO_NET_F_HOST_TSO6,
+        VIRTIO_NET_F_HOST_UFO,
+        VIRTIO_NET_F_MRG_RXBUF,
+        VIRTIO_NET_F_STATUS,
+    ];
+    let mac_bit = mac.map_or(0, |_| 1u64 << VIRTIO_NET_F_MAC);
+    bits.iter().fold(VIRTIO_F_VERSION_1 | mac_bit, |acc, &b| acc | 1u64 << b)
 }
 
 impl NetError {

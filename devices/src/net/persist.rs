@@ -1,6 +1,8 @@
-//! virtio-net's saved state and `Persist`: the live queues, the link the guest saw, and the
-//! chains popped and not published (host-stepped devices only: a free-running device finishes
-//! every chain under its lock, so a capture never sees one).
+//! virtio-net's saved state, which `NetDevice`'s `Persist` impl saves and restores: the live
+//! queues, the link the guest saw, and the chains popped and not published (host-stepped
+//! devices only: a free-running device finishes every chain under its lock, so a capture never
+//! sees one). The state is read from and put into the device's core, not the device, so this
+//! module does not depend on `device`.
 //!
 //! A restore (a clone, or a VM loaded from a snapshot) attaches the TAP it is given, or none,
 //! never the source's. It gives the claimed receive buffers back to the queue, to be filled
@@ -17,9 +19,8 @@ use virtio_queue::{Queue, QueueState, QueueT};
 
 use super::chain::{NetChain, QueueKind};
 use super::core::{rings_of, NetCore, Queues};
-use super::{MacAddr, NetDevice, NetError, Tap, MAX_FRAME_LEN, NET_QUEUE_SIZE, VNET_HDR_LEN};
+use super::{MacAddr, NetError, Tap, MAX_FRAME_LEN, NET_QUEUE_SIZE, VNET_HDR_LEN};
 use crate::interrupt::DeviceInterrupt;
-use crate::persist::Persist;
 use crate::virtio::VIRTIO_F_VERSION_1;
 
 /// virtio-net's state as plain data (guest physical addresses only).
@@ -62,7 +63,7 @@ impl NetState {
     /// Checks a saved state (a snapshot file is input) against `ram` before anything is
     /// restored from it; returns its (receive, transmit) queues, validated.
     pub fn check(&self, ram: &GuestRam) -> Result<Option<(Queue, Queue)>, NetError> {
-        let offered = NetDevice::offered_features(self.mac);
+        let offered = super::offered_features(self.mac);
         if self.features & !offered != 0 {
             return Err(NetError::BadFeatures { features: self.features, offered });
         }
@@ -170,27 +171,5 @@ pub(crate) fn apply_state(core: &mut NetCore, state: &NetState, queues: Option<(
     if core.serving() {
         core.process_tx();
         core.process_rx();
-    }
-}
-
-impl Persist for NetDevice {
-    type State = NetState;
-    type ConstructorArgs = NetArgs;
-    type Error = NetError;
-
-    /// Takes the device lock; on a running VM use `capture_with`, which also freezes the RAM
-    /// under it.
-    fn save(&self) -> Result<NetState, NetError> {
-        Ok(self.state_locked(&self.lock()))
-    }
-
-    /// A device on `args` (the VM's own RAM, interrupt and TAP or none) in `state`, checked
-    /// first. If the link the guest saw differs from the one it gets (a clone without a TAP),
-    /// it raises a configuration interrupt.
-    fn restore(args: NetArgs, state: &NetState) -> Result<NetDevice, NetError> {
-        let queues = state.check(&args.ram)?;
-        let device = NetDevice::new(args.ram, args.interrupt, args.backend, state.mac);
-        apply_state(&mut device.lock(), state, queues);
-        Ok(device)
     }
 }

@@ -15,7 +15,9 @@ use crate::builder::BuildError;
 use crate::clone::{capture_clone, clone_vm_with, ClonePath, CloneReport};
 use crate::device_manager::{Console, DeviceError, DeviceOverrides};
 use crate::machine::{Paused, VmOutcome, Vmm};
-use crate::snapshot::file::{load_snapshot, write_snapshot, SnapshotKind, SnapshotOnDisk};
+use crate::snapshot::file::{
+    load_snapshot_with, write_snapshot_to, LoadOptions, MemTarget, SnapshotKind, SnapshotOnDisk,
+};
 use crate::snapshot::VmSnapshot;
 use crate::vstate::ClockOnRestore;
 
@@ -285,19 +287,20 @@ impl Controller {
         }
     }
 
-    /// Writes a snapshot of VM `id`; the VM is paused only while its state and RAM freeze.
+    /// Writes a snapshot of VM `id`, its RAM to `mem` (RAM files in a directory, or
+    /// Firecracker's single memory file); the VM is paused only while its state and RAM freeze.
     pub fn snapshot_create(
         &mut self,
         id: u64,
         state_path: &Path,
-        mem_dir: &Path,
+        mem: MemTarget,
         kind: SnapshotKind,
     ) -> Result<(), ApiError> {
         let snap = self.with_paused(id, |entry, token| {
             VmSnapshot::take(&entry.vmm, token).map_err(|e| ApiError::Vm(id, super::chain(&e)))
         })?;
         let entry = self.entry(id)?;
-        let written = write_snapshot(&snap, state_path, mem_dir, kind, entry.last_on_disk.as_ref())?;
+        let written = write_snapshot_to(&snap, state_path, mem, kind, entry.last_on_disk.as_ref())?;
         entry.base = Some(snap);
         entry.last_on_disk = Some(written);
         Ok(())
@@ -305,19 +308,27 @@ impl Controller {
 
     /// Restores the snapshot at `state_path` as a new VM; runs it if `resume`.
     pub fn snapshot_load(&mut self, state_path: &Path, resume: bool) -> Result<u64, ApiError> {
-        self.snapshot_load_with_clock(state_path, resume, ClockOnRestore::Resume, DeviceOverrides::default())
+        self.snapshot_load_with(
+            state_path,
+            &LoadOptions::default(),
+            resume,
+            ClockOnRestore::Resume,
+            DeviceOverrides::default(),
+        )
     }
 
-    /// `snapshot_load`, with the restored guest's clock resumed or advanced to the host's real
-    /// time (`clock_realtime`), and its own TAPs (`network_overrides`).
-    pub fn snapshot_load_with_clock(
+    /// `snapshot_load` with the user's `options` (a memory file named beside the state file),
+    /// the restored guest's clock resumed or advanced to the host's real time (`clock_realtime`),
+    /// and its own TAPs (`network_overrides`).
+    pub fn snapshot_load_with(
         &mut self,
         state_path: &Path,
+        options: &LoadOptions,
         resume: bool,
         clock: ClockOnRestore,
         overrides: DeviceOverrides,
     ) -> Result<u64, ApiError> {
-        let loaded = load_snapshot(state_path)?;
+        let loaded = load_snapshot_with(state_path, options)?;
         let new_id = self.next_id;
         let console = Console::Prefixed(format!("[vm{new_id}] "));
         // Everything restored comes from the file: a failure here is the file's (bad devices,

@@ -206,10 +206,11 @@ pub struct VmTarget {
 #[serde(deny_unknown_fields)]
 pub struct SnapshotCreate {
     pub snapshot_path: PathBuf,
-    /// Firecracker's guest memory file. Until the single-file format lands, the RAM files are
-    /// written in its directory (so `mem_dir` and `mem_file_path` are alternatives).
+    /// Firecracker's guest memory file: all of the RAM in one file (a diff: the changed pages,
+    /// at their offsets), replaced whole.
     pub mem_file_path: Option<PathBuf>,
-    /// Extension: the directory of the RAM files.
+    /// Extension, instead of `mem_file_path`: the directory of one RAM file per region (the
+    /// state file's or one below it; by default the state file's).
     pub mem_dir: Option<PathBuf>,
     pub snapshot_type: Option<SnapshotKind>,
     pub vm_id: Option<u64>,

@@ -20,7 +20,7 @@ use super::requests::{
 };
 use super::telemetry::{request_metric, Level, Telemetry};
 use super::{ApiError, Controller};
-use crate::snapshot::file::SnapshotKind;
+use crate::snapshot::file::{LoadOptions, MemTarget, SnapshotKind};
 
 /// The Firecracker API version whose endpoints Zygote answers (`GET /version`).
 pub const FIRECRACKER_API_VERSION: &str = "1.7.0";
@@ -253,32 +253,31 @@ fn answer(
         }
         ("PUT", "/snapshot/create") => {
             let req: SnapshotCreate = parse(body)?;
-            let mem_dir = match (&req.mem_dir, &req.mem_file_path) {
+            let default_dir = parent_dir(&req.snapshot_path);
+            let mem = match (&req.mem_dir, &req.mem_file_path) {
                 (Some(_), Some(_)) => {
                     return Err(ApiError::BadRequest("give mem_file_path or mem_dir, not both".into()))
                 }
-                (Some(dir), None) => dir.clone(),
-                (None, Some(file)) => parent_dir(file),
-                (None, None) => parent_dir(&req.snapshot_path),
+                (Some(dir), None) => MemTarget::Dir(dir),
+                (None, Some(file)) => MemTarget::File(file),
+                (None, None) => MemTarget::Dir(&default_dir),
             };
             let kind = req.snapshot_type.unwrap_or(SnapshotKind::Full);
-            controller.snapshot_create(req.vm_id.unwrap_or(root), &req.snapshot_path, &mem_dir, kind)?;
+            controller.snapshot_create(req.vm_id.unwrap_or(root), &req.snapshot_path, mem, kind)?;
             let name = if kind == SnapshotKind::Full { "full_create_snapshot" } else { "diff_create_snapshot" };
             telemetry.latency(name, start.elapsed());
             done()
         }
         ("PUT", "/snapshot/load") => {
             let req: SnapshotLoad = parse(body)?;
-            // The state file names its memory: until the single memory file lands, a named
-            // memory file is accepted and the state file's own RAM files are loaded.
-            let _ = req.mem_file()?;
+            let options = LoadOptions { mem_file: req.mem_file()?.cloned() };
             let first = controller.is_empty();
             let clock = match req.clock_realtime {
                 true => crate::vstate::ClockOnRestore::AdvanceToHostRealtime,
                 false => crate::vstate::ClockOnRestore::Resume,
             };
             let overrides = net::overrides(&req.network_overrides)?;
-            let vm_id = controller.snapshot_load_with_clock(&req.snapshot_path, req.resume_vm, clock, overrides)?;
+            let vm_id = controller.snapshot_load_with(&req.snapshot_path, &options, req.resume_vm, clock, overrides)?;
             telemetry.latency("load_snapshot", start.elapsed());
             // Into an empty server, as in Firecracker: VM 0, 204. Beside other VMs (an
             // extension Firecracker refuses): the new VM's id.

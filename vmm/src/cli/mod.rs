@@ -11,7 +11,7 @@ mod net;
 use crate::api::Controller;
 use crate::builder::{DEFAULT_MEM_MIB, MAX_MEM_MIB, MAX_VCPUS, MIN_MEM_MIB};
 use crate::device_manager::DeviceOverrides;
-use crate::snapshot::file::{load_snapshot, SnapshotOnDisk};
+use crate::snapshot::file::{load_snapshot_with, LoadOptions, SnapshotOnDisk};
 use crate::vstate::ClockOnRestore;
 use crate::{boot_linux, build_linux_vm, run_tiny_guest, ConfigError, Console, LinuxConfig, VmConfig, VmOutcome, Vmm};
 use ctl::ctl;
@@ -58,6 +58,11 @@ pub struct RunArgs {
     /// clock moves forward as much. Without it the guest resumes its clock where it stopped.
     #[arg(long, requires = "restore")]
     clock_realtime: bool,
+    /// With --restore: the snapshot's single memory file (Firecracker's `mem_file_path`), when
+    /// it is not where the state file names it (a memory file beside the state file is found
+    /// without this).
+    #[arg(long, value_name = "FILE", requires = "restore")]
+    mem_file: Option<PathBuf>,
     /// Guest RAM in MiB.
     #[arg(long, value_name = "MiB", default_value_t = DEFAULT_MEM_MIB,
           value_parser = clap::value_parser!(u64).range(MIN_MEM_MIB..=MAX_MEM_MIB))]
@@ -182,7 +187,7 @@ fn run(args: RunArgs) -> i32 {
         }
         (_, None, Some(path)) => {
             let overrides = DeviceOverrides { net: net::overrides(&args.net) };
-            Some(Root::Restore(path, clock, overrides))
+            Some(Root::Restore(path, LoadOptions { mem_file: args.mem_file }, clock, overrides))
         }
         (Some(name), None, None) => Some(Root::Tiny { vm, name, arg: args.arg.unwrap_or(0) }),
         (None, None, None) => None,
@@ -216,8 +221,9 @@ enum Root {
         arg: u64,
     },
     Linux(LinuxConfig),
-    /// A snapshot's state file, what the restored guest's clock does, and its own TAPs.
-    Restore(PathBuf, ClockOnRestore, DeviceOverrides),
+    /// A snapshot's state file, how to load it, what the restored guest's clock does, and its
+    /// own TAPs.
+    Restore(PathBuf, LoadOptions, ClockOnRestore, DeviceOverrides),
     /// A Firecracker config file's configuration.
     Configured(Box<crate::api::preboot::VmResources>),
 }
@@ -226,11 +232,12 @@ enum Root {
 /// after saying why (whatever is wrong comes from the file: bad input).
 fn restore(
     path: &std::path::Path,
+    options: &LoadOptions,
     console: &Console,
     clock: ClockOnRestore,
     overrides: DeviceOverrides,
 ) -> Result<(Vmm, SnapshotOnDisk), i32> {
-    let loaded = load_snapshot(path).map_err(|e| fail(&e, true))?;
+    let loaded = load_snapshot_with(path, options).map_err(|e| fail(&e, true))?;
     let vmm = loaded.snapshot.restore_with(0, console, overrides).map_err(|e| fail(&e, true))?;
     if clock == ClockOnRestore::AdvanceToHostRealtime {
         crate::vstate::clock::advance_to_host_realtime(&vmm, &loaded.snapshot.state.clock)
@@ -245,8 +252,8 @@ impl Root {
         let outcome = match self {
             Root::Linux(config) => boot_linux(&config).map_err(|e| fail(&e, e.is_bad_input())),
             Root::Tiny { vm, name, arg } => run_tiny_guest(&vm, &name, arg).map_err(|e| fail(&e, e.is_bad_input())),
-            Root::Restore(path, clock, overrides) => {
-                restore(&path, &Console::Stdout, clock, overrides).map(|(vmm, _)| vmm.run())
+            Root::Restore(path, options, clock, overrides) => {
+                restore(&path, &options, &Console::Stdout, clock, overrides).map(|(vmm, _)| vmm.run())
             }
             Root::Configured(resources) => {
                 resources.build(Console::Stdout).map(Vmm::run).map_err(|e| fail(&e, e.status() < 500))
@@ -274,8 +281,9 @@ impl Root {
                 root.start();
                 Ok(Controller::new(root, None))
             }
-            Root::Restore(path, clock, overrides) => {
-                let (mut root, loaded) = restore(&path, &Console::Prefixed("[vm0] ".into()), clock, overrides)?;
+            Root::Restore(path, options, clock, overrides) => {
+                let prefixed = Console::Prefixed("[vm0] ".into());
+                let (mut root, loaded) = restore(&path, &options, &prefixed, clock, overrides)?;
                 root.start();
                 Ok(Controller::restored(root, loaded))
             }

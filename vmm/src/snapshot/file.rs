@@ -18,6 +18,9 @@
 //!
 //! Everything a write creates is created exclusively (a planted link is never followed) and
 //! removed if the write fails. Loading (`load`) treats every file as untrusted input.
+//!
+//! This module writes; it is also where the rest of the VMM finds the reader (`load`) and
+//! what both hand back (`on_disk`), which depend on nothing here.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -36,33 +39,7 @@ use super::error::io;
 pub use super::error::SnapshotError;
 pub use super::format::{SnapshotKind, FORMAT_VERSION, MAGIC};
 pub use super::load::{check_state_file, load_snapshot, load_snapshot_with, LoadOptions};
-
-/// A snapshot written to (or loaded from) `state_path`, kept in memory as the parent of the
-/// next diff.
-#[derive(Clone, Debug)]
-pub struct SnapshotOnDisk {
-    pub state_path: PathBuf,
-    /// The state file's CRC32 (header and body).
-    pub crc32: u32,
-    pub snapshot: VmSnapshot,
-    /// The canonical state paths of this snapshot and every parent it depends on (itself
-    /// first): a diff is never written over one of them.
-    pub chain: Vec<PathBuf>,
-    /// Where the write's time went (zero for a loaded snapshot).
-    pub timing: WriteTiming,
-}
-
-/// Where a snapshot write's time went, and what it wrote.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct WriteTiming {
-    /// RAM files: written, checksummed per run, fsynced.
-    pub ram: std::time::Duration,
-    /// Bytes of RAM written (the runs' pages).
-    pub ram_bytes: u64,
-    pub disk: std::time::Duration,
-    /// The state file: serialized, written through its temporary file, fsynced, renamed.
-    pub state: std::time::Duration,
-}
+pub use super::on_disk::{SnapshotOnDisk, WriteTiming};
 
 /// Where a snapshot's RAM goes.
 #[derive(Clone, Copy, Debug)]

@@ -14,11 +14,11 @@ use memory::{BlockSet, FileKind, FileRun, Snapshot, PAGE_SIZE};
 
 use super::body::{Body, Run};
 use super::error::{io, SnapshotError};
-use super::file::SnapshotOnDisk;
 use super::format::{decode, Header, SnapshotKind, MAX_STATE_FILE_BYTES};
 use super::fsio::{open_beneath, open_dir, open_regular, parent_dir, read_limited};
 use super::host::HostCpu;
 use super::memfile::{open_regions, RegionFile};
+use super::on_disk::SnapshotOnDisk;
 use super::runs::verify_runs;
 use super::validate::check_body;
 use super::VmSnapshot;

@@ -9,6 +9,7 @@ mod fsio;
 pub mod host;
 mod load;
 mod memfile;
+mod on_disk;
 mod runs;
 pub mod validate;
 

@@ -12,6 +12,7 @@ use virtio_queue::{Queue, QueueT};
 use super::*;
 use crate::interrupt::{DeviceInterrupt, INT_USED_RING};
 use crate::persist::Persist;
+use crate::virtio::VIRTIO_F_VERSION_1;
 
 const FEATURE_X: u64 = 1 << 3;
 
