@@ -7,5 +7,6 @@ pub mod bench_fleet;
 pub mod bench_host;
 pub mod demo;
 pub mod fuzz;
+pub mod net_bench;
 pub mod report;
 pub mod snapshot_bench;

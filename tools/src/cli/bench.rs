@@ -73,6 +73,18 @@ pub(super) enum BenchCommand {
         #[arg(long, value_name = "DIR")]
         work_dir: Option<std::path::PathBuf>,
     },
+    /// Bulk TCP echo through virtio-net and a TAP to a Linux guest vs the same over the host's
+    /// loopback (MIB MiB each way per round).
+    Net {
+        #[arg(long, value_name = "FILE")]
+        kernel: std::path::PathBuf,
+        #[arg(long, value_name = "FILE")]
+        initrd: std::path::PathBuf,
+        #[arg(long, default_value_t = 4)]
+        mib: usize,
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
 }
 
 pub(super) fn bench(command: BenchCommand) -> i32 {
@@ -169,6 +181,28 @@ pub(super) fn bench(command: BenchCommand) -> i32 {
                 }
                 serde_json::to_string(&r)
             })
+        }
+        BenchCommand::Net { kernel, initrd, mib, rounds } => {
+            return match tools::net_bench::bench_net(&kernel, &initrd, mib, rounds) {
+                Ok(r) => {
+                    println!(
+                        "net: {} MiB each way per round, {} rounds: guest via TAP {:.1} MiB/s, host loopback {:.1} MiB/s, \
+                         ratio {:.4}; boot to echo listening {} ms",
+                        r.mib_per_round, r.rounds, r.guest_tap_mib_s, r.host_loopback_mib_s, r.ratio, r.boot_to_listening_ms
+                    );
+                    println!("{}", serde_json::to_string(&r).unwrap_or_default());
+                    0
+                }
+                Err(e) => {
+                    eprintln!("{}", report(&e));
+                    match e {
+                        tools::net_bench::NetBenchError::Size(..) | tools::net_bench::NetBenchError::Build(_) => {
+                            EXIT_BAD_INPUT
+                        }
+                        _ => EXIT_FAILURE,
+                    }
+                }
+            };
         }
         BenchCommand::Snapshot { mem, dirty_pages, rounds, dir } => {
             let dir = dir

@@ -282,8 +282,8 @@ impl Root {
                 Ok(Controller::new(root, None))
             }
             Root::Restore(path, options, clock, overrides) => {
-                let (mut root, loaded) =
-                    restore(&path, &options, &Console::Prefixed("[vm0] ".into()), clock, overrides)?;
+                let prefixed = Console::Prefixed("[vm0] ".into());
+                let (mut root, loaded) = restore(&path, &options, &prefixed, clock, overrides)?;
                 root.start();
                 Ok(Controller::restored(root, loaded))
             }
