@@ -29,6 +29,10 @@ pub(super) enum BenchCommand {
         clones: u64,
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(0..=100))]
         dirty_percent: u64,
+        /// Pages rewritten between clones whatever the RAM size (instead of DIRTY_PERCENT), so
+        /// that RAM sizes can be compared at the same dirty set.
+        #[arg(long, conflicts_with = "dirty_percent")]
+        dirty_pages: Option<u64>,
         /// Only the reference path (everything in the pause, no pre-copy). By default the
         /// clones alternate between it and the pre-copy path.
         #[arg(long)]
@@ -150,10 +154,15 @@ pub(super) fn bench(command: BenchCommand) -> i32 {
                 serde_json::to_string(&r)
             })
         }
-        BenchCommand::Clone { mem, clones, dirty_percent, no_precopy } => {
+        BenchCommand::Clone { mem, clones, dirty_percent, dirty_pages, no_precopy } => {
             let paths: &[ClonePath] =
                 if no_precopy { &[ClonePath::InPause] } else { &[ClonePath::InPause, ClonePath::Precopy] };
-            tools::bench::bench_clone(mem, usize::try_from(clones).unwrap_or(usize::MAX), dirty_percent, paths).map(|r| {
+            let clones = usize::try_from(clones).unwrap_or(usize::MAX);
+            let bench = match dirty_pages {
+                Some(pages) => tools::bench::bench_clone_pages(mem, clones, pages, paths),
+                None => tools::bench::bench_clone(mem, clones, dirty_percent, paths),
+            };
+            bench.map(|r| {
                 println!("clone: {} MiB, {} clones per path, {} pages dirty per clone", r.mem_mib, r.clones, r.dirty_pages);
                 for p in &r.paths {
                     println!(
