@@ -18,7 +18,7 @@ use crate::pin::{Access, PinGuard};
 use crate::region::{validate_layout, GuestRegions, RamRegion};
 use crate::snapshot::{reset_region, Snapshot};
 use crate::stack::ImageStack;
-use crate::stats::{count_pages, MemoryStats};
+use crate::stats::{MemoryStats, QuietCounts};
 use crate::MemoryError;
 
 /// Source of the pages vCPUs wrote: the VMM feeds KVM's dirty log through this.
@@ -45,6 +45,7 @@ pub struct GuestRam {
     has_pinned: AtomicBool,
     counters: FreezeCounters,
     vcpu_log: RwLock<Option<Arc<dyn VcpuDirtyLog>>>,
+    quiet: QuietCounts,
 }
 
 impl std::fmt::Debug for GuestRam {
@@ -102,6 +103,7 @@ impl GuestRam {
             has_pinned: AtomicBool::new(false),
             counters: FreezeCounters::default(),
             vcpu_log: RwLock::new(None),
+            quiet: QuietCounts::default(),
         })
     }
 
@@ -129,6 +131,13 @@ impl GuestRam {
         *self.vcpu_log.write().unwrap_or_else(|e| e.into_inner()) = Some(log);
     }
 
+    /// The VMM's word on whether this RAM's vCPUs are stopped (out of KVM_RUN, not to run
+    /// until told otherwise): while they are, `stats` reuses its page counts until something
+    /// else could change them. Say `false` before letting them run.
+    pub fn set_vcpus_stopped(&self, stopped: bool) {
+        self.quiet.set_vcpus_stopped(stopped);
+    }
+
     /// Whether this RAM was ever pinned (sticky, like MMF_HAS_PINNED).
     pub fn has_pinned(&self) -> bool {
         self.has_pinned.load(Ordering::Acquire)
@@ -144,7 +153,10 @@ impl GuestRam {
         // The RAM lock orders pins against clone, snapshot and reset.
         let _state = self.lock();
         let region = &self.arcs[index];
-        region.host().populate_write(offset, len)?;
+        let populated = region.host().populate_write(offset, len);
+        // After the page-table change: a `stats` scanning meanwhile must not keep its counts.
+        self.quiet.bump();
+        populated?;
         self.has_pinned.store(true, Ordering::Release);
         Ok(PinGuard::new(Arc::clone(region), addr, offset, len, access))
     }
@@ -236,14 +248,20 @@ impl GuestRam {
         let mut state = self.lock();
         self.refuse_if_pinned()?;
         self.harvest(&mut state);
-        for ((region, st), target) in self.arcs.iter().zip(state.iter_mut()).zip(&snap.stacks) {
-            reset_region(region, st, target)?;
-        }
-        Ok(())
+        let reset = self
+            .arcs
+            .iter()
+            .zip(state.iter_mut())
+            .zip(&snap.stacks)
+            .try_for_each(|((region, st), target)| reset_region(region, st, target));
+        // After the remap and copies: a `stats` scanning meanwhile must not keep its counts.
+        self.quiet.bump();
+        reset
     }
 
-    /// What this RAM costs now and what its freezes did. O(this RAM's populated page tables):
-    /// cheap enough to call for every VM of a process on every request.
+    /// What this RAM costs now and what its freezes did. O(this RAM's populated page tables),
+    /// or O(its size / 64) while nothing could have changed its pages since the last call
+    /// (`QuietCounts`): cheap enough to call for every VM of a process on every request.
     pub fn stats(&self) -> MemoryStats {
         let mut stats = MemoryStats {
             ram_bytes: self.layout().iter().map(|r| r.1 as u64).sum(),
@@ -253,11 +271,8 @@ impl GuestRam {
             flattens: self.counters.flattens.load(Ordering::Relaxed),
             ..MemoryStats::default()
         };
-        for region in &self.arcs {
+        for (region, counts) in self.arcs.iter().zip(self.quiet.counts(&self.arcs)) {
             stats.pinned_pages += region.pins.lock().unwrap_or_else(|e| e.into_inner()).count() as u64;
-            // A region the kernel cannot scan is reported with no pages rather than failing
-            // the whole request; it can only happen without /proc.
-            let counts = count_pages(region.host_addr(), region.pages() * PAGE_SIZE).unwrap_or_default();
             stats.private_bytes += counts.private * PAGE_SIZE as u64;
             stats.shared_bytes += counts.shared * PAGE_SIZE as u64;
         }
@@ -287,6 +302,8 @@ impl GuestRam {
     /// Moves host-bitmap and vCPU-log bits into each region's dirty and private sets (and out
     /// of its pre-copied set). Anything written after a region's harvest shows up in the next.
     fn harvest(&self, state: &mut [RegionState]) {
+        // Clears the host-write bitmap, which `stats` counts on to see host writes.
+        self.quiet.bump();
         let log = self.vcpu_log.read().unwrap_or_else(|e| e.into_inner()).clone();
         for (index, (region, st)) in self.arcs.iter().zip(state.iter_mut()).enumerate() {
             st.mark_written(&region.host_dirty().get_and_reset());
@@ -367,5 +384,31 @@ mod tests {
         let mut buf = [0u8; 8];
         clone.read_slice(&mut buf, GuestAddress(0x13ff8)).unwrap();
         assert_eq!(buf, [7; 8]);
+    }
+
+    #[test]
+    fn stopped_vcpus_keep_page_counts_but_every_other_writer_is_seen() {
+        let ram = GuestRam::new(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let private = |ram: &GuestRam| ram.stats().private_bytes / PAGE_SIZE as u64;
+        // A write into the mapping behind vm-memory's back, as a vCPU's is.
+        let vcpu_write = |ram: &GuestRam, page: usize| {
+            let host = ram.arcs[0].host().as_ptr();
+            // SAFETY: `page` lies inside the 1 MiB region, mapped read-write.
+            unsafe { host.add(page * PAGE_SIZE).write_volatile(1) };
+        };
+        vcpu_write(&ram, 0);
+        assert_eq!(private(&ram), 1, "running vCPUs: every call scans");
+        ram.set_vcpus_stopped(true);
+        assert_eq!(private(&ram), 1);
+        // Not possible while the vCPUs are stopped: it shows that the counts are reused.
+        vcpu_write(&ram, 30);
+        assert_eq!(private(&ram), 1, "stopped vCPUs: the last counts hold");
+        ram.write_slice(&[7; 2 * PAGE_SIZE], GuestAddress(0x4000)).unwrap();
+        assert_eq!(private(&ram), 4, "a host write through vm-memory makes it scan again");
+        let _pin = ram.pin(GuestAddress(0x10000), PAGE_SIZE, Access::Write).unwrap();
+        assert_eq!(private(&ram), 5, "so does a pin");
+        ram.set_vcpus_stopped(false);
+        vcpu_write(&ram, 20);
+        assert_eq!(private(&ram), 6, "vCPUs that may run: every call scans");
     }
 }

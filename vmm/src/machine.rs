@@ -150,6 +150,7 @@ impl Vmm {
     /// Lets every vCPU run (they are created paused).
     pub fn start(&mut self) {
         self.ever_ran = true;
+        self.ram().set_vcpus_stopped(false);
         self.broadcast(VcpuCommand::Resume);
     }
 
@@ -189,6 +190,7 @@ impl Vmm {
     /// vCPU ever ran: they are all blocked on their channels).
     pub fn pause(&mut self) -> Result<Paused, VmmError> {
         if !self.ever_ran {
+            self.ram().set_vcpus_stopped(true);
             return Ok(Paused { vm_id: self.id });
         }
         self.broadcast(VcpuCommand::Pause);
@@ -205,6 +207,8 @@ impl Vmm {
                 Err(RecvTimeoutError::Disconnected) => return Err(VmmError::VcpusGone),
             }
         }
+        // Every vCPU is out of KVM_RUN and waits for a command: the RAM's page counts hold.
+        self.ram().set_vcpus_stopped(true);
         Ok(Paused { vm_id: self.id })
     }
 
@@ -214,6 +218,7 @@ impl Vmm {
     pub fn resume(&mut self, token: Paused) -> Instant {
         debug_assert_eq!(token.vm_id, self.id, "resume with another VM's pause token");
         self.ever_ran = true;
+        self.ram().set_vcpus_stopped(false);
         let mut told = Instant::now();
         for vcpu in &self.vcpus {
             told = Instant::now();
