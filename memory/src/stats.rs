@@ -81,14 +81,17 @@ impl QuietCounts {
     pub(crate) fn counts(&self, regions: &[Arc<RamRegion>]) -> Vec<PageCounts> {
         let generation = self.generation.load(Ordering::SeqCst);
         let quiet = self.vcpus_stopped.load(Ordering::SeqCst);
+        // Only while quiet are the counts reused, so only then are the host-write bits needed.
         // A copy of each bitmap: vm-memory reads its words only by resetting them.
-        let host_bits: u64 = regions
-            .iter()
-            .map(|r| r.host_dirty().clone().get_and_reset().iter().map(|w| u64::from(w.count_ones())).sum::<u64>())
-            .sum();
+        let host_bits = quiet.then(|| {
+            regions
+                .iter()
+                .map(|r| r.host_dirty().clone().get_and_reset().iter().map(|w| u64::from(w.count_ones())).sum::<u64>())
+                .sum::<u64>()
+        });
         let mut cached = self.cached.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((g, bits, counts)) = cached.as_ref() {
-            if quiet && *g == generation && *bits == host_bits {
+        if let (Some(bits_now), Some((g, bits, counts))) = (host_bits, cached.as_ref()) {
+            if *g == generation && *bits == bits_now {
                 return counts.clone();
             }
         }
@@ -97,8 +100,9 @@ impl QuietCounts {
         let counts: Vec<PageCounts> =
             regions.iter().map(|r| count_pages(r.host_addr(), r.pages() * PAGE_SIZE).unwrap_or_default()).collect();
         // Kept only if nothing started meanwhile (a resume bumps the generation).
-        *cached = (quiet && self.generation.load(Ordering::SeqCst) == generation)
-            .then(|| (generation, host_bits, counts.clone()));
+        *cached = host_bits
+            .filter(|_| self.generation.load(Ordering::SeqCst) == generation)
+            .map(|bits| (generation, bits, counts.clone()));
         counts
     }
 }
