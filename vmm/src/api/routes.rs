@@ -274,7 +274,8 @@ fn answer(
         }
         ("PUT", "/snapshot/load") => {
             let req: SnapshotLoad = parse(body)?;
-            let options = LoadOptions { mem_file: req.mem_file()?.cloned() };
+            let options =
+                LoadOptions { mem_file: req.mem_file()?.cloned(), written_here: controller.written_mem_files() };
             let first = controller.is_empty();
             let clock = match req.clock_realtime {
                 true => crate::vstate::ClockOnRestore::AdvanceToHostRealtime,
