@@ -145,6 +145,11 @@ impl Controller {
         files
     }
 
+    /// The ids of VM `id`'s network interfaces, in guest order.
+    pub fn iface_ids(&mut self, id: u64) -> Result<Vec<String>, ApiError> {
+        Ok(self.entry(id)?.vmm.devices().net().iter().map(|n| n.iface_id.clone()).collect())
+    }
+
     /// The root VM's id (the lowest).
     pub fn root_id(&self) -> u64 {
         self.vms.keys().next().copied().unwrap_or(0)
