@@ -114,6 +114,15 @@ fn a_frame_each_way_through_the_guest_driver() {
     for f in &inbound {
         peer.send(f);
     }
+    assert!(vmm.wait_timeout(TIMEOUT), "the guest ends within {TIMEOUT:?}");
+    // Firecracker's `net` metrics group counts them (frame bytes, without the virtio header).
+    let net = vmm.devices().metrics().into_iter().find(|m| m.group == "net").expect("a net group");
+    let count = |name: &str| net.counters.iter().find(|(n, _)| *n == name).map(|&(_, v)| v);
+    assert_eq!(count("tx_packets_count"), Some(1));
+    assert_eq!(count("tx_bytes_count"), Some(60));
+    assert_eq!(count("rx_packets_count"), Some(2));
+    assert_eq!(count("rx_bytes_count"), Some((inbound[0].len() + inbound[1].len()) as u64));
+    assert_eq!((count("rx_fails"), count("tx_fails"), count("bad_chains")), (Some(0), Some(0), Some(0)));
     finish(vmm);
     let expected =
         line("TX sent  ", &guest_frame(7)) + &line("RX frame ", &inbound[0]) + &line("RX frame ", &inbound[1]);
