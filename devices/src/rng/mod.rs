@@ -1,17 +1,20 @@
 //! virtio-rng (the entropy device, virtio id 4): fills the guest's buffers with bytes from the
 //! host's `getrandom(2)`, optionally under a rate limit (Firecracker's entropy device
 //! `rate_limiter`). Every buffer is pinned for write while it is filled and until its used
-//! entry is published, so a clone made meanwhile copies it eagerly. A request never stays in
-//! flight between calls: one the rate limit defers is put back in the ring (the driver still
-//! owns it) and taken again when the limiter's timer fires.
+//! entry is published, so a clone made meanwhile copies it eagerly. A request stays in flight
+//! between calls only when the host holds it (`RngDevice::hold_requests`, tests and fuzzing);
+//! one the rate limit defers is put back in the ring (the driver still owns it) and taken again
+//! when the limiter's timer fires.
 //!
 //! A clone or a restored VM gets fresh host entropy for every request after the clone
 //! instant, never the source's bytes.
 
 mod device;
+mod persist;
 mod rate_limiter;
 
-pub use device::{RngArgs, RngDevice, RngState, RngStats, RNG_QUEUE_SIZE};
+pub use device::{RngArgs, RngDevice, RngStats, RNG_QUEUE_SIZE};
+pub use persist::RngState;
 pub use rate_limiter::{
     BadLimiterState, RateLimiter, RateLimiterConfig, RateLimiterState, TokenBucketConfig, TokenBucketState,
 };
