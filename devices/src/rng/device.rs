@@ -65,10 +65,10 @@ pub struct RngDevice {
     pub(super) queue: Option<Queue>,
     pub(super) limiter: RateLimiter,
     /// Armed while the limiter defers a request.
-    timer: WakeTimer,
+    pub(super) timer: WakeTimer,
     /// The clock time the deferred request may go.
-    blocked_until: Option<Duration>,
-    broken: bool,
+    pub(super) blocked_until: Option<Duration>,
+    pub(super) broken: bool,
     /// Hold every request popped (pinned, unfilled) until `release_held` (tests, fuzzing).
     pub(super) host_stepped: bool,
     /// Requests held, in the order popped: always the last ones popped, so the queue's used

@@ -2,6 +2,9 @@
 //! and the requests held in flight. A restored device pops those requests again and fills
 //! them with its own fresh entropy: a clone never repeats its source's bytes.
 
+use std::time::Duration;
+
+use memory::GuestRam;
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueState, QueueT};
 
@@ -27,8 +30,10 @@ pub struct RngState {
 }
 
 impl RngState {
-    /// Checks a saved state (a snapshot file is input) before anything is built from it.
-    pub fn check(&self) -> Result<Option<Queue>, RngError> {
+    /// Checks a saved state (a snapshot file is input) against `ram` before anything is built
+    /// from it: queue, heads in flight, buckets.
+    pub fn check(&self, ram: &GuestRam) -> Result<Option<Queue>, RngError> {
+        RateLimiter::restore(&self.rate_limiter, Duration::ZERO)?;
         let Some(saved) = self.queue else {
             if !self.in_flight.is_empty() {
                 return Err(RngError::BadState(format!("{} requests in flight without a queue", self.in_flight.len())));
@@ -52,8 +57,42 @@ impl RngState {
         if let Some(head) = self.in_flight.iter().find(|&&h| h >= queue.size()) {
             return Err(RngError::BadState(format!("head {head} in flight, the queue has {}", queue.size())));
         }
+        if !queue.is_valid(ram) {
+            return Err(RngError::BadState("queue rings are not inside guest RAM".into()));
+        }
         Ok(Some(queue))
     }
+}
+
+impl RngDevice {
+    /// Checks `state` against this device's RAM, as `reset_to` will.
+    pub fn check_state(&self, state: &RngState) -> Result<(), RngError> {
+        state.check(&self.ram).map(drop)
+    }
+
+    /// Brings the device back to `state` in place (a VM reset to its snapshot, after the RAM
+    /// reset, which is refused while a held request pins a buffer): what it holds is dropped,
+    /// the queue rewound to its used index so the requests held in `state` are popped again at
+    /// the next notification, the buckets as saved, refilling from now on. `state` is checked
+    /// first; if it is bad nothing changes.
+    pub fn reset_to(&mut self, state: &RngState) -> Result<(), RngError> {
+        let queue = state.check(&self.ram)?;
+        self.limiter = RateLimiter::restore(&state.rate_limiter, self.clock.now())?;
+        self.held.clear();
+        self.features = state.features;
+        self.host_stepped = state.host_stepped;
+        self.queue = queue.map(rewound);
+        self.broken = false;
+        self.blocked_until = None;
+        let _ = self.timer.arm(&*self.clock, None);
+        Ok(())
+    }
+}
+
+/// `queue` with the requests it popped and did not use made available again.
+fn rewound(mut queue: Queue) -> Queue {
+    queue.set_next_avail(queue.next_used());
+    queue
 }
 
 impl Persist for RngDevice {
@@ -78,20 +117,12 @@ impl Persist for RngDevice {
     /// bucket again) at the next notification, which the VMM sends on resume. A request
     /// deferred at the capture is still in the ring and goes when the limiter allows.
     fn restore(args: RngArgs, state: &RngState) -> Result<RngDevice, RngError> {
-        let queue = state.check()?;
-        if let Some(queue) = &queue {
-            if !queue.is_valid(&*args.ram) {
-                return Err(RngError::BadState("queue rings are not inside guest RAM".into()));
-            }
-        }
+        let queue = state.check(&args.ram)?;
         let limiter = RateLimiter::restore(&state.rate_limiter, args.clock.now())?;
         let mut device = RngDevice::with_limiter(args, limiter)?;
         device.features = state.features;
         device.host_stepped = state.host_stepped;
-        device.queue = queue.map(|mut q| {
-            q.set_next_avail(q.next_used());
-            q
-        });
+        device.queue = queue.map(rewound);
         Ok(device)
     }
 }

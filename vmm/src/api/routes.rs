@@ -20,6 +20,7 @@ use super::requests::{
 };
 use super::telemetry::{request_metric, Level, Telemetry};
 use super::{ApiError, Controller};
+use crate::device_manager::EntropyConfig;
 use crate::snapshot::file::{LoadOptions, MemTarget, SnapshotKind};
 
 /// The Firecracker API version whose endpoints Zygote answers (`GET /version`).
@@ -39,6 +40,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("PATCH", "/drives/{drive_id}"),
     ("PUT", "/network-interfaces/{iface_id}"),
     ("PATCH", "/network-interfaces/{iface_id}"),
+    ("PUT", "/entropy"),
     ("PUT", "/actions"),
     ("PATCH", "/vm"),
     ("PUT", "/snapshot/create"),
@@ -58,7 +60,6 @@ pub const REFUSED: &[&str] = &[
     "/balloon/hinting/status",
     "/balloon/hinting/stop",
     "/cpu-config",
-    "/entropy",
     "/hotplug/memory",
     "/mmds",
     "/mmds/config",
@@ -185,6 +186,11 @@ fn answer(
         ("PATCH", "/network-interfaces/{iface_id}") => {
             let patch: PartialNetworkInterface = parse(body)?;
             patch_interface(controller, id, patch)?;
+            done()
+        }
+        ("PUT", "/entropy") => {
+            let entropy: EntropyConfig = parse(body)?;
+            controller.preboot("PUT /entropy")?.set_entropy(entropy)?;
             done()
         }
         ("GET", "/") => {
