@@ -134,6 +134,17 @@ impl RngDevice {
         self.blocked_until
     }
 
+    /// Puts the rate limit on `clock` from now on (tests drive a VM's limit with a
+    /// `ManualClock`): the buckets keep what they hold and refill from the new clock's now; a
+    /// deferred request is looked at again when the device is next notified or its timer is
+    /// served.
+    pub fn set_clock(&mut self, clock: Arc<dyn Clock>) {
+        self.limiter.restart_at(clock.now());
+        self.clock = clock;
+        self.blocked_until = None;
+        let _ = self.timer.arm(&*self.clock, None);
+    }
+
     /// Host stepping: while on, every request popped is pinned and held, unfilled, until
     /// `release_held`, so a test can clone, snapshot or reset with it in flight. A clone or
     /// restored VM inherits the setting. Turning it off does not release what is held.
