@@ -19,6 +19,28 @@ pub use rate_limiter::{
     BadLimiterState, RateLimiter, RateLimiterConfig, RateLimiterState, TokenBucketConfig, TokenBucketState,
 };
 
+/// What a VM's entropy device is configured with (`--entropy`, `PUT /entropy`, a config
+/// file's `entropy`): Firecracker's `EntropyDeviceConfig` (no `rate_limiter`: no limit).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EntropyConfig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter: Option<RateLimiterConfig>,
+}
+
+impl EntropyConfig {
+    /// Refuses a bucket the limiter cannot count in (a size above 2^63 - 1 tokens), naming it.
+    pub fn check(&self) -> Result<(), String> {
+        let limiter = self.rate_limiter.unwrap_or_default();
+        for (which, bucket) in [("bandwidth", limiter.bandwidth), ("ops", limiter.ops)] {
+            if let Some(b) = bucket.filter(|b| i64::try_from(b.size).is_err()) {
+                return Err(format!("rate_limiter.{which}.size {} is above {}", b.size, i64::MAX));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// What went wrong with one entropy request, or with a saved state.
 #[derive(Debug, thiserror::Error)]
 pub enum RngError {

@@ -121,7 +121,7 @@ impl VmResources {
 
     /// `PUT /entropy` before boot: VM 0 gets a virtio-rng device (a new PUT replaces it).
     pub fn set_entropy(&mut self, entropy: EntropyConfig) -> Result<(), ApiError> {
-        entropy.check().map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        entropy.check().map_err(ApiError::BadRequest)?;
         self.entropy = Some(entropy);
         Ok(())
     }

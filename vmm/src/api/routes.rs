@@ -416,7 +416,20 @@ mod tests {
         let config = call("GET", "/vm/config", "").body.unwrap();
         assert_eq!(config["drives"][0]["drive_id"], "rootfs");
         assert_eq!(config["machine-config"]["mem_size_mib"], 48);
+        assert!(config.get("entropy").is_none(), "no entropy device until PUT /entropy");
+        let entropy = r#"{"rate_limiter":{"bandwidth":{"size":1000,"refill_time":100}}}"#;
+        assert_eq!(call("PUT", "/entropy", entropy).status, 204);
+        let config = call("GET", "/vm/config", "").body.unwrap();
+        assert_eq!(config["entropy"]["rate_limiter"]["bandwidth"]["size"], 1000);
         for (method, url, body, needle) in [
+            ("PUT", "/entropy", r#"{"rate":1}"#, "unknown field"),
+            ("PUT", "/entropy", r#"{"rate_limiter":{"bandwidth":{"size":-1,"refill_time":1}}}"#, "invalid value"),
+            (
+                "PUT",
+                "/entropy",
+                r#"{"rate_limiter":{"bandwidth":{"size":9223372036854775808,"refill_time":1}}}"#,
+                "size",
+            ),
             ("PATCH", "/drives/rootfs", r#"{"drive_id":"rootfs"}"#, "post-boot only"),
             ("PUT", "/balloon", r#"{"amount_mib":1,"deflate_on_oom":true}"#, "/balloon"),
             ("GET", "/mmds", "", "/mmds"),

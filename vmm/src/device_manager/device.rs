@@ -105,7 +105,7 @@ pub struct AttachConfig {
     /// virtio-net interfaces, in guest order.
     pub net: Vec<super::net_config::NetConfig>,
     /// virtio-rng (`--entropy`); none means no entropy device.
-    pub entropy: Option<super::rng::EntropyConfig>,
+    pub entropy: Option<devices::rng::EntropyConfig>,
 }
 
 /// What a restore builds the devices on.

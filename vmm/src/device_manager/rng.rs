@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use devices::clock::MonotonicClock;
 use devices::host_events::HostEventSubscriber;
-use devices::rng::{RateLimiterConfig, RngArgs, RngDevice, RngError, RngState};
+use devices::rng::{RngArgs, RngDevice, RngError, RngState};
 use devices::virtio::{MmioTransport, MmioTransportState, QueueNotifier, VirtioDevice, REG_QUEUE_NOTIFY};
 use devices::Persist;
 use kvm_ioctls::IoEventAddress;
@@ -23,31 +23,7 @@ use super::event_loop::{DeviceEventLoop, Subscriber};
 use super::mmio::{device_interrupt, DeviceSpace, MmioSlot, Wiring};
 use super::DeviceError;
 
-/// What a VM's entropy device is configured with (`--entropy`, `PUT /entropy`, the config
-/// file's `entropy`): Firecracker's `EntropyDeviceConfig` (no `rate_limiter`: no limit).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct EntropyConfig {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rate_limiter: Option<RateLimiterConfig>,
-}
-
-impl EntropyConfig {
-    /// Refuses a bucket the limiter cannot count in (a size above 2^63 - 1 tokens).
-    pub fn check(&self) -> Result<(), DeviceError> {
-        let limiter = self.rate_limiter.unwrap_or_default();
-        let buckets = [("bandwidth", limiter.bandwidth), ("ops", limiter.ops)];
-        for (which, bucket) in buckets {
-            if let Some(b) = bucket.filter(|b| i64::try_from(b.size).is_err()) {
-                return Err(DeviceError::BadConfig {
-                    kind: RngSlot::KIND,
-                    reason: format!("rate_limiter.{which}.size {} is above {}", b.size, i64::MAX),
-                });
-            }
-        }
-        Ok(())
-    }
-}
+pub use devices::rng::EntropyConfig;
 
 /// virtio-rng's transport as the bus, the event loop and the tests share it.
 pub type RngTransport = Arc<Mutex<MmioTransport<RngDevice>>>;
@@ -120,7 +96,7 @@ impl VmDevice for RngSlot {
         let Some(entropy) = &config.entropy else {
             return Ok(None);
         };
-        entropy.check()?;
+        entropy.check().map_err(|reason| DeviceError::BadConfig { kind: Self::KIND, reason })?;
         let slot = space.slot(Self::KIND, Self::FIXED_SLOT)?;
         let interrupt = device_interrupt(host.wiring, slot.gsi)?;
         let args = RngArgs { ram: Arc::clone(host.ram), interrupt, clock: MonotonicClock::shared() };

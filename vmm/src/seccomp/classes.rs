@@ -219,8 +219,6 @@ pub fn vmm() -> Vec<Allow> {
         any(libc::SYS_memfd_create),
         any(libc::SYS_eventfd2),
         any(libc::SYS_timerfd_create),
-        // A restored or reset virtio-rng serves its queue once, and may arm its rate-limit timer.
-        any(libc::SYS_timerfd_settime),
         any(libc::SYS_epoll_create1),
         any(libc::SYS_epoll_ctl),
         any(libc::SYS_poll),
