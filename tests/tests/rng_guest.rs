@@ -60,6 +60,17 @@ fn wait_held(vm: &Vmm, count: usize) {
     }
 }
 
+/// Starts `vm`, waits until its device holds the guest's first request, and snapshots it
+/// (paused for the capture, running again after).
+fn snapshot_with_a_request_held(vm: &mut Vmm) -> VmSnapshot {
+    vm.start();
+    wait_held(vm, 1);
+    let token = vm.pause().unwrap();
+    let snap = VmSnapshot::take(vm, &token).unwrap();
+    vm.resume(token);
+    snap
+}
+
 /// Request `index`'s buffer in `vm`'s RAM.
 fn buffer(vm: &Vmm, index: u64) -> Vec<u8> {
     let mut bytes = vec![0u8; BUF_LEN];
@@ -151,11 +162,7 @@ fn a_clone_taken_with_a_request_held_fills_it_with_its_own_bytes() {
 fn a_snapshot_file_taken_with_a_request_held_restores_it_to_be_filled_again() {
     let dir = scratch_dir("rng-snapshot");
     let (mut source, out) = held_vm(1);
-    source.start();
-    wait_held(&source, 1);
-    let token = source.pause().unwrap();
-    let snap = VmSnapshot::take(&source, &token).unwrap();
-    source.resume(token);
+    let snap = snapshot_with_a_request_held(&mut source);
     assert_eq!(snap.state.devices.in_flight(), 1, "the held request is in flight in the snapshot");
     let state = dir.join("rng.json");
     write_snapshot(&snap, &state, &dir, SnapshotKind::Full, None).unwrap();
@@ -185,11 +192,7 @@ fn a_snapshot_file_taken_with_a_request_held_restores_it_to_be_filled_again() {
 #[test]
 fn a_reset_pops_the_request_held_at_the_snapshot_again_and_is_refused_while_one_is_pinned() {
     let (mut vm, out) = held_vm(2);
-    vm.start();
-    wait_held(&vm, 1);
-    let token = vm.pause().unwrap();
-    let snap = VmSnapshot::take(&vm, &token).unwrap();
-    vm.resume(token);
+    let snap = snapshot_with_a_request_held(&mut vm);
     release(&vm);
     let first = buffer(&vm, 0);
     wait_held(&vm, 1);

@@ -11,16 +11,15 @@ use std::sync::{Arc, Mutex};
 use devices::clock::MonotonicClock;
 use devices::host_events::HostEventSubscriber;
 use devices::rng::{RngArgs, RngDevice, RngError, RngState};
-use devices::virtio::{MmioTransport, MmioTransportState, QueueNotifier, VirtioDevice, REG_QUEUE_NOTIFY};
+use devices::virtio::{MmioTransport, MmioTransportState, VirtioDevice};
 use devices::Persist;
-use kvm_ioctls::IoEventAddress;
 use serde::{Deserialize, Serialize};
 
 use super::device::{
     AttachConfig, CaptureMode, Captured, DeviceDescription, DeviceHost, DeviceMetrics, ResetArgs, RestoreArgs, VmDevice,
 };
 use super::event_loop::{DeviceEventLoop, Subscriber};
-use super::mmio::{device_interrupt, DeviceSpace, MmioSlot, Wiring};
+use super::mmio::{device_interrupt, queue_notifications, DeviceSpace, MmioSlot, Wiring};
 use super::DeviceError;
 
 pub use devices::rng::EntropyConfig;
@@ -61,14 +60,8 @@ fn rng_error(source: RngError) -> DeviceError {
 fn start_events(transport: &RngTransport, slot: MmioSlot, wiring: Wiring) -> Result<DeviceEventLoop, DeviceError> {
     let timer: Subscriber = Arc::new(Mutex::new(HostEventSubscriber::new(Arc::clone(transport))));
     let mut subscribers: Vec<(&'static str, Subscriber)> = vec![("virtio-rng rate-limit timer", timer)];
-    if let Wiring::Irqchip(vm) = wiring {
-        let notifier = QueueNotifier::new(Arc::clone(transport)).map_err(DeviceError::EventFd)?;
-        let addr = slot.base + REG_QUEUE_NOTIFY;
-        for (queue, event) in notifier.eventfds() {
-            vm.register_ioevent(event, &IoEventAddress::Mmio(addr), queue)
-                .map_err(|source| DeviceError::Ioeventfd { addr, queue, source })?;
-        }
-        subscribers.push(("virtio-rng queue notifications", Arc::new(Mutex::new(notifier))));
+    if let Some(notifier) = queue_notifications(transport, slot.base, wiring)? {
+        subscribers.push(("virtio-rng queue notifications", notifier));
     }
     Ok(DeviceEventLoop::spawn("virtio-rng", subscribers)?)
 }
