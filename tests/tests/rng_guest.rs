@@ -281,3 +281,13 @@ fn bad_entropy_values_exit_2_with_the_reason() {
     let output = run_zygote(&["run", "--guest", "rng"]);
     assert_eq!(output.status.code(), Some(1), "without --entropy the guest finds no device and exits 1");
 }
+
+#[test]
+fn a_rate_limited_run_serves_every_request_under_the_seccomp_filters() {
+    // 256 bytes per 20 ms and three requests of 256: the second and third wait for the bucket,
+    // armed on the vCPU thread that took the notification and fired on the event loop's.
+    let output = run_zygote(&["run", "--guest", "rng", "--entropy", "bytes=256,refill_ms=20", "--arg", "3"]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(0), "{stdout}{}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(stdout.lines().filter(|l| l.starts_with("RNG      ")).count(), 3, "{stdout}");
+}
