@@ -101,6 +101,8 @@ pub enum DeviceError {
     Mismatch(String),
     #[error("cannot reset the RAM with the devices")]
     Ram(#[source] MemoryError),
+    #[error("virtio-rng")]
+    Rng(#[source] devices::rng::RngError),
 }
 
 /// Every device of a VM and the buses they sit on.

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use devices::clock::MonotonicClock;
 use devices::host_events::HostEventSubscriber;
-use devices::rng::{RngArgs, RngDevice, RngError, RngState};
+use devices::rng::{RngArgs, RngDevice, RngState};
 use devices::virtio::{MmioTransport, MmioTransportState, VirtioDevice};
 use devices::Persist;
 use serde::{Deserialize, Serialize};
@@ -51,10 +51,6 @@ pub struct RngSlotState {
     pub device: RngState,
 }
 
-fn rng_error(source: RngError) -> DeviceError {
-    DeviceError::BadState { kind: RngSlot::KIND, reason: source.to_string() }
-}
-
 /// Starts the event loop: the rate-limit timer always, and with an irqchip the QueueNotify
 /// ioeventfd.
 fn start_events(transport: &RngTransport, slot: MmioSlot, wiring: Wiring) -> Result<DeviceEventLoop, DeviceError> {
@@ -93,7 +89,7 @@ impl VmDevice for RngSlot {
         let slot = space.slot(Self::KIND, Self::FIXED_SLOT)?;
         let interrupt = device_interrupt(host.wiring, slot.gsi)?;
         let args = RngArgs { ram: Arc::clone(host.ram), interrupt, clock: MonotonicClock::shared() };
-        let device = RngDevice::new(args, entropy.rate_limiter.unwrap_or_default()).map_err(rng_error)?;
+        let device = RngDevice::new(args, entropy.rate_limiter.unwrap_or_default()).map_err(DeviceError::Rng)?;
         plug(space, slot, MmioTransport::new(device), host.wiring).map(Some)
     }
 
@@ -105,13 +101,13 @@ impl VmDevice for RngSlot {
         inner: impl FnOnce() -> Result<R, DeviceError>,
     ) -> Result<Captured<RngSlotState, R>, DeviceError> {
         let transport = self.transport.lock().unwrap_or_else(|e| e.into_inner());
-        let device = transport.device().save().map_err(rng_error)?;
+        let device = transport.device().save().map_err(DeviceError::Rng)?;
         let state = RngSlotState { transport: transport.state(), device };
         Ok(Captured { state, disk: None, inner: inner()? })
     }
 
     fn check_saved(state: &RngSlotState, args: &RestoreArgs) -> Result<(), DeviceError> {
-        state.device.check(args.host.ram).map(drop).map_err(rng_error)
+        state.device.check(args.host.ram).map(drop).map_err(DeviceError::Rng)
     }
 
     /// The requests held at the capture instant are popped again and filled with this VM's
@@ -126,7 +122,7 @@ impl VmDevice for RngSlot {
             interrupt: Arc::clone(&interrupt),
             clock: MonotonicClock::shared(),
         };
-        let device = RngDevice::restore(rng_args, &saved.device).map_err(rng_error)?;
+        let device = RngDevice::restore(rng_args, &saved.device).map_err(DeviceError::Rng)?;
         let transport = MmioTransport::restore(device, &saved.transport).map_err(DeviceError::Transport)?;
         let rng = plug(space, slot, transport, args.host.wiring)?;
         // A notification the source had not served died with its eventfd: look once.
@@ -145,11 +141,11 @@ impl VmDevice for RngSlot {
         inner: impl FnOnce() -> Result<(), DeviceError>,
     ) -> Result<(), DeviceError> {
         let mut transport = self.transport.lock().unwrap_or_else(|e| e.into_inner());
-        transport.device().check_state(&saved.device).map_err(rng_error)?;
+        transport.device().check_state(&saved.device).map_err(DeviceError::Rng)?;
         inner()?;
         let interrupt = Arc::clone(transport.device().interrupt());
         interrupt.set_status(saved.transport.interrupt_status);
-        transport.device_mut().reset_to(&saved.device).map_err(rng_error)?;
+        transport.device_mut().reset_to(&saved.device).map_err(DeviceError::Rng)?;
         transport.restore_registers(&saved.transport).map_err(DeviceError::Transport)?;
         transport.notify(0);
         Ok(())
