@@ -147,7 +147,8 @@ impl RngDevice {
 
     /// Host stepping: while on, every request popped is pinned and held, unfilled, until
     /// `release_held`, so a test can clone, snapshot or reset with it in flight. A clone or
-    /// restored VM inherits the setting. Turning it off does not release what is held.
+    /// restored VM inherits the setting. Turning it off releases what is held at the next
+    /// notification (or `release_held`), before anything newer.
     pub fn hold_requests(&mut self, held: bool) {
         self.host_stepped = held;
     }
