@@ -21,6 +21,7 @@ const GUESTS: &[(&str, u64)] = &[
     ("dirty16", layout::GUEST_CODE_ADDR),
     ("mailbox", layout::GUEST_CODE_ADDR),
     ("net", layout::GUEST_CODE_ADDR),
+    ("rng", layout::GUEST_CODE_ADDR),
 ];
 
 fn symbols() -> Vec<(&'static str, u64)> {
@@ -62,6 +63,10 @@ fn symbols() -> Vec<(&'static str, u64)> {
         ("NET_GUEST_TX_BUF", layout::NET_GUEST_TX_BUF),
         ("NET_GUEST_RX_BUFS", layout::NET_GUEST_RX_BUFS),
         ("NET_GUEST_RX_BUF_LEN", layout::NET_GUEST_RX_BUF_LEN),
+        ("RNG_GUEST_QUEUE_SIZE", layout::RNG_GUEST_QUEUE_SIZE),
+        ("RNG_GUEST_QUEUE", layout::RNG_GUEST_QUEUE),
+        ("RNG_GUEST_BUFS", layout::RNG_GUEST_BUFS),
+        ("RNG_GUEST_BUF_LEN", layout::RNG_GUEST_BUF_LEN),
         ("MMIO_DEVICES_END", layout::MMIO_DEVICES_END),
     ]
 }

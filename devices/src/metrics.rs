@@ -4,7 +4,7 @@
 //! counters are one `device_counters!` struct, a field on the device bumped where the event
 //! happens, and the device manager's `VmDevice::metrics` naming its group.
 //!
-//! Names follow Firecracker's `block`, `uart` groups where it has the counter; the DMA
+//! Names follow Firecracker's `block`, `uart`, `entropy` groups where it has the counter; the DMA
 //! engine (Zygote's own) has its own group.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -80,6 +80,27 @@ device_counters! {
         write_count,
         /// Bytes the console failed to take.
         missed_write_count,
+    }
+}
+
+device_counters! {
+    /// virtio-rng (Firecracker's `entropy` group).
+    pub struct EntropyMetrics {
+        /// Times the driver's activation was refused (a queue outside RAM).
+        activate_fails,
+        /// Queue notifications served.
+        entropy_event_count,
+        /// Requests answered with nothing (a malformed chain, a buffer that could not be
+        /// pinned, or a failed getrandom).
+        entropy_event_fails,
+        /// Bytes of entropy written into guest buffers.
+        entropy_bytes,
+        /// Requests the host's getrandom failed for.
+        host_rng_fails,
+        /// Times the rate limit put a request back.
+        entropy_rate_limiter_throttled,
+        /// Rate-limit timer wake-ups served.
+        rate_limiter_event_count,
     }
 }
 

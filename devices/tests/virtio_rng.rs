@@ -194,6 +194,68 @@ fn a_restored_device_keeps_its_queue_and_budget_and_draws_fresh_bytes() {
 }
 
 #[test]
+fn a_held_request_completes_whole_in_the_source_and_the_clone_pops_it_again() {
+    let mut d = driver();
+    d.t().device_mut().hold_requests(true);
+    let (served, served_addr) = request(&mut d, 64);
+    d.t().device_mut().release_held();
+    assert_eq!(d.take_used(0), vec![(served, 64)]);
+    // Two requests across a page boundary, held: pinned, nothing written, nothing used.
+    let addr = d.alloc(8192) + 4096 - 100;
+    let first = d.offer(0, &[(addr, 200, true)]);
+    let second = d.offer(0, &[(addr + 200, 300, true)]);
+    d.kick(0);
+    assert_eq!(d.t().device().held(), 2);
+    assert_eq!(d.take_used(0), vec![]);
+    assert_eq!(d.ram.stats().pinned_pages, 2, "held buffers stay pinned");
+    let state = d.t().device().save().unwrap();
+    assert_eq!((state.in_flight.as_slice(), state.host_stepped), ([first, second].as_slice(), true));
+    let (transport_state, driver_at) = (d.t().state(), d.driver_state());
+    // The clone instant: the held buffers' pages are copied eagerly, still zero.
+    let clone_ram = Arc::new(d.ram.clone_cow().unwrap());
+    assert_eq!(d.t().device_mut().release_held(), 2);
+    assert_eq!(d.take_used(0), vec![(first, 200), (second, 300)]);
+    assert_eq!(d.ram.stats().pinned_pages, 0);
+    let source = d.bytes(addr, 500);
+    assert!(source[..200].iter().any(|&x| x != 0) && source[200..].iter().any(|&x| x != 0), "filled whole");
+
+    let device = RngDevice::restore(args(&clone_ram, MonotonicClock::shared()), &state).unwrap();
+    let transport = MmioTransport::restore(device, &transport_state).unwrap();
+    let mut clone = GuestDriver::resume(Arc::clone(&clone_ram), transport, &driver_at);
+    assert!(clone.bytes(addr, 500).iter().all(|&x| x == 0), "the clone holds the clone instant");
+    clone.notify(0);
+    assert_eq!(clone.t().device().held(), 2, "popped again and held: the clone inherits host stepping");
+    clone.t().device_mut().hold_requests(false);
+    clone.notify(0);
+    assert_eq!(clone.take_used(0), vec![(first, 200), (second, 300)]);
+    let cloned = clone.bytes(addr, 500);
+    assert!(cloned[..200].iter().any(|&x| x != 0) && cloned[200..].iter().any(|&x| x != 0));
+    assert_ne!(cloned, source, "the clone drew its own entropy");
+    assert_eq!(clone.bytes(served_addr, 64), d.bytes(served_addr, 64), "what was used before is shared");
+}
+
+#[test]
+fn a_saved_state_must_account_for_every_request_in_flight() {
+    let mut d = driver();
+    d.t().device_mut().hold_requests(true);
+    request(&mut d, 16);
+    let good = d.t().device().save().unwrap();
+    let restore = |state: &devices::rng::RngState| {
+        RngDevice::restore(args(&d.ram, MonotonicClock::shared()), state).err().map(|e| e.to_string())
+    };
+    assert_eq!(restore(&good), None);
+    let mut bad = good.clone();
+    bad.in_flight.clear();
+    assert!(restore(&bad).unwrap().contains("popped and unused"), "{bad:?}");
+    let mut bad = good.clone();
+    bad.in_flight = vec![16];
+    assert!(restore(&bad).unwrap().contains("head 16"));
+    let mut bad = good.clone();
+    bad.queue = None;
+    assert!(restore(&bad).unwrap().contains("without a queue"));
+}
+
+#[test]
 fn restore_refuses_bad_states() {
     let d = driver();
     let good = d.t().device().save().unwrap();
@@ -219,27 +281,47 @@ fn restore_refuses_bad_states() {
     assert!(matches!(restore(&bad), Some(RngError::BadLimiter(_))), "budget above the size");
 }
 
+/// Makes the device's timerfd fire now, as its kernel timer would at the deadline: the test
+/// decides when the timer fires, as it decides what the clock says.
+fn fire_timer(d: &GuestDriver<RngDevice>) {
+    let fd = d.t().device().host_fd();
+    let at_once = libc::itimerspec {
+        it_interval: libc::timespec { tv_sec: 0, tv_nsec: 0 },
+        it_value: libc::timespec { tv_sec: 0, tv_nsec: 1 },
+    };
+    // SAFETY: `fd` is the device's timerfd, open while `d` lives; both pointers are valid for
+    // the call (the old value is not asked for).
+    let set = unsafe { libc::timerfd_settime(fd, 0, &at_once, std::ptr::null_mut()) };
+    assert_eq!(set, 0, "{}", std::io::Error::last_os_error());
+}
+
 #[test]
 fn the_event_loop_serves_a_deferred_request_when_the_timer_fires() {
-    // Real time here: one op per 5 ms. The loop runs until the second request is served; the
-    // bound is only reached by a hang.
+    // One op per minute on a manual clock: the real timer, armed for a minute, never fires
+    // during the test; `fire_timer` stands in for it at the instants the test chooses.
+    let clock = ManualClock::new();
     let limit = RateLimiterConfig {
         bandwidth: None,
-        ops: Some(TokenBucketConfig { size: 1, one_time_burst: 0, refill_time: 5 }),
+        ops: Some(TokenBucketConfig { size: 1, one_time_burst: 0, refill_time: 60_000 }),
     };
-    let mut d = driver_with(limit, MonotonicClock::shared());
+    let mut d = driver_with(limit, clock.clone());
     let mut manager = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new().unwrap();
     manager.add_subscriber(Arc::new(Mutex::new(HostEventSubscriber::new(Arc::clone(&d.transport)))));
     let (first, _) = request(&mut d, 16);
     let (second, _) = request(&mut d, 16);
-    let mut used = d.take_used(0);
-    assert_eq!(used, vec![(first, 16)], "the second waits for the bucket");
-    for _ in 0..1000 {
-        if used.len() == 2 {
-            break;
-        }
-        manager.run_with_timeout(10).unwrap();
-        used.extend(d.take_used(0));
-    }
-    assert_eq!(used, vec![(first, 16), (second, 16)]);
+    assert_eq!(d.take_used(0), vec![(first, 16)], "the second waits for the bucket");
+    assert_eq!(manager.run_with_timeout(0).unwrap(), 0, "nothing to serve before the timer fires");
+
+    // A wake-up before the clock reaches the deadline serves nothing and re-arms.
+    clock.advance(59 * Duration::from_secs(1));
+    fire_timer(&d);
+    assert_eq!(manager.run_with_timeout(0).unwrap(), 1, "the loop saw the timer");
+    assert_eq!(d.take_used(0), vec![], "still a second early");
+    assert_eq!(manager.run_with_timeout(0).unwrap(), 0, "the early expiry was consumed");
+
+    clock.advance(Duration::from_secs(1));
+    fire_timer(&d);
+    assert_eq!(manager.run_with_timeout(0).unwrap(), 1);
+    assert_eq!(d.take_used(0), vec![(second, 16)], "served by the loop when the timer fired");
+    assert_eq!(d.t().device().blocked_until(), None);
 }

@@ -22,38 +22,8 @@
 
     .include "dma_regs.inc"
 
-# virtio-mmio version 2 registers (virtio 1.2, 4.2.2; devices/src/virtio/mmio.rs).
-    .set R_VIO_MAGIC,        0x000
-    .set R_VIO_VERSION,      0x004
-    .set R_VIO_DEVICE_ID,    0x008
-    .set R_VIO_DEV_FEAT,     0x010
-    .set R_VIO_DEV_FEAT_SEL, 0x014
-    .set R_VIO_DRV_FEAT,     0x020
-    .set R_VIO_DRV_FEAT_SEL, 0x024
-    .set R_VIO_QUEUE_SEL,    0x030
-    .set R_VIO_QUEUE_MAX,    0x034
-    .set R_VIO_QUEUE_NUM,    0x038
-    .set R_VIO_QUEUE_READY,  0x044
-    .set R_VIO_QUEUE_NOTIFY, 0x050
-    .set R_VIO_INT_STATUS,   0x060
-    .set R_VIO_INT_ACK,      0x064
-    .set R_VIO_STATUS,       0x070
-    .set R_VIO_DESC_LOW,     0x080
-    .set R_VIO_DESC_HIGH,    0x084
-    .set R_VIO_AVAIL_LOW,    0x090
-    .set R_VIO_AVAIL_HIGH,   0x094
-    .set R_VIO_USED_LOW,     0x0a0
-    .set R_VIO_USED_HIGH,    0x0a4
+    .include "virtio.inc"
     .set R_VIO_CONFIG,       0x100          # virtio-blk config: capacity (u64 sectors) first
-    .set VIRTIO_MAGIC,       0x74726976     # "virt"
-    .set S_ACKNOWLEDGE, 1
-    .set S_DRIVER, 2
-    .set S_DRIVER_OK, 4
-    .set S_FEATURES_OK, 8
-    .set S_NEEDS_RESET, 0x40
-    .set S_FAILED, 0x80
-    .set VIRTQ_DESC_F_NEXT, 1
-    .set VIRTQ_DESC_F_WRITE, 2
     .set VIRTIO_BLK_T_IN, 0
     .set VIRTIO_BLK_T_OUT, 1
 
@@ -392,47 +362,8 @@ finish:
     exit_with_al
     park_forever
 
-# FNV-1a 64 of RCX bytes at RSI into RAX. Clobbers RCX, RDX, RSI, R8.
-fnv1a64:
-    movabs $0xcbf29ce484222325, %rax
-    movabs $0x100000001b3, %rdx
-    test %rcx, %rcx
-    jz 2f
-1:  movzbl (%rsi), %r8d
-    xor %r8, %rax
-    imul %rdx, %rax
-    inc %rsi
-    dec %rcx
-    jnz 1b
-2:  ret
+    .include "print.inc"
 
-# Prints the 9-byte label at RSI, RAX as 16 hex digits, and a newline. Clobbers RAX, RCX,
-# RDX, RSI, RDI, R8.
-print_line:
-    mov %rax, %r8
-    mov $9, %ecx
-    call puts
-    lea hex_digits(%rip), %rdi
-    mov $16, %ecx
-1:  rol $4, %r8
-    mov %r8d, %eax
-    and $0xf, %eax
-    movzbl (%rdi,%rax), %eax
-    out %al, %dx
-    loop 1b
-    mov $10, %al                                # newline
-    out %al, %dx
-    ret
-
-# Writes RCX bytes at RSI to the serial port; leaves DX = SERIAL_PORT.
-puts:
-    mov $SERIAL_PORT, %dx
-1:  lodsb
-    out %al, %dx
-    loop 1b
-    ret
-
-hex_digits:     .ascii "0123456789abcdef"
 dma_done_msg:   .ascii "DMA done "
 dma_error_msg:  .ascii "DMA fail "
 blk_done_msg:   .ascii "BLK done "

@@ -16,29 +16,7 @@
 # Waits spin natively on the used rings (no VM exit), so a host-stepped device is in control.
     .include "common.inc"
 
-    .set R_VIO_MAGIC,        0x000
-    .set R_VIO_VERSION,      0x004
-    .set R_VIO_DEVICE_ID,    0x008
-    .set R_VIO_DEV_FEAT,     0x010
-    .set R_VIO_DEV_FEAT_SEL, 0x014
-    .set R_VIO_DRV_FEAT,     0x020
-    .set R_VIO_DRV_FEAT_SEL, 0x024
-    .set R_VIO_QUEUE_SEL,    0x030
-    .set R_VIO_QUEUE_MAX,    0x034
-    .set R_VIO_QUEUE_NUM,    0x038
-    .set R_VIO_QUEUE_READY,  0x044
-    .set R_VIO_QUEUE_NOTIFY, 0x050
-    .set R_VIO_STATUS,       0x070
-    .set R_VIO_DESC_LOW,     0x080
-    .set R_VIO_AVAIL_LOW,    0x090
-    .set R_VIO_USED_LOW,     0x0a0
-    .set VIRTIO_MAGIC,       0x74726976     # "virt"
-    .set S_ACKNOWLEDGE, 1
-    .set S_DRIVER, 2
-    .set S_DRIVER_OK, 4
-    .set S_FEATURES_OK, 8
-    .set S_NEEDS_RESET, 0x40
-    .set VIRTQ_DESC_F_WRITE, 2
+    .include "virtio.inc"
     .set AVAIL, 0x400
     .set USED, 0x800
     .set HDR_LEN, 12
@@ -46,54 +24,20 @@
 
 # Register use: r13 the device's registers, r12 frames still to receive, r15 the next
 # receive used-ring entry to read.
-    .set SCAN_SLOTS, 16
 
     vcpu0_program
     mov %rdx, %r12                              # frames to receive
     cmp $NET_GUEST_QUEUE_SIZE, %r12
     jbe 1f
     mov $NET_GUEST_QUEUE_SIZE, %r12d
-1:  mov $MMIO_DEVICES_END, %r13d
-    mov $SCAN_SLOTS, %ecx
-scan:
-    mov R_VIO_MAGIC(%r13), %eax
-    cmp $VIRTIO_MAGIC, %eax
-    jne 1f
-    mov R_VIO_DEVICE_ID(%r13), %eax
-    cmp $1, %eax                                # network card
-    je found
-1:  add $0x1000, %r13d
-    dec %ecx
-    jnz scan
-    jmp no_device
-found:
+1:  find_virtio_device 1                     # network card
 
 # --- 1. Bring up the device. ---
     mov $NET_GUEST_RX_QUEUE, %edi               # both queues and the TX buffer start zeroed
     mov $((NET_GUEST_TX_BUF + 0x1000 - NET_GUEST_RX_QUEUE) / 8), %ecx
     xor %eax, %eax
     rep stosq
-    mov %eax, R_VIO_STATUS(%r13)                # reset
-    mov $S_ACKNOWLEDGE, %eax
-    mov %eax, R_VIO_STATUS(%r13)
-    mov $(S_ACKNOWLEDGE | S_DRIVER), %eax
-    mov %eax, R_VIO_STATUS(%r13)
-    mov $1, %eax
-    mov %eax, R_VIO_DEV_FEAT_SEL(%r13)
-    mov R_VIO_DEV_FEAT(%r13), %eax
-    test $1, %eax                               # VIRTIO_F_VERSION_1 (bit 32)
-    jz bad_features
-    mov $1, %eax
-    mov %eax, R_VIO_DRV_FEAT_SEL(%r13)
-    mov %eax, R_VIO_DRV_FEAT(%r13)              # accept VERSION_1
-    xor %eax, %eax
-    mov %eax, R_VIO_DRV_FEAT_SEL(%r13)
-    mov %eax, R_VIO_DRV_FEAT(%r13)              # and nothing else
-    mov $(S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK), %eax
-    mov %eax, R_VIO_STATUS(%r13)
-    mov R_VIO_STATUS(%r13), %eax
-    test $S_FEATURES_OK, %eax
-    jz bad_features
+    virtio_negotiate_version1
     xor %ecx, %ecx                              # queue 0 (receive), then 1 (transmit)
     mov $NET_GUEST_RX_QUEUE, %esi
 1:  mov %ecx, R_VIO_QUEUE_SEL(%r13)
@@ -191,55 +135,10 @@ rx_next:
     dec %r12
     jmp rx_next
 
-done:
-    xor %eax, %eax
-    exit_with_al
-no_device:
-    mov $1, %al
-    exit_with_al
-bad_features:
-    mov $2, %al
-    exit_with_al
-broken:
-    mov $3, %al
-    exit_with_al
+    driver_exits
     park_forever
 
-# FNV-1a 64 of RCX bytes at RSI into RAX. Clobbers RCX, RDX, RSI, R8.
-fnv1a64:
-    movabs $0xcbf29ce484222325, %rax
-    movabs $0x100000001b3, %rdx
-    test %rcx, %rcx
-    jz 2f
-1:  movzbl (%rsi), %r8d
-    xor %r8, %rax
-    imul %rdx, %rax
-    inc %rsi
-    dec %rcx
-    jnz 1b
-2:  ret
+    .include "print.inc"
 
-# Prints the 9-byte label at RSI, RAX as 16 hex digits, and a newline. Clobbers RAX, RCX,
-# RDX, RSI, RDI, R8.
-print_line:
-    mov %rax, %r8
-    mov $9, %ecx
-    mov $SERIAL_PORT, %dx
-1:  lodsb
-    out %al, %dx
-    loop 1b
-    lea hex_digits(%rip), %rdi
-    mov $16, %ecx
-1:  rol $4, %r8
-    mov %r8d, %eax
-    and $0xf, %eax
-    movzbl (%rdi,%rax), %eax
-    out %al, %dx
-    loop 1b
-    mov $10, %al
-    out %al, %dx
-    ret
-
-hex_digits:     .ascii "0123456789abcdef"
 tx_msg:         .ascii "TX sent  "
 rx_msg:         .ascii "RX frame "

@@ -13,8 +13,8 @@ use kvm_ioctls::{Kvm, VcpuFd};
 use memory::{Bytes, GuestAddress, GuestRam, MemoryError};
 
 use crate::device_manager::{
-    AttachConfig, Console, DeviceError, DeviceHost, DeviceManager, DeviceOverrides, NetConfig, RestoreArgs,
-    RestoreReason, Wiring,
+    AttachConfig, Console, DeviceError, DeviceHost, DeviceManager, DeviceOverrides, EntropyConfig, NetConfig,
+    RestoreArgs, RestoreReason, Wiring,
 };
 use crate::guests::{self, TinyGuest};
 use crate::layout::{GUEST_CODE_ADDR, HIGH_RAM_START, MIN_RAM, MMIO_GAP_START, VM_ID_ADDR};
@@ -48,6 +48,8 @@ pub struct VmConfig {
     pub disk: Option<PathBuf>,
     /// virtio-net interfaces (`--net`), each on an existing TAP.
     pub net: Vec<NetConfig>,
+    /// virtio-rng (`--entropy`); none means no entropy device.
+    pub entropy: Option<EntropyConfig>,
     /// Give a tiny guest the in-kernel PIC, IOAPIC, LAPICs and PIT a Linux guest always gets,
     /// so its devices interrupt through irqfds and take QueueNotify as an ioeventfd. The tiny
     /// guests run with interrupts off and poll either way; tests use this to check the wiring.
@@ -63,6 +65,7 @@ impl Default for VmConfig {
             console: Console::Stdout,
             disk: None,
             net: Vec::new(),
+            entropy: None,
             irqchip: false,
         }
     }
@@ -263,8 +266,9 @@ fn build_devices(
         false => Wiring::Polled,
     };
     let host = DeviceHost { ram, wiring, console };
-    let attach =
-        |vm: &VmConfig| DeviceManager::attach(&host, &AttachConfig { disk: vm.disk.clone(), net: vm.net.clone() });
+    let attach = |vm: &VmConfig| {
+        DeviceManager::attach(&host, &AttachConfig { disk: vm.disk.clone(), net: vm.net.clone(), entropy: vm.entropy })
+    };
     Ok(match filling {
         Filling::Tiny { config, .. } => attach(config)?,
         Filling::Linux(config) => attach(&config.vm)?,

@@ -50,6 +50,11 @@ pub const TINY_GUESTS: &[TinyGuest] = &[
         about: "drives the first virtio-net device: sends one frame, receives --arg frames (at most 8), prints their FNV-1a 64 checksums",
         code: guest_bin!("net"),
     },
+    TinyGuest {
+        name: "rng",
+        about: "drives the first virtio-rng device: --arg requests (1 to 8) of 256 bytes one after the other, prints each buffer's FNV-1a 64 checksum",
+        code: guest_bin!("rng"),
+    },
 ];
 
 /// Exception stubs every tiny guest gets at `layout::TRAPS_ADDR` (see `resources/guests/traps.s`).

@@ -130,6 +130,17 @@ pub const I8042_DATA_PORT: u16 = 0x60;
 /// Writing 0xfe here is the guest asking for a reset.
 pub const I8042_COMMAND_PORT: u16 = 0x64;
 
+// The `rng` tiny guest (resources/guests/rng.s): its virtio-rng queue and buffers, clear of
+// the `net` and `dma` guests' pages. Its argument (RDX): the number of requests, one after the
+// other (0 means 1, at most `RNG_GUEST_QUEUE_SIZE`).
+/// Its queue size.
+pub const RNG_GUEST_QUEUE_SIZE: u64 = 8;
+/// Its queue: descriptors here, available ring at +0x400, used ring at +0x800.
+pub const RNG_GUEST_QUEUE: u64 = 0x16_3000;
+/// Request i's buffer: `RNG_GUEST_BUF_LEN` bytes at `RNG_GUEST_BUFS + i * RNG_GUEST_BUF_LEN`.
+pub const RNG_GUEST_BUFS: u64 = 0x16_4000;
+pub const RNG_GUEST_BUF_LEN: u64 = 0x100;
+
 // The `net` tiny guest (resources/guests/net.s): its virtio-net queues and buffers, below
 // `DMA_GUEST_MIN_RAM` and clear of the `dma` guest's pages. Its argument (RDX): the number of
 // frames to receive (at most `NET_GUEST_QUEUE_SIZE`).

@@ -1,23 +1,23 @@
-//! `RngDevice`: the entropy device as the MMIO transport drives it, its rate-limit timer for
-//! the event loop, and `Persist`.
+//! `RngDevice`: the entropy device as the MMIO transport drives it, and its rate-limit timer
+//! for the event loop. Its saved form is in `persist.rs`.
 
+use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::time::Duration;
 
 use memory::{Access, GuestAddress, GuestRam, PinGuard};
-use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
 use virtio_queue::desc::split::Descriptor;
-use virtio_queue::{Queue, QueueOwnedT, QueueState, QueueT};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryBackend;
 
-use super::rate_limiter::{RateLimiter, RateLimiterConfig, RateLimiterState};
+use super::rate_limiter::{RateLimiter, RateLimiterConfig};
 use super::RngError;
 use crate::clock::{Clock, WakeTimer};
 use crate::host_events::HostEvents;
 use crate::interrupt::{DeviceInterrupt, INT_USED_RING};
-use crate::persist::Persist;
+use crate::metrics::{bump, EntropyMetrics};
 use crate::virtio::{VirtioDevice, VirtioError, VIRTIO_F_VERSION_1};
 
 /// Largest queue the device offers.
@@ -37,16 +37,6 @@ pub struct RngArgs {
     pub clock: Arc<dyn Clock>,
 }
 
-/// The entropy device's saved form: the live queue and the rate limiter's buckets. Nothing is
-/// ever in flight between calls.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RngState {
-    pub features: u64,
-    #[serde(with = "crate::virtio::queue_serde::option")]
-    pub queue: Option<QueueState>,
-    pub rate_limiter: RateLimiterState,
-}
-
 /// What the device did, for tests and metrics.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RngStats {
@@ -59,20 +49,33 @@ pub struct RngStats {
     pub failed: u64,
 }
 
+/// A request popped and not yet published: its buffers pinned for write (or why it gets
+/// nothing). Only a host-stepped device keeps one between calls.
+pub(super) struct HeldRequest {
+    pub(super) head: u16,
+    outcome: Result<Vec<PinGuard>, RngError>,
+}
+
 /// A virtio-rng device.
 pub struct RngDevice {
-    ram: Arc<GuestRam>,
+    pub(super) ram: Arc<GuestRam>,
     interrupt: Arc<DeviceInterrupt>,
-    clock: Arc<dyn Clock>,
-    features: u64,
-    queue: Option<Queue>,
-    limiter: RateLimiter,
+    pub(super) clock: Arc<dyn Clock>,
+    pub(super) features: u64,
+    pub(super) queue: Option<Queue>,
+    pub(super) limiter: RateLimiter,
     /// Armed while the limiter defers a request.
-    timer: WakeTimer,
+    pub(super) timer: WakeTimer,
     /// The clock time the deferred request may go.
-    blocked_until: Option<Duration>,
-    broken: bool,
+    pub(super) blocked_until: Option<Duration>,
+    pub(super) broken: bool,
+    /// Hold every request popped (pinned, unfilled) until `release_held` (tests, fuzzing).
+    pub(super) host_stepped: bool,
+    /// Requests held, in the order popped: always the last ones popped, so the queue's used
+    /// index is where they start.
+    pub(super) held: VecDeque<HeldRequest>,
     stats: RngStats,
+    metrics: Arc<EntropyMetrics>,
     last_error: Option<RngError>,
 }
 
@@ -81,6 +84,7 @@ impl std::fmt::Debug for RngDevice {
         f.debug_struct("RngDevice")
             .field("stats", &self.stats)
             .field("blocked_until", &self.blocked_until)
+            .field("held", &self.held.len())
             .finish_non_exhaustive()
     }
 }
@@ -92,7 +96,7 @@ impl RngDevice {
         Self::with_limiter(args, limiter)
     }
 
-    fn with_limiter(args: RngArgs, limiter: RateLimiter) -> Result<RngDevice, RngError> {
+    pub(super) fn with_limiter(args: RngArgs, limiter: RateLimiter) -> Result<RngDevice, RngError> {
         Ok(RngDevice {
             ram: args.ram,
             interrupt: args.interrupt,
@@ -103,13 +107,21 @@ impl RngDevice {
             timer: WakeTimer::new().map_err(RngError::Timer)?,
             blocked_until: None,
             broken: false,
+            host_stepped: false,
+            held: VecDeque::new(),
             stats: RngStats::default(),
+            metrics: Arc::default(),
             last_error: None,
         })
     }
 
     pub fn stats(&self) -> RngStats {
         self.stats
+    }
+
+    /// The counters (Firecracker's `entropy` group), shared with the metrics writer.
+    pub fn metrics(&self) -> Arc<EntropyMetrics> {
+        Arc::clone(&self.metrics)
     }
 
     /// The last request error (the guest got a used length of 0 for it).
@@ -122,10 +134,55 @@ impl RngDevice {
         self.blocked_until
     }
 
-    /// Serves every request the driver made available, until the rate limit says wait.
+    /// Puts the rate limit on `clock` from now on (tests drive a VM's limit with a
+    /// `ManualClock`): the buckets keep what they hold and refill from the new clock's now; a
+    /// deferred request is looked at again when the device is next notified or its timer is
+    /// served.
+    pub fn set_clock(&mut self, clock: Arc<dyn Clock>) {
+        self.limiter.restart_at(clock.now());
+        self.clock = clock;
+        self.blocked_until = None;
+        let _ = self.timer.arm(&*self.clock, None);
+    }
+
+    /// Host stepping: while on, every request popped is pinned and held, unfilled, until
+    /// `release_held`, so a test can clone, snapshot or reset with it in flight. A clone or
+    /// restored VM inherits the setting. Turning it off releases what is held at the next
+    /// notification (or `release_held`), before anything newer.
+    pub fn hold_requests(&mut self, held: bool) {
+        self.host_stepped = held;
+    }
+
+    /// Requests held in flight.
+    pub fn held(&self) -> usize {
+        self.held.len()
+    }
+
+    /// Fills and publishes every held request, in the order popped; returns how many.
+    pub fn release_held(&mut self) -> usize {
+        let Some(mut queue) = self.queue.take() else { return 0 };
+        let released = self.held.len();
+        while let Some(request) = self.held.pop_front() {
+            if !self.publish(&mut queue, request) {
+                break;
+            }
+        }
+        self.queue = Some(queue);
+        if released > 0 {
+            self.interrupt.raise(INT_USED_RING);
+        }
+        released
+    }
+
+    /// Serves every request the driver made available, until the rate limit says wait. A
+    /// device that is not host-stepped first releases what it still holds, so used entries
+    /// keep the order the requests were popped in.
     pub fn process_queue(&mut self) {
         if self.broken {
             return;
+        }
+        if !self.host_stepped {
+            self.release_held();
         }
         if self.blocked_until.is_some_and(|until| self.clock.now() < until) {
             return;
@@ -145,13 +202,14 @@ impl RngDevice {
             let Some(chain) = chain else { break };
             let head = chain.head_index();
             let descriptors: Vec<Descriptor> = chain.take(MAX_DESCRIPTORS + 1).collect();
-            let filled = match self.check_request(head, &descriptors) {
+            let outcome = match self.check_request(head, &descriptors) {
                 Ok(bytes) => match self.limiter.consume(u64::from(bytes), self.clock.now()) {
-                    Ok(()) => self.fill(&descriptors, bytes),
+                    Ok(()) => self.pin(&descriptors, bytes),
                     Err(retry_at) => {
                         // The driver keeps the request; it goes when the timer fires.
                         queue.go_to_previous_position();
                         self.stats.deferred += 1;
+                        bump(&self.metrics.entropy_rate_limiter_throttled, 1);
                         self.blocked_until = Some(retry_at);
                         let _ = self.timer.arm(&*self.clock, Some(retry_at));
                         break;
@@ -159,13 +217,12 @@ impl RngDevice {
                 },
                 Err(e) => Err(e),
             };
-            let len = filled.unwrap_or_else(|e| {
-                self.stats.failed += 1;
-                self.last_error = Some(e);
-                0
-            });
-            if queue.add_used(&*self.ram, head, len).is_err() {
-                self.broken = true;
+            let request = HeldRequest { head, outcome };
+            if self.host_stepped {
+                self.held.push_back(request);
+                continue;
+            }
+            if !self.publish(&mut queue, request) {
                 break;
             }
             used = true;
@@ -174,6 +231,29 @@ impl RngDevice {
         if used {
             self.interrupt.raise(INT_USED_RING);
         }
+    }
+
+    /// Fills a popped request's pinned buffers from getrandom and publishes its used entry;
+    /// the pins drop after that. False if the used ring could not be written.
+    fn publish(&mut self, queue: &mut Queue, request: HeldRequest) -> bool {
+        let filled = request.outcome.and_then(|pins| {
+            let len = self.fill(&pins)?;
+            Ok((len, pins))
+        });
+        let (len, _pins) = filled.unwrap_or_else(|e| {
+            self.stats.failed += 1;
+            bump(&self.metrics.entropy_event_fails, 1);
+            if matches!(e, RngError::Entropy(_)) {
+                bump(&self.metrics.host_rng_fails, 1);
+            }
+            self.last_error = Some(e);
+            (0, Vec::new())
+        });
+        if queue.add_used(&*self.ram, request.head, len).is_err() {
+            self.broken = true;
+            return false;
+        }
+        true
     }
 
     /// Checks a chain (a guest's input): whole, not too long, every buffer device-writable and
@@ -203,9 +283,8 @@ impl RngDevice {
         Ok(total.min(MAX_REQUEST_BYTES))
     }
 
-    /// Pins the first `bytes` of the chain's buffers for write, fills them from getrandom, and
-    /// returns how many bytes it wrote. The pins drop after the caller publishes the used entry.
-    fn fill(&mut self, descriptors: &[Descriptor], bytes: u32) -> Result<u32, RngError> {
+    /// Pins the first `bytes` of the chain's buffers for write.
+    fn pin(&self, descriptors: &[Descriptor], bytes: u32) -> Result<Vec<PinGuard>, RngError> {
         let mut pins: Vec<PinGuard> = Vec::new();
         let mut left = bytes as usize;
         for d in descriptors.iter().filter(|d| d.len() > 0) {
@@ -216,66 +295,24 @@ impl RngDevice {
             pins.push(self.ram.pin(d.addr(), n, Access::Write).map_err(RngError::Pin)?);
             left -= n;
         }
-        let mut entropy = vec![0u8; bytes as usize];
+        Ok(pins)
+    }
+
+    /// Fills the pinned buffers from getrandom; returns how many bytes it wrote.
+    fn fill(&mut self, pins: &[PinGuard]) -> Result<u32, RngError> {
+        let bytes: usize = pins.iter().map(PinGuard::len).sum();
+        let mut entropy = vec![0u8; bytes];
         getrandom::fill(&mut entropy).map_err(RngError::Entropy)?;
         let mut at = 0;
-        for pin in &pins {
+        for pin in pins {
             pin.write_at(0, &entropy[at..at + pin.len()]).map_err(RngError::Pin)?;
             at += pin.len();
         }
+        let bytes = u32::try_from(bytes).unwrap_or(u32::MAX);
         self.stats.requests += 1;
         self.stats.bytes += u64::from(bytes);
+        bump(&self.metrics.entropy_bytes, u64::from(bytes));
         Ok(bytes)
-    }
-
-    /// The state, read at one instant (the caller holds the transport's lock).
-    fn state(&self) -> RngState {
-        RngState {
-            features: self.features,
-            queue: self.queue.as_ref().map(Queue::state),
-            rate_limiter: self.limiter.state(),
-        }
-    }
-}
-
-impl RngState {
-    /// Checks a saved state (a snapshot file is input) before anything is built from it.
-    pub fn check(&self) -> Result<Option<Queue>, RngError> {
-        let Some(saved) = self.queue else { return Ok(None) };
-        if saved.max_size != RNG_QUEUE_SIZE {
-            return Err(RngError::BadState(format!(
-                "queue max size {}, the device has {RNG_QUEUE_SIZE}",
-                saved.max_size
-            )));
-        }
-        Queue::try_from(saved).map(Some).map_err(|e| RngError::BadState(e.to_string()))
-    }
-}
-
-impl Persist for RngDevice {
-    type State = RngState;
-    type ConstructorArgs = RngArgs;
-    type Error = RngError;
-
-    fn save(&self) -> Result<RngState, RngError> {
-        Ok(self.state())
-    }
-
-    /// The device as saved, with a limiter that refills from now on. A request deferred at
-    /// the capture is still in the ring: the VMM notifies the queue on resume and it goes
-    /// when the limiter allows.
-    fn restore(args: RngArgs, state: &RngState) -> Result<RngDevice, RngError> {
-        let queue = state.check()?;
-        if let Some(queue) = &queue {
-            if !queue.is_valid(&*args.ram) {
-                return Err(RngError::BadState("queue rings are not inside guest RAM".into()));
-            }
-        }
-        let limiter = RateLimiter::restore(&state.rate_limiter, args.clock.now())?;
-        let mut device = Self::with_limiter(args, limiter)?;
-        device.features = state.features;
-        device.queue = queue;
-        Ok(device)
     }
 }
 
@@ -302,10 +339,11 @@ impl VirtioDevice for RngDevice {
     }
 
     fn activate(&mut self, mut queues: Vec<Queue>, features: u64) -> Result<(), VirtioError> {
-        let queue = queues.pop().ok_or(VirtioError::QueueInvalid { queue: 0 })?;
-        if !queue.is_valid(&*self.ram) {
+        let queue = queues.pop().filter(|q| q.is_valid(&*self.ram));
+        let Some(queue) = queue else {
+            bump(&self.metrics.activate_fails, 1);
             return Err(VirtioError::QueueInvalid { queue: 0 });
-        }
+        };
         self.queue = Some(queue);
         self.features = features;
         self.broken = false;
@@ -313,6 +351,7 @@ impl VirtioDevice for RngDevice {
     }
 
     fn queue_notify(&mut self, _index: u16) {
+        bump(&self.metrics.entropy_event_count, 1);
         self.process_queue();
     }
 
@@ -320,8 +359,10 @@ impl VirtioDevice for RngDevice {
         self.broken
     }
 
-    /// Nothing is in flight between calls, so nothing to wait for.
+    /// Held requests are dropped unpublished (their pins with them); nothing else is in
+    /// flight between calls, so nothing to wait for.
     fn reset(&mut self) {
+        self.held.clear();
         self.queue = None;
         self.features = 0;
         self.broken = false;
@@ -337,6 +378,7 @@ impl HostEvents for RngDevice {
     }
 
     fn process_host(&mut self) {
+        bump(&self.metrics.rate_limiter_event_count, 1);
         self.timer.acknowledge();
         self.process_queue();
         // Still early (a real timer and a test's manual clock may disagree): wake again.

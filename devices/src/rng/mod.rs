@@ -1,20 +1,45 @@
 //! virtio-rng (the entropy device, virtio id 4): fills the guest's buffers with bytes from the
 //! host's `getrandom(2)`, optionally under a rate limit (Firecracker's entropy device
 //! `rate_limiter`). Every buffer is pinned for write while it is filled and until its used
-//! entry is published, so a clone made meanwhile copies it eagerly. A request never stays in
-//! flight between calls: one the rate limit defers is put back in the ring (the driver still
-//! owns it) and taken again when the limiter's timer fires.
+//! entry is published, so a clone made meanwhile copies it eagerly. A request stays in flight
+//! between calls only when the host holds it (`RngDevice::hold_requests`, tests and fuzzing);
+//! one the rate limit defers is put back in the ring (the driver still owns it) and taken again
+//! when the limiter's timer fires.
 //!
 //! A clone or a restored VM gets fresh host entropy for every request after the clone
 //! instant, never the source's bytes.
 
 mod device;
+mod persist;
 mod rate_limiter;
 
-pub use device::{RngArgs, RngDevice, RngState, RngStats, RNG_QUEUE_SIZE};
+pub use device::{RngArgs, RngDevice, RngStats, RNG_QUEUE_SIZE};
+pub use persist::RngState;
 pub use rate_limiter::{
     BadLimiterState, RateLimiter, RateLimiterConfig, RateLimiterState, TokenBucketConfig, TokenBucketState,
 };
+
+/// What a VM's entropy device is configured with (`--entropy`, `PUT /entropy`, a config
+/// file's `entropy`): Firecracker's `EntropyDeviceConfig` (no `rate_limiter`: no limit).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EntropyConfig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter: Option<RateLimiterConfig>,
+}
+
+impl EntropyConfig {
+    /// Refuses a bucket the limiter cannot count in (a size above 2^63 - 1 tokens), naming it.
+    pub fn check(&self) -> Result<(), String> {
+        let limiter = self.rate_limiter.unwrap_or_default();
+        for (which, bucket) in [("bandwidth", limiter.bandwidth), ("ops", limiter.ops)] {
+            if let Some(b) = bucket.filter(|b| i64::try_from(b.size).is_err()) {
+                return Err(format!("rate_limiter.{which}.size {} is above {}", b.size, i64::MAX));
+            }
+        }
+        Ok(())
+    }
+}
 
 /// What went wrong with one entropy request, or with a saved state.
 #[derive(Debug, thiserror::Error)]

@@ -182,6 +182,14 @@ impl RateLimiter {
         })
     }
 
+    /// Counts refills from `now` on, on another clock's time line; the buckets keep what they
+    /// hold.
+    pub fn restart_at(&mut self, now: Duration) {
+        for bucket in [&mut self.bandwidth, &mut self.ops].into_iter().flatten() {
+            bucket.refilled_to = now;
+        }
+    }
+
     pub fn state(&self) -> RateLimiterState {
         RateLimiterState { bandwidth: self.bandwidth.map(|b| b.state()), ops: self.ops.map(|b| b.state()) }
     }

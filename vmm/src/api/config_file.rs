@@ -1,5 +1,5 @@
 //! Firecracker's `--config-file`: one JSON file with the bodies of the pre-boot requests
-//! (`boot-source`, `drives`, `machine-config`, `logger`, `metrics`, ...), applied as those
+//! (`boot-source`, `drives`, `machine-config`, `network-interfaces`, `entropy`, `logger`, `metrics`, ...), applied as those
 //! requests would be, so tools that start Firecracker with a config file can start Zygote.
 
 use std::path::Path;
@@ -31,7 +31,7 @@ struct ConfigFile {
     balloon: Option<Value>,
     #[serde(rename = "mmds-config")]
     mmds_config: Option<Value>,
-    entropy: Option<Value>,
+    entropy: Option<crate::device_manager::EntropyConfig>,
     #[serde(rename = "cpu-config")]
     cpu_config: Option<Value>,
 }
@@ -58,7 +58,6 @@ pub fn load_config_file(path: &Path) -> Result<VmResources, ApiError> {
         ("vsock", config.vsock.is_some()),
         ("balloon", config.balloon.is_some()),
         ("mmds-config", config.mmds_config.is_some()),
-        ("entropy", config.entropy.is_some()),
         ("cpu-config", config.cpu_config.is_some()),
     ];
     if let Some((section, _)) = refused.iter().find(|(_, present)| *present) {
@@ -76,6 +75,9 @@ pub fn load_config_file(path: &Path) -> Result<VmResources, ApiError> {
     for iface in config.network_interfaces {
         let id = iface.iface_id.clone();
         resources.set_network_interface(&id, iface)?;
+    }
+    if let Some(entropy) = config.entropy {
+        resources.set_entropy(entropy)?;
     }
     resources.logger = config.logger;
     resources.metrics = config.metrics;
@@ -100,9 +102,12 @@ mod tests {
             r#"{"boot-source": {"kernel_image_path": "vmlinux", "boot_args": "console=ttyS0"},
                 "drives": [{"drive_id": "rootfs", "path_on_host": "rootfs.ext4", "is_root_device": true, "is_read_only": false}],
                 "machine-config": {"vcpu_count": 2, "mem_size_mib": 256, "smt": false},
-                "network-interfaces": []}"#,
+                "network-interfaces": [],
+                "entropy": {"rate_limiter": {"bandwidth": {"size": 1000, "refill_time": 100}}}}"#,
         )
         .unwrap();
+        let bandwidth = resources.entropy.and_then(|e| e.rate_limiter).and_then(|l| l.bandwidth).unwrap();
+        assert_eq!((bandwidth.size, bandwidth.refill_time, bandwidth.one_time_burst), (1000, 100, 0));
         assert_eq!((resources.machine.vcpu_count, resources.machine.mem_size_mib), (2, 256));
         assert_eq!(resources.drives[0].drive_id, "rootfs");
         for (text, needle) in [
@@ -112,6 +117,7 @@ mod tests {
                 "vcpu_count",
             ),
             (r#"{"boot-source": {"kernel_image_path": "k"}, "bogus": 1}"#, "unknown field"),
+            (r#"{"boot-source": {"kernel_image_path": "k"}, "entropy": {"rate": 1}}"#, "unknown field"),
             (r#"{"drives": []}"#, "boot-source"),
         ] {
             let err = load(text).unwrap_err().to_string();

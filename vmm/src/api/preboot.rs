@@ -10,7 +10,7 @@ use super::net::NetworkInterface;
 use super::requests::{BootSource, Drive, LoggerConfig, MachineConfig, MachineConfigPatch, MetricsConfig};
 use super::ApiError;
 use crate::builder::ConfigError;
-use crate::device_manager::Console;
+use crate::device_manager::{Console, EntropyConfig};
 use crate::{build_linux_vm, LinuxConfig, VmConfig, Vmm};
 
 /// Everything `GET /vm/config` shows (Firecracker's FullVmConfiguration, the parts Zygote has).
@@ -24,6 +24,8 @@ pub struct VmResources {
     #[serde(rename = "network-interfaces")]
     pub network_interfaces: Vec<NetworkInterface>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub entropy: Option<EntropyConfig>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub logger: Option<LoggerConfig>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub metrics: Option<MetricsConfig>,
@@ -36,6 +38,7 @@ impl Default for VmResources {
             machine: MachineConfig::firecracker_default(),
             drives: Vec::new(),
             network_interfaces: Vec::new(),
+            entropy: None,
             logger: None,
             metrics: None,
         }
@@ -116,6 +119,13 @@ impl VmResources {
         Ok(())
     }
 
+    /// `PUT /entropy` before boot: VM 0 gets a virtio-rng device (a new PUT replaces it).
+    pub fn set_entropy(&mut self, entropy: EntropyConfig) -> Result<(), ApiError> {
+        entropy.check().map_err(ApiError::BadRequest)?;
+        self.entropy = Some(entropy);
+        Ok(())
+    }
+
     /// The kernel command line: the boot args (or Zygote's default) and, for a root device,
     /// `root=` as Firecracker appends it.
     fn cmdline(&self, source: &BootSource) -> Option<String> {
@@ -153,6 +163,7 @@ impl VmResources {
                 console,
                 disk: self.drives.first().and_then(|d| d.path_on_host.clone()),
                 net: super::net::configs(&self.network_interfaces)?,
+                entropy: self.entropy,
                 irqchip: false,
             },
             kernel: source.kernel_image_path.clone(),

@@ -20,6 +20,7 @@ use super::requests::{
 };
 use super::telemetry::{request_metric, Level, Telemetry};
 use super::{ApiError, Controller};
+use crate::device_manager::EntropyConfig;
 use crate::snapshot::file::{LoadOptions, MemTarget, SnapshotKind};
 
 /// The Firecracker API version whose endpoints Zygote answers (`GET /version`).
@@ -39,6 +40,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("PATCH", "/drives/{drive_id}"),
     ("PUT", "/network-interfaces/{iface_id}"),
     ("PATCH", "/network-interfaces/{iface_id}"),
+    ("PUT", "/entropy"),
     ("PUT", "/actions"),
     ("PATCH", "/vm"),
     ("PUT", "/snapshot/create"),
@@ -58,7 +60,6 @@ pub const REFUSED: &[&str] = &[
     "/balloon/hinting/status",
     "/balloon/hinting/stop",
     "/cpu-config",
-    "/entropy",
     "/hotplug/memory",
     "/mmds",
     "/mmds/config",
@@ -185,6 +186,11 @@ fn answer(
         ("PATCH", "/network-interfaces/{iface_id}") => {
             let patch: PartialNetworkInterface = parse(body)?;
             patch_interface(controller, root, id, patch)?;
+            done()
+        }
+        ("PUT", "/entropy") => {
+            let entropy: EntropyConfig = parse(body)?;
+            controller.preboot("PUT /entropy")?.set_entropy(entropy)?;
             done()
         }
         ("GET", "/") => {
@@ -420,7 +426,20 @@ mod tests {
         let config = call("GET", "/vm/config", "").body.unwrap();
         assert_eq!(config["drives"][0]["drive_id"], "rootfs");
         assert_eq!(config["machine-config"]["mem_size_mib"], 48);
+        assert!(config.get("entropy").is_none(), "no entropy device until PUT /entropy");
+        let entropy = r#"{"rate_limiter":{"bandwidth":{"size":1000,"refill_time":100}}}"#;
+        assert_eq!(call("PUT", "/entropy", entropy).status, 204);
+        let config = call("GET", "/vm/config", "").body.unwrap();
+        assert_eq!(config["entropy"]["rate_limiter"]["bandwidth"]["size"], 1000);
         for (method, url, body, needle) in [
+            ("PUT", "/entropy", r#"{"rate":1}"#, "unknown field"),
+            ("PUT", "/entropy", r#"{"rate_limiter":{"bandwidth":{"size":-1,"refill_time":1}}}"#, "invalid value"),
+            (
+                "PUT",
+                "/entropy",
+                r#"{"rate_limiter":{"bandwidth":{"size":9223372036854775808,"refill_time":1}}}"#,
+                "size",
+            ),
             ("PATCH", "/drives/rootfs", r#"{"drive_id":"rootfs"}"#, "post-boot only"),
             ("PUT", "/balloon", r#"{"amount_mib":1,"deflate_on_oom":true}"#, "/balloon"),
             ("GET", "/mmds", "", "/mmds"),

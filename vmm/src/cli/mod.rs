@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 mod ctl;
+mod entropy;
 mod net;
 
 use crate::api::Controller;
@@ -26,7 +27,7 @@ pub const EXIT_FAILURE: i32 = 1;
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run a bundled tiny guest or a Linux kernel; exit with the guest's code.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Send one request to a running `zygote run --api-sock` and print the JSON answer.
     Ctl(CtlArgs),
 }
@@ -77,13 +78,18 @@ pub struct RunArgs {
     /// interface of that id is attached to (without one it is attached to nothing).
     #[arg(long, value_name = "SPEC", value_parser = net::parse_net)]
     net: Vec<net::NetFlag>,
+    /// A virtio-rng device (host getrandom), unlimited, or `--entropy bytes=N,refill_ms=M[,burst=B]`:
+    /// at most N bytes per M milliseconds (Firecracker's bandwidth bucket), plus B bytes once.
+    #[arg(long, value_name = "LIMIT", num_args = 0..=1, default_missing_value = "",
+          value_parser = entropy::parse_entropy, conflicts_with = "restore")]
+    entropy: Option<crate::device_manager::EntropyConfig>,
     /// Number of vCPUs.
     #[arg(long, value_name = "N", default_value_t = 1,
           value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_VCPUS)))]
     vcpus: u32,
     /// VM 0 from a Firecracker config file (JSON: boot-source, drives, machine-config, logger,
     /// metrics), started at once; with --api-sock, served as if configured over the API.
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["initrd", "cmdline", "disk", "mem", "vcpus", "arg", "net"])]
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["initrd", "cmdline", "disk", "mem", "vcpus", "arg", "net", "entropy"])]
     config_file: Option<PathBuf>,
     /// Firecracker's instance id (letters, digits and hyphens, at most 64): `GET /` shows it
     /// as VM 0's `id`.
@@ -165,6 +171,7 @@ fn run(args: RunArgs) -> i32 {
         console: Console::Stdout,
         disk: args.disk,
         net: net::configs(&args.net),
+        entropy: args.entropy,
         irqchip: false,
     };
     let clock = match args.clock_realtime {
@@ -356,7 +363,7 @@ pub fn parse<C: Parser>(args: impl IntoIterator<Item = OsString>) -> Result<C, i
 /// Runs one of the VMM's commands; returns the process exit code.
 pub fn execute(command: Command) -> i32 {
     match command {
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
         Command::Ctl(args) => ctl(args),
     }
 }

@@ -104,6 +104,8 @@ pub struct AttachConfig {
     pub disk: Option<PathBuf>,
     /// virtio-net interfaces, in guest order.
     pub net: Vec<super::net_config::NetConfig>,
+    /// virtio-rng (`--entropy`); none means no entropy device.
+    pub entropy: Option<devices::rng::EntropyConfig>,
 }
 
 /// What a restore builds the devices on.

@@ -4,7 +4,7 @@
 //!
 //! Where things are: `device.rs` the `VmDevice` trait; `persist.rs` the loops and the saved
 //! state of all devices; `mmio.rs` MMIO slots, GSIs and interrupt wiring; `legacy.rs`,
-//! `serial.rs`, `console.rs` the port devices; `block.rs`, `dma.rs` the MMIO devices;
+//! `serial.rs`, `console.rs` the port devices; `block.rs`, `dma.rs`, `net.rs`, `rng.rs` the MMIO devices;
 //! `event_loop.rs` the thread serving a device's eventfds.
 
 pub mod block;
@@ -18,6 +18,7 @@ pub mod net;
 pub mod net_config;
 #[macro_use]
 mod persist;
+pub mod rng;
 pub mod serial;
 
 use std::sync::{Arc, Mutex};
@@ -38,6 +39,7 @@ use legacy::{ControlPorts, I8042};
 pub use mmio::{virtio_mmio_cmdline, DeviceSpace, MmioSlot, Wiring};
 pub use net::{NetSlot, NetSlotState, NetSlots};
 pub use net_config::{NetConfig, NetOverride};
+pub use rng::{EntropyConfig, RngSlot, RngSlotState};
 pub use serial::{SerialDevice, SerialPort, SerialRegisters, SERIAL_GSI};
 
 // The one list of device kinds, in the order they are built, locked and described.
@@ -48,6 +50,7 @@ registry! {
     block: BlockSlot,
     dma: DmaSlot,
     net: NetSlots,
+    rng: RngSlot,
 }
 
 /// What failed building, capturing, restoring or resetting a VM's devices.
@@ -98,6 +101,8 @@ pub enum DeviceError {
     Mismatch(String),
     #[error("cannot reset the RAM with the devices")]
     Ram(#[source] MemoryError),
+    #[error("virtio-rng")]
+    Rng(#[source] devices::rng::RngError),
 }
 
 /// Every device of a VM and the buses they sit on.
@@ -206,6 +211,11 @@ impl DeviceManager {
         self.devices.net.as_ref().map_or(&[], |n| n.interfaces.as_slice())
     }
 
+    /// virtio-rng, if the VM has one.
+    pub fn rng(&self) -> Option<&RngSlot> {
+        self.devices.rng.as_ref()
+    }
+
     /// The DMA test engine.
     pub fn dma(&self) -> Option<&Arc<Mutex<DmaEngine>>> {
         self.devices.dma.as_ref().map(|d| &d.engine)
@@ -226,7 +236,8 @@ mod tests {
         let console = Console::capture().0;
         let host = DeviceHost { ram: &ram, wiring: Wiring::Polled, console: &console };
         let devices =
-            DeviceManager::attach(&host, &AttachConfig { disk: Some(file.clone()), net: Vec::new() }).unwrap();
+            DeviceManager::attach(&host, &AttachConfig { disk: Some(file.clone()), ..AttachConfig::default() })
+                .unwrap();
         std::fs::remove_file(&file).unwrap();
         let mmio = devices.buses().1;
         let mut word = [0u8; 4];
