@@ -121,6 +121,7 @@ pub fn bench_snapshot(
         console: Console::Prefixed(String::new()),
         disk: None,
         net: Vec::new(),
+        vsock: None,
         irqchip: false,
     };
     let mut vm = build_tiny_vm(&config, guests::find("spin").expect("spin is bundled"), 0)?;

@@ -14,7 +14,7 @@ use memory::{Bytes, GuestAddress, GuestRam, MemoryError};
 
 use crate::device_manager::{
     AttachConfig, Console, DeviceError, DeviceHost, DeviceManager, DeviceOverrides, NetConfig, RestoreArgs,
-    RestoreReason, Wiring,
+    RestoreReason, VsockConfig, Wiring,
 };
 use crate::guests::{self, TinyGuest};
 use crate::layout::{GUEST_CODE_ADDR, HIGH_RAM_START, MIN_RAM, MMIO_GAP_START, VM_ID_ADDR};
@@ -48,6 +48,8 @@ pub struct VmConfig {
     pub disk: Option<PathBuf>,
     /// virtio-net interfaces (`--net`), each on an existing TAP.
     pub net: Vec<NetConfig>,
+    /// The virtio-vsock device (`--vsock`), if any.
+    pub vsock: Option<VsockConfig>,
     /// Give a tiny guest the in-kernel PIC, IOAPIC, LAPICs and PIT a Linux guest always gets,
     /// so its devices interrupt through irqfds and take QueueNotify as an ioeventfd. The tiny
     /// guests run with interrupts off and poll either way; tests use this to check the wiring.
@@ -63,6 +65,7 @@ impl Default for VmConfig {
             console: Console::Stdout,
             disk: None,
             net: Vec::new(),
+            vsock: None,
             irqchip: false,
         }
     }
@@ -141,9 +144,9 @@ impl BuildError {
         match self {
             BuildError::Config(_)
             | BuildError::Memory { .. }
-            | BuildError::Devices(DeviceError::Disk(_) | DeviceError::Net { .. } | DeviceError::BadConfig { .. }) => {
-                true
-            }
+            | BuildError::Devices(
+                DeviceError::Disk(_) | DeviceError::Net { .. } | DeviceError::Vsock(_) | DeviceError::BadConfig { .. },
+            ) => true,
             // The kernel, initrd or command line, not KVM or the host.
             BuildError::Load(e) => !matches!(
                 e,
@@ -263,8 +266,12 @@ fn build_devices(
         false => Wiring::Polled,
     };
     let host = DeviceHost { ram, wiring, console };
-    let attach =
-        |vm: &VmConfig| DeviceManager::attach(&host, &AttachConfig { disk: vm.disk.clone(), net: vm.net.clone() });
+    let attach = |vm: &VmConfig| {
+        DeviceManager::attach(
+            &host,
+            &AttachConfig { disk: vm.disk.clone(), net: vm.net.clone(), vsock: vm.vsock.clone() },
+        )
+    };
     Ok(match filling {
         Filling::Tiny { config, .. } => attach(config)?,
         Filling::Linux(config) => attach(&config.vm)?,
@@ -333,6 +340,7 @@ pub fn build_restored(
     reason: RestoreReason,
     overrides: DeviceOverrides,
 ) -> Result<Vmm, BuildError> {
+    let overrides = crate::device_manager::vsock::with_clone_default(overrides, state.devices.vsock.as_ref(), id);
     build_vm(id, ram, console, Filling::Restore { state, reason, disk, overrides })
 }
 

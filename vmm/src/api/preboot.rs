@@ -8,6 +8,7 @@ use serde::Serialize;
 
 use super::net::NetworkInterface;
 use super::requests::{BootSource, Drive, LoggerConfig, MachineConfig, MachineConfigPatch, MetricsConfig};
+use super::vsock::Vsock;
 use super::ApiError;
 use crate::builder::ConfigError;
 use crate::device_manager::Console;
@@ -24,6 +25,8 @@ pub struct VmResources {
     #[serde(rename = "network-interfaces")]
     pub network_interfaces: Vec<NetworkInterface>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub vsock: Option<Vsock>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub logger: Option<LoggerConfig>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub metrics: Option<MetricsConfig>,
@@ -36,6 +39,7 @@ impl Default for VmResources {
             machine: MachineConfig::firecracker_default(),
             drives: Vec::new(),
             network_interfaces: Vec::new(),
+            vsock: None,
             logger: None,
             metrics: None,
         }
@@ -116,6 +120,13 @@ impl VmResources {
         Ok(())
     }
 
+    /// `PUT /vsock` before boot: the VM's one vsock device (a new PUT replaces it), checked now.
+    pub fn set_vsock(&mut self, vsock: Vsock) -> Result<(), ApiError> {
+        vsock.to_config()?;
+        self.vsock = Some(vsock);
+        Ok(())
+    }
+
     /// The kernel command line: the boot args (or Zygote's default) and, for a root device,
     /// `root=` as Firecracker appends it.
     fn cmdline(&self, source: &BootSource) -> Option<String> {
@@ -153,6 +164,7 @@ impl VmResources {
                 console,
                 disk: self.drives.first().and_then(|d| d.path_on_host.clone()),
                 net: super::net::configs(&self.network_interfaces)?,
+                vsock: self.vsock.as_ref().map(Vsock::to_config).transpose()?,
                 irqchip: false,
             },
             kernel: source.kernel_image_path.clone(),

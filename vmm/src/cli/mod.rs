@@ -7,6 +7,7 @@ use clap::{Args, Parser, Subcommand};
 
 mod ctl;
 mod net;
+mod vsock;
 
 use crate::api::Controller;
 use crate::builder::{DEFAULT_MEM_MIB, MAX_MEM_MIB, MAX_VCPUS, MIN_MEM_MIB};
@@ -26,7 +27,7 @@ pub const EXIT_FAILURE: i32 = 1;
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run a bundled tiny guest or a Linux kernel; exit with the guest's code.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Send one request to a running `zygote run --api-sock` and print the JSON answer.
     Ctl(CtlArgs),
 }
@@ -77,13 +78,18 @@ pub struct RunArgs {
     /// interface of that id is attached to (without one it is attached to nothing).
     #[arg(long, value_name = "SPEC", value_parser = net::parse_net)]
     net: Vec<net::NetFlag>,
+    /// A virtio-vsock device: `cid=N,uds=PATH` (guest CID 3 or more; the host reaches guest
+    /// port P by connecting to PATH and writing `CONNECT P\n`). With --restore: `uds=PATH`
+    /// alone, the restored device's own socket (required when the snapshot has a vsock).
+    #[arg(long, value_name = "SPEC", value_parser = vsock::parse_vsock)]
+    vsock: Option<vsock::VsockFlag>,
     /// Number of vCPUs.
     #[arg(long, value_name = "N", default_value_t = 1,
           value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_VCPUS)))]
     vcpus: u32,
     /// VM 0 from a Firecracker config file (JSON: boot-source, drives, machine-config, logger,
     /// metrics), started at once; with --api-sock, served as if configured over the API.
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["initrd", "cmdline", "disk", "mem", "vcpus", "arg", "net"])]
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["initrd", "cmdline", "disk", "mem", "vcpus", "arg", "net", "vsock"])]
     config_file: Option<PathBuf>,
     /// Firecracker's instance id (letters, digits and hyphens, at most 64): `GET /` shows it
     /// as VM 0's `id`.
@@ -158,6 +164,19 @@ fn run(args: RunArgs) -> i32 {
             }
         }
     }
+    // A fresh VM's device (cid and uds), or a restored one's own socket (uds only).
+    let vsock_flag = args.vsock.as_ref();
+    let vsock = match args.restore.is_some() {
+        true => vsock::override_path(vsock_flag).map(|path| (None, path)),
+        false => vsock::config(vsock_flag).map(|config| (config, None)),
+    };
+    let (vsock, vsock_override) = match vsock {
+        Ok(vsock) => vsock,
+        Err(message) => {
+            eprintln!("zygote: {message}");
+            return EXIT_BAD_INPUT;
+        }
+    };
     let vm = VmConfig {
         mem_mib: args.mem,
         vcpus: args.vcpus,
@@ -165,6 +184,7 @@ fn run(args: RunArgs) -> i32 {
         console: Console::Stdout,
         disk: args.disk,
         net: net::configs(&args.net),
+        vsock,
         irqchip: false,
     };
     let clock = match args.clock_realtime {
@@ -186,7 +206,7 @@ fn run(args: RunArgs) -> i32 {
             Some(Root::Linux(LinuxConfig { vm, kernel, initrd: args.initrd, cmdline: args.cmdline }))
         }
         (_, None, Some(path)) => {
-            let overrides = DeviceOverrides { net: net::overrides(&args.net) };
+            let overrides = DeviceOverrides { net: net::overrides(&args.net), vsock_uds_path: vsock_override };
             Some(Root::Restore(path, LoadOptions { mem_file: args.mem_file }, clock, overrides))
         }
         (Some(name), None, None) => Some(Root::Tiny { vm, name, arg: args.arg.unwrap_or(0) }),
@@ -351,7 +371,7 @@ pub fn parse<C: Parser>(args: impl IntoIterator<Item = OsString>) -> Result<C, i
 /// Runs one of the VMM's commands; returns the process exit code.
 pub fn execute(command: Command) -> i32 {
     match command {
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
         Command::Ctl(args) => ctl(args),
     }
 }

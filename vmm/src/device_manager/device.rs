@@ -87,6 +87,9 @@ pub struct DeviceOverrides {
     /// virtio-net: the interfaces attached to a TAP of their own (`network_overrides`); the
     /// others are attached to nothing.
     pub net: Vec<super::net_config::NetOverride>,
+    /// virtio-vsock: the socket the device listens on (`vsock_override`; a clone's default is
+    /// `<source uds_path>.<vm id>`).
+    pub vsock_uds_path: Option<PathBuf>,
 }
 
 /// The host side every device is built on.
@@ -104,6 +107,8 @@ pub struct AttachConfig {
     pub disk: Option<PathBuf>,
     /// virtio-net interfaces, in guest order.
     pub net: Vec<super::net_config::NetConfig>,
+    /// The virtio-vsock device, if any.
+    pub vsock: Option<super::vsock::VsockConfig>,
 }
 
 /// What a restore builds the devices on.

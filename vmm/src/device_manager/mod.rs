@@ -19,6 +19,7 @@ pub mod net_config;
 #[macro_use]
 mod persist;
 pub mod serial;
+pub mod vsock;
 
 use std::sync::{Arc, Mutex};
 
@@ -39,6 +40,7 @@ pub use mmio::{virtio_mmio_cmdline, DeviceSpace, MmioSlot, Wiring};
 pub use net::{NetSlot, NetSlotState, NetSlots};
 pub use net_config::{NetConfig, NetOverride};
 pub use serial::{SerialDevice, SerialPort, SerialRegisters, SERIAL_GSI};
+pub use vsock::{VsockConfig, VsockSlot, VsockSlotState};
 
 // The one list of device kinds, in the order they are built, locked and described.
 registry! {
@@ -48,6 +50,7 @@ registry! {
     block: BlockSlot,
     dma: DmaSlot,
     net: NetSlots,
+    vsock: VsockSlot,
 }
 
 /// What failed building, capturing, restoring or resetting a VM's devices.
@@ -92,6 +95,8 @@ pub enum DeviceError {
         #[source]
         source: devices::net::NetError,
     },
+    #[error("virtio-vsock")]
+    Vsock(#[from] devices::vsock::VsockError),
     #[error("{kind}: {reason}")]
     BadConfig { kind: &'static str, reason: String },
     #[error("saved devices do not match: {0}")]
@@ -140,6 +145,9 @@ impl DeviceManager {
         let devices = Devices::restore(&mut space, state, &mut args)?;
         if args.disk.is_some() {
             return Err(DeviceError::Mismatch("the saved state has no virtio-blk, the snapshot has a disk".into()));
+        }
+        if args.overrides.vsock_uds_path.is_some() && state.vsock.is_none() {
+            return Err(DeviceError::Mismatch("vsock_override: the saved VM has no vsock device".into()));
         }
         Ok(DeviceManager::from_space(devices, space))
     }
@@ -206,6 +214,11 @@ impl DeviceManager {
         self.devices.net.as_ref().map_or(&[], |n| n.interfaces.as_slice())
     }
 
+    /// The vsock device, if the VM has one.
+    pub fn vsock(&self) -> Option<&VsockSlot> {
+        self.devices.vsock.as_ref()
+    }
+
     /// The DMA test engine.
     pub fn dma(&self) -> Option<&Arc<Mutex<DmaEngine>>> {
         self.devices.dma.as_ref().map(|d| &d.engine)
@@ -226,7 +239,8 @@ mod tests {
         let console = Console::capture().0;
         let host = DeviceHost { ram: &ram, wiring: Wiring::Polled, console: &console };
         let devices =
-            DeviceManager::attach(&host, &AttachConfig { disk: Some(file.clone()), net: Vec::new() }).unwrap();
+            DeviceManager::attach(&host, &AttachConfig { disk: Some(file.clone()), ..AttachConfig::default() })
+                .unwrap();
         std::fs::remove_file(&file).unwrap();
         let mmio = devices.buses().1;
         let mut word = [0u8; 4];
