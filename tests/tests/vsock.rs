@@ -1,11 +1,11 @@
 //! virtio-vsock wired into VMs, on the real `zygote run` under its seccomp filters: a served
 //! `spin` VM (whose guest never drives the device) listens on its `uds_path`; a host's
-//! `CONNECT <port>\n` reaches the device's muxer, which sends the guest a REQUEST and, with no
-//! answer, closes the host's stream at its request timeout (a line that is not a CONNECT is
+//! `CONNECT <port>\n` reaches the device's muxer, which queues a REQUEST for the guest and, with
+//! no answer, closes the host's stream at its request timeout (a line that is not a CONNECT is
 //! closed at once); clones listen on `<uds_path>.<vm_id>` or on their `vsock_override`, a VM
 //! loaded from a snapshot file on the path its request gives (required), a reset VM on its own
-//! again; every socket goes with its VM. Bad `--vsock` values exit 2 and bad `PUT /vsock`
-//! bodies answer 400, each with one clear message.
+//! again; every socket goes with its VM; the metrics have a `vsock` group. Bad `--vsock` values
+//! exit 2 and bad `PUT /vsock` bodies answer 400, each with one clear message.
 
 use std::io::{Read, Write};
 use std::os::unix::fs::FileTypeExt;
@@ -90,8 +90,8 @@ fn talk(uds_path: &Path, line: &str) -> (Vec<u8>, Duration) {
     (answer, start.elapsed())
 }
 
-/// `CONNECT 52` reaches the muxer: it sends the guest a REQUEST and, as nothing in the guest
-/// answers, closes the stream with no `OK` line once the request has timed out (never
+/// `CONNECT 52` reaches the muxer: it queues a REQUEST for the guest and, as nothing in the
+/// guest answers, closes the stream with no `OK` line once the request has timed out (never
 /// before: the deadline starts after the line is read).
 fn assert_connect_times_out(uds_path: &Path) {
     let (answer, took) = talk(uds_path, "CONNECT 52\n");
@@ -144,6 +144,15 @@ fn a_served_vm_and_its_clones_restores_and_resets_listen_each_on_its_own_socket(
     for check in checks {
         check.join().expect("a socket check failed");
     }
+    // The counters, under Firecracker's group name (the guest never drove the device).
+    let metrics = dir.join("metrics.json");
+    api.ok("PUT", "/metrics", &format!(r#"{{"metrics_path": "{}"}}"#, metrics.display()));
+    api.ok("PUT", "/actions", r#"{"action_type":"FlushMetrics"}"#);
+    let line: Value = serde_json::from_str(&std::fs::read_to_string(&metrics).unwrap()).unwrap();
+    let zero = serde_json::json!({ "tx_packets_count": 0, "rx_packets_count": 0, "bad_buffers_count": 0,
+                                   "transport_reset_count": 0 });
+    assert_eq!(line["vsock"], zero, "{line}");
+    assert_eq!(line["vms"][format!("vm{restored_id}")]["vsock"], zero, "{line}");
     api.shutdown();
     for path in &paths {
         assert!(!path.exists(), "{} outlived its VM", path.display());
