@@ -135,6 +135,7 @@ fn a_clone_with_network_overrides_answers_on_its_own_tap_while_the_source_answer
             netns: Some(clone_ns.path()),
             guest_mac: None,
         }],
+        ..DeviceOverrides::default()
     };
     let (clone_console, clone_out) = Console::capture();
     let (mut clone, _) = clone_vm_with(&mut source, 1, &clone_console, None, ClonePath::default(), overrides)

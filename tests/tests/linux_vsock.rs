@@ -3,7 +3,9 @@
 //! made through the VM's `uds_path` with Firecracker's `CONNECT <port>\n` / `OK <port>\n`
 //! handshake; a port nobody listens on is refused (the host's stream closed, no `OK`); a clone
 //! of the running VM listens on its own `<uds_path>.<vm_id>` and echoes there, after taking
-//! TRANSPORT_RESET, while the source keeps echoing on its own socket.
+//! TRANSPORT_RESET, while the source keeps echoing on its own socket; a snapshot of the clone
+//! restored on the socket its `vsock_override` names echoes there, and the clone reset to that
+//! snapshot echoes on its own socket again.
 //!
 //! `cargo test --release -p zygote-tests --test linux_vsock -- --ignored --nocapture`, with
 //! `ZYGOTE_VMLINUX` / `ZYGOTE_INITRD` as for linux_cli.
@@ -17,6 +19,7 @@ use std::time::{Duration, Instant};
 use vmm::clone::{clone_vm_with, ClonePath};
 use vmm::device_manager::{DeviceOverrides, VsockConfig};
 use vmm::linux::DEFAULT_CMDLINE;
+use vmm::snapshot::VmSnapshot;
 use vmm::{build_linux_vm, Console, LinuxConfig, VmConfig};
 use zygote_tests::linux::{kernel_and_initrd, random_ish};
 use zygote_tests::{scratch_dir, text};
@@ -108,7 +111,29 @@ fn the_guest_echoes_through_connect_in_the_source_and_in_a_clone_on_its_own_sock
     assert!(echo(&clone_uds, &data) == data, "and the clone again");
     let clone_text = text(&clone_out);
     assert!(clone_text.contains("ZYGOTE-VSOCK-ECHO-CLOSED"), "the clone's guest served them:\n{clone_text}");
+
+    // A snapshot of the clone, restored on the socket its override names; then the clone
+    // reset to that snapshot, on its own socket still: each guest takes one more reset event.
+    let token = clone.pause().expect("pausing the clone");
+    let snap = VmSnapshot::take(&clone, &token).expect("a snapshot of the clone");
+    clone.resume(token);
+    let restored_uds = dir.join("restored.sock");
+    let overrides = DeviceOverrides { vsock_uds_path: Some(restored_uds.clone()), ..DeviceOverrides::default() };
+    let (restored_console, _restored_out) = Console::capture();
+    let mut restored = snap.restore_with(2, &restored_console, overrides).expect("restoring the snapshot");
+    restored.start();
+    assert!(echo(&restored_uds, &data) == data, "the restored VM echoes on the socket its override names");
+    let token = clone.pause().expect("pausing the clone");
+    snap.reset(&mut clone, &token, Some(Duration::from_secs(10))).expect("resetting the clone");
+    clone.resume(token);
+    assert!(echo(&clone_uds, &clone_data) == clone_data, "the reset clone echoes on its own socket");
+    let events = |vm: &vmm::Vmm| vm.devices().vsock().unwrap().with_device(|d| d.stats().events);
+    assert_eq!((events(&clone), events(&restored)), (2, 1), "TRANSPORT_RESET after the reset and the restore");
+    assert!(echo(&uds, &data) == data, "the source echoes on, untouched");
+    drop(restored.stop());
     drop(clone.stop());
     drop(source.stop());
-    assert!(!uds.exists() && !clone_uds.exists(), "the sockets outlived their VMs");
+    for path in [&uds, &clone_uds, &restored_uds] {
+        assert!(!path.exists(), "{} outlived its VM", path.display());
+    }
 }

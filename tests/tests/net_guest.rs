@@ -158,7 +158,10 @@ fn ten_clones_with_receive_buffers_posted_and_frames_arriving() {
             if clones.len() < 10 {
                 let id = 100 + clones.len() as u64;
                 let own = if id.is_multiple_of(2) { Some(netns()) } else { None };
-                let overrides = DeviceOverrides { net: own.iter().map(|(ns, _)| override_in(ns)).collect::<Vec<_>>() };
+                let overrides = DeviceOverrides {
+                    net: own.iter().map(|(ns, _)| override_in(ns)).collect::<Vec<_>>(),
+                    ..DeviceOverrides::default()
+                };
                 let (clone, clone_out) = clone_of(&mut source, id, overrides);
                 clones.push((id, i, stage, clone, clone_out));
                 namespaces.push(own);

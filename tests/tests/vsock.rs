@@ -1,8 +1,8 @@
 //! virtio-vsock wired into VMs, on the real `zygote run` under its seccomp filters: a served
 //! `spin` VM (whose guest never drives the device) listens on its `uds_path`; a host's
-//! `CONNECT <port>\n` reaches the device's muxer, which queues a REQUEST for the guest and, with
-//! no answer, closes the host's stream at its request timeout (a line that is not a CONNECT is
-//! closed at once); clones listen on `<uds_path>.<vm_id>` or on their `vsock_override`, a VM
+//! `CONNECT <port>\n` reaches the device's muxer, which queues a REQUEST for the guest and, as
+//! the REQUEST never reaches a guest without a driver, closes the host's stream at the
+//! handshake timeout (a line that is not a CONNECT is closed at once); clones listen on `<uds_path>.<vm_id>` or on their `vsock_override`, a VM
 //! loaded from a snapshot file on the path its request gives (required), a reset VM on its own
 //! again; every socket goes with its VM; the metrics have a `vsock` group. Bad `--vsock` values
 //! exit 2 and bad `PUT /vsock` bodies answer 400, each with one clear message.
@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use devices::vsock::REQUEST_TIMEOUT;
+use devices::vsock::HANDSHAKE_TIMEOUT;
 use serde_json::Value;
 use vmm::api::client::{call, ApiResponse};
 use zygote_tests::{run_zygote, scratch_dir, wait_for_api_socket, zygote_bin};
@@ -90,13 +90,13 @@ fn talk(uds_path: &Path, line: &str) -> (Vec<u8>, Duration) {
     (answer, start.elapsed())
 }
 
-/// `CONNECT 52` reaches the muxer: it queues a REQUEST for the guest and, as nothing in the
-/// guest answers, closes the stream with no `OK` line once the request has timed out (never
+/// `CONNECT 52` reaches the muxer: it queues a REQUEST for the guest and, as the guest has no
+/// driver to take it, closes the stream with no `OK` line at the handshake timeout (never
 /// before: the deadline starts after the line is read).
 fn assert_connect_times_out(uds_path: &Path) {
     let (answer, took) = talk(uds_path, "CONNECT 52\n");
     assert_eq!(answer, b"", "{}", uds_path.display());
-    assert!(took >= REQUEST_TIMEOUT, "{}: closed after {took:?}, before the request timeout", uds_path.display());
+    assert!(took >= HANDSHAKE_TIMEOUT, "{}: closed after {took:?}, before the timeout", uds_path.display());
 }
 
 #[test]
@@ -105,10 +105,13 @@ fn a_served_vm_and_its_clones_restores_and_resets_listen_each_on_its_own_socket(
     let uds = dir.join("v.sock");
     let spec = format!("cid=3,uds={}", uds.display());
     let api = Served::start(&dir, &["--guest", "spin", "--vsock", &spec]);
+    // The API socket is bound before VM 0 is built; its first answer comes after.
+    assert_eq!(api.ok("GET", "/vms", "").as_array().map(Vec::len), Some(1));
     assert!(is_socket(&uds));
-    // A line that is not a CONNECT is dropped at once; a CONNECT waits for the guest.
+    // A line that is not a CONNECT is dropped at once (a CONNECT waits for the guest: below).
     assert_eq!(talk(&uds, "HELLO 52\n").0, b"");
-    assert_connect_times_out(&uds);
+    let late = format!(r#"{{"guest_cid": 4, "uds_path": "{}"}}"#, dir.join("late.sock").display());
+    api.refused("PUT", "/vsock", &late, "PUT /vsock is not allowed after VM 0 has started");
 
     // A clone without an override: `<uds>.<id>`; with one: that path. The source keeps its own.
     let first = api.ok("PUT", "/clone", "{}")["vm_id"].as_u64().unwrap();
@@ -134,7 +137,8 @@ fn a_served_vm_and_its_clones_restores_and_resets_listen_each_on_its_own_socket(
     let restored_id = api.ok("PUT", "/snapshot/load", &load(&with_override))["vm_id"].as_u64().unwrap();
     assert!(is_socket(&restored));
 
-    // Resets keep each VM's socket and listener.
+    // Resets keep each VM's socket and listener; every socket, the source's too, is served
+    // (all at once: each takes the handshake timeout).
     for vm in [0, first, restored_id] {
         api.ok("PUT", "/reset", &format!(r#"{{"vm_id": {vm}}}"#));
     }
@@ -193,12 +197,12 @@ fn bad_vsock_flags_exit_2_with_one_line_and_a_good_one_leaves_no_socket() {
     let in_use = dir.to_str().unwrap().to_string();
     let restore = dir.join("none.json");
     for (args, needle) in [
+        (vec!["--guest", "hello", "--vsock", "cid=2,uds=/tmp/x"], "cid=2: a guest CID is 3 to 4294967294"),
         (
-            vec!["--guest", "hello", "--vsock", "cid=2,uds=/tmp/x"],
-            "cid=2: a guest CID is a number from 3 to 4294967294",
+            vec!["--guest", "hello", "--vsock", "cid=4294967296,uds=/tmp/x"],
+            "cid=4294967296: a guest CID is 3 to 4294967294",
         ),
-        (vec!["--guest", "hello", "--vsock", "cid=4294967296,uds=/tmp/x"], "from 3 to 4294967294"),
-        (vec!["--guest", "hello", "--vsock", "cid=three,uds=/tmp/x"], "cid=three"),
+        (vec!["--guest", "hello", "--vsock", "cid=three,uds=/tmp/x"], "cid=three: not a number"),
         (vec!["--guest", "hello", "--vsock", "uds=/tmp/x"], "cid=N is required"),
         (vec!["--guest", "hello", "--vsock", "cid=3"], "uds=PATH is required"),
         (vec!["--guest", "hello", "--vsock", "cid=3,uds=/tmp/x,port=1"], "unknown key \"port\""),

@@ -235,6 +235,8 @@ pub fn build_vm(id: u64, ram: Arc<GuestRam>, console: &Console, mut filling: Fil
     }
     let devices = build_devices(&vm, &ram, console, &mut filling)?;
     fill_vcpus(&ram, &devices, &fds, &filling)?;
+    // After the LAPICs: an interrupt a restored device raised before may have been dropped.
+    devices.resend_interrupts();
     if let Filling::Restore { state, .. } = &filling {
         restore_clock(vm.fd(), &state.clock)?;
     }

@@ -7,12 +7,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::ApiError;
+use crate::device_manager::vsock_config::check_guest_cid;
 use crate::device_manager::VsockConfig;
-
-/// Smallest guest CID (0-2 are reserved: hypervisor, local, host).
-const MIN_CID: u64 = 3;
-/// Largest guest CID (Linux keeps CIDs in 32 bits; 2^32 - 1 is VMADDR_CID_ANY).
-const MAX_CID: u64 = u32::MAX as u64 - 1;
 
 /// `PUT /vsock` and the config file's `vsock` (Firecracker's `Vsock`).
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
@@ -51,9 +47,7 @@ fn check_uds_path(field: &str, path: &Path) -> Result<(), ApiError> {
 impl Vsock {
     /// The device configuration, or what is wrong with the body.
     pub fn to_config(&self) -> Result<VsockConfig, ApiError> {
-        if !(MIN_CID..=MAX_CID).contains(&self.guest_cid) {
-            return Err(bad(format!("guest_cid {}: a guest CID is {MIN_CID} to {MAX_CID}", self.guest_cid)));
-        }
+        check_guest_cid(self.guest_cid).map_err(|e| bad(format!("guest_cid {}: {e}", self.guest_cid)))?;
         check_uds_path("uds_path", &self.uds_path)?;
         Ok(VsockConfig { guest_cid: self.guest_cid, uds_path: self.uds_path.clone() })
     }

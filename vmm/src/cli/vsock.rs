@@ -5,12 +5,8 @@
 
 use std::path::PathBuf;
 
+use crate::device_manager::vsock_config::check_guest_cid;
 use crate::device_manager::VsockConfig;
-
-/// Smallest guest CID (0-2 are reserved: hypervisor, local, host).
-const MIN_CID: u64 = 3;
-/// Largest guest CID (Linux keeps CIDs in 32 bits; 2^32 - 1 is VMADDR_CID_ANY).
-const MAX_CID: u64 = u32::MAX as u64 - 1;
 
 /// `--vsock` as parsed: the CID is required for a fresh VM, refused with `--restore`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -29,11 +25,8 @@ pub fn parse_vsock(text: &str) -> Result<VsockFlag, String> {
         let repeated = || format!("{key} is given twice");
         match key {
             "cid" => {
-                let parsed = value
-                    .parse::<u64>()
-                    .ok()
-                    .filter(|c| (MIN_CID..=MAX_CID).contains(c))
-                    .ok_or_else(|| format!("cid={value}: a guest CID is a number from {MIN_CID} to {MAX_CID}"))?;
+                let parsed = value.parse::<u64>().map_err(|_| format!("cid={value}: not a number"))?;
+                check_guest_cid(parsed).map_err(|e| format!("cid={value}: {e}"))?;
                 if cid.replace(parsed).is_some() {
                     return Err(repeated());
                 }
@@ -84,10 +77,10 @@ mod tests {
         for (bad, needle) in [
             ("", "KEY=VALUE"),
             ("cid=3", "uds=PATH is required"),
-            ("cid=2,uds=v", "from 3 to 4294967294"),
-            ("cid=4294967295,uds=v", "from 3 to 4294967294"),
-            ("cid=-1,uds=v", "from 3"),
-            ("cid=x,uds=v", "from 3"),
+            ("cid=2,uds=v", "cid=2: a guest CID is 3 to 4294967294"),
+            ("cid=4294967295,uds=v", "3 to 4294967294"),
+            ("cid=-1,uds=v", "not a number"),
+            ("cid=x,uds=v", "cid=x: not a number"),
             ("cid=3,uds=", "needs a socket path"),
             ("cid=3,cid=4,uds=v", "twice"),
             ("cid=3,uds=v,port=5", "unknown key"),

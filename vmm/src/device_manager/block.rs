@@ -5,11 +5,8 @@
 use std::sync::{Arc, Mutex};
 
 use devices::block::{BlockArgs, BlockDevice, BlockState, CowDisk};
-use devices::virtio::{
-    MmioTransport, MmioTransportState, QueueNotifier, VirtioDevice, MMIO_REGION_SIZE, REG_QUEUE_NOTIFY,
-};
+use devices::virtio::{MmioTransport, MmioTransportState, VirtioDevice, MMIO_REGION_SIZE};
 use devices::Persist;
-use kvm_ioctls::IoEventAddress;
 use serde::{Deserialize, Serialize};
 
 use super::device::{
@@ -17,7 +14,7 @@ use super::device::{
     RestoreArgs, VmDevice,
 };
 use super::event_loop::{DeviceEventLoop, Subscriber};
-use super::mmio::{device_interrupt, DeviceSpace, MmioSlot, Wiring};
+use super::mmio::{device_interrupt, queue_notifier, DeviceSpace, MmioSlot, Wiring};
 use super::DeviceError;
 use crate::layout::{VIRTIO_BLK_IRQ, VIRTIO_BLK_MMIO_ADDR};
 
@@ -47,13 +44,7 @@ fn start_events(transport: &BlockTransport, wiring: Wiring) -> Result<DeviceEven
     let completions = transport.lock().unwrap_or_else(|e| e.into_inner()).device().completions()?;
     let mut subscribers: Vec<(&'static str, Subscriber)> =
         vec![("virtio-blk completions", Arc::new(Mutex::new(completions)))];
-    if let Wiring::Irqchip(vm) = wiring {
-        let notifier = QueueNotifier::new(Arc::clone(transport)).map_err(DeviceError::EventFd)?;
-        let addr = SLOT.base + REG_QUEUE_NOTIFY;
-        for (queue, event) in notifier.eventfds() {
-            vm.register_ioevent(event, &IoEventAddress::Mmio(addr), queue)
-                .map_err(|source| DeviceError::Ioeventfd { addr, queue, source })?;
-        }
+    if let Some(notifier) = queue_notifier(transport, SLOT.base, wiring)? {
         subscribers.push(("virtio-blk queue notifications", Arc::new(Mutex::new(notifier))));
     }
     Ok(DeviceEventLoop::spawn("virtio-blk", subscribers)?)
@@ -171,6 +162,10 @@ impl VmDevice for BlockSlot {
             Ok::<(), DeviceError>(())
         })?;
         transport.restore_registers(&saved.transport).map_err(DeviceError::Transport)
+    }
+
+    fn resend_interrupt(&self) {
+        self.transport.lock().unwrap_or_else(|e| e.into_inner()).device().interrupt().resend_if_pending();
     }
 
     fn in_flight(state: &BlockSlotState) -> u64 {

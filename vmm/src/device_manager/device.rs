@@ -108,7 +108,7 @@ pub struct AttachConfig {
     /// virtio-net interfaces, in guest order.
     pub net: Vec<super::net_config::NetConfig>,
     /// The virtio-vsock device, if any.
-    pub vsock: Option<super::vsock::VsockConfig>,
+    pub vsock: Option<super::vsock_config::VsockConfig>,
 }
 
 /// What a restore builds the devices on.
@@ -171,6 +171,11 @@ pub trait VmDevice: Sized {
 
     /// Where the guest finds this device.
     fn description(&self) -> DeviceDescription;
+
+    /// Signals the device's interrupt again if its status has a bit set. Run once the vCPUs'
+    /// state is restored: KVM delivers irqfd signals asynchronously, and one signalled while
+    /// the device was restored may have reached a LAPIC that KVM_SET_LAPIC then overwrote.
+    fn resend_interrupt(&self) {}
 
     /// The device's counters, if it keeps any (`devices::metrics`).
     fn metrics(&self) -> Option<DeviceMetrics> {

@@ -8,11 +8,11 @@
 //! virtio QueueNotify as an ioeventfd (datamatch = queue index) served by the device's event
 //! loop.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use devices::virtio::MMIO_REGION_SIZE;
+use devices::virtio::{MmioTransport, QueueNotifier, VirtioDevice, MMIO_REGION_SIZE, REG_QUEUE_NOTIFY};
 use devices::DeviceInterrupt;
-use kvm_ioctls::VmFd;
+use kvm_ioctls::{IoEventAddress, VmFd};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::DeviceError;
@@ -100,6 +100,27 @@ pub fn device_interrupt(wiring: Wiring, gsi: u32) -> Result<Arc<DeviceInterrupt>
             Ok(DeviceInterrupt::with_trigger(Arc::new(irqfd)))
         }
     }
+}
+
+/// With an irqchip, the notifier that serves `transport`'s QueueNotify writes at `base` as
+/// KVM ioeventfds (one per queue, datamatch = queue index), registered; `None` when polled
+/// (the writes are MMIO exits served on the vCPU thread).
+pub fn queue_notifier<D: VirtioDevice>(
+    transport: &Arc<Mutex<MmioTransport<D>>>,
+    base: u64,
+    wiring: Wiring,
+) -> Result<Option<QueueNotifier<D>>, DeviceError> {
+    let Wiring::Irqchip(vm) = wiring else { return Ok(None) };
+    let notifier = QueueNotifier::new(Arc::clone(transport)).map_err(DeviceError::EventFd)?;
+    let addr = base + REG_QUEUE_NOTIFY;
+    for (queue, event) in notifier.eventfds() {
+        vm.register_ioevent(event, &IoEventAddress::Mmio(addr), queue).map_err(|source| DeviceError::Ioeventfd {
+            addr,
+            queue,
+            source,
+        })?;
+    }
+    Ok(Some(notifier))
 }
 
 /// `virtio_mmio.device=SIZE@ADDR:IRQ` for one device: how a Linux guest without ACPI or a

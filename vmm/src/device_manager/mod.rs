@@ -20,6 +20,7 @@ pub mod net_config;
 mod persist;
 pub mod serial;
 pub mod vsock;
+pub mod vsock_config;
 
 use std::sync::{Arc, Mutex};
 
@@ -187,6 +188,12 @@ impl DeviceManager {
     pub fn kernel_cmdline(&self) -> String {
         let virtio = self.descriptions().into_iter().filter(|d| d.virtio);
         virtio.filter_map(|d| d.mmio).map(|slot| virtio_mmio_cmdline(&slot)).collect::<Vec<_>>().join(" ")
+    }
+
+    /// Signals every device's interrupt again whose status has a bit set (`VmDevice::
+    /// resend_interrupt`): for a restored VM, once its vCPUs' state is restored.
+    pub fn resend_interrupts(&self) {
+        self.devices.resend_interrupts();
     }
 
     /// Every device's counters, in registry order (devices that keep none left out).

@@ -12,16 +12,15 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use devices::net::{NetArgs, NetDevice, NetError, NetState, Tap};
-use devices::virtio::{MmioTransport, MmioTransportState, QueueNotifier, VirtioDevice, REG_QUEUE_NOTIFY};
+use devices::virtio::{MmioTransport, MmioTransportState, VirtioDevice};
 use devices::Persist;
-use kvm_ioctls::IoEventAddress;
 use serde::{Deserialize, Serialize};
 
 use super::device::{
     AttachConfig, CaptureMode, Captured, DeviceDescription, DeviceHost, ResetArgs, RestoreArgs, VmDevice,
 };
 use super::event_loop::{DeviceEventLoop, Subscriber};
-use super::mmio::{device_interrupt, DeviceSpace, MmioSlot, Wiring};
+use super::mmio::{device_interrupt, queue_notifier, DeviceSpace, MmioSlot, Wiring};
 use super::net_config::{check_iface_id, NetConfig, MAX_INTERFACES};
 use super::DeviceError;
 
@@ -78,13 +77,7 @@ fn start_events(transport: &NetTransport, slot: MmioSlot, wiring: Wiring) -> Res
     if let Some(events) = tap_events {
         subscribers.push(("virtio-net TAP", Arc::new(Mutex::new(events))));
     }
-    if let Wiring::Irqchip(vm) = wiring {
-        let notifier = QueueNotifier::new(Arc::clone(transport)).map_err(DeviceError::EventFd)?;
-        let addr = slot.base + REG_QUEUE_NOTIFY;
-        for (queue, event) in notifier.eventfds() {
-            vm.register_ioevent(event, &IoEventAddress::Mmio(addr), queue)
-                .map_err(|source| DeviceError::Ioeventfd { addr, queue, source })?;
-        }
+    if let Some(notifier) = queue_notifier(transport, slot.base, wiring)? {
         subscribers.push(("virtio-net queue notifications", Arc::new(Mutex::new(notifier))));
     }
     Ok(DeviceEventLoop::spawn("virtio-net", subscribers)?)
@@ -259,6 +252,12 @@ impl VmDevice for NetSlots {
             return Err(DeviceError::Mismatch(format!("the VM has interfaces {ours:?}, the saved state {saved:?}")));
         }
         reset_nested(&self.interfaces, state, Box::new(inner))
+    }
+
+    fn resend_interrupt(&self) {
+        for slot in &self.interfaces {
+            slot.with_device(|d| d.interrupt().resend_if_pending());
+        }
     }
 
     fn in_flight(state: &Vec<NetSlotState>) -> u64 {

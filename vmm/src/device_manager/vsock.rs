@@ -16,10 +16,9 @@ use std::sync::{Arc, Mutex};
 
 use devices::clock::MonotonicClock;
 use devices::host_events::HostEventSubscriber;
-use devices::virtio::{MmioTransport, MmioTransportState, QueueNotifier, VirtioDevice, REG_QUEUE_NOTIFY};
+use devices::virtio::{MmioTransport, MmioTransportState, VirtioDevice};
 use devices::vsock::{VsockArgs, VsockDevice, VsockState};
 use devices::Persist;
-use kvm_ioctls::IoEventAddress;
 use serde::{Deserialize, Serialize};
 
 use super::device::{
@@ -27,21 +26,12 @@ use super::device::{
     RestoreArgs, VmDevice,
 };
 use super::event_loop::{DeviceEventLoop, Subscriber};
-use super::mmio::{device_interrupt, DeviceSpace, MmioSlot, Wiring};
+use super::mmio::{device_interrupt, queue_notifier, DeviceSpace, MmioSlot, Wiring};
+pub use super::vsock_config::VsockConfig;
 use super::DeviceError;
 
 /// The vsock transport as the bus, the event loop and the tests share it.
 pub type VsockTransport = Arc<Mutex<MmioTransport<VsockDevice>>>;
-
-/// A fresh VM's vsock device: `--vsock cid=N,uds=PATH`, `PUT /vsock`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct VsockConfig {
-    /// The guest's CID (3 to 2^32 - 2).
-    pub guest_cid: u64,
-    /// Where host-initiated connections come in (must not exist); guest-initiated ones go to
-    /// `<uds_path>_<port>`.
-    pub uds_path: PathBuf,
-}
 
 /// The vsock device on the bus, and the event loop serving it.
 pub struct VsockSlot {
@@ -96,13 +86,7 @@ fn start_events(transport: &VsockTransport, slot: MmioSlot, wiring: Wiring) -> R
     let host = HostEventSubscriber::new(Arc::clone(transport));
     let mut subscribers: Vec<(&'static str, Subscriber)> =
         vec![("virtio-vsock host sockets", Arc::new(Mutex::new(host)))];
-    if let Wiring::Irqchip(vm) = wiring {
-        let notifier = QueueNotifier::new(Arc::clone(transport)).map_err(DeviceError::EventFd)?;
-        let addr = slot.base + REG_QUEUE_NOTIFY;
-        for (queue, event) in notifier.eventfds() {
-            vm.register_ioevent(event, &IoEventAddress::Mmio(addr), queue)
-                .map_err(|source| DeviceError::Ioeventfd { addr, queue, source })?;
-        }
+    if let Some(notifier) = queue_notifier(transport, slot.base, wiring)? {
         subscribers.push(("virtio-vsock queue notifications", Arc::new(Mutex::new(notifier))));
     }
     Ok(DeviceEventLoop::spawn("virtio-vsock", subscribers)?)
@@ -218,6 +202,10 @@ impl VmDevice for VsockSlot {
         transport.restore_registers(&saved.transport).map_err(DeviceError::Transport)?;
         kick_queues(&mut transport, saved.transport.queues.len());
         Ok(())
+    }
+
+    fn resend_interrupt(&self) {
+        self.with_device(|d| d.interrupt().resend_if_pending());
     }
 
     fn in_flight(state: &VsockSlotState) -> u64 {
