@@ -13,27 +13,18 @@
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use vmm::clone::{clone_vm_with, ClonePath};
 use vmm::device_manager::{DeviceOverrides, VsockConfig};
 use vmm::linux::DEFAULT_CMDLINE;
 use vmm::snapshot::VmSnapshot;
 use vmm::{build_linux_vm, Console, LinuxConfig, VmConfig};
-use zygote_tests::linux::{kernel_and_initrd, random_ish};
+use zygote_tests::linux::{kernel_and_initrd, random_ish, wait_for_output};
 use zygote_tests::{scratch_dir, text};
 
 const PORT: u32 = 5000;
 const TIMEOUT: Duration = Duration::from_secs(200);
-
-fn wait_for(out: &Mutex<Vec<u8>>, what: &str) {
-    let deadline = Instant::now() + TIMEOUT;
-    while !text(out).contains(what) {
-        assert!(Instant::now() < deadline, "no {what:?} within {TIMEOUT:?}:\n{}", text(out));
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 /// Connects to guest port `port` through `uds_path`; the handshake's answer line (empty if the
 /// device closed the stream instead) and the stream.
@@ -87,7 +78,7 @@ fn the_guest_echoes_through_connect_in_the_source_and_in_a_clone_on_its_own_sock
     };
     let mut source = build_linux_vm(&config).expect("building the Linux VM");
     source.start();
-    wait_for(&source_out, &format!("ZYGOTE-VSOCK-ECHO-LISTENING {PORT}"));
+    wait_for_output(&source_out, &format!("ZYGOTE-VSOCK-ECHO-LISTENING {PORT}"), TIMEOUT);
     let data = random_ish(256 << 10, 0x7673_6f63);
     assert!(echo(&uds, &data) == data, "the source echoes 256 KiB whole");
     // No listener on that port: the guest answers RST and the host's stream is closed.
