@@ -136,6 +136,20 @@ fn a_served_vm_and_its_clones_restores_and_resets_listen_each_on_its_own_socket(
     let with_override = format!(r#", "vsock_override": {{"uds_path": "{}"}}"#, restored.display());
     let restored_id = api.ok("PUT", "/snapshot/load", &load(&with_override))["vm_id"].as_u64().unwrap();
     assert!(is_socket(&restored));
+    // The same from the command line: `--restore` needs `--vsock uds=PATH`.
+    let out = run_zygote(&["run", "--restore", snap.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("--vsock uds=PATH") && err.lines().count() == 1, "{err}");
+    let cli_dir = dir.join("cli");
+    std::fs::create_dir(&cli_dir).unwrap();
+    let cli_uds = cli_dir.join("cli.sock");
+    let cli_spec = format!("uds={}", cli_uds.display());
+    let from_cli = Served::start(&cli_dir, &["--restore", snap.to_str().unwrap(), "--vsock", &cli_spec]);
+    assert_eq!(from_cli.ok("GET", "/vms", "").as_array().map(Vec::len), Some(1));
+    assert!(is_socket(&cli_uds));
+    from_cli.shutdown();
+    assert!(!cli_uds.exists());
 
     // Resets keep each VM's socket and listener; every socket, the source's too, is served
     // (all at once: each takes the handshake timeout).

@@ -155,7 +155,7 @@ impl VmDevice for VsockSlot {
         if args.overrides.vsock_uds_path.is_none() {
             return Err(DeviceError::BadConfig {
                 kind: Self::KIND,
-                reason: "the saved VM has a vsock device: give the restored one a uds_path of its own (vsock_override)"
+                reason: "the saved VM has a vsock device: give the restored one a uds_path of its own (vsock_override, --vsock uds=PATH)"
                     .into(),
             });
         }
