@@ -47,6 +47,14 @@ ensure_fuzz() {
     fi
 }
 
+# For `scripts/test.sh --slow`: the report's peer, QEMU (restore_vs_qemu).
+ensure_qemu() {
+    if ! command -v qemu-system-x86_64 >/dev/null; then
+        echo "zygote setup: installing qemu-system-x86 (the benchmark report's restore peer)" >&2
+        as_root apt-get update -qq && as_root apt-get install -y -qq --no-install-recommends qemu-system-x86 >&2
+    fi
+}
+
 ensure_all() {
     ensure_binutils
     ensure_cargo

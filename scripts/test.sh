@@ -19,10 +19,12 @@ if [ "${1:-}" = "--slow" ]; then
     export ZYGOTE_BZIMAGE=$(sed -n 's/^BZIMAGE=//p' <<<"$paths")
     cargo build -j1 --release -p zygote-tools --bin zygote
     # The benchmark report, once and quick: it must produce every claim (values are not
-    # checked here: they are timings; restore_vs_qemu needs --peers and is not asked for).
-    target/release/zygote bench report --quick --json target/report.json --out target/report
+    # checked here: they are timings), restore_vs_qemu included (QEMU from Debian's packages).
+    ensure_qemu
+    target/release/zygote bench report --quick --json target/report.json --out target/report \
+        --peers --kernel "$ZYGOTE_VMLINUX" --initrd "$ZYGOTE_INITRD"
     for key in clone_pause_vs_fork clone_8g_vs_1g first_write_vs_anon_fault reset_vs_floor pss_vs_ideal \
-        diff_snapshot_vs_write_floor idle_cpu_paused vms_list_ms_1000 clone_busy_vs_idle; do
+        diff_snapshot_vs_write_floor restore_vs_qemu idle_cpu_paused vms_list_ms_1000 clone_busy_vs_idle; do
         grep -q "\"key\": \"$key\"" target/report.json || { echo "bench report lacks $key" >&2; exit 1; }
     done
     # The fuzzer must find the bugs planted in the memory layer (both modes): a build of the

@@ -396,6 +396,7 @@ fn firecracker_requests_get_firecracker_answers() {
         ("PUT", "/machine-config", r#"{"vcpu_count":1,"mem_size_mib":64}"#, "pre-boot only"),
         ("PUT", "/boot-source", r#"{"kernel_image_path":"/k"}"#, "pre-boot only"),
         ("PATCH", "/drives/rootfs", r#"{"drive_id":"rootfs"}"#, "no drive \"rootfs\""),
+        ("PATCH", "/network-interfaces/eth0", r#"{"iface_id":"eth0"}"#, "no network interface \"eth0\""),
         ("PUT", "/mmds", "{}", "not supported"),
         ("PUT", "/balloon", r#"{"amount_mib":1,"deflate_on_oom":false}"#, "not supported"),
         ("PUT", "/actions", r#"{"action_type":"Reboot"}"#, "unknown variant"),

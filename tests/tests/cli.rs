@@ -177,6 +177,9 @@ fn bench_and_fuzz_arguments_out_of_range_exit_2_without_a_panic() {
         (&["bench", "clone", "--mem", "0"], "--mem"),
         (&["bench", "clone", "--mem", "4"], "4 MiB is too small"),
         (&["bench", "clone", "--dirty-percent", "1000"], "--dirty-percent"),
+        (&["bench", "report", "--peers"], "--kernel"),
+        (&["bench", "report", "--kernel", "/k"], "--peers"),
+        (&["bench", "restore", "--kernel", "/k", "--initrd", "/i", "--rounds", "0"], "--rounds"),
     ] {
         let out = run_zygote(args);
         let err = stderr(&out);

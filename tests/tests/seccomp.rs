@@ -111,11 +111,18 @@ fn every_thread_of_a_served_vm_with_a_disk_its_clone_and_a_restored_snapshot_is_
     ok(&socket, "PUT", "/reset", r#"{"vm_id": 1}"#);
 
     let pid = child.id();
-    // A worker installs its filter as its first step, which the test cannot see begin: wait
-    // (20 s at most) until every worker is past it, then check every thread.
+    // A worker names itself and installs its filter as its first steps, which the test cannot
+    // see begin (a thread just spawned still carries the VMM thread's name and filter, and a
+    // resumed VM's vCPU thread may not exist yet when the API answers): wait (20 s at most)
+    // until every VM has its three workers, each past its filter, then check every thread.
     let deadline = Instant::now() + Duration::from_secs(20);
     let worker = |t: &Task| ["vcpu", "virtio-blk", "dma-engine"].iter().any(|p| t.name.starts_with(p));
-    while tasks(pid).iter().any(|t| worker(t) && t.filters < 2) && Instant::now() < deadline {
+    let settled = |tasks: &[Task]| {
+        let workers = tasks.iter().filter(|t| worker(t)).count();
+        let unnamed = tasks.iter().any(|t| t.tid != pid && t.name == "zygote");
+        workers == 9 && !unnamed && tasks.iter().all(|t| !worker(t) || t.filters >= 2)
+    };
+    while !settled(&tasks(pid)) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(5));
     }
     let tasks = tasks(pid);

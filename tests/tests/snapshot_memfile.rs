@@ -73,13 +73,13 @@ fn a_full_and_a_diff_in_single_memory_files_restore_the_run() {
     };
     // By the state file alone (the memory file is in its directory) and with it named.
     assert_eq!(before_full.clone() + &finish(load_snapshot(&dir.join("snap")).unwrap()), expected);
-    let named = LoadOptions { mem_file: Some(mem.clone()) };
+    let named = LoadOptions { mem_file: Some(mem.clone()), ..LoadOptions::default() };
     assert_eq!(before_full + &finish(load_snapshot_with(&dir.join("snap"), &named).unwrap()), expected);
-    let named = LoadOptions { mem_file: Some(diff_mem.clone()) };
+    let named = LoadOptions { mem_file: Some(diff_mem.clone()), ..LoadOptions::default() };
     assert_eq!(before_diff.clone() + &finish(load_snapshot_with(&dir.join("diff"), &named).unwrap()), expected);
     assert_eq!(before_diff + &finish(load_snapshot(&dir.join("diff")).unwrap()), expected);
     // The wrong file named explicitly is refused by its checksums.
-    let wrong = LoadOptions { mem_file: Some(diff_mem) };
+    let wrong = LoadOptions { mem_file: Some(diff_mem), ..LoadOptions::default() };
     assert!(load_snapshot_with(&dir.join("snap"), &wrong).is_err());
     // `zygote run --restore` of the state file.
     let run = run_zygote(&["run", "--restore", dir.join("snap").to_str().unwrap()]);
@@ -105,7 +105,11 @@ fn a_memory_file_outside_the_directory_loads_only_when_named() {
     drop((token, vm.stop()));
     let err = load_snapshot(&dir.join("s.json")).unwrap_err();
     assert!(matches!(err, SnapshotError::Escapes { .. }), "a path read from the file is not followed out: {err:?}");
-    assert!(load_snapshot_with(&dir.join("s.json"), &LoadOptions { mem_file: Some(mem.clone()) }).is_ok());
+    assert!(load_snapshot_with(
+        &dir.join("s.json"),
+        &LoadOptions { mem_file: Some(mem.clone()), ..LoadOptions::default() }
+    )
+    .is_ok());
     // Written again: the file is replaced whole, through a temporary file beside it.
     let mut vm = zygote_tests::spin_vm(1, 0);
     let token = vm.pause().unwrap();
@@ -119,7 +123,37 @@ fn a_memory_file_outside_the_directory_loads_only_when_named() {
     .unwrap();
     drop((token, vm.stop()));
     assert_eq!(std::fs::read_dir(&elsewhere).unwrap().count(), 1, "no temporary file left");
-    assert!(load_snapshot_with(&dir.join("s.json"), &LoadOptions { mem_file: Some(mem) }).is_ok());
+    assert!(
+        load_snapshot_with(&dir.join("s.json"), &LoadOptions { mem_file: Some(mem), ..LoadOptions::default() }).is_ok()
+    );
+}
+
+#[test]
+fn a_diff_chain_with_memory_files_outside_its_directory_loads_where_it_was_written() {
+    let dir = scratch_dir("snapshot-memfile-chain");
+    let elsewhere = scratch_dir("snapshot-memfile-chain-mem");
+    let mut vm = zygote_tests::spin_vm(1, 0);
+    let token = vm.pause().unwrap();
+    let (full_mem, diff_mem) = (elsewhere.join("full.mem"), elsewhere.join("diff.mem"));
+    let snap = VmSnapshot::take(&vm, &token).unwrap();
+    let full =
+        write_snapshot_to(&snap, &dir.join("full"), MemTarget::File(&full_mem), SnapshotKind::Full, None).unwrap();
+    vm.ram().write_slice(&[0x5au8; PAGE_SIZE], GuestAddress(0x40_0000)).unwrap();
+    let snap = VmSnapshot::take(&vm, &token).unwrap();
+    let diff = write_snapshot_to(&snap, &dir.join("diff"), MemTarget::File(&diff_mem), SnapshotKind::Diff, Some(&full))
+        .unwrap();
+    drop((token, vm.stop()));
+    // The diff's own file is named by the user; its parent's file, outside the directory, is
+    // a path read from the state file: followed only when this process wrote that file.
+    let named = LoadOptions { mem_file: Some(diff_mem.clone()), ..LoadOptions::default() };
+    let err = load_snapshot_with(&dir.join("diff"), &named).unwrap_err();
+    assert!(matches!(err, SnapshotError::Escapes { .. }), "{err:?}");
+    let written_here = LoadOptions { mem_file: Some(diff_mem), written_here: diff.chain.clone() };
+    let loaded = load_snapshot_with(&dir.join("diff"), &written_here).unwrap();
+    assert!(page_at(&loaded.snapshot, 0x40_0000).iter().all(|&b| b == 0x5a));
+    // A list of other files does not open the parent's.
+    let others = LoadOptions { written_here: vec![dir.join("full")], ..named };
+    assert!(matches!(load_snapshot_with(&dir.join("diff"), &others), Err(SnapshotError::Escapes { .. })));
 }
 
 #[test]

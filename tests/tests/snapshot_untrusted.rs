@@ -13,6 +13,7 @@ use vmm::snapshot::file::{load_snapshot, write_snapshot, SnapshotError, Snapshot
 use vmm::snapshot::format::FormatError;
 use vmm::snapshot::validate::ValidateError;
 use vmm::snapshot::VmSnapshot;
+use vmm::vstate::RamLayoutError;
 use zygote_tests::blk_driver::BlkDriver;
 use zygote_tests::snapshot_file::{read_state, rewrite_body, rewrite_header, state_bytes};
 use zygote_tests::{scratch_dir, spin_vm, spin_vm_with_disk, zygote_bin, SpinServer};
@@ -124,13 +125,24 @@ fn crafted(dir: &Path) -> Vec<(PathBuf, Expected)> {
     ));
     cases.push((
         edited(dir, "base.json", "layout.json", |b| {
-            b["vm"]["ram_layout"][0][1] = json!(1u64 << 40);
+            let high = vmm::layout::HIGH_RAM_START;
+            b["vm"]["ram_layout"][0] = json!([high, 1u64 << 40]);
+            b["regions"][0]["start"] = json!(high);
             b["regions"][0]["size"] = json!(1u64 << 40);
         }),
-        |e| matches!(e, E::Invalid { source: V::TooMuchRam { .. }, .. }),
+        |e| matches!(e, E::Invalid { source: V::RamLayout(RamLayoutError::TooMuchRam { .. }), .. }),
+    ));
+    // RAM the builder never places: over the MMIO gap (device windows, the APIC and IOAPIC).
+    cases.push((
+        edited(dir, "base.json", "gap.json", |b| {
+            let into_gap = vmm::layout::MMIO_GAP_START + 4096;
+            b["vm"]["ram_layout"][0][1] = json!(into_gap);
+            b["regions"][0]["size"] = json!(into_gap);
+        }),
+        |e| matches!(e, E::Invalid { source: V::RamLayout(RamLayoutError::Region { .. }), .. }),
     ));
     cases.push((edited(dir, "base.json", "unaligned.json", |b| b["vm"]["ram_layout"][0][0] = json!(7)), |e| {
-        matches!(e, E::Invalid { source: V::Region { .. } | V::RegionMismatch { .. }, .. })
+        matches!(e, E::Invalid { source: V::RamLayout(RamLayoutError::Region { .. }) | V::RegionMismatch { .. }, .. })
     }));
     // Guest addresses the devices hold outside RAM.
     cases.push((

@@ -2,23 +2,20 @@
 //! pause time when cloning a big VM with some of its RAM dirty. Tests assert behaviour only;
 //! numbers come from here.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kvm_ioctls::VcpuExit;
 use memory::{Bytes, GuestAddress, PAGE_SIZE};
 use serde::Serialize;
 
-use vmm::builder::{build_tiny_vm, create_ram, BuildError, VmConfig};
+use vmm::builder::{build_bare_vcpu, build_tiny_vm, BuildError, VmConfig};
 use vmm::clone::{clone_vm_by, CloneError, ClonePath, CloneReport};
 use vmm::device_manager::Console;
 use vmm::guests;
-use vmm::layout::{COUNTERS_ADDR, GUEST_CODE_ADDR, TOUCH_ADDR, VM_ID_ADDR};
-use vmm::longmode::write_tables;
+use vmm::layout::{COUNTERS_ADDR, TOUCH_ADDR, VM_ID_ADDR};
 use vmm::machine::{VmOutcome, VmmError};
-use vmm::regs::{setup_tiny_guest_vcpu, EntryArgs};
+use vmm::regs::EntryArgs;
 use vmm::snapshot::{VmSnapshot, VmSnapshotError};
-use vmm::vm::Vm;
 
 /// What failed while benchmarking.
 #[derive(Debug, thiserror::Error)]
@@ -226,16 +223,9 @@ fn memcpy_time(pages: usize) -> Duration {
 
 /// Median KVM_RUN round trip: a vCPU on this thread parked in `hello`'s `out` loop.
 fn kvm_run_round_trip(samples: usize) -> Result<Duration, BenchError> {
-    let ram = create_ram(&VmConfig::default())?;
-    write_tables(&ram).map_err(BuildError::from)?;
     let hello = guests::find("hello").expect("hello is bundled");
-    ram.write_slice(hello.code, GuestAddress(GUEST_CODE_ADDR))
-        .map_err(|source| BuildError::LoadGuest { addr: GUEST_CODE_ADDR, source })?;
-    let vm = Vm::new(Arc::clone(&ram)).map_err(BuildError::from)?;
-    let mut fd = vm.create_vcpu(0).map_err(BuildError::from)?;
     // vCPU index 1: `hello` sends it straight to its park loop, one port exit per KVM_RUN.
-    setup_tiny_guest_vcpu(&fd, EntryArgs { vm_id: 0, vcpu: 1, arg: 0 })
-        .map_err(|source| BuildError::Vcpu(vmm::vcpu::VcpuError::Setup { vcpu: 0, source }))?;
+    let (_vm, mut fd) = build_bare_vcpu(hello, EntryArgs { vm_id: 0, vcpu: 1, arg: 0 })?;
     let mut times = Vec::with_capacity(samples);
     for _ in 0..samples + 10 {
         let t = Instant::now();

@@ -8,5 +8,6 @@ pub mod bench_host;
 pub mod demo;
 pub mod fuzz;
 pub mod net_bench;
+pub mod peer_restore;
 pub mod report;
 pub mod snapshot_bench;

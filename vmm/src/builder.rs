@@ -316,8 +316,8 @@ fn fill_vcpus(ram: &GuestRam, devices: &DeviceManager, fds: &[VcpuFd], filling: 
     Ok(())
 }
 
-/// Builds a paused VM running `guest` with argument `arg` on every vCPU.
-pub fn build_tiny_vm(config: &VmConfig, guest: &TinyGuest, arg: u64) -> Result<Vmm, BuildError> {
+/// Guest RAM for `config` holding the page tables, `guest`'s code and the VM id.
+fn tiny_guest_ram(config: &VmConfig, guest: &TinyGuest) -> Result<Arc<GuestRam>, BuildError> {
     config.validate()?;
     let ram = create_ram(config)?;
     write_tables(&ram)?;
@@ -325,7 +325,24 @@ pub fn build_tiny_vm(config: &VmConfig, guest: &TinyGuest, arg: u64) -> Result<V
         .map_err(|source| BuildError::LoadGuest { addr: GUEST_CODE_ADDR, source })?;
     ram.write_obj(config.vm_id, GuestAddress(VM_ID_ADDR))
         .map_err(|source| BuildError::LoadGuest { addr: VM_ID_ADDR, source })?;
+    Ok(ram)
+}
+
+/// Builds a paused VM running `guest` with argument `arg` on every vCPU.
+pub fn build_tiny_vm(config: &VmConfig, guest: &TinyGuest, arg: u64) -> Result<Vmm, BuildError> {
+    let ram = tiny_guest_ram(config, guest)?;
     build_vm(config.vm_id, ram, &config.console, Filling::Tiny { config, arg })
+}
+
+/// A KVM VM with `guest` in default-sized RAM and one vCPU set up to enter it as `entry` says,
+/// with no irqchip, devices or vCPU thread: the caller runs the vCPU on its own thread (the
+/// bench's floor for one KVM_RUN round trip).
+pub fn build_bare_vcpu(guest: &TinyGuest, entry: EntryArgs) -> Result<(Vm, VcpuFd), BuildError> {
+    let ram = tiny_guest_ram(&VmConfig::default(), guest)?;
+    let vm = Vm::new(ram)?;
+    let fd = vm.create_vcpu(0)?;
+    setup_tiny_guest_vcpu(&fd, entry).map_err(|source| BuildError::Vcpu(VcpuError::Setup { vcpu: 0, source }))?;
+    Ok((vm, fd))
 }
 
 /// Builds a new, paused VM `id` on `ram` (a clone's or a restored snapshot's) in `state`: the

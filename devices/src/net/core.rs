@@ -34,6 +34,23 @@ pub struct NetCounters {
     pub bad_chains: u64,
 }
 
+impl std::ops::Add for NetCounters {
+    type Output = NetCounters;
+
+    /// Two interfaces' counters summed (a VM's `net` metrics group).
+    fn add(self, o: NetCounters) -> NetCounters {
+        NetCounters {
+            rx_frames: self.rx_frames.wrapping_add(o.rx_frames),
+            rx_bytes: self.rx_bytes.wrapping_add(o.rx_bytes),
+            rx_dropped: self.rx_dropped.wrapping_add(o.rx_dropped),
+            tx_frames: self.tx_frames.wrapping_add(o.tx_frames),
+            tx_bytes: self.tx_bytes.wrapping_add(o.tx_bytes),
+            tx_dropped: self.tx_dropped.wrapping_add(o.tx_dropped),
+            bad_chains: self.bad_chains.wrapping_add(o.bad_chains),
+        }
+    }
+}
+
 /// A receive chain the device claimed: its buffers stay pinned for write until its used entry
 /// is published (or the claim is given back unfilled).
 pub(crate) struct RxClaim {

@@ -66,6 +66,15 @@ pub(super) enum BenchCommand {
         /// Scratch directory (snapshot files, the fleet's API socket); default the system's temp dir.
         #[arg(long, value_name = "DIR")]
         work_dir: Option<std::path::PathBuf>,
+        /// Also restore the same Linux guest under QEMU (`qemu-system-x86_64`, Debian's
+        /// qemu-system-x86) and under Zygote: `restore_vs_qemu`.
+        #[arg(long, requires_all = ["kernel", "initrd"])]
+        peers: bool,
+        /// The Linux guest of --peers (resources/linux/build.sh prints its paths).
+        #[arg(long, value_name = "FILE", requires = "peers")]
+        kernel: Option<std::path::PathBuf>,
+        #[arg(long, value_name = "FILE", requires = "peers")]
+        initrd: Option<std::path::PathBuf>,
     },
     /// CLONES clones of a 64 MiB VM in one `zygote run`, through its API, each writing 1 % of
     /// its pages: Pss, idle CPU, `GET /vms`, clone calls with BUSY clones running, limits.
@@ -89,12 +98,27 @@ pub(super) enum BenchCommand {
         #[arg(long, default_value_t = 3)]
         rounds: usize,
     },
+    /// A Linux guest snapshotted once and restored ROUNDS times in a new process, under Zygote
+    /// and under QEMU (qemu-system-x86_64, microvm): spawn to the guest's first line (the
+    /// report's restore_vs_qemu alone).
+    Restore {
+        #[arg(long, value_name = "FILE")]
+        kernel: std::path::PathBuf,
+        #[arg(long, value_name = "FILE")]
+        initrd: std::path::PathBuf,
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=100))]
+        rounds: u64,
+        #[arg(long, value_name = "DIR")]
+        work_dir: Option<std::path::PathBuf>,
+    },
 }
 
 pub(super) fn bench(command: BenchCommand) -> i32 {
     let result = match command {
-        BenchCommand::Report { quick, json, out, work_dir } => {
-            let options = tools::report::ReportOptions { quick, work_dir: work_dir.unwrap_or_else(std::env::temp_dir) };
+        BenchCommand::Report { quick, json, out, work_dir, peers: _, kernel, initrd } => {
+            let peers = kernel.zip(initrd).map(|(kernel, initrd)| tools::peer_restore::PeerGuest { kernel, initrd });
+            let work_dir = work_dir.unwrap_or_else(std::env::temp_dir);
+            let options = tools::report::ReportOptions { quick, work_dir, peers };
             let written = tools::report::run(&options).and_then(|r| {
                 print!("{}", tools::report::table(&r));
                 tools::report::write(&r, json.as_deref(), out.as_deref())
@@ -210,6 +234,31 @@ pub(super) fn bench(command: BenchCommand) -> i32 {
                         }
                         _ => EXIT_FAILURE,
                     }
+                }
+            };
+        }
+        BenchCommand::Restore { kernel, initrd, rounds, work_dir } => {
+            let guest = tools::peer_restore::PeerGuest { kernel, initrd };
+            let work_dir = work_dir.unwrap_or_else(std::env::temp_dir);
+            let measured = std::env::current_exe().map_err(|e| e.to_string()).and_then(|exe| {
+                tools::peer_restore::bench_restore_vs_qemu(&exe, &guest, &work_dir, rounds as usize)
+                    .map_err(|e| report(&e))
+            });
+            return match measured {
+                Ok(r) => {
+                    println!(
+                        "restore: spawn to the guest's first line, p50: Zygote {:.1} ms, {} {:.1} ms, ratio {:.2}",
+                        r.zygote_ms_p50,
+                        r.qemu_version,
+                        r.qemu_ms_p50,
+                        r.zygote_ms_p50 / r.qemu_ms_p50
+                    );
+                    println!("{}", serde_json::to_string(&r).unwrap_or_default());
+                    0
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    EXIT_FAILURE
                 }
             };
         }

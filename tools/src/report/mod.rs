@@ -15,6 +15,7 @@ use vmm::clone::ClonePath;
 use crate::bench::{bench_clone_pages, bench_reset, BenchError, CloneBench, ResetBench};
 use crate::bench_fleet::{bench_fleet, FleetBench, FleetBenchError, FleetOptions};
 use crate::bench_host::{bench_first_write, fork_with_populated, FirstWriteBench, HostBenchError};
+use crate::peer_restore::{bench_restore_vs_qemu, PeerBenchError, PeerGuest, RestorePeerBench};
 use crate::snapshot_bench::{bench_snapshot, SnapshotBench, SnapshotBenchError};
 pub use plots::PlotError;
 pub use summary::{markdown, table};
@@ -30,6 +31,8 @@ pub enum ReportError {
     Snapshot(#[from] SnapshotBenchError),
     #[error("fleet benchmark failed")]
     Fleet(#[from] FleetBenchError),
+    #[error("restore against QEMU failed")]
+    Peer(#[from] PeerBenchError),
     #[error("cannot plot")]
     Plot(#[from] PlotError),
     #[error("cannot write {path}")]
@@ -49,6 +52,8 @@ pub struct ReportOptions {
     pub quick: bool,
     /// Scratch space (snapshot files, the fleet's socket).
     pub work_dir: PathBuf,
+    /// The Linux guest to restore under Zygote and QEMU (`--peers`), if asked.
+    pub peers: Option<PeerGuest>,
 }
 
 /// One claim: `measured` against `reference`, and their ratio `value` (or, for idle CPU and
@@ -91,6 +96,8 @@ pub struct Report {
     pub first_write: FirstWriteBench,
     pub snapshot: SnapshotBench,
     pub fleet: FleetBench,
+    /// With `--peers`.
+    pub restore_peer: Option<RestorePeerBench>,
 }
 
 /// The pages 1 % of a 1 GiB RAM holds: the dirty set every clone-size run uses.
@@ -152,6 +159,13 @@ pub fn run(options: &ReportOptions) -> Result<Report, ReportError> {
             timed_clones: q(10, 30),
         },
     )?;
+    let restore_peer = match &options.peers {
+        Some(guest) => {
+            step("restore of a Linux guest, against QEMU's");
+            Some(bench_restore_vs_qemu(&exe, guest, &options.work_dir, q(3, 10))?)
+        }
+        None => None,
+    };
     step("done");
 
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default().trim().to_string();
@@ -168,6 +182,7 @@ pub fn run(options: &ReportOptions) -> Result<Report, ReportError> {
         first_write,
         snapshot,
         fleet,
+        restore_peer,
     };
     report.entries = summary::entries(&report);
     Ok(report)

@@ -95,6 +95,14 @@ pub(super) fn entries(r: &Report) -> Vec<Entry> {
             met: p.vms_list_ms < 100.0,
         });
     }
+    if let Some(p) = &r.restore_peer {
+        out.push(ratio(
+            "restore_vs_qemu",
+            (p.zygote_ms_p50, "zygote run --restore: spawn to the guest's first line, p50, ms".into()),
+            (p.qemu_ms_p50, format!("{} -incoming + cont: the same, p50, ms", p.qemu_version)),
+            1.0,
+        ));
+    }
     out.push(ratio(
         "clone_busy_vs_idle",
         (fleet.clone_busy_ms_p50, format!("PUT /clone p50 with {} clones running, ms", fleet.busy)),

@@ -3,7 +3,7 @@
 //! calls it for one request at a time.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use memory::{GuestAddress, PAGE_SIZE};
@@ -133,6 +133,21 @@ impl Controller {
             entry.last_on_disk = Some(loaded);
         }
         controller
+    }
+
+    /// The memory files of every snapshot chain this server wrote or loaded: a diff chain's
+    /// parents may keep theirs outside the state files' directory (`LoadOptions::written_here`).
+    pub fn written_mem_files(&self) -> Vec<PathBuf> {
+        let chains = self.vms.values().filter_map(|e| e.last_on_disk.as_ref()).flat_map(|d| d.chain.iter());
+        let mut files: Vec<PathBuf> = chains.cloned().collect();
+        files.sort();
+        files.dedup();
+        files
+    }
+
+    /// The ids of VM `id`'s network interfaces, in guest order.
+    pub fn iface_ids(&mut self, id: u64) -> Result<Vec<String>, ApiError> {
+        Ok(self.entry(id)?.vmm.devices().net().iter().map(|n| n.iface_id.clone()).collect())
     }
 
     /// The root VM's id (the lowest).

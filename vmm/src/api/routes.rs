@@ -190,7 +190,7 @@ fn answer(
         }
         ("PATCH", "/network-interfaces/{iface_id}") => {
             let patch: PartialNetworkInterface = parse(body)?;
-            patch_interface(controller, id, patch)?;
+            patch_interface(controller, root, id, patch)?;
             done()
         }
         ("GET", "/") => {
@@ -281,7 +281,8 @@ fn answer(
         }
         ("PUT", "/snapshot/load") => {
             let req: SnapshotLoad = parse(body)?;
-            let options = LoadOptions { mem_file: req.mem_file()?.cloned() };
+            let options =
+                LoadOptions { mem_file: req.mem_file()?.cloned(), written_here: controller.written_mem_files() };
             let first = controller.is_empty();
             let clock = match req.clock_realtime {
                 true => crate::vstate::ClockOnRestore::AdvanceToHostRealtime,
@@ -358,14 +359,23 @@ fn patch_drive(controller: &mut Controller, id: &str, patch: PartialDrive) -> Re
     }
 }
 
-/// `PATCH /network-interfaces/{id}`: post-boot, as in Firecracker. Zygote has no rate
-/// limiters: only a patch that sets none is accepted.
-fn patch_interface(controller: &Controller, id: &str, patch: PartialNetworkInterface) -> Result<(), ApiError> {
+/// `PATCH /network-interfaces/{id}` of VM `vm`: post-boot, as in Firecracker, and only for an
+/// interface the VM has. Zygote has no rate limiters: only a patch that sets none is accepted.
+fn patch_interface(
+    controller: &mut Controller,
+    vm: u64,
+    id: &str,
+    patch: PartialNetworkInterface,
+) -> Result<(), ApiError> {
     if controller.is_empty() {
         return Err(ApiError::PostBootOnly("PATCH /network-interfaces"));
     }
     if patch.iface_id != id {
         return Err(ApiError::BadRequest(format!("iface_id {:?} in the body, {id:?} in the path", patch.iface_id)));
+    }
+    let ids = controller.iface_ids(vm)?;
+    if !ids.iter().any(|i| i == id) {
+        return Err(ApiError::BadRequest(format!("no network interface {id:?} (VM {vm} has {ids:?})")));
     }
     if patch.rx_rate_limiter.is_some() || patch.tx_rate_limiter.is_some() {
         return Err(ApiError::NotSupported { what: "rx_rate_limiter / tx_rate_limiter".into() });

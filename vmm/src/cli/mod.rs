@@ -207,7 +207,12 @@ fn run(args: RunArgs) -> i32 {
         }
         (_, None, Some(path)) => {
             let overrides = DeviceOverrides { net: net::overrides(&args.net), vsock_uds_path: vsock_override };
-            Some(Root::Restore(path, LoadOptions { mem_file: args.mem_file }, clock, overrides))
+            Some(Root::Restore(
+                path,
+                LoadOptions { mem_file: args.mem_file, written_here: Vec::new() },
+                clock,
+                overrides,
+            ))
         }
         (Some(name), None, None) => Some(Root::Tiny { vm, name, arg: args.arg.unwrap_or(0) }),
         (None, None, None) => None,

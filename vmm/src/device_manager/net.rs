@@ -17,7 +17,7 @@ use devices::Persist;
 use serde::{Deserialize, Serialize};
 
 use super::device::{
-    AttachConfig, CaptureMode, Captured, DeviceDescription, DeviceHost, ResetArgs, RestoreArgs, VmDevice,
+    AttachConfig, CaptureMode, Captured, DeviceDescription, DeviceHost, DeviceMetrics, ResetArgs, RestoreArgs, VmDevice,
 };
 use super::event_loop::{DeviceEventLoop, Subscriber};
 use super::mmio::{device_interrupt, queue_notifier, DeviceSpace, MmioSlot, Wiring};
@@ -274,6 +274,23 @@ impl VmDevice for NetSlots {
             .iter()
             .map(|s| DeviceDescription { kind: Self::KIND, mmio: Some(s.slot), virtio: true })
             .collect()
+    }
+
+    /// Firecracker's `net` group, summed over the VM's interfaces (`bad_chains`, chains the
+    /// driver got wrong, is Zygote's own).
+    fn metrics(&self) -> Option<DeviceMetrics> {
+        let counters = self.interfaces.iter().map(|slot| slot.with_device(|d| d.counters()));
+        let sum = counters.fold(devices::net::NetCounters::default(), |sum, c| sum + c);
+        let counters = vec![
+            ("rx_packets_count", sum.rx_frames),
+            ("rx_bytes_count", sum.rx_bytes),
+            ("rx_fails", sum.rx_dropped),
+            ("tx_packets_count", sum.tx_frames),
+            ("tx_bytes_count", sum.tx_bytes),
+            ("tx_fails", sum.tx_dropped),
+            ("bad_chains", sum.bad_chains),
+        ];
+        Some(DeviceMetrics { group: "net", counters })
     }
 }
 

@@ -44,6 +44,10 @@ pub struct LoadOptions {
     /// RAM region of the named snapshot is read from this file, at the offsets its state file
     /// lists, wherever the file is (an explicit path, not one read from the file).
     pub mem_file: Option<PathBuf>,
+    /// Memory files this process wrote itself (canonical paths, from `SnapshotOnDisk::chain`):
+    /// a parent in the chain may name one of these outside its directory (a diff chain written
+    /// with `mem_file_path`s elsewhere). Any other name a state file gives stays beneath it.
+    pub written_here: Vec<PathBuf>,
 }
 
 /// Reads and checks the snapshot at `state_path` (and its parents), mapping its RAM files.
@@ -73,7 +77,7 @@ pub fn load_snapshot_with(state_path: &Path, options: &LoadOptions) -> Result<Sn
                 return Err(SnapshotError::ParentLayout { path: path.clone() });
             }
         }
-        loaded = Some(load_level(level, loaded.as_ref(), mem_file)?);
+        loaded = Some(load_level(level, loaded.as_ref(), mem_file, &options.written_here)?);
     }
     loaded.ok_or(SnapshotError::NoParent)
 }
@@ -130,6 +134,7 @@ fn load_level(
     level: Level,
     parent: Option<&SnapshotOnDisk>,
     mem_file: Option<&Path>,
+    written_here: &[PathBuf],
 ) -> Result<SnapshotOnDisk, SnapshotError> {
     let kind = match level.header.kind {
         SnapshotKind::Full => FileKind::Full,
@@ -149,6 +154,7 @@ fn load_level(
     for (name, indices) in by_file {
         let (file, path) = match mem_file {
             Some(explicit) => (open_regular(explicit)?, explicit.to_path_buf()),
+            None if written_here.iter().any(|w| w == name) => (open_regular(name)?, name.to_path_buf()),
             None => (open_beneath(&level.dir, &level.dir_path, name, &level.path)?, level.dir_path.join(name)),
         };
         let regions: Vec<_> = indices.iter().map(|&i| &level.body.regions[i]).collect();

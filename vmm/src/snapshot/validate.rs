@@ -7,7 +7,8 @@ use virtio_queue::QueueState;
 
 use super::body::{Body, Run};
 use super::format::SnapshotKind;
-use crate::builder::{MAX_MEM_MIB, MAX_VCPUS};
+use crate::builder::MAX_VCPUS;
+use crate::vstate::RamLayoutError;
 use devices::block::SECTOR_SIZE;
 use devices::dma::DmaSource;
 use memory::PAGE_SIZE;
@@ -17,12 +18,8 @@ use memory::PAGE_SIZE;
 pub enum ValidateError {
     #[error("vm.vcpus: {count} vCPUs, a VM has 1 to {MAX_VCPUS}")]
     VcpuCount { count: usize },
-    #[error("vm.ram_layout: no RAM region")]
-    NoRam,
-    #[error("vm.ram_layout[{index}]: start {start:#x} size {size:#x}: {reason}")]
-    Region { index: usize, start: u64, size: u64, reason: &'static str },
-    #[error("vm.ram_layout: {bytes} bytes of RAM, a VM has at most {max}")]
-    TooMuchRam { bytes: u64, max: u64 },
+    #[error("vm.ram_layout: {0}")]
+    RamLayout(#[from] RamLayoutError),
     #[error("regions: {files} RAM files for {regions} RAM regions")]
     RegionCount { files: usize, regions: usize },
     #[error("regions[{index}]: start {start:#x} size {size:#x}, the layout has start {layout_start:#x} size {layout_size:#x}")]
@@ -52,7 +49,7 @@ pub fn check_body(kind: SnapshotKind, body: &Body) -> Result<(), ValidateError> 
     if !(1..=MAX_VCPUS as usize).contains(&vm.vcpus.len()) {
         return Err(ValidateError::VcpuCount { count: vm.vcpus.len() });
     }
-    check_layout(&vm.ram_layout)?;
+    vm.ram_layout.check()?;
     if body.regions.len() != vm.ram_layout.len() {
         return Err(ValidateError::RegionCount { files: body.regions.len(), regions: vm.ram_layout.len() });
     }
@@ -100,33 +97,6 @@ pub fn check_body(kind: SnapshotKind, body: &Body) -> Result<(), ValidateError> 
         }
     }
     check_device_addresses(body)
-}
-
-fn check_layout(layout: &[(u64, usize)]) -> Result<(), ValidateError> {
-    if layout.is_empty() {
-        return Err(ValidateError::NoRam);
-    }
-    let page = PAGE_SIZE as u64;
-    let max = MAX_MEM_MIB << 20;
-    let mut total = 0u64;
-    let mut prev_end = 0u64;
-    for (index, &(start, size)) in layout.iter().enumerate() {
-        let size = size as u64;
-        let bad = |reason| ValidateError::Region { index, start, size, reason };
-        if size == 0 || !size.is_multiple_of(page) || !start.is_multiple_of(page) {
-            return Err(bad("empty or not page-aligned"));
-        }
-        let end = start.checked_add(size).ok_or_else(|| bad("ends past the address space"))?;
-        if index > 0 && start < prev_end {
-            return Err(bad("overlaps or precedes the region before it"));
-        }
-        prev_end = end;
-        total = total
-            .checked_add(size)
-            .filter(|&t| t <= max)
-            .ok_or(ValidateError::TooMuchRam { bytes: total.saturating_add(size), max })?;
-    }
-    Ok(())
 }
 
 /// Runs must be non-empty, ascending, non-overlapping and end at most at `limit`.
@@ -220,22 +190,6 @@ pub fn chain(err: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn layouts_outside_the_build_limits_are_refused() {
-        let page = PAGE_SIZE;
-        assert_eq!(check_layout(&[]), Err(ValidateError::NoRam));
-        assert!(check_layout(&[(0, 1 << 20), (1 << 20, 1 << 20)]).is_ok());
-        assert!(matches!(check_layout(&[(0, 0)]), Err(ValidateError::Region { .. })));
-        assert!(matches!(check_layout(&[(1, page)]), Err(ValidateError::Region { .. })));
-        assert!(matches!(check_layout(&[(u64::MAX - 4095, page)]), Err(ValidateError::Region { .. })));
-        assert!(matches!(
-            check_layout(&[(0, 2 * page), (page as u64, page)]),
-            Err(ValidateError::Region { index: 1, .. })
-        ));
-        let huge = usize::try_from(MAX_MEM_MIB << 20).unwrap();
-        assert!(matches!(check_layout(&[(0, huge), (1 << 50, page)]), Err(ValidateError::TooMuchRam { .. })));
-    }
 
     #[test]
     fn runs_are_checked_without_overflow() {

@@ -22,7 +22,7 @@ use crate::machine::{Paused, Vmm};
 use crate::vcpu::lock_vcpu;
 pub use clock::ClockOnRestore;
 pub use irqchip::{InKernelIrqchip, IrqchipState};
-pub use ram_layout::{RamLayout, VmRam};
+pub use ram_layout::{RamLayout, RamLayoutError, VmRam};
 pub use vcpu::{KvmVcpu, VcpuArgs, VcpuState, VcpuStateError};
 
 /// What failed capturing or restoring a VM's state.
@@ -48,8 +48,12 @@ pub enum StateError {
     BadIrqchip { field: &'static str, reason: String },
     #[error("saved vCPU {vcpu} {} a LAPIC but the VM {} an in-kernel irqchip", if *lapic { "has" } else { "lacks" }, if *lapic { "lacks" } else { "has" })]
     LapicWithoutIrqchip { vcpu: usize, lapic: bool },
-    #[error("saved RAM layout {layout:?} is invalid: {reason}")]
-    BadRamLayout { layout: Vec<(u64, usize)>, reason: String },
+    #[error("saved RAM layout {layout:?} is invalid")]
+    BadRamLayout {
+        layout: Vec<(u64, usize)>,
+        #[source]
+        source: RamLayoutError,
+    },
     #[error("cannot capture, restore or reset the devices")]
     Devices(#[from] DeviceError),
     #[error("the saved clock has no host real-time stamp (the capturing host kept no KVM master clock): cannot advance it to the host's real time")]

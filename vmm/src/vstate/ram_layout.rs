@@ -13,6 +13,17 @@ use crate::layout::{HIGH_RAM_START, MMIO_GAP_START};
 
 const PAGE: u64 = 4096;
 
+/// What is wrong with a RAM layout (a snapshot file's, or a saved state's).
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RamLayoutError {
+    #[error("no RAM region")]
+    NoRam,
+    #[error("region {index} (start {start:#x} size {size:#x}) {reason}")]
+    Region { index: usize, start: u64, size: u64, reason: &'static str },
+    #[error("{bytes} bytes of RAM, more than {max}")]
+    TooMuchRam { bytes: u64, max: u64 },
+}
+
 /// (guest physical start, size) of each RAM region, in address order. Saved as the bare list.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(transparent)]
@@ -31,35 +42,43 @@ impl RamLayout {
 
     /// Refuses a layout (a snapshot file is input) the builder could not have made: no region,
     /// a region empty, not page-aligned or wrapping, regions overlapping or out of order, one
-    /// reaching into the MMIO gap, more than `MAX_RAM_BYTES` in all.
-    pub fn check(&self) -> Result<(), StateError> {
-        let bad = |reason: String| Err(StateError::BadRamLayout { layout: self.0.clone(), reason });
+    /// reaching into the MMIO gap, more than `MAX_RAM_BYTES` in all. The one layout check:
+    /// the snapshot loader runs it before opening any file, a restore before building.
+    pub fn check(&self) -> Result<(), RamLayoutError> {
         if self.0.is_empty() {
-            return bad("no RAM region".into());
+            return Err(RamLayoutError::NoRam);
         }
         let mut total: u64 = 0;
         let mut end_of_previous = 0;
-        for &(start, size) in &self.0 {
+        for (index, &(start, size)) in self.0.iter().enumerate() {
             let size = size as u64;
+            let bad = |reason| Err(RamLayoutError::Region { index, start, size, reason });
             let Some(end) = start.checked_add(size) else {
-                return bad(format!("region {start:#x}+{size:#x} wraps around"));
+                return bad("wraps around the address space");
             };
             if size == 0 || (start | size) & (PAGE - 1) != 0 {
-                return bad(format!("region {start:#x}+{size:#x} is empty or not page-aligned"));
+                return bad("is empty or not page-aligned");
             }
             if start < end_of_previous {
-                return bad(format!("region {start:#x} overlaps or precedes the one before"));
+                return bad("overlaps or precedes the region before it");
             }
             if start < HIGH_RAM_START && end > MMIO_GAP_START {
-                return bad(format!("region {start:#x}+{size:#x} reaches into the MMIO gap"));
+                return bad("reaches into the MMIO gap");
             }
             total = total.saturating_add(size);
             end_of_previous = end;
         }
         match total <= MAX_RAM_BYTES {
             true => Ok(()),
-            false => bad(format!("{total} bytes of RAM, more than {MAX_RAM_BYTES}")),
+            false => Err(RamLayoutError::TooMuchRam { bytes: total, max: MAX_RAM_BYTES }),
         }
+    }
+}
+
+impl RamLayout {
+    /// `check` for a saved VM state about to be restored.
+    pub fn check_saved(&self) -> Result<(), StateError> {
+        self.check().map_err(|source| StateError::BadRamLayout { layout: self.0.clone(), source })
     }
 }
 
@@ -97,7 +116,7 @@ impl<'a> Persist for VmRam<'a> {
 
     /// Checks `layout`, then that `ram` has exactly these regions.
     fn restore(ram: &'a GuestRam, layout: &RamLayout) -> Result<VmRam<'a>, StateError> {
-        layout.check()?;
+        layout.check_saved()?;
         let has = RamLayout::of(ram);
         match has == *layout {
             true => Ok(VmRam { ram }),

@@ -27,7 +27,7 @@ pub fn validate(state: &VmState, args: &RestoreArgs) -> Result<(), StateError> {
     if let Some(chips) = &state.irqchip {
         chips.check()?;
     }
-    state.ram_layout.check()?;
+    state.ram_layout.check_saved()?;
     DeviceManager::check_saved(&state.devices, args)?;
     Ok(())
 }
