@@ -51,6 +51,6 @@ if [ "${1:-}" = "--slow" ]; then
     # and cloned without its clock jumping (linux_restore_clock, ~3 min). The loader's own boots (no
     # VMM around them) run by hand:
     #   cargo test --release -p zygote-vmm --test linux_boot -- --ignored --test-threads=1
-    exec cargo test -j1 --release -p zygote-tests --test linux_cli --test linux_clone --test linux_api --test seccomp --test linux_restore_clock --test linux_net "$@" -- --ignored
+    exec cargo test -j1 --release -p zygote-tests --test linux_cli --test linux_clone --test linux_api --test seccomp --test linux_restore_clock --test linux_net --test linux_vsock "$@" -- --ignored
 fi
 exec cargo test --workspace -j1 "$@"

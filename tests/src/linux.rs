@@ -47,3 +47,13 @@ pub fn write_checksum_disk(path: &Path, seed: u64) -> String {
     std::fs::write(path, &content).expect("writing the disk image");
     format!("ZYGOTE-BLK {:016x}", fnv1a64(&content[..4096]))
 }
+
+/// Polls the captured console `out` until it contains `what` (the guest may be slow on a busy
+/// host: no fixed sleep); fails with the output after `timeout`.
+pub fn wait_for_output(out: &std::sync::Mutex<Vec<u8>>, what: &str, timeout: std::time::Duration) {
+    let deadline = std::time::Instant::now() + timeout;
+    while !crate::text(out).contains(what) {
+        assert!(std::time::Instant::now() < deadline, "no {what:?} within {timeout:?}:\n{}", crate::text(out));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}

@@ -142,7 +142,7 @@ fn a_firecracker_config_file_is_checked_like_its_requests() {
     let not_a_kernel = write("junk.json", &format!(r#"{{"boot-source": {{"kernel_image_path": "{readme}"}}}}"#));
     let vsock = write(
         "vsock.json",
-        r#"{"boot-source": {"kernel_image_path": "k"}, "vsock": {"guest_cid": 3, "uds_path": "v"}}"#,
+        r#"{"boot-source": {"kernel_image_path": "k"}, "vsock": {"guest_cid": 2, "uds_path": "v"}}"#,
     );
     let bad_vcpus = write(
         "vcpus.json",
@@ -154,7 +154,7 @@ fn a_firecracker_config_file_is_checked_like_its_requests() {
             vec!["run", "--config-file", not_a_kernel.as_str(), "--api-sock", socket.to_str().unwrap()],
             "is not a kernel",
         ),
-        (vec!["run", "--config-file", vsock.as_str()], "\"vsock\" section is not supported"),
+        (vec!["run", "--config-file", vsock.as_str()], "guest_cid 2: a guest CID is 3 to 4294967294"),
         (vec!["run", "--config-file", bad_vcpus.as_str()], "vcpu_count"),
         (vec!["run", "--config-file", "/"], "is a directory"),
         (vec!["run", "--config-file", vsock.as_str(), "--guest", "hello"], "cannot be used with"),

@@ -11,15 +11,14 @@ use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::process::Command;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use devices::net::MacAddr;
 use vmm::clone::{clone_vm_with, ClonePath};
 use vmm::device_manager::{DeviceOverrides, NetConfig, NetOverride};
 use vmm::linux::DEFAULT_CMDLINE;
 use vmm::{build_linux_vm, Console, LinuxConfig, VmConfig};
-use zygote_tests::linux::{kernel_and_initrd, random_ish};
+use zygote_tests::linux::{kernel_and_initrd, random_ish, wait_for_output};
 use zygote_tests::text;
 
 const TAP: &str = "ztap0";
@@ -95,14 +94,6 @@ impl Drop for NamedNetns {
     }
 }
 
-fn wait_for(out: &Mutex<Vec<u8>>, what: &str) {
-    let deadline = Instant::now() + TIMEOUT;
-    while !text(out).contains(what) {
-        assert!(Instant::now() < deadline, "no {what:?} within {TIMEOUT:?}:\n{}", text(out));
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[test]
 #[ignore = "boots a real Linux kernel and clones it (about a minute here): scripts/test.sh --slow"]
 fn a_clone_with_network_overrides_answers_on_its_own_tap_while_the_source_answers_on_its_own() {
@@ -123,7 +114,7 @@ fn a_clone_with_network_overrides_answers_on_its_own_tap_while_the_source_answer
     };
     let mut source = build_linux_vm(&config).expect("building the Linux VM");
     source.start();
-    wait_for(&source_out, "ZYGOTE-TCP-ECHO-LISTENING 7777");
+    wait_for_output(&source_out, "ZYGOTE-TCP-ECHO-LISTENING 7777", TIMEOUT);
     let data = random_ish(256 << 10, 0x6e65_7430);
     assert!(source.devices().net()[0].with_device(|d| d.link_up()));
     assert!(source_ns.echo(&data) == data, "the source echoes 256 KiB whole through its TAP");
@@ -135,6 +126,7 @@ fn a_clone_with_network_overrides_answers_on_its_own_tap_while_the_source_answer
             netns: Some(clone_ns.path()),
             guest_mac: None,
         }],
+        ..DeviceOverrides::default()
     };
     let (clone_console, clone_out) = Console::capture();
     let (mut clone, _) = clone_vm_with(&mut source, 1, &clone_console, None, ClonePath::default(), overrides)

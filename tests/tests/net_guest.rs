@@ -179,7 +179,10 @@ fn ten_clones_with_receive_buffers_posted_and_frames_arriving() {
             if clones.len() < 10 {
                 let id = 100 + clones.len() as u64;
                 let own = if id.is_multiple_of(2) { Some(netns()) } else { None };
-                let overrides = DeviceOverrides { net: own.iter().map(|(ns, _)| override_in(ns)).collect::<Vec<_>>() };
+                let overrides = DeviceOverrides {
+                    net: own.iter().map(|(ns, _)| override_in(ns)).collect::<Vec<_>>(),
+                    ..DeviceOverrides::default()
+                };
                 let (clone, clone_out) = clone_of(&mut source, id, overrides);
                 clones.push((id, i, stage, clone, clone_out));
                 namespaces.push(own);
@@ -274,7 +277,7 @@ fn a_snapshot_file_and_a_reset_taken_with_a_receive_buffer_claimed_carry_the_rin
     let loaded = vmm::snapshot::file::load_snapshot(&dir.join("s")).unwrap();
     let (own_ns, own_peer) = netns();
     let (console, restored_out) = Console::capture();
-    let overrides = DeviceOverrides { net: vec![override_in(&own_ns)] };
+    let overrides = DeviceOverrides { net: vec![override_in(&own_ns)], ..DeviceOverrides::default() };
     let mut restored = loaded.snapshot.restore_with(2, &console, overrides).unwrap();
     assert_eq!(assert_consistent(&restored, "restored"), 0, "restored: nothing published before the snapshot");
     restored.devices().net()[0].with_device(|d| d.set_host_stepped(false));

@@ -122,6 +122,7 @@ pub fn bench_snapshot(
         disk: None,
         net: Vec::new(),
         entropy: None,
+        vsock: None,
         irqchip: false,
     };
     let mut vm = build_tiny_vm(&config, guests::find("spin").expect("spin is bundled"), 0)?;

@@ -14,7 +14,7 @@ use memory::{Bytes, GuestAddress, GuestRam, MemoryError};
 
 use crate::device_manager::{
     AttachConfig, Console, DeviceError, DeviceHost, DeviceManager, DeviceOverrides, EntropyConfig, NetConfig,
-    RestoreArgs, RestoreReason, Wiring,
+    RestoreArgs, RestoreReason, VsockConfig, Wiring,
 };
 use crate::guests::{self, TinyGuest};
 use crate::layout::{GUEST_CODE_ADDR, HIGH_RAM_START, MIN_RAM, MMIO_GAP_START, VM_ID_ADDR};
@@ -50,6 +50,8 @@ pub struct VmConfig {
     pub net: Vec<NetConfig>,
     /// virtio-rng (`--entropy`); none means no entropy device.
     pub entropy: Option<EntropyConfig>,
+    /// The virtio-vsock device (`--vsock`), if any.
+    pub vsock: Option<VsockConfig>,
     /// Give a tiny guest the in-kernel PIC, IOAPIC, LAPICs and PIT a Linux guest always gets,
     /// so its devices interrupt through irqfds and take QueueNotify as an ioeventfd. The tiny
     /// guests run with interrupts off and poll either way; tests use this to check the wiring.
@@ -66,6 +68,7 @@ impl Default for VmConfig {
             disk: None,
             net: Vec::new(),
             entropy: None,
+            vsock: None,
             irqchip: false,
         }
     }
@@ -144,9 +147,9 @@ impl BuildError {
         match self {
             BuildError::Config(_)
             | BuildError::Memory { .. }
-            | BuildError::Devices(DeviceError::Disk(_) | DeviceError::Net { .. } | DeviceError::BadConfig { .. }) => {
-                true
-            }
+            | BuildError::Devices(
+                DeviceError::Disk(_) | DeviceError::Net { .. } | DeviceError::Vsock(_) | DeviceError::BadConfig { .. },
+            ) => true,
             // The kernel, initrd or command line, not KVM or the host.
             BuildError::Load(e) => !matches!(
                 e,
@@ -235,6 +238,8 @@ pub fn build_vm(id: u64, ram: Arc<GuestRam>, console: &Console, mut filling: Fil
     }
     let devices = build_devices(&vm, &ram, console, &mut filling)?;
     fill_vcpus(&ram, &devices, &fds, &filling)?;
+    // After the LAPICs: an interrupt a restored device raised before may have been dropped.
+    devices.resend_interrupts();
     if let Filling::Restore { state, .. } = &filling {
         restore_clock(vm.fd(), &state.clock)?;
     }
@@ -267,7 +272,9 @@ fn build_devices(
     };
     let host = DeviceHost { ram, wiring, console };
     let attach = |vm: &VmConfig| {
-        DeviceManager::attach(&host, &AttachConfig { disk: vm.disk.clone(), net: vm.net.clone(), entropy: vm.entropy })
+        let config =
+            AttachConfig { disk: vm.disk.clone(), net: vm.net.clone(), entropy: vm.entropy, vsock: vm.vsock.clone() };
+        DeviceManager::attach(&host, &config)
     };
     Ok(match filling {
         Filling::Tiny { config, .. } => attach(config)?,
@@ -354,6 +361,7 @@ pub fn build_restored(
     reason: RestoreReason,
     overrides: DeviceOverrides,
 ) -> Result<Vmm, BuildError> {
+    let overrides = crate::device_manager::vsock::with_clone_default(overrides, state.devices.vsock.as_ref(), id);
     build_vm(id, ram, console, Filling::Restore { state, reason, disk, overrides })
 }
 

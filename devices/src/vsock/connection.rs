@@ -21,7 +21,9 @@ const CREDIT_UPDATE_THRESHOLD: u32 = CONN_BUF_ALLOC / 4;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum ConnState {
-    /// Host-initiated: REQUEST sent to the guest, waiting for RESPONSE until `deadline`.
+    /// Host-initiated: REQUEST queued for the guest, waiting for RESPONSE until `deadline`
+    /// (`HANDSHAKE_TIMEOUT` for the REQUEST to reach the guest, which waits while the guest
+    /// has not taken a TRANSPORT_RESET; then `REQUEST_TIMEOUT` from when it reaches it).
     LocalInit {
         deadline: Duration,
     },

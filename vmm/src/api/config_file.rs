@@ -27,7 +27,7 @@ struct ConfigFile {
     metrics: Option<MetricsConfig>,
     #[serde(rename = "network-interfaces", default)]
     network_interfaces: Vec<super::net::NetworkInterface>,
-    vsock: Option<Value>,
+    vsock: Option<super::vsock::Vsock>,
     balloon: Option<Value>,
     #[serde(rename = "mmds-config")]
     mmds_config: Option<Value>,
@@ -55,7 +55,6 @@ pub fn load_config_file(path: &Path) -> Result<VmResources, ApiError> {
     let config: ConfigFile = serde_json::from_slice(&text)
         .map_err(|e| ApiError::BadJson(format!("--config-file {}: {e}", path.display())))?;
     let refused = [
-        ("vsock", config.vsock.is_some()),
         ("balloon", config.balloon.is_some()),
         ("mmds-config", config.mmds_config.is_some()),
         ("cpu-config", config.cpu_config.is_some()),
@@ -78,6 +77,9 @@ pub fn load_config_file(path: &Path) -> Result<VmResources, ApiError> {
     }
     if let Some(entropy) = config.entropy {
         resources.set_entropy(entropy)?;
+    }
+    if let Some(vsock) = config.vsock {
+        resources.set_vsock(vsock)?;
     }
     resources.logger = config.logger;
     resources.metrics = config.metrics;
@@ -111,7 +113,10 @@ mod tests {
         assert_eq!((resources.machine.vcpu_count, resources.machine.mem_size_mib), (2, 256));
         assert_eq!(resources.drives[0].drive_id, "rootfs");
         for (text, needle) in [
-            (r#"{"boot-source": {"kernel_image_path": "k"}, "vsock": {"guest_cid": 3, "uds_path": "v"}}"#, "vsock"),
+            (
+                r#"{"boot-source": {"kernel_image_path": "k"}, "vsock": {"guest_cid": 2, "uds_path": "v"}}"#,
+                "guest_cid 2",
+            ),
             (
                 r#"{"boot-source": {"kernel_image_path": "k"}, "machine-config": {"vcpu_count": 0, "mem_size_mib": 64}}"#,
                 "vcpu_count",

@@ -239,7 +239,12 @@ impl Controller {
             // The request's overrides (a TAP that is missing or busy, an unknown interface).
             crate::clone::CloneError::Build {
                 source:
-                    BuildError::Devices(DeviceError::Net { .. } | DeviceError::BadConfig { .. } | DeviceError::Mismatch(_)),
+                    BuildError::Devices(
+                        DeviceError::Net { .. }
+                        | DeviceError::Vsock(_)
+                        | DeviceError::BadConfig { .. }
+                        | DeviceError::Mismatch(_),
+                    ),
                 ..
             } => ApiError::BadRequest(super::chain(&e)),
             _ => ApiError::Vm(id, super::chain(&e)),

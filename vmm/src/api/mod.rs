@@ -12,6 +12,7 @@ pub mod requests;
 pub mod routes;
 pub mod server;
 pub mod telemetry;
+pub mod vsock;
 
 use memory::MemoryError;
 

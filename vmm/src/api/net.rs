@@ -60,6 +60,8 @@ pub struct CloneRequest {
     pub vm_id: Option<u64>,
     #[serde(default)]
     pub network_overrides: Vec<NetworkOverride>,
+    /// The clone's own vsock socket (default `<source uds_path>.<vm_id>`).
+    pub vsock_override: Option<super::vsock::VsockOverride>,
 }
 
 fn bad(message: String) -> ApiError {
@@ -129,7 +131,7 @@ pub fn overrides(entries: &[NetworkOverride]) -> Result<DeviceOverrides, ApiErro
             guest_mac: parse_mac("network_overrides guest_mac", entry.guest_mac.as_ref())?,
         });
     }
-    Ok(DeviceOverrides { net })
+    Ok(DeviceOverrides { net, ..DeviceOverrides::default() })
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@ use serde::Serialize;
 
 use super::net::NetworkInterface;
 use super::requests::{BootSource, Drive, LoggerConfig, MachineConfig, MachineConfigPatch, MetricsConfig};
+use super::vsock::Vsock;
 use super::ApiError;
 use crate::builder::ConfigError;
 use crate::device_manager::{Console, EntropyConfig};
@@ -26,6 +27,8 @@ pub struct VmResources {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub entropy: Option<EntropyConfig>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub vsock: Option<Vsock>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub logger: Option<LoggerConfig>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub metrics: Option<MetricsConfig>,
@@ -39,6 +42,7 @@ impl Default for VmResources {
             drives: Vec::new(),
             network_interfaces: Vec::new(),
             entropy: None,
+            vsock: None,
             logger: None,
             metrics: None,
         }
@@ -126,6 +130,13 @@ impl VmResources {
         Ok(())
     }
 
+    /// `PUT /vsock` before boot: the VM's one vsock device (a new PUT replaces it), checked now.
+    pub fn set_vsock(&mut self, vsock: Vsock) -> Result<(), ApiError> {
+        vsock.to_config()?;
+        self.vsock = Some(vsock);
+        Ok(())
+    }
+
     /// The kernel command line: the boot args (or Zygote's default) and, for a root device,
     /// `root=` as Firecracker appends it.
     fn cmdline(&self, source: &BootSource) -> Option<String> {
@@ -164,6 +175,7 @@ impl VmResources {
                 disk: self.drives.first().and_then(|d| d.path_on_host.clone()),
                 net: super::net::configs(&self.network_interfaces)?,
                 entropy: self.entropy,
+                vsock: self.vsock.as_ref().map(Vsock::to_config).transpose()?,
                 irqchip: false,
             },
             kernel: source.kernel_image_path.clone(),

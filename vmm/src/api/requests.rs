@@ -248,7 +248,7 @@ pub struct SnapshotLoad {
     pub resume_vm: bool,
     #[serde(default)]
     pub network_overrides: Vec<NetworkOverride>,
-    pub vsock_override: Option<Value>,
+    pub vsock_override: Option<super::vsock::VsockOverride>,
     #[serde(default)]
     pub clock_realtime: bool,
 }
@@ -263,9 +263,6 @@ impl SnapshotLoad {
             if backend.backend_type == BackendType::Uffd {
                 return unsupported("mem_backend backend_type Uffd");
             }
-        }
-        if self.vsock_override.is_some() {
-            return Err(ApiError::BadRequest("vsock_override: the snapshot has no vsock device".into()));
         }
         Ok(self.mem_backend.as_ref().map(|b| &b.backend_path).or(self.mem_file_path.as_ref()))
     }

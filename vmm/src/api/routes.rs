@@ -19,6 +19,7 @@ use super::requests::{
     MetricsConfig, PartialDrive, PatchVm, Reset, RunState, SnapshotCreate, SnapshotLoad,
 };
 use super::telemetry::{request_metric, Level, Telemetry};
+use super::vsock::{self, Vsock};
 use super::{ApiError, Controller};
 use crate::device_manager::EntropyConfig;
 use crate::snapshot::file::{LoadOptions, MemTarget, SnapshotKind};
@@ -39,6 +40,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("PUT", "/drives/{drive_id}"),
     ("PATCH", "/drives/{drive_id}"),
     ("PUT", "/network-interfaces/{iface_id}"),
+    ("PUT", "/vsock"),
     ("PATCH", "/network-interfaces/{iface_id}"),
     ("PUT", "/entropy"),
     ("PUT", "/actions"),
@@ -65,7 +67,6 @@ pub const REFUSED: &[&str] = &[
     "/mmds/config",
     "/pmem/{id}",
     "/serial",
-    "/vsock",
 ];
 
 /// An answer: its status, its JSON body (none for 204), and whether the server stops after it.
@@ -183,6 +184,11 @@ fn answer(
             controller.preboot("PUT /network-interfaces")?.set_network_interface(id, iface)?;
             done()
         }
+        ("PUT", "/vsock") => {
+            let vsock: Vsock = parse(body)?;
+            controller.preboot("PUT /vsock")?.set_vsock(vsock)?;
+            done()
+        }
         ("PATCH", "/network-interfaces/{iface_id}") => {
             let patch: PartialNetworkInterface = parse(body)?;
             patch_interface(controller, root, id, patch)?;
@@ -251,7 +257,8 @@ fn answer(
         }
         ("PUT", "/clone") => {
             let req: CloneRequest = parse(body)?;
-            let overrides = net::overrides(&req.network_overrides)?;
+            let mut overrides = net::overrides(&req.network_overrides)?;
+            overrides.vsock_uds_path = vsock::override_path(req.vsock_override.as_ref())?;
             let (vm_id, report) = controller.clone_vm_with(req.vm_id.unwrap_or(root), overrides)?;
             telemetry.latency("clone", start.elapsed());
             telemetry.log(Level::Info, "clone", &format!("VM {vm_id} cloned"));
@@ -287,7 +294,8 @@ fn answer(
                 true => crate::vstate::ClockOnRestore::AdvanceToHostRealtime,
                 false => crate::vstate::ClockOnRestore::Resume,
             };
-            let overrides = net::overrides(&req.network_overrides)?;
+            let mut overrides = net::overrides(&req.network_overrides)?;
+            overrides.vsock_uds_path = vsock::override_path(req.vsock_override.as_ref())?;
             let vm_id = controller.snapshot_load_with(&req.snapshot_path, &options, req.resume_vm, clock, overrides)?;
             telemetry.latency("load_snapshot", start.elapsed());
             telemetry.count("zygote", "snapshot_load_count", 1);

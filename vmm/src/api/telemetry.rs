@@ -246,6 +246,7 @@ pub fn request_metric(method: &str, path: &str) -> Option<(&'static str, &'stati
         "/clone" => return Some(("zygote", "clone")),
         "/reset" => return Some(("zygote", "reset")),
         "/vms" => return Some(("zygote", "vms")),
+        "/vsock" => "vsock",
         p if p.starts_with("/drives/") => "drive",
         _ => return None,
     };

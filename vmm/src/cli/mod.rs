@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 mod ctl;
 mod entropy;
 mod net;
+mod vsock;
 
 use crate::api::Controller;
 use crate::builder::{DEFAULT_MEM_MIB, MAX_MEM_MIB, MAX_VCPUS, MIN_MEM_MIB};
@@ -83,13 +84,18 @@ pub struct RunArgs {
     #[arg(long, value_name = "LIMIT", num_args = 0..=1, default_missing_value = "",
           value_parser = entropy::parse_entropy, conflicts_with = "restore")]
     entropy: Option<crate::device_manager::EntropyConfig>,
+    /// A virtio-vsock device: `cid=N,uds=PATH` (guest CID 3 or more; the host reaches guest
+    /// port P by connecting to PATH and writing `CONNECT P\n`). With --restore: `uds=PATH`
+    /// alone, the restored device's own socket (required when the snapshot has a vsock).
+    #[arg(long, value_name = "SPEC", value_parser = vsock::parse_vsock)]
+    vsock: Option<vsock::VsockFlag>,
     /// Number of vCPUs.
     #[arg(long, value_name = "N", default_value_t = 1,
           value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_VCPUS)))]
     vcpus: u32,
     /// VM 0 from a Firecracker config file (JSON: boot-source, drives, machine-config, logger,
     /// metrics), started at once; with --api-sock, served as if configured over the API.
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["initrd", "cmdline", "disk", "mem", "vcpus", "arg", "net", "entropy"])]
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["initrd", "cmdline", "disk", "mem", "vcpus", "arg", "net", "entropy", "vsock"])]
     config_file: Option<PathBuf>,
     /// Firecracker's instance id (letters, digits and hyphens, at most 64): `GET /` shows it
     /// as VM 0's `id`.
@@ -164,6 +170,19 @@ fn run(args: RunArgs) -> i32 {
             }
         }
     }
+    // A fresh VM's device (cid and uds), or a restored one's own socket (uds only).
+    let vsock_flag = args.vsock.as_ref();
+    let vsock = match args.restore.is_some() {
+        true => vsock::override_path(vsock_flag).map(|path| (None, path)),
+        false => vsock::config(vsock_flag).map(|config| (config, None)),
+    };
+    let (vsock, vsock_override) = match vsock {
+        Ok(vsock) => vsock,
+        Err(message) => {
+            eprintln!("zygote: {message}");
+            return EXIT_BAD_INPUT;
+        }
+    };
     let vm = VmConfig {
         mem_mib: args.mem,
         vcpus: args.vcpus,
@@ -172,6 +191,7 @@ fn run(args: RunArgs) -> i32 {
         disk: args.disk,
         net: net::configs(&args.net),
         entropy: args.entropy,
+        vsock,
         irqchip: false,
     };
     let clock = match args.clock_realtime {
@@ -193,7 +213,7 @@ fn run(args: RunArgs) -> i32 {
             Some(Root::Linux(LinuxConfig { vm, kernel, initrd: args.initrd, cmdline: args.cmdline }))
         }
         (_, None, Some(path)) => {
-            let overrides = DeviceOverrides { net: net::overrides(&args.net) };
+            let overrides = DeviceOverrides { net: net::overrides(&args.net), vsock_uds_path: vsock_override };
             Some(Root::Restore(
                 path,
                 LoadOptions { mem_file: args.mem_file, written_here: Vec::new() },

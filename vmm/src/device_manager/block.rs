@@ -164,6 +164,10 @@ impl VmDevice for BlockSlot {
         transport.restore_registers(&saved.transport).map_err(DeviceError::Transport)
     }
 
+    fn resend_interrupt(&self) {
+        self.transport.lock().unwrap_or_else(|e| e.into_inner()).device().interrupt().resend_if_pending();
+    }
+
     fn in_flight(state: &BlockSlotState) -> u64 {
         state.device.in_flight.len() as u64
     }

@@ -87,6 +87,9 @@ pub struct DeviceOverrides {
     /// virtio-net: the interfaces attached to a TAP of their own (`network_overrides`); the
     /// others are attached to nothing.
     pub net: Vec<super::net_config::NetOverride>,
+    /// virtio-vsock: the socket the device listens on (`vsock_override`; a clone's default is
+    /// `<source uds_path>.<vm id>`).
+    pub vsock_uds_path: Option<PathBuf>,
 }
 
 /// The host side every device is built on.
@@ -106,6 +109,8 @@ pub struct AttachConfig {
     pub net: Vec<super::net_config::NetConfig>,
     /// virtio-rng (`--entropy`); none means no entropy device.
     pub entropy: Option<devices::rng::EntropyConfig>,
+    /// The virtio-vsock device, if any.
+    pub vsock: Option<super::vsock_config::VsockConfig>,
 }
 
 /// What a restore builds the devices on.
@@ -168,6 +173,11 @@ pub trait VmDevice: Sized {
 
     /// Where the guest finds this device.
     fn description(&self) -> DeviceDescription;
+
+    /// Signals the device's interrupt again if its status has a bit set. Run once the vCPUs'
+    /// state is restored: KVM delivers irqfd signals asynchronously, and one signalled while
+    /// the device was restored may have reached a LAPIC that KVM_SET_LAPIC then overwrote.
+    fn resend_interrupt(&self) {}
 
     /// The device's counters, if it keeps any (`devices::metrics`).
     fn metrics(&self) -> Option<DeviceMetrics> {

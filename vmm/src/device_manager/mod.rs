@@ -20,6 +20,8 @@ pub mod net_config;
 mod persist;
 pub mod rng;
 pub mod serial;
+pub mod vsock;
+pub mod vsock_config;
 
 use std::sync::{Arc, Mutex};
 
@@ -41,6 +43,7 @@ pub use net::{NetSlot, NetSlotState, NetSlots};
 pub use net_config::{NetConfig, NetOverride};
 pub use rng::{EntropyConfig, RngSlot, RngSlotState};
 pub use serial::{SerialDevice, SerialPort, SerialRegisters, SERIAL_GSI};
+pub use vsock::{VsockConfig, VsockSlot, VsockSlotState};
 
 // The one list of device kinds, in the order they are built, locked and described.
 registry! {
@@ -51,6 +54,7 @@ registry! {
     dma: DmaSlot,
     net: NetSlots,
     rng: RngSlot,
+    vsock: VsockSlot,
 }
 
 /// What failed building, capturing, restoring or resetting a VM's devices.
@@ -95,6 +99,8 @@ pub enum DeviceError {
         #[source]
         source: devices::net::NetError,
     },
+    #[error("virtio-vsock")]
+    Vsock(#[from] devices::vsock::VsockError),
     #[error("{kind}: {reason}")]
     BadConfig { kind: &'static str, reason: String },
     #[error("saved devices do not match: {0}")]
@@ -146,6 +152,9 @@ impl DeviceManager {
         if args.disk.is_some() {
             return Err(DeviceError::Mismatch("the saved state has no virtio-blk, the snapshot has a disk".into()));
         }
+        if args.overrides.vsock_uds_path.is_some() && state.vsock.is_none() {
+            return Err(DeviceError::Mismatch("vsock_override: the saved VM has no vsock device".into()));
+        }
         Ok(DeviceManager::from_space(devices, space))
     }
 
@@ -186,6 +195,12 @@ impl DeviceManager {
         virtio.filter_map(|d| d.mmio).map(|slot| virtio_mmio_cmdline(&slot)).collect::<Vec<_>>().join(" ")
     }
 
+    /// Signals every device's interrupt again whose status has a bit set (`VmDevice::
+    /// resend_interrupt`): for a restored VM, once its vCPUs' state is restored.
+    pub fn resend_interrupts(&self) {
+        self.devices.resend_interrupts();
+    }
+
     /// Every device's counters, in registry order (devices that keep none left out).
     pub fn metrics(&self) -> Vec<DeviceMetrics> {
         self.devices.metrics()
@@ -214,6 +229,11 @@ impl DeviceManager {
     /// virtio-rng, if the VM has one.
     pub fn rng(&self) -> Option<&RngSlot> {
         self.devices.rng.as_ref()
+    }
+
+    /// The vsock device, if the VM has one.
+    pub fn vsock(&self) -> Option<&VsockSlot> {
+        self.devices.vsock.as_ref()
     }
 
     /// The DMA test engine.

@@ -254,6 +254,12 @@ impl VmDevice for NetSlots {
         reset_nested(&self.interfaces, state, Box::new(inner))
     }
 
+    fn resend_interrupt(&self) {
+        for slot in &self.interfaces {
+            slot.with_device(|d| d.interrupt().resend_if_pending());
+        }
+    }
+
     fn in_flight(state: &Vec<NetSlotState>) -> u64 {
         state.iter().map(|s| s.device.rx_in_flight.len() as u64 + u64::from(s.device.tx_in_flight.is_some())).sum()
     }

@@ -145,6 +145,12 @@ macro_rules! registry {
                 reset_nested!(devices, state, args, inner; $($field)+)
             }
 
+            fn resend_interrupts(&self) {
+                $(if let Some(device) = &self.$field {
+                    device.resend_interrupt();
+                })+
+            }
+
             fn metrics(&self) -> Vec<DeviceMetrics> {
                 let mut all = Vec::new();
                 $(if let Some(metrics) = self.$field.as_ref().and_then(VmDevice::metrics) {

@@ -11,7 +11,7 @@ use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use memory::{Access, GuestAddress, GuestRam, PinGuard};
+use memory::{Access, Bytes, GuestAddress, GuestRam, PinGuard};
 use virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::desc::split::Descriptor;

@@ -1,7 +1,54 @@
 //! Save and restore of the vsock device (`Persist`): the queues and the heads in flight;
-//! a restored device publishes those heads unused and tells the guest TRANSPORT_RESET.
+//! a restored (or reset) device publishes those heads unused and tells the guest
+//! TRANSPORT_RESET.
 
 use super::*;
+
+impl VsockDevice {
+    /// Takes `state`'s queues (already checked), features and stepping, gives the heads that
+    /// were in flight back to the guest unused and queues a TRANSPORT_RESET (delivered now if
+    /// the guest has an event buffer posted, else when it posts one).
+    fn apply_state(&mut self, state: &VsockState, queues: Vec<Queue>) {
+        self.features = state.features;
+        self.hold_tx = state.hold_tx;
+        self.hold_rx = state.hold_rx;
+        if queues.is_empty() {
+            return;
+        }
+        self.queues = queues;
+        for &head in &state.tx_in_flight {
+            self.publish(TXQ, head, 0);
+        }
+        for &head in &state.rx_in_flight {
+            self.publish(RXQ, head, 0);
+        }
+        self.signal_used(TXQ);
+        self.signal_used(RXQ);
+        self.event_pending = true;
+        self.process_evq();
+    }
+
+    /// Brings this device back to `state` in place (a VM reset; the listener and its
+    /// `uds_path` stay), at one instant with `reset_ram`: checks `state`, runs `reset_ram`
+    /// (refused while buffers are pinned, which covers every packet held in flight; then
+    /// nothing changed), closes every connection, drops what is held and takes `state` as a
+    /// restore would: the heads in flight at the capture go back unused and the guest is sent
+    /// TRANSPORT_RESET.
+    pub fn reset_with<E: From<VsockError>>(
+        &mut self,
+        state: &VsockState,
+        reset_ram: impl FnOnce() -> Result<(), E>,
+    ) -> Result<(), E> {
+        if state.cid != self.cid {
+            return Err(VsockError::BadState(format!("guest CID {}, this device has {}", state.cid, self.cid)).into());
+        }
+        let queues = state.check(&self.ram)?;
+        reset_ram()?;
+        VirtioDevice::reset(self);
+        self.apply_state(state, queues);
+        Ok(())
+    }
+}
 
 impl Persist for VsockDevice {
     type State = VsockState;
@@ -29,23 +76,7 @@ impl Persist for VsockDevice {
     fn restore(args: VsockArgs, state: &VsockState) -> Result<VsockDevice, VsockError> {
         let queues = state.check(&args.ram)?;
         let mut device = VsockDevice::new(args, state.cid)?;
-        device.features = state.features;
-        device.hold_tx = state.hold_tx;
-        device.hold_rx = state.hold_rx;
-        if queues.is_empty() {
-            return Ok(device);
-        }
-        device.queues = queues;
-        for &head in &state.tx_in_flight {
-            device.publish(TXQ, head, 0);
-        }
-        for &head in &state.rx_in_flight {
-            device.publish(RXQ, head, 0);
-        }
-        device.signal_used(TXQ);
-        device.signal_used(RXQ);
-        device.event_pending = true;
-        device.process_evq();
+        device.apply_state(state, queues);
         Ok(device)
     }
 }

@@ -208,6 +208,12 @@ impl VsockDevice {
                     self.stats.events += 1;
                     let idx = self.queues[EVQ].avail_idx(&*ram, std::sync::atomic::Ordering::Acquire);
                     self.rx_gate = Some(idx.map_or(0, |i| i.0));
+                    // RX opens when the guest posts a fresh event buffer: have it notify us
+                    // then (a Linux guest, whose RX buffers are all posted, sends no other
+                    // kick, and host connections waiting for RX would time out).
+                    if let Some(at) = self.rx_gate {
+                        self.notify_beyond(EVQ, at);
+                    }
                 }
                 Err(e) => {
                     self.record(e);
@@ -216,6 +222,31 @@ impl VsockDevice {
             }
         }
         self.signal_used(EVQ);
+    }
+
+    /// Asks the driver to notify queue `q` as soon as it makes anything available beyond avail
+    /// index `idx`. virtio-queue's `enable_notification` sets avail_event to the device's own
+    /// next index, which lies behind `idx` while buffers it has not popped are available (Linux
+    /// keeps 8 event buffers posted): the driver's vring_need_event then sends no kick for a
+    /// new buffer.
+    pub(super) fn notify_beyond(&mut self, q: usize, idx: u16) {
+        let ram = Arc::clone(&self.ram);
+        if self.queues[q].enable_notification(&*ram).is_err() {
+            self.broken = true;
+            return;
+        }
+        let queue = &self.queues[q];
+        if !queue.event_idx_enabled() {
+            return;
+        }
+        // avail_event follows the used ring's flags, index and `size` 8-byte elements.
+        let at = queue.used_ring().checked_add(4 + 8 * u64::from(queue.size()));
+        let written = at.map(|at| ram.write_slice(&idx.to_le_bytes(), GuestAddress(at)));
+        if !matches!(written, Some(Ok(()))) {
+            self.broken = true;
+        }
+        // The write lands before any later read of the avail index (rx_open's).
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
     }
 
     /// TX, then RX, again while TX waited only for RX to drain.

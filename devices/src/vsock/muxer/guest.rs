@@ -136,6 +136,16 @@ impl Muxer {
                 conn.credit_update_queued = false;
             }
         }
+        // A REQUEST reaching the guest: it has REQUEST_TIMEOUT from now to answer.
+        if c.op == OP_REQUEST {
+            let now = self.clock.now();
+            if let Some(conn) = self.conns.get_mut(&c.key) {
+                if let ConnState::LocalInit { deadline } = &mut conn.state {
+                    *deadline = now + REQUEST_TIMEOUT;
+                }
+            }
+            self.arm_timer();
+        }
         Some(self.header(c.key, c.op, c.flags, 0))
     }
 

@@ -71,7 +71,8 @@ impl Muxer {
         let _ = self.epoll.ctl(ControlOperation::Delete, handshake.stream.as_raw_fd(), EpollEvent::default());
         let Some(port) = port else { return };
         let key = (self.allocate_local_port(), port);
-        let deadline = self.clock.now() + REQUEST_TIMEOUT;
+        // Until the REQUEST reaches the guest (`take_control`), which may wait for RX to open.
+        let deadline = self.clock.now() + HANDSHAKE_TIMEOUT;
         self.conns.insert(key, Connection::new(token, handshake.stream, ConnState::LocalInit { deadline }));
         self.tokens.insert(token, key);
         self.queue_control(key, OP_REQUEST, 0);
