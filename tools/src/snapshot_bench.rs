@@ -122,6 +122,7 @@ pub fn bench_snapshot(
         disk: None,
         net: Vec::new(),
         irqchip: false,
+        vmgenid: false,
     };
     let mut vm = build_tiny_vm(&config, guests::find("spin").expect("spin is bundled"), 0)?;
     let token = vm.pause()?;

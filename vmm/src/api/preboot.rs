@@ -154,6 +154,7 @@ impl VmResources {
                 disk: self.drives.first().and_then(|d| d.path_on_host.clone()),
                 net: super::net::configs(&self.network_interfaces)?,
                 irqchip: false,
+                vmgenid: true,
             },
             kernel: source.kernel_image_path.clone(),
             initrd: source.initrd_path.clone(),

@@ -77,6 +77,10 @@ pub struct RunArgs {
     /// interface of that id is attached to (without one it is attached to nothing).
     #[arg(long, value_name = "SPEC", value_parser = net::parse_net)]
     net: Vec<net::NetFlag>,
+    /// Without the VM generation ID device: clones, restored and reset VMs then keep their
+    /// source's CRNG state (same "random" bytes); for tests that show what the device fixes.
+    #[arg(long, conflicts_with_all = ["guest", "restore"])]
+    no_vmgenid: bool,
     /// Number of vCPUs.
     #[arg(long, value_name = "N", default_value_t = 1,
           value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_VCPUS)))]
@@ -166,6 +170,7 @@ fn run(args: RunArgs) -> i32 {
         disk: args.disk,
         net: net::configs(&args.net),
         irqchip: false,
+        vmgenid: !args.no_vmgenid,
     };
     let clock = match args.clock_realtime {
         true => ClockOnRestore::AdvanceToHostRealtime,

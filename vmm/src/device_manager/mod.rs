@@ -19,6 +19,7 @@ pub mod net_config;
 #[macro_use]
 mod persist;
 pub mod serial;
+pub mod vmgenid;
 
 use std::sync::{Arc, Mutex};
 
@@ -35,10 +36,11 @@ pub use device::{
 pub use dma::DmaSlot;
 pub use event_loop::{DeviceEventLoop, EventLoopError};
 use legacy::{ControlPorts, I8042};
-pub use mmio::{virtio_mmio_cmdline, DeviceSpace, MmioSlot, Wiring};
+pub use mmio::{DeviceSpace, MmioSlot, Wiring};
 pub use net::{NetSlot, NetSlotState, NetSlots};
 pub use net_config::{NetConfig, NetOverride};
 pub use serial::{SerialDevice, SerialPort, SerialRegisters, SERIAL_GSI};
+pub use vmgenid::VmGenIdSlot;
 
 // The one list of device kinds, in the order they are built, locked and described.
 registry! {
@@ -48,6 +50,7 @@ registry! {
     block: BlockSlot,
     dma: DmaSlot,
     net: NetSlots,
+    vmgenid: VmGenIdSlot,
 }
 
 /// What failed building, capturing, restoring or resetting a VM's devices.
@@ -96,6 +99,8 @@ pub enum DeviceError {
     BadConfig { kind: &'static str, reason: String },
     #[error("saved devices do not match: {0}")]
     Mismatch(String),
+    #[error("cannot give the VM a new generation ID")]
+    VmGenId(#[from] crate::acpi::vmgenid::VmGenIdError),
     #[error("cannot reset the RAM with the devices")]
     Ram(#[source] MemoryError),
 }
@@ -175,12 +180,6 @@ impl DeviceManager {
         self.devices.descriptions()
     }
 
-    /// The kernel command-line fragments for the virtio devices present (empty without any).
-    pub fn kernel_cmdline(&self) -> String {
-        let virtio = self.descriptions().into_iter().filter(|d| d.virtio);
-        virtio.filter_map(|d| d.mmio).map(|slot| virtio_mmio_cmdline(&slot)).collect::<Vec<_>>().join(" ")
-    }
-
     /// Every device's counters, in registry order (devices that keep none left out).
     pub fn metrics(&self) -> Vec<DeviceMetrics> {
         self.devices.metrics()
@@ -206,6 +205,18 @@ impl DeviceManager {
         self.devices.net.as_ref().map_or(&[], |n| n.interfaces.as_slice())
     }
 
+    /// The VM generation ID, if the VM has one.
+    pub fn vmgenid(&self) -> Option<&VmGenIdSlot> {
+        self.devices.vmgenid.as_ref()
+    }
+
+    /// A clone, restored or reset VM is a new generation: a fresh generation ID and its
+    /// interrupt on `vm`, this VM's (nothing without the device). Call once the vCPUs and
+    /// irqchip are restored.
+    pub fn new_generation(&self, vm: &kvm_ioctls::VmFd) -> Result<(), DeviceError> {
+        self.vmgenid().map_or(Ok(()), |device| device.new_generation(vm))
+    }
+
     /// The DMA test engine.
     pub fn dma(&self) -> Option<&Arc<Mutex<DmaEngine>>> {
         self.devices.dma.as_ref().map(|d| &d.engine)
@@ -226,7 +237,8 @@ mod tests {
         let console = Console::capture().0;
         let host = DeviceHost { ram: &ram, wiring: Wiring::Polled, console: &console };
         let devices =
-            DeviceManager::attach(&host, &AttachConfig { disk: Some(file.clone()), net: Vec::new() }).unwrap();
+            DeviceManager::attach(&host, &AttachConfig { disk: Some(file.clone()), ..AttachConfig::default() })
+                .unwrap();
         std::fs::remove_file(&file).unwrap();
         let mmio = devices.buses().1;
         let mut word = [0u8; 4];
@@ -236,7 +248,6 @@ mod tests {
         assert_eq!(u32::from_le_bytes(word), 2, "block device id");
         assert!(mmio.read(DMA_ENGINE_MMIO_ADDR, &mut word));
         assert_eq!(&word, b"DMAE");
-        assert_eq!(devices.kernel_cmdline(), "virtio_mmio.device=4K@0xd0000000:5");
         let kinds: Vec<_> = devices.descriptions().iter().map(|d| d.kind).collect();
         assert_eq!(kinds, ["serial", "i8042", "control-ports", "virtio-blk", "dma-engine"]);
     }
