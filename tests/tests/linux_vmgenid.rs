@@ -11,6 +11,12 @@
 //! the bytes its source printed at that tick: the test can fail, and the device is what fixes
 //! it.
 //!
+//! One thing the guest does on its own can make a VM without the device diverge anyway: in its
+//! first two minutes of uptime Linux reseeds its CRNG from the input pool (which holds each
+//! VM's own interrupt timings) every max(1 s, uptime / 2); if that reseed falls between the
+//! capture instant and the first read (a window of one tick period, hence the short period)
+//! the disabled case fails. Seen once in the first two runs here (a restore), not since.
+//!
 //! `cargo test -p zygote-tests --test linux_vmgenid -- --ignored --nocapture`, with
 //! `ZYGOTE_VMLINUX` / `ZYGOTE_INITRD` as for linux_cli.
 
@@ -22,7 +28,7 @@ use zygote_tests::linux::kernel_and_initrd;
 use zygote_tests::ticks::{Served, Tick};
 use zygote_tests::{ctl, scratch_dir, wait_for_api_socket};
 
-const PERIOD_MS: u64 = 300;
+const PERIOD_MS: u64 = 100;
 /// Hang guard for a boot on a loaded host (not a speed bound).
 const BOOT_TIMEOUT: Duration = Duration::from_secs(480);
 /// Hang guard for a new VM to print (not a speed bound).
