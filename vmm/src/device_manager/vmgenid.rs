@@ -222,6 +222,22 @@ mod tests {
     }
 
     #[test]
+    fn a_saved_address_outside_ram_misaligned_or_across_a_page_is_refused() {
+        let ram = Arc::new(GuestRam::new(&[(GuestAddress(0), 1 << 20)]).unwrap());
+        let console = Console::capture().0;
+        let host = super::super::DeviceHost { ram: &ram, wiring: Wiring::Polled, console: &console };
+        let reason = super::super::RestoreReason::Snapshot;
+        let args = RestoreArgs { reason, overrides: Default::default(), host, disk: None };
+        let check = |addr| VmGenIdSlot::check_saved(&VmGenIdState { addr, gsi: 7 }, &args);
+        assert!(check(VMGENID_ADDR).is_ok());
+        for (addr, says) in [(1 << 20, "not in guest RAM"), (0xf_f004, "aligned"), (0xf_fff8, "one page")] {
+            let err = check(addr).unwrap_err().to_string();
+            assert!(err.contains(says), "{addr:#x}: {err}");
+        }
+        assert!(check(u64::MAX - 3).unwrap_err().to_string().contains("overflows"));
+    }
+
+    #[test]
     fn without_the_device_a_clone_keeps_the_id_bytes_and_gets_no_interrupt() {
         let mut source = spin(3, false);
         assert!(source.devices().vmgenid().is_none());
