@@ -48,9 +48,11 @@ if [ "${1:-}" = "--slow" ]; then
     # on two vCPUs (~75 s: its decompressor is emulated), a booting Linux VM is cloned and both
     # run to their init, and one is cloned, snapshotted and restored through the control API
     # (~25-60 s each here, two at a time); a ticking guest is restored from old snapshots, reset
-    # and cloned without its clock jumping (linux_restore_clock, ~3 min). The loader's own boots (no
+    # and cloned without its clock jumping (linux_restore_clock, ~3 min); clones, restored and reset
+    # VMs draw their own random bytes with the VM generation ID, repeat their source's without
+    # (linux_vmgenid, two boots). The loader's own boots (no
     # VMM around them) run by hand:
     #   cargo test --release -p zygote-vmm --test linux_boot -- --ignored --test-threads=1
-    exec cargo test -j1 --release -p zygote-tests --test linux_cli --test linux_clone --test linux_api --test seccomp --test linux_restore_clock --test linux_net --test linux_vsock "$@" -- --ignored
+    exec cargo test -j1 --release -p zygote-tests --test linux_cli --test linux_clone --test linux_api --test seccomp --test linux_restore_clock --test linux_net --test linux_vsock --test linux_vmgenid "$@" -- --ignored
 fi
 exec cargo test --workspace -j1 "$@"

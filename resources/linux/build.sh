@@ -31,8 +31,9 @@
 #   mitigations=off tsc=reliable rodata=off quiet
 # (rodata=off skips mark_rodata_ro(), whose page-table rewrites and TLB
 # flushes took 15-20 s of emulated CPL0 time here, far more on a busy host),
-# plus `virtio_mmio.device=SIZE@ADDR:IRQ` per device unless the VMM's ACPI
-# tables describe them, and the init's mode words (init.c, net.c):
+# (Zygote's ACPI tables describe the virtio-mmio devices; a VMM without them
+# appends `virtio_mmio.device=SIZE@ADDR:IRQ` per device), and the init's mode
+# words (init.c, net.c):
 # `zygote_blk=1` prints `ZYGOTE-BLK <FNV-1a 64 of the first 4096 bytes of
 # /dev/vda>` (blk_checksum.py computes the expected line on the host);
 # `zygote_tick=MS [zygote_random=1]` prints the guest's clocks (and 32 bytes

@@ -124,6 +124,7 @@ pub fn bench_snapshot(
         entropy: None,
         vsock: None,
         irqchip: false,
+        vmgenid: false,
     };
     let mut vm = build_tiny_vm(&config, guests::find("spin").expect("spin is bundled"), 0)?;
     let token = vm.pause()?;

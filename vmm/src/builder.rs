@@ -12,9 +12,10 @@ use devices::persist::Persist;
 use kvm_ioctls::{Kvm, VcpuFd};
 use memory::{Bytes, GuestAddress, GuestRam, MemoryError};
 
+use crate::acpi::{self, AcpiConfig, AcpiError, MmioDeviceInfo};
 use crate::device_manager::{
     AttachConfig, Console, DeviceError, DeviceHost, DeviceManager, DeviceOverrides, EntropyConfig, NetConfig,
-    RestoreArgs, RestoreReason, VsockConfig, Wiring,
+    RestoreArgs, RestoreReason, VmGenIdSlot, VsockConfig, Wiring,
 };
 use crate::guests::{self, TinyGuest};
 use crate::layout::{GUEST_CODE_ADDR, HIGH_RAM_START, MIN_RAM, MMIO_GAP_START, VM_ID_ADDR};
@@ -56,6 +57,9 @@ pub struct VmConfig {
     /// so its devices interrupt through irqfds and take QueueNotify as an ioeventfd. The tiny
     /// guests run with interrupts off and poll either way; tests use this to check the wiring.
     pub irqchip: bool,
+    /// A VM generation ID device (`--no-vmgenid` turns it off), for VMs with an irqchip: every
+    /// clone, restored VM and reset gets a fresh ID, and a Linux guest reseeds its CRNG.
+    pub vmgenid: bool,
 }
 
 impl Default for VmConfig {
@@ -70,6 +74,7 @@ impl Default for VmConfig {
             entropy: None,
             vsock: None,
             irqchip: false,
+            vmgenid: true,
         }
     }
 }
@@ -119,6 +124,8 @@ pub enum BuildError {
         #[source]
         source: MemoryError,
     },
+    #[error("cannot write the ACPI tables")]
+    Acpi(#[from] AcpiError),
     #[error("cannot lay out the long-mode tables")]
     LongMode(#[from] LongModeError),
     #[error("loading the guest binary at {addr:#x} failed")]
@@ -242,6 +249,8 @@ pub fn build_vm(id: u64, ram: Arc<GuestRam>, console: &Console, mut filling: Fil
     devices.resend_interrupts();
     if let Filling::Restore { state, .. } = &filling {
         restore_clock(vm.fd(), &state.clock)?;
+        // A clone or restored VM is a new generation: told once its vCPUs and irqchip are set.
+        devices.new_generation(vm.fd())?;
     }
     // Probe which MSRs a capture saves now, while nothing is paused: the first probe builds a
     // scratch VM (1.3 ms here) and would otherwise land in the first clone's pause. A failure
@@ -272,8 +281,13 @@ fn build_devices(
     };
     let host = DeviceHost { ram, wiring, console };
     let attach = |vm: &VmConfig| {
-        let config =
-            AttachConfig { disk: vm.disk.clone(), net: vm.net.clone(), entropy: vm.entropy, vsock: vm.vsock.clone() };
+        let config = AttachConfig {
+            disk: vm.disk.clone(),
+            net: vm.net.clone(),
+            entropy: vm.entropy,
+            vsock: vm.vsock.clone(),
+            vmgenid: vm.vmgenid,
+        };
         DeviceManager::attach(&host, &config)
     };
     Ok(match filling {
@@ -296,14 +310,10 @@ fn fill_vcpus(ram: &GuestRam, devices: &DeviceManager, fds: &[VcpuFd], filling: 
             }
         }
         Filling::Linux(config) => {
-            let mut cmdline = config.cmdline.clone().unwrap_or_else(|| linux::DEFAULT_CMDLINE.to_string());
-            let fragment = devices.kernel_cmdline();
-            if !fragment.is_empty() {
-                cmdline.push(' ');
-                cmdline.push_str(&fragment);
-            }
+            let cmdline = config.cmdline.clone().unwrap_or_else(|| linux::DEFAULT_CMDLINE.to_string());
             let count = u8::try_from(fds.len()).unwrap_or(u8::MAX);
-            let entry = linux::load_kernel(ram, &config.kernel, config.initrd.as_deref(), &cmdline, count)?;
+            let rsdp = write_acpi_tables(ram, devices, count)?;
+            let entry = linux::load_kernel(ram, &config.kernel, config.initrd.as_deref(), &cmdline, count, Some(rsdp))?;
             let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
             for (index, fd) in (0..count).zip(fds) {
                 linux::setup_boot_vcpu(fd, &kvm, &entry, index)?;
@@ -316,6 +326,18 @@ fn fill_vcpus(ram: &GuestRam, devices: &DeviceManager, fds: &[VcpuFd], filling: 
         }
     }
     Ok(())
+}
+
+/// The ACPI tables of a Linux guest (`crate::acpi`): its vCPUs, the virtio-mmio devices and
+/// the generation ID device; returns the RSDP's address.
+fn write_acpi_tables(ram: &GuestRam, devices: &DeviceManager, vcpus: u8) -> Result<GuestAddress, BuildError> {
+    let mmio_devices: Vec<MmioDeviceInfo> = (devices.descriptions().into_iter())
+        .filter(|d| d.virtio)
+        .filter_map(|d| d.mmio)
+        .map(|slot| MmioDeviceInfo { addr: slot.base, size: slot.size, irq: slot.gsi })
+        .collect();
+    let vmgenid = devices.vmgenid().map(VmGenIdSlot::config);
+    Ok(acpi::write_tables(ram, &AcpiConfig { vcpus, mmio_devices: &mmio_devices, vmgenid })?)
 }
 
 /// Guest RAM for `config` holding the page tables, `guest`'s code and the VM id.
@@ -383,6 +405,11 @@ mod tests {
         let big = ram_layout(4 << 30);
         assert_eq!(big[0], (GuestAddress(0), MMIO_GAP_START as usize));
         assert_eq!(big[1], (GuestAddress(HIGH_RAM_START), ((4 << 30) - MMIO_GAP_START) as usize));
+    }
+
+    #[test]
+    fn the_dsdt_gives_com1_the_serial_devices_interrupt() {
+        assert_eq!(crate::acpi::COM1_GSI, crate::device_manager::SERIAL_GSI);
     }
 
     #[test]

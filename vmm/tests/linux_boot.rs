@@ -27,7 +27,7 @@ const TINY_TIMEOUT: Duration = Duration::from_secs(60);
 /// the layout on.
 fn load_only(mem: usize, kernel: &Path, initrd: Option<&Path>, cmdline: &str, vcpus: u8) -> (GuestRam, BootEntry) {
     let ram = GuestRam::new(&[(GuestAddress(0), mem)]).unwrap();
-    let entry = load_kernel(&ram, kernel, initrd, cmdline, vcpus).unwrap();
+    let entry = load_kernel(&ram, kernel, initrd, cmdline, vcpus, None).unwrap();
     (ram, entry)
 }
 
@@ -166,9 +166,8 @@ fn tiny_pvh_kernel_starts_in_protected_mode_with_start_info_in_ebx() {
     let mut cmdline = [0u8; 14];
     ram.read_slice(&mut cmdline, GuestAddress(0x20000)).unwrap();
     assert_eq!(&cmdline, b"console=ttyS0\0");
-    let mut mpf = [0u8; 4];
-    ram.read_slice(&mut mpf, GuestAddress(0x9fc00)).unwrap();
-    assert_eq!(&mpf, b"_MP_");
+    let rsdp: u64 = ram.read_obj(GuestAddress(entry.boot_info.0 + 32)).unwrap();
+    assert_eq!(rsdp, 0, "rsdp_paddr: the loader alone writes no ACPI tables");
 
     let vcpu = boot_until_parked(32 * MIB, &kernel.0, Some(&initrd.0), "console=ttyS0");
     assert_eq!(vcpu.regs.rax & 0xffff_ffff, entry.boot_info.0);
@@ -176,11 +175,71 @@ fn tiny_pvh_kernel_starts_in_protected_mode_with_start_info_in_ebx() {
     assert_eq!((sregs.cr0 & 0x8000_0001, sregs.cs.db, sregs.efer), (1, 1, 0));
 }
 
+/// The ACPI table at `addr`: its bytes, checked to sum to zero over the length its header says.
+fn acpi_table(ram: &GuestRam, addr: u64, signature: &[u8; 4]) -> Vec<u8> {
+    let header: [u8; 8] = ram.read_obj(GuestAddress(addr)).unwrap();
+    assert_eq!(&header[..4], signature, "table at {addr:#x}");
+    let len = u32::from_le_bytes(header[4..8].try_into().unwrap()) as usize;
+    let mut table = vec![0u8; len];
+    ram.read_slice(&mut table, GuestAddress(addr)).unwrap();
+    assert_eq!(table.iter().fold(0u8, |a, &b| a.wrapping_add(b)), 0, "{signature:?} checksum");
+    table
+}
+
+fn u64_at(bytes: &[u8], offset: usize) -> u64 {
+    u64::from_le_bytes(bytes[offset..offset + 8].try_into().unwrap())
+}
+
+#[test]
+fn a_built_linux_vm_finds_acpi_tables_describing_its_vcpus_disk_and_generation_id() {
+    let kernel = TempFile::new(&tiny_elf(&park(), true));
+    let disk = TempFile::new(&[0; 4096]);
+    let console = Console::capture().0;
+    let vm = VmConfig { mem_mib: 32, vcpus: 2, console, disk: Some(disk.0.clone()), ..VmConfig::default() };
+    let config = LinuxConfig { vm, kernel: kernel.0.clone(), initrd: None, cmdline: None };
+    let vmm = build_linux_vm(&config).unwrap();
+    let ram = vmm.ram();
+    // hvm_start_info.rsdp_paddr, at offset 32 of the start info the PVH entry gets in EBX.
+    let rsdp_addr: u64 = ram.read_obj(GuestAddress(0x6000 + 32)).unwrap();
+    let mut rsdp = [0u8; 36];
+    ram.read_slice(&mut rsdp, GuestAddress(rsdp_addr)).unwrap();
+    assert_eq!((&rsdp[..8], rsdp[15]), (&b"RSD PTR "[..], 2), "RSDP, ACPI 2.0+");
+    let sum = |bytes: &[u8]| bytes.iter().fold(0u8, |a, &b| a.wrapping_add(b));
+    assert_eq!((sum(&rsdp[..20]), sum(&rsdp)), (0, 0), "RSDP checksums");
+    assert!((0xe_0000..0x10_0000).contains(&rsdp_addr) && rsdp_addr.is_multiple_of(16), "where a scan finds it");
+
+    let xsdt = acpi_table(ram, u64_at(&rsdp, 24), b"XSDT");
+    let entries: Vec<u64> = (36..xsdt.len()).step_by(8).map(|at| u64_at(&xsdt, at)).collect();
+    assert_eq!(entries.len(), 2, "FADT and MADT");
+    let fadt = acpi_table(ram, entries[0], b"FACP");
+    assert_ne!(u32::from_le_bytes(fadt[112..116].try_into().unwrap()) & (1 << 20), 0, "HW_REDUCED_ACPI");
+    let madt = acpi_table(ram, entries[1], b"APIC");
+    let (mut kinds, mut at) = (Vec::new(), 44);
+    while at + 2 <= madt.len() {
+        kinds.push(madt[at]);
+        at += usize::from(madt[at + 1]).max(1);
+    }
+    assert_eq!(kinds, [0, 0, 1], "a local APIC per vCPU, then the I/O APIC");
+
+    let dsdt = acpi_table(ram, u64_at(&fadt, 140), b"DSDT");
+    let has = |needle: &[u8]| dsdt.windows(needle.len()).any(|w| w == needle);
+    for name in [&b"LNRO0005"[..], b"VGEN", b"VM_GEN_COUNTER", b"ACPI0013", b"_EVT"] {
+        assert!(has(name), "the DSDT names {}", String::from_utf8_lossy(name));
+    }
+    // virtio-blk's window as a Memory32Fixed descriptor: tag, length, read-write, base, size.
+    let mut window = vec![0x86, 9, 0, 1];
+    window.extend_from_slice(&0xd000_0000u32.to_le_bytes());
+    window.extend_from_slice(&0x1000u32.to_le_bytes());
+    assert!(has(&window), "the DSDT gives virtio-blk's window");
+    let id = vmm.devices().vmgenid().expect("a Linux VM has a generation ID").id().unwrap();
+    assert_ne!(id, [0; 16], "the ID is written at build");
+}
+
 #[test]
 fn elf_without_pvh_note_is_refused() {
     let kernel = TempFile::new(&tiny_elf(&[0xf4], false));
     let ram = GuestRam::new(&[(GuestAddress(0), 32 * MIB)]).unwrap();
-    let err = load_kernel(&ram, &kernel.0, None, "", 1).unwrap_err();
+    let err = load_kernel(&ram, &kernel.0, None, "", 1, None).unwrap_err();
     assert!(err.to_string().contains("PVH"), "{err}");
 }
 

@@ -1,4 +1,7 @@
 //! The DSDT: the devices the guest cannot discover, in AML. Under `\_SB`:
+//! - `COM1`, the 16550 UART (`PNP0501`: its ports and its interrupt). In hardware-reduced ACPI
+//!   Linux has no legacy PIC and maps no ISA interrupt by itself: without this entry the
+//!   8250 driver's IRQ 4 is never set up in the I/O APIC and user space cannot open the console;
 //! - `Vnnn`, one per virtio-mmio device: `_HID "LNRO0005"` (Linux's virtio_mmio driver matches
 //!   it), its register window and its edge-triggered interrupt;
 //! - `VGEN`, the VM generation ID (`_CID "VM_GEN_COUNTER"`, which Linux's vmgenid driver
@@ -8,12 +11,17 @@
 //!   0x80, upon which the guest reads the new ID and reseeds its CRNG.
 
 use acpi_tables::aml::{
-    Arg, Device, Equal, If, Interrupt, Memory32Fixed, Method, Name, Notify, Package, Path, ResourceTemplate, Scope,
+    Arg, Device, EISAName, Equal, If, Interrupt, Memory32Fixed, Method, Name, Notify, Package, Path, ResourceTemplate,
+    Scope, IO,
 };
 use acpi_tables::sdt::Sdt;
 use acpi_tables::Aml;
 
 use super::vmgenid::{VmGenIdConfig, VMGENID_ADDR};
+use crate::layout::SERIAL_PORT;
+
+/// COM1's interrupt (the serial device's `SERIAL_GSI`; the builder's tests check they agree).
+pub const COM1_GSI: u32 = 4;
 
 /// A virtio-mmio device as the DSDT describes it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -28,6 +36,19 @@ pub struct MmioDeviceInfo {
 const NOTIFY_NEW_ID: u8 = 0x80;
 /// Device names are four characters: `V` and three hex digits.
 pub const MAX_DEVICES: usize = 0x1000;
+
+/// AML of COM1: eight ports from `SERIAL_PORT`, edge-triggered `COM1_GSI`.
+fn com1() -> Vec<u8> {
+    let ports = IO::new(SERIAL_PORT, SERIAL_PORT, 1, 8);
+    let interrupt = Interrupt::new(true, true, false, false, COM1_GSI);
+    let crs = ResourceTemplate::new(vec![&ports, &interrupt]);
+    let hid = Name::new("_HID".into(), &EISAName::new("PNP0501"));
+    let uid = Name::new("_UID".into(), &0u8);
+    let crs = Name::new("_CRS".into(), &crs);
+    let mut out = Vec::new();
+    Device::new("COM1".into(), vec![&hid, &uid, &crs]).to_aml_bytes(&mut out);
+    out
+}
 
 /// AML of virtio-mmio device `index`.
 fn mmio_device(index: usize, device: &MmioDeviceInfo) -> Vec<u8> {
@@ -77,7 +98,8 @@ pub fn dsdt(
     devices: &[MmioDeviceInfo],
     vmgenid: Option<&VmGenIdConfig>,
 ) -> Vec<u8> {
-    let mut children: Vec<Vec<u8>> = devices.iter().enumerate().map(|(i, d)| mmio_device(i, d)).collect();
+    let mut children = vec![com1()];
+    children.extend(devices.iter().enumerate().map(|(i, d)| mmio_device(i, d)));
     if let Some(config) = vmgenid {
         children.push(vmgenid_devices(config));
     }
@@ -115,9 +137,18 @@ mod tests {
         ];
         let table = dsdt(*b"ZYGOTE", *b"ZYGOTEVM", 1, &devices, Some(&VmGenIdConfig { gsi: 10 }));
         assert_eq!(&table[..4], b"DSDT");
-        for needle in
-            [&b"V000"[..], b"V001", b"LNRO0005", b"VGEN", b"VM_GEN_COUNTER", b"ADDR", b"GED0", b"ACPI0013", b"_EVT"]
-        {
+        for needle in [
+            &b"COM1"[..],
+            b"V000",
+            b"V001",
+            b"LNRO0005",
+            b"VGEN",
+            b"VM_GEN_COUNTER",
+            b"ADDR",
+            b"GED0",
+            b"ACPI0013",
+            b"_EVT",
+        ] {
             assert!(contains(&table, needle), "{}", String::from_utf8_lossy(needle));
         }
         // Memory32Fixed of the second window: tag 0x86, length 9, read-write, base, size.

@@ -19,7 +19,7 @@ use acpi_tables::xsdt::XSDT;
 use acpi_tables::Aml;
 use memory::{Bytes, GuestAddress, GuestRam};
 
-pub use dsdt::MmioDeviceInfo;
+pub use dsdt::{MmioDeviceInfo, COM1_GSI};
 pub use vmgenid::VmGenIdConfig;
 
 /// First byte of the tables (the RSDP).

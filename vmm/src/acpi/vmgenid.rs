@@ -26,8 +26,12 @@ pub struct VmGenIdConfig {
 pub enum VmGenIdError {
     #[error("cannot draw a generation ID from the host's random source")]
     Random(#[source] getrandom::Error),
-    #[error("writing the generation ID at {VMGENID_ADDR:#x} into guest RAM failed")]
-    GuestWrite(#[source] vm_memory::GuestMemoryError),
+    #[error("writing the generation ID at {addr:#x} into guest RAM failed")]
+    GuestWrite {
+        addr: u64,
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
     #[error("raising the generation ID interrupt (GSI {gsi}) failed")]
     Interrupt {
         gsi: u32,
@@ -43,16 +47,17 @@ pub fn fresh_id() -> Result<[u8; VMGENID_LEN], VmGenIdError> {
     Ok(id)
 }
 
-/// Writes a fresh ID into `ram` (a VM's own: a clone's RAM is private once written); returns it.
-pub fn write_fresh_id(ram: &GuestRam) -> Result<[u8; VMGENID_LEN], VmGenIdError> {
+/// Writes a fresh ID at `addr` into `ram` (a VM's own: a clone's RAM is private once
+/// written); returns it.
+pub fn write_fresh_id(ram: &GuestRam, addr: u64) -> Result<[u8; VMGENID_LEN], VmGenIdError> {
     let id = fresh_id()?;
-    ram.write_slice(&id, GuestAddress(VMGENID_ADDR)).map_err(VmGenIdError::GuestWrite)?;
+    ram.write_slice(&id, GuestAddress(addr)).map_err(|source| VmGenIdError::GuestWrite { addr, source })?;
     Ok(id)
 }
 
-/// Raises the Generic Event Device's edge-triggered interrupt once, so the guest runs `_EVT`
-/// and notifies its vmgenid driver. For a VM with an in-kernel irqchip, after the new ID is in
-/// RAM (the guest may read it at once).
+/// Raises the Generic Event Device's edge-triggered interrupt once (KVM_IRQ_LINE up and down,
+/// synchronously: the I/O APIC, and the PIC for a GSI below 16, have latched it on return), so
+/// the guest runs `_EVT` and notifies its vmgenid driver. After the new ID is in RAM.
 pub fn notify(vm: &VmFd, config: &VmGenIdConfig) -> Result<(), VmGenIdError> {
     let gsi = config.gsi;
     for level in [true, false] {
@@ -68,8 +73,8 @@ mod tests {
     #[test]
     fn every_id_is_new_and_lands_at_its_address() {
         let ram = GuestRam::new(&[(GuestAddress(0), 1 << 20)]).unwrap();
-        let a = write_fresh_id(&ram).unwrap();
-        let b = write_fresh_id(&ram).unwrap();
+        let a = write_fresh_id(&ram, VMGENID_ADDR).unwrap();
+        let b = write_fresh_id(&ram, VMGENID_ADDR).unwrap();
         assert_ne!(a, b);
         let mut read = [0u8; VMGENID_LEN];
         ram.read_slice(&mut read, GuestAddress(VMGENID_ADDR)).unwrap();

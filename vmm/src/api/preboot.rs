@@ -177,6 +177,7 @@ impl VmResources {
                 entropy: self.entropy,
                 vsock: self.vsock.as_ref().map(Vsock::to_config).transpose()?,
                 irqchip: false,
+                vmgenid: true,
             },
             kernel: source.kernel_image_path.clone(),
             initrd: source.initrd_path.clone(),

@@ -89,6 +89,10 @@ pub struct RunArgs {
     /// alone, the restored device's own socket (required when the snapshot has a vsock).
     #[arg(long, value_name = "SPEC", value_parser = vsock::parse_vsock)]
     vsock: Option<vsock::VsockFlag>,
+    /// Without the VM generation ID device: clones, restored and reset VMs then keep their
+    /// source's CRNG state (same "random" bytes); for tests that show what the device fixes.
+    #[arg(long, conflicts_with_all = ["guest", "restore"])]
+    no_vmgenid: bool,
     /// Number of vCPUs.
     #[arg(long, value_name = "N", default_value_t = 1,
           value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_VCPUS)))]
@@ -193,6 +197,7 @@ fn run(args: RunArgs) -> i32 {
         entropy: args.entropy,
         vsock,
         irqchip: false,
+        vmgenid: !args.no_vmgenid,
     };
     let clock = match args.clock_realtime {
         true => ClockOnRestore::AdvanceToHostRealtime,

@@ -18,8 +18,8 @@ use super::console::Console;
 use super::mmio::{DeviceSpace, MmioSlot, Wiring};
 use super::DeviceError;
 
-/// How the guest finds a device: its MMIO window and interrupt. Rendered today as the Linux
-/// command line's `virtio_mmio.device=` (virtio devices only), later as ACPI DSDT entries.
+/// How the guest finds a device: its MMIO window and interrupt. The ACPI DSDT describes the
+/// virtio ones to a Linux guest (`crate::acpi`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DeviceDescription {
     pub kind: &'static str,
@@ -111,6 +111,8 @@ pub struct AttachConfig {
     pub entropy: Option<devices::rng::EntropyConfig>,
     /// The virtio-vsock device, if any.
     pub vsock: Option<super::vsock_config::VsockConfig>,
+    /// A VM generation ID device (VMs with an in-kernel irqchip only).
+    pub vmgenid: bool,
 }
 
 /// What a restore builds the devices on.

@@ -80,9 +80,18 @@ impl DeviceSpace {
         }
         let base = self.next_base;
         self.next_base = base.checked_add(MMIO_REGION_SIZE).ok_or(DeviceError::NoSlot { kind })?;
+        let gsi = self.gsi(kind)?;
+        Ok(MmioSlot { base, size: MMIO_REGION_SIZE, gsi })
+    }
+
+    /// The next free GSI, for a device that has no MMIO window (the VM generation ID's GED).
+    pub fn gsi(&mut self, kind: &'static str) -> Result<u32, DeviceError> {
+        if self.next_gsi > LAST_GSI {
+            return Err(DeviceError::NoSlot { kind });
+        }
         let gsi = self.next_gsi;
         self.next_gsi += 1;
-        Ok(MmioSlot { base, size: MMIO_REGION_SIZE, gsi })
+        Ok(gsi)
     }
 
     /// Puts `device` on the MMIO bus at `slot`.
@@ -124,21 +133,9 @@ pub fn queue_notifications<D: VirtioDevice + 'static>(
     Ok(Some(Arc::new(Mutex::new(notifier))))
 }
 
-/// `virtio_mmio.device=SIZE@ADDR:IRQ` for one device: how a Linux guest without ACPI or a
-/// device tree finds a virtio-mmio device.
-pub fn virtio_mmio_cmdline(slot: &MmioSlot) -> String {
-    format!("virtio_mmio.device={}K@{:#x}:{}", slot.size >> 10, slot.base, slot.gsi)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn cmdline_fragment_names_size_address_and_irq() {
-        let slot = MmioSlot { base: 0xd000_0000, size: 0x1000, gsi: 5 };
-        assert_eq!(virtio_mmio_cmdline(&slot), "virtio_mmio.device=4K@0xd0000000:5");
-    }
 
     #[test]
     fn slots_are_handed_out_in_order_until_the_gsis_run_out() {

@@ -20,6 +20,7 @@ pub mod net_config;
 mod persist;
 pub mod rng;
 pub mod serial;
+pub mod vmgenid;
 pub mod vsock;
 pub mod vsock_config;
 
@@ -38,11 +39,12 @@ pub use device::{
 pub use dma::DmaSlot;
 pub use event_loop::{DeviceEventLoop, EventLoopError};
 use legacy::{ControlPorts, I8042};
-pub use mmio::{virtio_mmio_cmdline, DeviceSpace, MmioSlot, Wiring};
+pub use mmio::{DeviceSpace, MmioSlot, Wiring};
 pub use net::{NetSlot, NetSlotState, NetSlots};
 pub use net_config::{NetConfig, NetOverride};
 pub use rng::{EntropyConfig, RngSlot, RngSlotState};
 pub use serial::{SerialDevice, SerialPort, SerialRegisters, SERIAL_GSI};
+pub use vmgenid::VmGenIdSlot;
 pub use vsock::{VsockConfig, VsockSlot, VsockSlotState};
 
 // The one list of device kinds, in the order they are built, locked and described.
@@ -55,6 +57,7 @@ registry! {
     net: NetSlots,
     rng: RngSlot,
     vsock: VsockSlot,
+    vmgenid: VmGenIdSlot,
 }
 
 /// What failed building, capturing, restoring or resetting a VM's devices.
@@ -105,6 +108,8 @@ pub enum DeviceError {
     BadConfig { kind: &'static str, reason: String },
     #[error("saved devices do not match: {0}")]
     Mismatch(String),
+    #[error("cannot give the VM a new generation ID")]
+    VmGenId(#[from] crate::acpi::vmgenid::VmGenIdError),
     #[error("cannot reset the RAM with the devices")]
     Ram(#[source] MemoryError),
     #[error("virtio-rng")]
@@ -189,12 +194,6 @@ impl DeviceManager {
         self.devices.descriptions()
     }
 
-    /// The kernel command-line fragments for the virtio devices present (empty without any).
-    pub fn kernel_cmdline(&self) -> String {
-        let virtio = self.descriptions().into_iter().filter(|d| d.virtio);
-        virtio.filter_map(|d| d.mmio).map(|slot| virtio_mmio_cmdline(&slot)).collect::<Vec<_>>().join(" ")
-    }
-
     /// Signals every device's interrupt again whose status has a bit set (`VmDevice::
     /// resend_interrupt`): for a restored VM, once its vCPUs' state is restored.
     pub fn resend_interrupts(&self) {
@@ -236,6 +235,18 @@ impl DeviceManager {
         self.devices.vsock.as_ref()
     }
 
+    /// The VM generation ID, if the VM has one.
+    pub fn vmgenid(&self) -> Option<&VmGenIdSlot> {
+        self.devices.vmgenid.as_ref()
+    }
+
+    /// A clone, restored or reset VM is a new generation: a fresh generation ID and its
+    /// interrupt on `vm`, this VM's (nothing without the device). Call once the vCPUs and
+    /// irqchip are restored.
+    pub fn new_generation(&self, vm: &kvm_ioctls::VmFd) -> Result<(), DeviceError> {
+        self.vmgenid().map_or(Ok(()), |device| device.new_generation(vm))
+    }
+
     /// The DMA test engine.
     pub fn dma(&self) -> Option<&Arc<Mutex<DmaEngine>>> {
         self.devices.dma.as_ref().map(|d| &d.engine)
@@ -267,7 +278,6 @@ mod tests {
         assert_eq!(u32::from_le_bytes(word), 2, "block device id");
         assert!(mmio.read(DMA_ENGINE_MMIO_ADDR, &mut word));
         assert_eq!(&word, b"DMAE");
-        assert_eq!(devices.kernel_cmdline(), "virtio_mmio.device=4K@0xd0000000:5");
         let kinds: Vec<_> = devices.descriptions().iter().map(|d| d.kind).collect();
         assert_eq!(kinds, ["serial", "i8042", "control-ports", "virtio-blk", "dma-engine"]);
     }

@@ -5,11 +5,12 @@
 //! 0x0000_0520  IDT (empty)              0x0000_a000  PDPT
 //! 0x0000_6000  hvm_start_info (PVH)     0x0000_b000  4 PDs: 4 GiB identity map, 2 MiB pages
 //! 0x0000_6040  hvm_modlist_entry        0x0002_0000  kernel command line (2 KiB)
-//! 0x0000_6100  hvm_memmap_table         0x0009_fc00  MP floating pointer + table (EBDA)
+//! 0x0000_6100  hvm_memmap_table         0x000e_0000  ACPI tables; 0xff000 VM generation ID
 //! 0x0000_7000  boot_params (Linux64)    0x0010_0000  bzImage; an ELF loads at its p_paddr
 //! 0x0000_8ff0  boot stack top           top of RAM below 4 GiB: initrd
 //! ```
-//! `[EBDA_START, HIMEM_START)` is left out of the reported RAM map, so the MP table survives.
+//! `[EBDA_START, HIMEM_START)` is left out of the reported RAM map, so the ACPI tables and the
+//! VM generation ID there (`crate::acpi`, 0xe0000..0x100000) survive.
 
 use vm_memory::GuestAddress;
 
@@ -33,7 +34,6 @@ pub const CMDLINE_ADDR: u64 = 0x20000;
 /// Linux/x86 `COMMAND_LINE_SIZE`, the terminating NUL included.
 pub const CMDLINE_MAX: usize = 2048;
 pub const EBDA_START: u64 = 0x9fc00;
-pub const MPTABLE_ADDR: u64 = EBDA_START;
 pub const HIMEM_START: u64 = 0x10_0000;
 /// The initrd stays below 4 GiB, where every boot protocol version can reach it.
 pub const INITRD_CEILING: u64 = 1 << 32;

@@ -10,9 +10,10 @@
 //!
 //! How the VMM uses this (`builder::build_vm` with `Filling::Linux`): the KVM VM (TSS address,
 //! memslots) and the in-kernel PIC, IOAPIC, LAPICs and PIT ([`create_irqchip_and_pit`]) come
-//! first, then the vCPUs with KVM ids 0..n (the APIC ids the MP table lists) and the devices;
-//! [`load_kernel`] then writes kernel, initrd, command line (with the devices'
-//! `virtio_mmio.device=` fragments), boot tables and the MP table into RAM, and
+//! first, then the vCPUs with KVM ids 0..n (the APIC ids the ACPI MADT lists) and the devices;
+//! the builder writes the ACPI tables (`crate::acpi`: vCPUs, I/O APIC, virtio-mmio devices,
+//! generation ID), then [`load_kernel`] writes kernel, initrd, command line and boot tables
+//! (pointing at the RSDP) into RAM, and
 //! [`setup_boot_vcpu`] puts vCPU 0 at the entry while the others wait for the guest's INIT/SIPI
 //! in their in-kernel LAPICs. The vCPU loop (`crate::vcpu`) runs KVM_RUN again on EAGAIN (an
 //! AP got its INIT/SIPI) and EINTR (a kick). What the guest needs from the devices: COM1 with
@@ -25,7 +26,6 @@
 mod error;
 pub mod layout;
 mod loader;
-mod mptable;
 mod params;
 mod regs;
 #[cfg(test)]
@@ -51,7 +51,7 @@ pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 noxsave \
 clearcpuid=popcnt,rdrand,rdseed,fsgsbase,smap,invpcid,pcid,rdpid,pku,clflushopt,clwb,erms,fsrm \
 mitigations=off tsc=reliable rodata=off quiet";
 
-/// The most vCPUs the MP table describes (APIC ids 0..n-1; the I/O APIC takes id n, and 255 is
+/// The most vCPUs the MADT describes (APIC ids 0..n-1; the I/O APIC takes id n, and 255 is
 /// the broadcast id).
 pub const MAX_VCPUS: u8 = 254;
 
@@ -72,7 +72,7 @@ pub struct BootEntry {
     pub entry: GuestAddress,
     /// `hvm_start_info` (PVH, goes in RBX) or `boot_params` (Linux64, goes in RSI).
     pub boot_info: GuestAddress,
-    /// The vCPU count the MP table describes.
+    /// The vCPU count the MADT describes.
     pub vcpus: u8,
     /// First byte past the loaded kernel image.
     pub kernel_end: GuestAddress,
@@ -81,7 +81,8 @@ pub struct BootEntry {
 }
 
 /// Loads `kernel` (ELF vmlinux with a PVH note, or bzImage) and `initrd` into `ram`, writes
-/// `cmdline`, the boot protocol's tables and an MP table for `vcpus` vCPUs. RAM must start at
+/// `cmdline` and the boot protocol's tables, pointing the kernel at the ACPI tables' `rsdp`
+/// (written by the caller, `crate::acpi`) if given. RAM must start at
 /// guest address 0 and reach past the kernel's load address; the initrd goes as high as it can
 /// below 4 GiB (and below the kernel's `initrd_addr_max` for a bzImage).
 pub fn load_kernel(
@@ -90,6 +91,7 @@ pub fn load_kernel(
     initrd: Option<&Path>,
     cmdline: &str,
     vcpus: u8,
+    rsdp: Option<GuestAddress>,
 ) -> Result<BootEntry, LinuxBootError> {
     if vcpus == 0 || vcpus > MAX_VCPUS {
         return Err(LinuxBootError::VcpuCount { vcpus, max: MAX_VCPUS });
@@ -104,12 +106,11 @@ pub fn load_kernel(
         None => None,
     };
     loader::write_cmdline(ram, &cmdline)?;
-    mptable::write(ram, vcpus)?;
     let boot_info = match kernel.protocol() {
-        BootProtocol::Pvh => params::write_pvh(ram, &ram_layout, initrd)?,
+        BootProtocol::Pvh => params::write_pvh(ram, &ram_layout, initrd, rsdp)?,
         BootProtocol::Linux64 => {
             regs::write_long_mode_tables(ram)?;
-            params::write_zero_page(ram, &ram_layout, kernel.setup_header(), initrd)?
+            params::write_zero_page(ram, &ram_layout, kernel.setup_header(), initrd, rsdp)?
         }
     };
     regs::write_gdt(ram, kernel.protocol())?;

@@ -1,4 +1,5 @@
-//! What the kernel reads at its entry: PVH `hvm_start_info` + memmap, or the bzImage zero page.
+//! What the kernel reads at its entry: PVH `hvm_start_info` + memmap, or the bzImage zero page,
+//! each with the ACPI RSDP's address.
 
 use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::pvh::PvhBootConfigurator;
@@ -26,6 +27,7 @@ pub fn write_pvh(
     ram: &GuestRam,
     layout: &RamLayout,
     initrd: Option<(GuestAddress, u64)>,
+    rsdp: Option<GuestAddress>,
 ) -> Result<GuestAddress, LinuxBootError> {
     let memmap: Vec<hvm_memmap_table_entry> = layout
         .ram_ranges()
@@ -39,6 +41,7 @@ pub fn write_pvh(
         cmdline_paddr: CMDLINE_ADDR,
         memmap_paddr: PVH_MEMMAP_ADDR,
         memmap_entries: u32::try_from(memmap.len()).unwrap_or(u32::MAX),
+        rsdp_paddr: rsdp.map_or(0, |a| a.0),
         ..Default::default()
     };
     let mut modules = Vec::new();
@@ -65,6 +68,7 @@ pub fn write_zero_page(
     layout: &RamLayout,
     header: Option<setup_header>,
     initrd: Option<(GuestAddress, u64)>,
+    rsdp: Option<GuestAddress>,
 ) -> Result<GuestAddress, LinuxBootError> {
     let mut zero_page = boot_params::default();
     if let Some(header) = header {
@@ -75,6 +79,7 @@ pub fn write_zero_page(
     zero_page.hdr.header = HDRS_MAGIC;
     zero_page.hdr.cmd_line_ptr = u32::try_from(CMDLINE_ADDR).unwrap_or(0);
     zero_page.ext_cmd_line_ptr = 0;
+    zero_page.acpi_rsdp_addr = rsdp.map_or(0, |a| a.0);
     if let Some((addr, size)) = initrd {
         // The initrd sits below 4 GiB (`INITRD_CEILING`), so the split is exact.
         zero_page.hdr.ramdisk_image = low32(addr.0);

@@ -41,21 +41,21 @@ impl Drop for TempFile {
 #[test]
 fn empty_kernel_is_refused_by_name() {
     let f = TempFile::new(b"");
-    let err = load_kernel(&ram(), f.path(), None, DEFAULT_CMDLINE, 1).unwrap_err();
+    let err = load_kernel(&ram(), f.path(), None, DEFAULT_CMDLINE, 1, None).unwrap_err();
     assert!(matches!(&err, LinuxBootError::EmptyKernel { path } if path == f.path()), "{err}");
     assert!(err.to_string().contains(&f.path().display().to_string()));
 }
 
 #[test]
 fn dev_null_is_an_empty_kernel() {
-    let err = load_kernel(&ram(), Path::new("/dev/null"), None, "", 1).unwrap_err();
+    let err = load_kernel(&ram(), Path::new("/dev/null"), None, "", 1, None).unwrap_err();
     assert!(matches!(err, LinuxBootError::EmptyKernel { .. }), "{err}");
 }
 
 #[test]
 fn text_file_is_not_a_kernel() {
     let f = TempFile::new(b"# Zygote\n\nA minimal KVM VMM. This README is not a kernel.\n");
-    let err = load_kernel(&ram(), f.path(), None, "", 1).unwrap_err();
+    let err = load_kernel(&ram(), f.path(), None, "", 1, None).unwrap_err();
     let LinuxBootError::NotAKernel { path, reason } = &err else { panic!("{err}") };
     assert_eq!(path, f.path());
     assert!(reason.contains("neither an ELF header nor a bzImage"), "{reason}");
@@ -66,13 +66,13 @@ fn elf32_is_not_a_kernel() {
     let mut head = b"\x7fELF\x01\x01\x01".to_vec();
     head.resize(64, 0);
     let f = TempFile::new(&head);
-    let err = load_kernel(&ram(), f.path(), None, "", 1).unwrap_err();
+    let err = load_kernel(&ram(), f.path(), None, "", 1, None).unwrap_err();
     assert!(matches!(&err, LinuxBootError::NotAKernel { reason, .. } if reason.contains("ELF64")), "{err}");
 }
 
 #[test]
 fn missing_kernel_names_the_path() {
-    let err = load_kernel(&ram(), Path::new("/nonexistent/vmlinux"), None, "", 1).unwrap_err();
+    let err = load_kernel(&ram(), Path::new("/nonexistent/vmlinux"), None, "", 1, None).unwrap_err();
     assert!(matches!(err, LinuxBootError::Read { what: "kernel", .. }));
     assert!(err.to_string().contains("/nonexistent/vmlinux"));
 }
@@ -83,7 +83,7 @@ fn command_line_is_bounded() {
     assert!(loader::check_cmdline(&longest).is_ok());
     let err = loader::check_cmdline(&format!("{longest}y")).unwrap_err();
     assert!(matches!(err, LinuxBootError::CmdlineTooLong { len: 2048, max: 2047 }), "{err}");
-    let err = load_kernel(&ram(), Path::new("/dev/null"), None, &"a ".repeat(CMDLINE_MAX), 1).unwrap_err();
+    let err = load_kernel(&ram(), Path::new("/dev/null"), None, &"a ".repeat(CMDLINE_MAX), 1, None).unwrap_err();
     assert!(matches!(err, LinuxBootError::CmdlineTooLong { .. }), "{err}");
 }
 
@@ -96,16 +96,16 @@ fn command_line_must_be_printable_ascii() {
 
 #[test]
 fn vcpu_count_is_checked() {
-    let err = load_kernel(&ram(), Path::new("/dev/null"), None, "", 0).unwrap_err();
+    let err = load_kernel(&ram(), Path::new("/dev/null"), None, "", 0, None).unwrap_err();
     assert!(matches!(err, LinuxBootError::VcpuCount { vcpus: 0, .. }));
-    let err = load_kernel(&ram(), Path::new("/dev/null"), None, "", 255).unwrap_err();
+    let err = load_kernel(&ram(), Path::new("/dev/null"), None, "", 255, None).unwrap_err();
     assert!(matches!(err, LinuxBootError::VcpuCount { vcpus: 255, .. }));
 }
 
 #[test]
 fn ram_below_1mib_is_refused() {
     let small = GuestRam::new(&[(GuestAddress(0), 1 << 20)]).unwrap();
-    let err = load_kernel(&small, Path::new("/dev/null"), None, "", 1).unwrap_err();
+    let err = load_kernel(&small, Path::new("/dev/null"), None, "", 1, None).unwrap_err();
     assert!(matches!(err, LinuxBootError::RamLayout { needed: 0x10_0000, .. }), "{err}");
 }
 

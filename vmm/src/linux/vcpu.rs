@@ -130,7 +130,7 @@ fn with_delivery_mode(lvt: u32, mode: u32) -> u32 {
     (lvt & !0x700) | (mode << 8)
 }
 
-/// LINT0 takes the 8259's ExtINT, LINT1 is NMI, as the MP table says.
+/// LINT0 takes the 8259's ExtINT, LINT1 is NMI, as a PC wires them.
 fn set_lint(vcpu: &VcpuFd) -> Result<(), LinuxBootError> {
     let mut lapic = vcpu.get_lapic().map_err(LinuxBootError::kvm("KVM_GET_LAPIC"))?;
     let lvt0 = lapic_reg(&lapic, APIC_LVT0);

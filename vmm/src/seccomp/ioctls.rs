@@ -7,9 +7,9 @@
 use std::mem::size_of;
 
 use kvm_bindings::{
-    kvm_clock_data, kvm_cpuid2, kvm_debugregs, kvm_dirty_log, kvm_fpu, kvm_ioeventfd, kvm_irqchip, kvm_irqfd,
-    kvm_lapic_state, kvm_mp_state, kvm_msr_list, kvm_msrs, kvm_pit_config, kvm_pit_state2, kvm_regs, kvm_sregs,
-    kvm_userspace_memory_region, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
+    kvm_clock_data, kvm_cpuid2, kvm_debugregs, kvm_dirty_log, kvm_fpu, kvm_ioeventfd, kvm_irq_level, kvm_irqchip,
+    kvm_irqfd, kvm_lapic_state, kvm_mp_state, kvm_msr_list, kvm_msrs, kvm_pit_config, kvm_pit_state2, kvm_regs,
+    kvm_sregs, kvm_userspace_memory_region, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
 };
 use vmm_sys_util::ioctl::{ioctl_expr, _IOC_NONE, _IOC_READ, _IOC_WRITE};
 
@@ -47,6 +47,9 @@ pub const KVM_SET_TSS_ADDR: u64 = io(0x47);
 pub const KVM_SET_IDENTITY_MAP_ADDR: u64 = iow::<u64>(0x48);
 pub const KVM_CREATE_IRQCHIP: u64 = io(0x60);
 pub const KVM_GET_IRQCHIP: u64 = iowr::<kvm_irqchip>(0x62);
+/// Raising the VM generation ID's interrupt (`acpi::vmgenid::notify`) after a clone, restore
+/// or reset.
+pub const KVM_IRQ_LINE: u64 = iow::<kvm_irq_level>(0x61);
 pub const KVM_SET_IRQCHIP: u64 = ior::<kvm_irqchip>(0x63);
 pub const KVM_IRQFD: u64 = iow::<kvm_irqfd>(0x76);
 pub const KVM_CREATE_PIT2: u64 = iow::<kvm_pit_config>(0x77);
@@ -113,6 +116,7 @@ pub const KVM_VMM: &[u64] = &[
     KVM_CREATE_IRQCHIP,
     KVM_GET_IRQCHIP,
     KVM_SET_IRQCHIP,
+    KVM_IRQ_LINE,
     KVM_IRQFD,
     KVM_CREATE_PIT2,
     KVM_IOEVENTFD,
@@ -168,6 +172,7 @@ mod tests {
         assert_eq!(KVM_SET_USER_MEMORY_REGION, 0x4020_ae46);
         assert_eq!(KVM_GET_DIRTY_LOG, 0x4010_ae42);
         assert_eq!(KVM_IRQFD, 0x4020_ae76);
+        assert_eq!(KVM_IRQ_LINE, 0x4008_ae61);
         assert_eq!(KVM_IOEVENTFD, 0x4040_ae79);
         assert_eq!(KVM_GET_XSAVE, 0x9000_aea4);
         assert_eq!(TUNSETIFF, 0x4004_54ca);

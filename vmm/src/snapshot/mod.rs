@@ -145,6 +145,9 @@ impl VmSnapshot {
         }
         let ram = ram_done - start;
         self.state.restore_into(vmm, token).map_err(|source| VmSnapshotError::State { vm, source })?;
+        // A reset VM is a new generation: a fresh ID, told now its vCPUs and irqchip are set.
+        let state_error = |e| VmSnapshotError::State { vm, source: StateError::Devices(e) };
+        vmm.devices().new_generation(vmm.vm().fd()).map_err(state_error)?;
         Ok(ResetTiming { ram, state: start.elapsed() - ram })
     }
 }
