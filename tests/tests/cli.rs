@@ -180,6 +180,7 @@ fn bench_and_fuzz_arguments_out_of_range_exit_2_without_a_panic() {
         (&["bench", "report", "--peers"], "--kernel"),
         (&["bench", "report", "--kernel", "/k"], "--peers"),
         (&["bench", "restore", "--kernel", "/k", "--initrd", "/i", "--rounds", "0"], "--rounds"),
+        (&["bench", "vsock", "--kernel", "/k", "--initrd", "/i", "--kib", "0"], "--kib 0"),
     ] {
         let out = run_zygote(args);
         let err = stderr(&out);

@@ -11,3 +11,4 @@ pub mod net_bench;
 pub mod peer_restore;
 pub mod report;
 pub mod snapshot_bench;
+pub mod vsock_bench;

@@ -98,6 +98,18 @@ pub(super) enum BenchCommand {
         #[arg(long, default_value_t = 3)]
         rounds: usize,
     },
+    /// Bulk transfer through virtio-vsock (CONNECT to a Linux guest's echo) vs the same over a
+    /// host Unix socket pair (KIB KiB each way per round), and a 16-byte round trip.
+    Vsock {
+        #[arg(long, value_name = "FILE")]
+        kernel: std::path::PathBuf,
+        #[arg(long, value_name = "FILE")]
+        initrd: std::path::PathBuf,
+        #[arg(long, default_value_t = 256)]
+        kib: usize,
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
     /// A Linux guest snapshotted once and restored ROUNDS times in a new process, under Zygote
     /// and under QEMU (qemu-system-x86_64, microvm): spawn to the guest's first line (the
     /// report's restore_vs_qemu alone).
@@ -232,6 +244,34 @@ pub(super) fn bench(command: BenchCommand) -> i32 {
                         tools::net_bench::NetBenchError::Size(..) | tools::net_bench::NetBenchError::Build(_) => {
                             EXIT_BAD_INPUT
                         }
+                        _ => EXIT_FAILURE,
+                    }
+                }
+            };
+        }
+        BenchCommand::Vsock { kernel, initrd, kib, rounds } => {
+            return match tools::vsock_bench::bench_vsock(&kernel, &initrd, kib, rounds) {
+                Ok(r) => {
+                    println!(
+                        "vsock: {} KiB each way per round, {} rounds: guest {:.3} MiB/s, host Unix socket {:.1} MiB/s, \
+                         ratio {:.5}; 16-byte round trip {:.0} us (host {:.0} us); boot to echo listening {} ms",
+                        r.kib_per_round,
+                        r.rounds,
+                        r.guest_vsock_mib_s,
+                        r.host_unix_mib_s,
+                        r.ratio,
+                        r.guest_rtt_us,
+                        r.host_rtt_us,
+                        r.boot_to_listening_ms
+                    );
+                    println!("{}", serde_json::to_string(&r).unwrap_or_default());
+                    0
+                }
+                Err(e) => {
+                    eprintln!("{}", report(&e));
+                    match e {
+                        tools::vsock_bench::VsockBenchError::Size(..)
+                        | tools::vsock_bench::VsockBenchError::Build(_) => EXIT_BAD_INPUT,
                         _ => EXIT_FAILURE,
                     }
                 }
