@@ -218,6 +218,11 @@ mod tests {
         assert_eq!((cloned.notifications(), source.devices().vmgenid().unwrap().notifications()), (1, 0));
         assert!(pic_latched(&clone, gsi), "the clone got the GED interrupt");
         assert!(!pic_latched(&source, gsi), "the source did not");
+        // The metrics group counts the IDs each device drew (the source its first, at build)
+        // and the notifications it raised (what a `PUT /metrics` flush reports).
+        let group = |vmm: &Vmm| vmm.devices().metrics().into_iter().find(|m| m.group == "vmgenid").unwrap().counters;
+        assert_eq!(group(&clone), [("generations", 1), ("notifications", 1)]);
+        assert_eq!(group(&source), [("generations", 1), ("notifications", 0)]);
         source.resume(token);
     }
 
