@@ -37,7 +37,7 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(480);
 const RESUME_TIMEOUT: Duration = Duration::from_secs(60);
 const RESEEDED: &str = "random: crng reseeded due to virtual machine fork";
 
-/// A new VM's account after line `from`: its first tick, and its first tick after the reseed
+/// A new VM's account after line `from`: its first tick, and its second tick after the reseed
 /// notice (with the generation ID) or `None` (without, checked to print no notice by then).
 struct NewVm {
     id: u64,
@@ -56,7 +56,7 @@ fn tick_at(served: &Served, from: usize, vm: u64, seq: u64) -> Tick {
 
 /// Follows new VM `vm` from line `from`: its first tick (the first with sequence number
 /// `seq`, if given: a reset VM's ticks before the reset may still arrive), and with `vmgenid`
-/// its first tick after the reseed notice.
+/// its second tick after the reseed notice (the first whose bytes were surely read after it).
 fn follow(served: &Served, from: usize, vm: u64, seq: Option<u64>, vmgenid: bool) -> NewVm {
     let wanted = |t: &Tick| t.vm == Some(vm) && seq.is_none_or(|s| t.seq == s);
     let (_, first) = served.wait_for(from, RESUME_TIMEOUT, |l| Tick::parse(l).filter(wanted));
@@ -65,7 +65,11 @@ fn follow(served: &Served, from: usize, vm: u64, seq: Option<u64>, vmgenid: bool
         let notice = |l: &str| l.starts_with(&tag) && l.contains(RESEEDED);
         served.wait_for(from, RESUME_TIMEOUT, |l| notice(l).then_some(()));
         let index = served.lines().iter().skip(from).position(|(_, l)| notice(l)).expect("the notice line") + from;
-        served.next_tick(index + 1, Some(vm), RESUME_TIMEOUT).1
+        // The init reads /dev/urandom, then prints its tick: the first tick printed after the
+        // notice may hold bytes read before the reseed; the next one was read after that print,
+        // so after the notice, so after the reseed (the kernel reseeds, then prints it).
+        let after = served.next_tick(index + 1, Some(vm), RESUME_TIMEOUT).1;
+        tick_at(served, index + 1, vm, after.seq + 1)
     });
     NewVm { id: vm, first, reseeded }
 }

@@ -55,6 +55,24 @@ pub fn write_fresh_id(ram: &GuestRam, addr: u64) -> Result<[u8; VMGENID_LEN], Vm
     Ok(id)
 }
 
+/// Whether the guest listens on I/O APIC pin `gsi`: its redirection entry is unmasked, as
+/// Linux's GED driver leaves it once bound. At boot every pin is masked; a guest that has not
+/// bound the driver yet reads the fresh ID when it probes and needs no interrupt (and one
+/// raised that early is one this nested PVM host's guests cannot take: a VM restored from a
+/// snapshot taken at InstanceStart never printed a line). A pin beyond the I/O APIC's 24:
+/// `true` (KVM routes it as it can).
+pub fn guest_listens(vm: &VmFd, gsi: u32) -> Result<bool, VmGenIdError> {
+    let mut chip = kvm_bindings::kvm_irqchip { chip_id: kvm_bindings::KVM_IRQCHIP_IOAPIC, ..Default::default() };
+    vm.get_irqchip(&mut chip).map_err(|source| VmGenIdError::Interrupt { gsi, source })?;
+    // SAFETY: for chip_id KVM_IRQCHIP_IOAPIC, KVM fills the union's `ioapic` member; its
+    // redirection entries are plain u64 bit fields, valid for every bit pattern.
+    let entry = unsafe { chip.chip.ioapic.redirtbl.get(gsi as usize).map(|e| e.bits) };
+    Ok(entry.is_none_or(|bits| bits & IOAPIC_ENTRY_MASKED == 0))
+}
+
+/// Bit 16 of an I/O APIC redirection entry: the pin is masked.
+const IOAPIC_ENTRY_MASKED: u64 = 1 << 16;
+
 /// Raises the Generic Event Device's edge-triggered interrupt once (KVM_IRQ_LINE up and down,
 /// synchronously: the I/O APIC, and the PIC for a GSI below 16, have latched it on return), so
 /// the guest runs `_EVT` and notifies its vmgenid driver. After the new ID is in RAM.

@@ -19,7 +19,7 @@ use super::device::{
 };
 use super::mmio::{DeviceSpace, MmioSlot, Wiring};
 use super::DeviceError;
-use crate::acpi::vmgenid::{notify, write_fresh_id, VmGenIdConfig, VMGENID_ADDR, VMGENID_LEN};
+use crate::acpi::vmgenid::{guest_listens, notify, write_fresh_id, VmGenIdConfig, VMGENID_ADDR, VMGENID_LEN};
 
 /// The saved form: where the ID lives and the GED's GSI. The ID itself is not saved: every VM
 /// built from the state gets a fresh one.
@@ -78,13 +78,17 @@ impl VmGenIdSlot {
         Ok(())
     }
 
-    /// Writes a fresh ID and raises the GED interrupt on `vm` (this VM's), upon which the guest
-    /// reads the ID and reseeds its CRNG. Call with the vCPUs and the irqchip in their final
-    /// state.
+    /// Writes a fresh ID and, if the guest listens (`guest_listens`: its GED driver bound),
+    /// raises the GED interrupt on `vm` (this VM's), upon which the guest reads the ID and
+    /// reseeds its CRNG; a guest not listening yet reads the ID when its driver probes. Call
+    /// with the vCPUs and the irqchip in their final state.
     pub fn new_generation(&self, vm: &VmFd) -> Result<(), DeviceError> {
         self.write_id()?;
-        notify(vm, &self.config())?;
-        self.notifications.fetch_add(1, Ordering::Relaxed);
+        let config = self.config();
+        if guest_listens(vm, config.gsi)? {
+            notify(vm, &config)?;
+            self.notifications.fetch_add(1, Ordering::Relaxed);
+        }
         Ok(())
     }
 }
@@ -175,7 +179,7 @@ impl VmDevice for VmGenIdSlot {
 
 #[cfg(test)]
 mod tests {
-    use kvm_bindings::{kvm_irqchip, KVM_IRQCHIP_PIC_MASTER};
+    use kvm_bindings::{kvm_irqchip, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER};
 
     use super::*;
     use crate::builder::{build_tiny_vm, VmConfig};
@@ -200,6 +204,17 @@ mod tests {
         irr & (1 << gsi) != 0
     }
 
+    /// Unmasks I/O APIC pin `gsi` of `vmm`'s VM (what a guest's driver does when it binds).
+    fn unmask_ioapic_pin(vmm: &Vmm, gsi: u32) {
+        let mut chip = kvm_irqchip { chip_id: KVM_IRQCHIP_IOAPIC, ..Default::default() };
+        vmm.vm().fd().get_irqchip(&mut chip).unwrap();
+        // SAFETY: for chip_id KVM_IRQCHIP_IOAPIC KVM fills the union's `ioapic` member, plain
+        // u64 redirection entries valid for every bit pattern; gsi < 24 is checked by indexing.
+        unsafe { chip.chip.ioapic.redirtbl[gsi as usize].bits &= !(1 << 16) };
+        vmm.vm().fd().set_irqchip(&chip).unwrap();
+        assert!(guest_listens(vmm.vm().fd(), gsi).unwrap());
+    }
+
     #[test]
     fn a_clone_gets_a_fresh_id_and_the_interrupt_its_source_did_not() {
         let mut source = spin(1, true);
@@ -210,6 +225,16 @@ mod tests {
         assert!(!pic_latched(&source, gsi));
         source.start();
         let token = source.pause().unwrap();
+        // The tiny guest never binds a GED driver: its pin is masked, as a booting Linux's is.
+        // A clone then gets a fresh ID and no interrupt (the guest reads the ID when it probes).
+        let early = capture_clone(&source, &token).unwrap().build(3, &Console::capture().0).unwrap();
+        let early_id = early.devices().vmgenid().unwrap();
+        assert_ne!(early_id.id().unwrap(), first);
+        assert_eq!(early_id.notifications(), 0);
+        assert!(!pic_latched(&early, gsi), "no interrupt while the guest does not listen");
+        drop(early);
+        // Unmasked, as Linux's GED driver leaves it once bound: the clone is notified.
+        unmask_ioapic_pin(&source, gsi);
         let image = capture_clone(&source, &token).unwrap();
         let clone = image.build(2, &Console::capture().0).unwrap();
         let cloned = clone.devices().vmgenid().unwrap();
