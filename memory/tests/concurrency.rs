@@ -56,7 +56,9 @@ fn clones_taken_during_dma_hold_a_prefix_and_the_source_gets_it_all() {
     src.read_slice(&mut buf, GuestAddress(BUF)).unwrap();
     let full: Vec<u8> = (0..CHUNKS).flat_map(|c| [c as u8; CHUNK]).collect();
     assert_eq!(buf, full, "the source received the whole DMA");
-    assert!(clones.len() >= CHUNKS / 8, "only {} clones during the transfer", clones.len());
+    // What the device's handshake guarantees: it writes the last chunk only after
+    // (CHUNKS - 1) / 8 clones (more may happen, as the threads are scheduled).
+    assert!(clones.len() >= (CHUNKS - 1) / 8, "only {} clones during the transfer", clones.len());
     for (done_before, clone) in &clones {
         clone.read_slice(&mut buf, GuestAddress(BUF)).unwrap();
         // Chunks finished before the clone are there; later ones are absent, except at most one
