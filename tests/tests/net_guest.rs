@@ -129,6 +129,18 @@ fn a_frame_each_way_through_the_guest_driver() {
     assert_eq!(text(&out), expected);
 }
 
+/// Holds `source` (VM 1) host-stepped, starts it and steps the guest's one frame out to `peer`
+/// (claim, copy, publish); its receive side stays held.
+fn send_first_frame_held(source: &mut Vmm, peer: &Peer) {
+    source.devices().net()[0].with_device(|d| d.set_host_stepped(true));
+    source.start();
+    let step_tx = |vmm: &Vmm| vmm.devices().net()[0].with_device(|d| d.step_tx());
+    assert!(matches!(step_until_busy(source, step_tx), NetStep::Claimed { chains: 1, .. }));
+    assert_eq!(step_tx(source), NetStep::Copied { bytes: 72 });
+    assert_eq!(step_tx(source), NetStep::Published { chains: 1 });
+    assert_eq!(peer.recv(), guest_frame(1));
+}
+
 /// A clone of `source` with `overrides`, and its console.
 fn clone_of(source: &mut Vmm, id: u64, overrides: DeviceOverrides) -> (Vmm, std::sync::Arc<std::sync::Mutex<Vec<u8>>>) {
     let (console, out) = Console::capture();
@@ -159,13 +171,7 @@ fn assert_consistent(clone: &Vmm, what: &str) -> u16 {
 fn ten_clones_with_receive_buffers_posted_and_frames_arriving() {
     let (ns, peer) = netns();
     let (mut source, out) = net_vm(&ns, 1, FRAMES);
-    source.devices().net()[0].with_device(|d| d.set_host_stepped(true));
-    source.start();
-    let step_tx = |vmm: &Vmm| vmm.devices().net()[0].with_device(|d| d.step_tx());
-    assert!(matches!(step_until_busy(&source, step_tx), NetStep::Claimed { chains: 1, .. }));
-    assert_eq!(step_tx(&source), NetStep::Copied { bytes: 72 });
-    assert_eq!(step_tx(&source), NetStep::Published { chains: 1 });
-    assert_eq!(peer.recv(), guest_frame(1));
+    send_first_frame_held(&mut source, &peer);
 
     // Frame i: claim its buffer, the frame reaches the TAP, copy, publish; a clone at each of
     // those three instants until there are 10.
@@ -246,13 +252,7 @@ fn a_snapshot_file_and_a_reset_taken_with_a_receive_buffer_claimed_carry_the_rin
     let dir = zygote_tests::scratch_dir("net-snapshot");
     let (ns, peer) = netns();
     let (mut source, out) = net_vm(&ns, 1, 2);
-    source.devices().net()[0].with_device(|d| d.set_host_stepped(true));
-    source.start();
-    let step_tx = |vmm: &Vmm| vmm.devices().net()[0].with_device(|d| d.step_tx());
-    assert!(matches!(step_until_busy(&source, step_tx), NetStep::Claimed { chains: 1, .. }));
-    assert_eq!(step_tx(&source), NetStep::Copied { bytes: 72 });
-    assert_eq!(step_tx(&source), NetStep::Published { chains: 1 });
-    assert_eq!(peer.recv(), guest_frame(1));
+    send_first_frame_held(&mut source, &peer);
     // The guest done printing its TX line (the serial is slow), now waiting for frames; a
     // receive buffer claimed (pinned) and a frame on the wire for it: the snapshot instant.
     wait_for_text(&out, &line("TX sent  ", &guest_frame(1)));

@@ -134,6 +134,16 @@ fn echo_round(
     Ok(took)
 }
 
+/// Writes back what `stream` reads until it ends or fails: the host side of a reference echo.
+pub(crate) fn echo_until_closed(stream: &mut (impl Read + Write)) {
+    let mut buf = vec![0u8; 64 << 10];
+    while let Ok(n) = stream.read(&mut buf) {
+        if n == 0 || stream.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+}
+
 /// A host echo server on 127.0.0.1 serving `rounds` connections.
 fn loopback_echo(rounds: usize) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind("127.0.0.1:0")?;
@@ -141,12 +151,7 @@ fn loopback_echo(rounds: usize) -> std::io::Result<SocketAddr> {
     std::thread::spawn(move || {
         for stream in listener.incoming().take(rounds) {
             let Ok(mut stream) = stream else { continue };
-            let mut buf = vec![0u8; 64 << 10];
-            while let Ok(n) = stream.read(&mut buf) {
-                if n == 0 || stream.write_all(&buf[..n]).is_err() {
-                    break;
-                }
-            }
+            echo_until_closed(&mut stream);
         }
     });
     Ok(addr)

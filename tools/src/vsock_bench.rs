@@ -111,14 +111,7 @@ fn rtt_us(what: &'static str, stream: &mut UnixStream) -> Result<f64, VsockBench
 fn host_pair() -> std::io::Result<UnixStream> {
     let (client, mut server) = UnixStream::pair()?;
     client.set_read_timeout(Some(IO_TIMEOUT))?;
-    std::thread::spawn(move || {
-        let mut buf = vec![0u8; 64 << 10];
-        while let Ok(n) = server.read(&mut buf) {
-            if n == 0 || server.write_all(&buf[..n]).is_err() {
-                break;
-            }
-        }
-    });
+    std::thread::spawn(move || crate::net_bench::echo_until_closed(&mut server));
     Ok(client)
 }
 
